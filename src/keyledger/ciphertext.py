@@ -1,0 +1,97 @@
+"""The self-describing ciphertext format (see docs/ciphertext.md for the byte layout).
+
+    offset  size  field
+    0       2     magic b"KL"
+    2       1     format version (1)
+    3       1     algorithm (1 = AES-GCM, 96-bit nonce, 128-bit tag)
+    4       16    key id (UUID bytes of the catalog key)
+    20      4     key version, unsigned big-endian
+    24      12    nonce
+    36      n+16  ciphertext || tag
+AAD = bytes[0:36] || canonical(context). The header is authenticated, so a ciphertext cannot be
+moved to another key or version, and the context must match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import InvalidCiphertext, InvalidInput
+
+MAGIC = b"KL"
+FORMAT_VERSION = 1
+ALG_AES_GCM = 1
+NONCE_LEN = 12
+TAG_LEN = 16
+_HEADER = struct.Struct(">2sBB16sI12s")
+HEADER_LEN = _HEADER.size  # 36
+
+ENVELOPE_MAGIC = b"KLE"
+_ENVELOPE = struct.Struct(">3sBI")  # magic, format version, wrapped-key length
+
+
+@dataclass(frozen=True)
+class Header:
+    key_id: str
+    version: int
+    nonce: bytes
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(
+            MAGIC, FORMAT_VERSION, ALG_AES_GCM, uuid.UUID(self.key_id).bytes, self.version, self.nonce
+        )
+
+
+def canonical_context(context: Mapping[str, str] | None) -> bytes:
+    """Deterministic bytes for an encryption context: sorted-key compact UTF-8 JSON, or b''."""
+    if context is None or len(context) == 0:
+        return b""
+    if not isinstance(context, Mapping):
+        raise InvalidInput("context must be a mapping of strings to strings, e.g. {'tenant': 'a'}")
+    for k, v in context.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidInput("context keys and values must be strings")
+    return json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def aad_for(header_bytes: bytes, context_bytes: bytes) -> bytes:
+    return header_bytes + context_bytes
+
+
+def parse(blob: object) -> tuple[Header, bytes, bytes]:
+    """Split a ciphertext into (header, header bytes, ciphertext||tag) or raise InvalidCiphertext."""
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise InvalidInput(f"ciphertext must be bytes, not {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) < HEADER_LEN + TAG_LEN:
+        raise InvalidCiphertext("not a keyledger ciphertext (too short)")
+    magic, fmt, alg, kid, version, nonce = _HEADER.unpack_from(blob)
+    if magic != MAGIC or fmt != FORMAT_VERSION or alg != ALG_AES_GCM or version == 0:
+        raise InvalidCiphertext("not a keyledger ciphertext (bad header)")
+    return Header(str(uuid.UUID(bytes=kid)), version, nonce), blob[:HEADER_LEN], blob[HEADER_LEN:]
+
+
+def pack_envelope(wrapped_key: bytes, nonce: bytes, body: bytes) -> bytes:
+    return _ENVELOPE.pack(ENVELOPE_MAGIC, FORMAT_VERSION, len(wrapped_key)) + wrapped_key + nonce + body
+
+
+def envelope_header(wrapped_key: bytes) -> bytes:
+    return _ENVELOPE.pack(ENVELOPE_MAGIC, FORMAT_VERSION, len(wrapped_key)) + wrapped_key
+
+
+def parse_envelope(blob: object) -> tuple[bytes, bytes, bytes, bytes]:
+    """-> (header incl. wrapped key, wrapped key, nonce, body) or raise InvalidCiphertext."""
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise InvalidInput(f"envelope must be bytes, not {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) < _ENVELOPE.size:
+        raise InvalidCiphertext("not a keyledger envelope (too short)")
+    magic, fmt, n = _ENVELOPE.unpack_from(blob)
+    end = _ENVELOPE.size + n
+    if magic != ENVELOPE_MAGIC or fmt != FORMAT_VERSION or len(blob) < end + NONCE_LEN + TAG_LEN:
+        raise InvalidCiphertext("not a keyledger envelope (bad header)")
+    return blob[:end], blob[_ENVELOPE.size : end], blob[end : end + NONCE_LEN], blob[end + NONCE_LEN :]

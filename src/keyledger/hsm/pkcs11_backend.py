@@ -1,0 +1,389 @@
+"""PKCS#11 backend over python-pkcs11.
+
+One login per process and token; one session per thread (PKCS#11 sessions run one operation at
+a time); key objects cached per thread by CKA_ID, never found by listing the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as px
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from ..config import HsmConfig
+from ..errors import ConfigError, HsmError, KeyStateError
+from ..model import Family, KeySpec
+from .backend import Capabilities, DecryptFailed, KeyAttributes
+from .errors import mapped, translate
+
+_PSS = (Mechanism.SHA256, MGF.SHA256, 32)
+_EC_HASH = {"secp256r1": hashlib.sha256, "secp384r1": hashlib.sha384}
+_CRYPTO_CURVES = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
+_CAP = MechanismFlag
+
+
+class _Process:
+    """Process-wide state: PKCS#11 libraries can be loaded (and initialised) once per process."""
+
+    lock = threading.RLock()
+    active_conf: dict[str, str | None] = {}  # module -> SOFTHSM2_CONF it was initialised with
+    backends: dict[tuple[str, str | None, str], tuple[Pkcs11Backend, int]] = {}
+
+
+def connect(cfg: HsmConfig) -> Pkcs11Backend:
+    """A shared, logged-in backend for this process and token (reference counted)."""
+    conf = str(cfg.softhsm2_conf) if cfg.softhsm2_conf else None
+    ident = (cfg.module, conf, cfg.token_label)
+    with _Process.lock:
+        if ident in _Process.backends:
+            backend, refs = _Process.backends[ident]
+            _Process.backends[ident] = (backend, refs + 1)
+            return backend
+        in_use = [k for k in _Process.backends if k[0] == cfg.module and k[1] != conf]
+        if in_use:
+            raise ConfigError(
+                f"this process already uses {cfg.module} with SOFTHSM2_CONF={in_use[0][1]}; "
+                "a PKCS#11 library has one configuration per process: close the other home "
+                "first or use it from another process"
+            )
+        lib = _load(cfg, conf)
+        backend = Pkcs11Backend(cfg, lib)
+        _Process.backends[ident] = (backend, 1)
+        return backend
+
+
+def _load(cfg: HsmConfig, conf: str | None) -> Any:
+    if not os.path.exists(cfg.module):
+        raise ConfigError(
+            f"PKCS#11 module {cfg.module} does not exist; install it (softhsm2 for the embedded "
+            "HSM) or fix module in keyledger.toml / KEYLEDGER_PKCS11_MODULE"
+        )
+    if conf is not None:
+        os.environ["SOFTHSM2_CONF"] = conf
+    try:
+        lib = pkcs11.lib(cfg.module)
+        if cfg.module in _Process.active_conf and _Process.active_conf[cfg.module] != conf:
+            lib.reinitialize()  # re-reads SOFTHSM2_CONF (SoftHSM2 loads its config in C_Initialize)
+    except px.PKCS11Error as exc:
+        raise ConfigError(
+            f"cannot load PKCS#11 module {cfg.module} ({type(exc).__name__}); check that it is "
+            "a PKCS#11 library for this platform"
+        ) from None
+    _Process.active_conf[cfg.module] = conf
+    return lib
+
+
+def release(backend: Pkcs11Backend) -> None:
+    with _Process.lock:
+        for ident, (b, refs) in list(_Process.backends.items()):
+            if b is backend:
+                if refs <= 1:
+                    del _Process.backends[ident]
+                    backend.close()
+                else:
+                    _Process.backends[ident] = (b, refs - 1)
+
+
+class Pkcs11Backend:
+    def __init__(self, cfg: HsmConfig, lib: Any) -> None:
+        self._cfg = cfg
+        self._local = threading.local()
+        self._sessions: list[Any] = []
+        self._lock = threading.Lock()
+        try:
+            self._token = lib.get_token(token_label=cfg.token_label)
+        except (px.NoSuchToken, px.MultipleTokensReturned):
+            raise ConfigError(
+                f"no single token labelled {cfg.token_label!r} in {cfg.module}; check token_label "
+                "(list tokens with `pkcs11-tool --module <module> --list-slots`)"
+            ) from None
+        except px.PKCS11Error as exc:
+            raise translate(exc, "opening the HSM") from None
+        pin = cfg.read_pin()
+        try:
+            self._login_session = self._token.open(rw=True, user_pin=pin)
+        except px.UserAlreadyLoggedIn:
+            self._login_session = self._token.open(rw=True)
+        except (px.PinIncorrect, px.PinInvalid, px.PinLenRange):
+            source = f"${cfg.pin_env}" if cfg.pin_env else str(cfg.pin_file)
+            raise ConfigError(
+                f"the HSM rejected the PIN read from {source}; put the token's user PIN there"
+            ) from None
+        except px.PKCS11Error as exc:
+            raise translate(exc, "logging in to the HSM") from None
+        finally:
+            del pin
+        self._sessions.append(self._login_session)
+        self._local.session = self._login_session
+        self._local.keys = {}
+        self._caps: Capabilities | None = None
+
+    def __repr__(self) -> str:
+        return f"<Pkcs11Backend module={self._cfg.module!r} token={self._cfg.token_label!r}>"
+
+    # -- sessions and lookups --------------------------------------------------------------
+    def _session(self) -> Any:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            with mapped("opening an HSM session"):
+                s = self._token.open(rw=True)
+            with self._lock:
+                self._sessions.append(s)
+            self._local.session = s
+            self._local.keys = {}
+        return s
+
+    def _find(self, handle: bytes, cls: ObjectClass) -> Any:
+        keys: dict = self._local.__dict__.setdefault("keys", {})
+        found = keys.get((handle, cls))
+        if found is None:
+            try:
+                found = self._session().get_key(object_class=cls, id=handle)
+            except px.NoSuchKey:
+                raise KeyStateError(
+                    "the key material for this version is missing from the HSM; "
+                    "run `keyledger init` to reconcile the catalog with the HSM"
+                ) from None
+            keys[(handle, cls)] = found
+        return found
+
+    def _run(self, handle: bytes, cls: ObjectClass, doing: str, op: Callable[[Any], Any]) -> Any:
+        """Run ``op(key)``; if a cached handle went stale (destroyed elsewhere), look it up once more."""
+        for attempt in (0, 1):
+            key = self._find(handle, cls)
+            try:
+                return op(key)
+            except (px.ObjectHandleInvalid, px.KeyHandleInvalid):
+                self._local.keys.pop((handle, cls), None)
+                if attempt:
+                    raise translate(px.ObjectHandleInvalid(), doing) from None
+            except px.PKCS11Error as exc:
+                raise translate(exc, doing) from None
+        raise HsmError(doing)  # pragma: no cover
+
+    # -- capabilities ----------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            with mapped("probing the HSM's mechanisms"):
+                mechs = self._token.slot.get_mechanisms()
+            names = frozenset(m.name for m in mechs if hasattr(m, "name"))
+            supports = {
+                "AES_GCM": Mechanism.AES_GCM in mechs,
+                "AES_KEY_WRAP_PAD": Mechanism.AES_KEY_WRAP_PAD in mechs,
+                "SHA256_HMAC": Mechanism.SHA256_HMAC in mechs,
+                "RSA_PSS_SHA256": Mechanism.SHA256_RSA_PKCS_PSS in mechs,
+                "ECDSA": Mechanism.ECDSA in mechs,
+                "ECDSA_SHA256": Mechanism.ECDSA_SHA256 in mechs,
+                "EDDSA": Mechanism.EDDSA in mechs,
+                "RSA_OAEP_SHA256": self._probe_oaep_sha256(mechs),
+            }
+            self._caps = Capabilities(
+                self._cfg.module, self._token.manufacturer_id.strip(), names, supports
+            )
+        return self._caps
+
+    def _probe_oaep_sha256(self, mechs: set) -> bool:
+        if Mechanism.RSA_PKCS_OAEP not in mechs:
+            return False
+        try:
+            pub, priv = self._session().generate_keypair(KeyType.RSA, 2048, store=False)
+            pub.encrypt(b"probe", mechanism=Mechanism.RSA_PKCS_OAEP,
+                        mechanism_param=(Mechanism.SHA256, MGF.SHA256, None))
+            return True
+        except px.PKCS11Error:
+            return False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def generate(self, spec: KeySpec, handle: bytes, label: str, *, exportable: bool) -> None:
+        s = self._session()
+        secret = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: bool(exportable)}
+        with mapped(f"generating a {spec.name} key in the HSM"):
+            if spec.family is Family.AES:
+                s.generate_key(KeyType.AES, spec.bits, id=handle, label=label, store=True,
+                               capabilities=_CAP.ENCRYPT | _CAP.DECRYPT | _CAP.WRAP | _CAP.UNWRAP,
+                               template=secret)
+            elif spec.family is Family.HMAC:
+                s.generate_key(KeyType.GENERIC_SECRET, spec.bits, id=handle, label=label,
+                               store=True, capabilities=_CAP.SIGN | _CAP.VERIFY, template=secret)
+            elif spec.family is Family.RSA:
+                s.generate_keypair(KeyType.RSA, spec.bits, id=handle, label=label, store=True,
+                                   capabilities=_CAP.SIGN | _CAP.VERIFY,
+                                   private_template=secret)
+            else:
+                curve = "1.3.101.112" if spec.family is Family.EDDSA else spec.curve
+                key_type = KeyType.EC_EDWARDS if spec.family is Family.EDDSA else KeyType.EC
+                params = s.create_domain_parameters(
+                    key_type, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)},
+                    local=True)
+                params.generate_keypair(id=handle, label=label, store=True,
+                                        capabilities=_CAP.SIGN | _CAP.VERIFY,
+                                        private_template=secret)
+
+    def exists(self, handle: bytes) -> bool:
+        with mapped("looking up a key in the HSM"):
+            return next(iter(self._session().get_objects({Attribute.ID: handle})), None) is not None
+
+    def destroy(self, handle: bytes) -> int:
+        s = self._session()
+        with mapped("destroying key material in the HSM"):
+            objs = list(s.get_objects({Attribute.ID: handle}))
+            for obj in objs:
+                obj.destroy()
+        for cache in (self._local.__dict__.get("keys", {}),):
+            for k in [k for k in cache if k[0] == handle]:
+                cache.pop(k, None)
+        return len(objs)
+
+    def attributes(self, handle: bytes) -> KeyAttributes:
+        with mapped("reading key attributes"):
+            obj = next(iter(self._session().get_objects(
+                {Attribute.ID: handle, Attribute.PRIVATE: True})), None)
+            if obj is None:
+                raise KeyStateError("the key material for this version is missing from the HSM")
+            a = obj.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE,
+                                    Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE])
+        return KeyAttributes(bool(a[Attribute.SENSITIVE]), bool(a[Attribute.EXTRACTABLE]),
+                             bool(a[Attribute.ALWAYS_SENSITIVE]),
+                             bool(a[Attribute.NEVER_EXTRACTABLE]))
+
+    # -- symmetric -----------------------------------------------------------------------------
+    def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        param = pkcs11.GCMParams(nonce, aad, 128)
+        return self._run(handle, ObjectClass.SECRET_KEY, "encrypting in the HSM",
+                         lambda k: k.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                             mechanism_param=param))
+
+    def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
+        param = pkcs11.GCMParams(nonce, aad, 128)
+
+        def op(k: Any) -> bytes:
+            try:
+                return k.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
+            except (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
+                    px.DataInvalid, px.DataLenRange, px.FunctionFailed) as exc:
+                raise DecryptFailed(type(exc).__name__) from None
+
+        return self._run(handle, ObjectClass.SECRET_KEY, "decrypting in the HSM", op)
+
+    def mac(self, handle: bytes, message: bytes) -> bytes:
+        return self._run(handle, ObjectClass.SECRET_KEY, "computing a MAC in the HSM",
+                         lambda k: k.sign(message, mechanism=Mechanism.SHA256_HMAC))
+
+    def verify_mac(self, handle: bytes, message: bytes, tag: bytes) -> bool:
+        def op(k: Any) -> bool:
+            try:
+                return bool(k.verify(message, tag, mechanism=Mechanism.SHA256_HMAC))
+            except (px.SignatureInvalid, px.SignatureLenRange):
+                return False
+
+        return self._run(handle, ObjectClass.SECRET_KEY, "verifying a MAC in the HSM", op)
+
+    # -- asymmetric ------------------------------------------------------------------------------
+    def sign(self, spec: KeySpec, handle: bytes, message: bytes) -> bytes:
+        doing = f"signing with a {spec.name} key in the HSM"
+        if spec.family is Family.RSA:
+            return self._run(handle, ObjectClass.PRIVATE_KEY, doing,
+                             lambda k: k.sign(message, mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
+                                              mechanism_param=_PSS))
+        if spec.family is Family.EDDSA:
+            return self._run(handle, ObjectClass.PRIVATE_KEY, doing,
+                             lambda k: k.sign(message, mechanism=Mechanism.EDDSA))
+        digest = _EC_HASH[spec.curve](message).digest()  # ECDSA_SHA256 is absent in SoftHSM2
+        raw = self._run(handle, ObjectClass.PRIVATE_KEY, doing,
+                        lambda k: k.sign(digest, mechanism=Mechanism.ECDSA))
+        half = len(raw) // 2
+        return encode_dss_signature(int.from_bytes(raw[:half]), int.from_bytes(raw[half:]))
+
+    def verify(self, spec: KeySpec, handle: bytes, message: bytes, signature: bytes) -> bool:
+        doing = f"verifying with a {spec.name} key in the HSM"
+        if spec.family is Family.RSA:
+            mech, param, data = Mechanism.SHA256_RSA_PKCS_PSS, _PSS, message
+        elif spec.family is Family.EDDSA:
+            mech, param, data = Mechanism.EDDSA, None, message
+        else:
+            mech, param, data = Mechanism.ECDSA, None, _EC_HASH[spec.curve](message).digest()
+            try:
+                r, s_ = decode_dss_signature(signature)
+                size = (spec.bits + 7) // 8
+                signature = r.to_bytes(size) + s_.to_bytes(size)
+            except (ValueError, OverflowError):
+                return False
+
+        def op(k: Any) -> bool:
+            try:
+                return bool(k.verify(data, signature, mechanism=mech, mechanism_param=param))
+            except (px.SignatureInvalid, px.SignatureLenRange, px.DataLenRange,
+                    px.GeneralError):
+                return False
+
+        return self._run(handle, ObjectClass.PUBLIC_KEY, doing, op)
+
+    def public_key_der(self, spec: KeySpec, handle: bytes) -> bytes:
+        doing = "reading a public key from the HSM"
+
+        def op(k: Any) -> Any:
+            if spec.family is Family.RSA:
+                n = int.from_bytes(k[Attribute.MODULUS])
+                e = int.from_bytes(k[Attribute.PUBLIC_EXPONENT])
+                return rsa.RSAPublicNumbers(e, n).public_key()
+            point = bytes(k[Attribute.EC_POINT])
+            point = _strip_octet_string(point)
+            if spec.family is Family.EDDSA:
+                return ed25519.Ed25519PublicKey.from_public_bytes(point)
+            return ec.EllipticCurvePublicKey.from_encoded_point(_CRYPTO_CURVES[spec.curve](), point)
+
+        pub = self._run(handle, ObjectClass.PUBLIC_KEY, doing, op)
+        return pub.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    # -- data objects (audit head) -----------------------------------------------------------------
+    def put_data(self, label: str, value: bytes) -> None:
+        """Store ``value`` under ``label``; SoftHSM2 makes CKA_VALUE read-only, so the new object
+        is created before the old ones are destroyed (a crash in between leaves both)."""
+        s = self._session()
+        with mapped("writing a data object to the HSM"):
+            old = list(s.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}))
+            s.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                             Attribute.PRIVATE: True, Attribute.LABEL: label,
+                             Attribute.APPLICATION: "keyledger", Attribute.VALUE: value})
+            for obj in old:
+                obj.destroy()
+
+    def get_data(self, label: str) -> list[bytes]:
+        with mapped("reading a data object from the HSM"):
+            objs = self._session().get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                                Attribute.LABEL: label})
+            return [bytes(o[Attribute.VALUE]) for o in objs]
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sessions:
+                try:
+                    s.close()
+                except px.PKCS11Error:
+                    pass
+            self._sessions.clear()
+        self._local = threading.local()
+
+
+def _strip_octet_string(point: bytes) -> bytes:
+    """CKA_EC_POINT is a DER OCTET STRING around the raw point; unwrap it if so."""
+    if len(point) > 2 and point[0] == 0x04:
+        if point[1] < 0x80 and point[1] == len(point) - 2:
+            return point[2:]
+        if point[1] == 0x81 and point[2] == len(point) - 3:
+            return point[3:]
+    return point
