@@ -1,2 +1,57 @@
-"""keyledger: key lifecycle over a PKCS#11 HSM with a tamper-evident audit ledger."""
+"""keyledger: key lifecycle over a PKCS#11 HSM with a tamper-evident audit ledger in DuckDB.
+
+    import keyledger as kl
+    with kl.open() as ledger:
+        ledger.create_key("orders", spec="AES_256")
+        blob = ledger.encrypt("orders", b"card 4111", context={"tenant": "acme"})
+        assert ledger.decrypt(blob, context={"tenant": "acme"}) == b"card 4111"
+"""
+
+from .errors import (
+    AccessDenied,
+    AuditError,
+    ConfigError,
+    HsmError,
+    InvalidCiphertext,
+    InvalidInput,
+    KeyExists,
+    KeyLedgerError,
+    KeyNotFound,
+    KeyStateError,
+    PolicyViolation,
+    StoreBusy,
+    StoreError,
+    UnsupportedMechanism,
+)
+from .model import SPECS, Key, KeySpec, KeyState, KeyVersion, Purpose
+from .runtime import ReconcileReport
+from .service import DataKey, KeyLedger, open
+from .store.ledger import VerifyReport
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "SPECS",
+    "AccessDenied",
+    "AuditError",
+    "ConfigError",
+    "DataKey",
+    "HsmError",
+    "InvalidCiphertext",
+    "InvalidInput",
+    "Key",
+    "KeyExists",
+    "KeyLedger",
+    "KeyLedgerError",
+    "KeyNotFound",
+    "KeySpec",
+    "KeyState",
+    "KeyVersion",
+    "Purpose",
+    "ReconcileReport",
+    "StoreBusy",
+    "StoreError",
+    "UnsupportedMechanism",
+    "VerifyReport",
+    "open",
+]

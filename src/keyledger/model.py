@@ -257,6 +257,7 @@ class Key:
     deletion_due: datetime | None = None
     aliases: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+    policy: dict[str, object] = field(default_factory=dict)
     versions: dict[int, KeyVersion] = field(default_factory=dict)
 
     @property

@@ -1,0 +1,244 @@
+"""Per-process, per-home shared machinery: HSM session pool, store, journal, catalog, ingester.
+
+Several ``KeyLedger`` objects (say, one per principal) in one process share one ``HomeRuntime``:
+PKCS#11 allows one login per process, and one journal per process keeps the chain simple.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .config import Settings, load_settings
+from .errors import ConfigError, KeyLedgerError
+from .hsm import pkcs11_backend
+from .hsm.pkcs11_backend import Pkcs11Backend
+from .hsm.softhsm import provision_embedded
+from .model import SPECS, KeyState
+from .store import ledger
+from .store.catalog import CatalogCache, export_snapshot
+from .store.db import Database, Tx
+from .store.journal import JournalWriter
+from .store.schema import migrate
+
+log = logging.getLogger("keyledger")
+AUDIT_SPEC = SPECS["EC_P256"]
+
+
+def naive(dt: datetime) -> datetime:
+    """UTC without tzinfo, as DuckDB TIMESTAMP columns store it."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+@dataclass
+class ReconcileReport:
+    """What the last open found and repaired after an interrupted create/rotate/destroy."""
+
+    repaired: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.repaired and not self.problems
+
+    def __str__(self) -> str:
+        if self.clean:
+            return "catalog and HSM agree"
+        return "; ".join(self.repaired + self.problems)
+
+
+class HomeRuntime:
+    _registry: dict[Path, HomeRuntime] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, home: Path, clock: Callable[[], datetime]) -> HomeRuntime:
+        with cls._registry_lock:
+            rt = cls._registry.get(home)
+            if rt is None:
+                rt = cls(home, clock)
+                cls._registry[home] = rt
+            rt.refs += 1
+            return rt
+
+    def release(self) -> None:
+        with self._registry_lock:
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            self._registry.pop(self.home, None)
+        self.shutdown()
+
+    def __init__(self, home: Path, clock: Callable[[], datetime]) -> None:
+        self.home = home
+        self.clock = clock
+        self.refs = 0
+        settings = load_settings(home)
+        if settings is None:
+            if home.exists() and any(home.iterdir()):
+                raise ConfigError(
+                    f"{home} exists but is not a keyledger home (no keyledger.toml); "
+                    "choose an empty folder or set KEYLEDGER_HOME"
+                )
+            hsm_cfg = provision_embedded(home)
+            settings = Settings(home, hsm_cfg)
+        self.settings: Settings = settings
+        self.backend: Pkcs11Backend = pkcs11_backend.connect(settings.hsm)
+        try:
+            self.db = Database(settings.db_path, settings.store_busy_timeout_s,
+                               on_commit=lambda con: export_snapshot(con, home))
+            with self.db.write() as tx:
+                migrate(tx)
+                self.home_id = self._meta(tx, "home_id", lambda: str(uuid.uuid4()))
+                self.audit_handle = bytes.fromhex(self._meta(tx, "audit_key", self._new_audit_key))
+            self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
+            self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
+                                         fsync_interval_ms=settings.audit.fsync_interval_ms)
+        except BaseException:
+            pkcs11_backend.release(self.backend)
+            raise
+        self._known_offsets: dict[str, int] = {}
+        self._ingest_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ingester = threading.Thread(target=self._ingest_loop, name="keyledger-ingest",
+                                          daemon=True)
+        self._ingester.start()
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    # -- setup helpers -----------------------------------------------------------------------
+    @staticmethod
+    def _meta(tx: Tx, name: str, make: Callable[[], str]) -> str:
+        row = tx.execute("SELECT value FROM meta WHERE name = ?", [name]).fetchone()
+        if row:
+            return row[0]
+        value = make()
+        tx.execute("INSERT INTO meta VALUES (?, ?)", [name, value])
+        return value
+
+    def _new_audit_key(self) -> str:
+        handle = uuid.uuid4().bytes
+        self.backend.generate(AUDIT_SPEC, handle, f"keyledger-audit:{self.home}", exportable=False)
+        return handle.hex()
+
+    @property
+    def head_label(self) -> str:
+        return ledger.HEAD_LABEL_PREFIX + self.home_id
+
+    # -- audit ledger --------------------------------------------------------------------------
+    def sign_checkpoint(self, digest: bytes) -> bytes:
+        return self.backend.sign(AUDIT_SPEC, self.audit_handle, digest)
+
+    def verify_checkpoint(self, digest: bytes, signature: bytes) -> bool:
+        """Verify with the public key read from the HSM, never one stored in the ledger."""
+        pub = serialization.load_der_public_key(
+            self.backend.public_key_der(AUDIT_SPEC, self.audit_handle))
+        try:
+            pub.verify(signature, digest, ec.ECDSA(hashes.SHA256()))
+            return True
+        except InvalidSignature:
+            return False
+
+    def ingest(self, force: bool = False) -> ledger.IngestResult:
+        """Move pending journal lines of every process into DuckDB and checkpoint them."""
+        with self._ingest_lock:
+            if not force and not ledger.pending_bytes(self.settings.journal_dir,
+                                                      self._known_offsets):
+                return ledger.IngestResult()
+            with self.db.write() as tx:
+                result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
+                                       self.clock(), self._known_offsets)
+                if result.checkpoint is not None:
+                    h = tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?",
+                                   [result.checkpoint]).fetchone()[0]
+                    value = ledger.head_value(result.checkpoint, h)
+                    tx.after_commit.append(lambda: self.backend.put_data(self.head_label, value))
+            return result
+
+    def audit_head(self) -> tuple[int, str] | None:
+        return ledger.parse_head(self.backend.get_data(self.head_label))
+
+    def _ingest_loop(self) -> None:
+        interval = self.settings.audit.ingest_interval_ms / 1000
+        while not self._stop.wait(interval):
+            try:
+                self.ingest()
+            except KeyLedgerError as exc:  # busy store: the next round or a reader will do it
+                log.debug("background ingest skipped: %s", exc)
+            except Exception:  # never let a background thread kill the process
+                log.exception("background ingest failed")
+
+    # -- crash reconciliation ------------------------------------------------------------------
+    def reconcile(self, actor: str, full: bool = False) -> ReconcileReport:
+        """Finish or roll back what an interrupted create/rotate/destroy left behind.
+
+        Uses the intents written before each HSM step (found by CKA_ID, never by listing the
+        token). ``full`` also checks every live version's material still exists in the HSM.
+        """
+        report = ReconcileReport()
+        now = naive(self.clock())
+        with self.db.write() as tx:
+            intents = tx.execute(
+                "SELECT intent_id, kind, key_id, version, handles FROM intents ORDER BY started_at"
+            ).fetchall()
+            for intent_id, kind, key_id, version, handles in intents:
+                hs = [bytes.fromhex(h) for h in json.loads(handles)]
+                name = (tx.execute("SELECT name FROM keys WHERE key_id = ?", [key_id]).fetchone()
+                        or [key_id])[0]
+                if kind in ("create", "rotate"):
+                    removed = sum(self.backend.destroy(h) for h in hs)
+                    what = "key creation" if kind == "create" else f"rotation to v{version}"
+                    report.repaired.append(
+                        f"rolled back interrupted {what} of {name!r}"
+                        + (f" (removed {removed} orphan HSM object(s))" if removed else ""))
+                elif kind == "destroy":
+                    for h in hs:
+                        self.backend.destroy(h)
+                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
+                               "WHERE key_id = ? AND state <> 'destroyed'", [now, key_id])
+                    prior = tx.execute("SELECT state FROM keys WHERE key_id = ?",
+                                       [key_id]).fetchone()
+                    tx.execute("UPDATE keys SET state = 'destroyed' WHERE key_id = ?", [key_id])
+                    tx.execute("INSERT INTO transitions VALUES (?, ?, NULL, 'destroy', ?, ?, ?, ?)",
+                               [now, key_id, prior[0] if prior else None,
+                                KeyState.DESTROYED.value, actor,
+                                "completed an interrupted destroy on open"])
+                    report.repaired.append(f"completed interrupted destruction of {name!r}")
+                tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent_id])
+            if full:
+                for key_id, name, version, handle in tx.execute(
+                        """SELECT v.key_id, k.name, v.version, v.handle FROM versions v
+                           JOIN keys k USING (key_id) WHERE v.state <> 'destroyed'""").fetchall():
+                    if not self.backend.exists(bytes.fromhex(handle)):
+                        report.problems.append(
+                            f"{name!r} v{version}: catalog row without HSM material; restore the "
+                            "token from a backup or mark the version destroyed")
+        self.catalog.refresh(force=True)
+        return report
+
+    # -- teardown ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._stop.set()
+        if self._ingester.is_alive() and self._ingester is not threading.current_thread():
+            self._ingester.join(timeout=5)
+        self.journal.close()
+        try:
+            self.ingest()
+        except KeyLedgerError as exc:  # the records stay in the journal for the next reader
+            log.debug("final ingest skipped: %s", exc)
+        pkcs11_backend.release(self.backend)
+        atexit.unregister(self.shutdown)

@@ -1,0 +1,730 @@
+"""KeyLedger: the one way in. Every public call is authorised, executed and audited once."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import ciphertext as ct
+from .config import default_home
+from .errors import (
+    AccessDenied,
+    InvalidCiphertext,
+    InvalidInput,
+    KeyExists,
+    KeyLedgerError,
+    KeyStateError,
+    PolicyViolation,
+)
+from .hsm.backend import Capabilities, DecryptFailed
+from .model import (
+    Family,
+    Key,
+    KeyState,
+    Purpose,
+    Use,
+    check_use,
+    default_rotation_period,
+    next_state,
+    parse_period,
+    parse_purpose,
+    parse_spec,
+    validate_name,
+)
+from .runtime import HomeRuntime, ReconcileReport, naive
+from .store import catalog as cat
+from .store.ledger import VerifyReport
+from .store.ledger import verify as verify_ledger
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A data key for envelope encryption: use ``plaintext`` locally, store ``wrapped``."""
+
+    plaintext: bytes
+    wrapped: bytes
+    key: str
+    version: int
+
+    def __repr__(self) -> str:  # never show the plaintext key
+        return f"<DataKey for {self.key!r} v{self.version}, 256-bit, wrapped {len(self.wrapped)} B>"
+
+
+class _Audited:
+    """Context manager: exactly one audit record per call, whatever happens inside."""
+
+    __slots__ = ("kl", "action", "name", "key", "version", "context", "detail")
+
+    def __init__(self, kl: KeyLedger, action: str, name: str | None,
+                 context: bytes | None = None) -> None:
+        self.kl, self.action, self.name, self.context = kl, action, name, context
+        self.key: Key | None = None
+        self.version: int | None = None
+        self.detail: str | None = None
+
+    def __enter__(self) -> _Audited:
+        return self
+
+    def __exit__(self, etype, exc, tb) -> bool:
+        if exc is None:
+            outcome, error, detail = "ok", None, self.detail
+        else:
+            outcome = "denied" if isinstance(exc, AccessDenied) else "failed"
+            error = type(exc).__name__
+            detail = self.detail or (str(exc)[:500] if isinstance(exc, KeyLedgerError) else None)
+        key = self.key
+        self.kl._rt.journal.append(
+            self.kl._time_us(), self.kl.principal, self.action,
+            key.name if key is not None else self.name, key.key_id if key is not None else None,
+            self.version, outcome, error, detail,
+            self.context.decode() if self.context else None,
+        )
+        return False
+
+
+class KeyLedger:
+    """Manage keys held in an HSM, with every call recorded in a tamper-evident ledger.
+
+    Open with ``keyledger.open()``. Safe to share between threads; several processes may open
+    the same home at once.
+    """
+
+    def __init__(self, home: Path, *, principal: str, clock: Callable[[], datetime]) -> None:
+        self.home = home
+        self.principal = principal
+        self._clock = clock
+        self._rt = HomeRuntime.acquire(home, clock)
+        self._closed = False
+        self.last_reconcile: ReconcileReport = ReconcileReport()
+        with self._audited("open", None) as rec:
+            self.last_reconcile = self._rt.reconcile(principal)
+            if not self.last_reconcile.clean:
+                rec.detail = str(self.last_reconcile)[:500]
+
+    def __repr__(self) -> str:
+        return f"<KeyLedger home={str(self.home)!r} principal={self.principal!r}>"
+
+    def __enter__(self) -> KeyLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush the audit journal into the store and release the HSM session."""
+        if not self._closed:
+            self._closed = True
+            self._rt.release()
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _now(self) -> datetime:
+        now = self._clock()
+        if not isinstance(now, datetime) or now.tzinfo is None:
+            raise InvalidInput("clock() must return a timezone-aware datetime")
+        return now.astimezone(UTC)
+
+    def _time_us(self) -> int:
+        return (self._now() - _EPOCH) // _US
+
+    def _audited(self, action: str, name: str | None, context: bytes | None = None) -> _Audited:
+        if self._closed:
+            raise KeyStateError("this KeyLedger is closed; open the home again")
+        return _Audited(self, action, name, context)
+
+    def _key(self, rec: _Audited, name: object) -> Key:
+        validate_name(name)
+        key = self._rt.catalog.get(name)  # type: ignore[arg-type]
+        rec.key = key
+        return key
+
+    @staticmethod
+    def _bytes(value: object, what: str) -> bytes:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value)
+        if isinstance(value, str):
+            raise InvalidInput(f"{what} must be bytes; encode text first, e.g. s.encode()")
+        raise InvalidInput(f"{what} must be bytes, not {type(value).__name__}")
+
+    @staticmethod
+    def _require_purpose(key: Key, *purposes: Purpose) -> None:
+        if key.purpose not in purposes:
+            want = " or ".join(p.value for p in purposes)
+            raise PolicyViolation(
+                f"key {key.name!r} is a {key.purpose.value} key ({key.spec.name}); "
+                f"this operation needs a {want} key"
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def create_key(self, name: str, *, spec: str, purpose: str | None = None,
+                   owner: str | None = None, tags: Mapping[str, str] | None = None,
+                   rotation_period: timedelta | str | None = None,
+                   exportable: bool = False, activate: bool = True) -> Key:
+        """Generate version 1 in the HSM (sensitive; non-extractable unless ``exportable``)."""
+        with self._audited("create_key", name if isinstance(name, str) else None) as rec:
+            validate_name(name)
+            kspec = parse_spec(spec)
+            kpurpose = parse_purpose(purpose, kspec)
+            if owner is not None:
+                validate_name(owner, "owner")
+            tag_json = self._tags_json(tags)
+            period = parse_period(rotation_period) or default_rotation_period(kspec, kpurpose)
+            if not isinstance(exportable, bool):
+                raise InvalidInput("exportable must be True or False")
+            now = naive(self._now())
+            key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
+            state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
+            with self._rt.db.write() as tx:  # 1. intent, so a crash after step 2 is rolled back
+                if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
+                              "WHERE alias = ?", [name, name]).fetchone():
+                    raise KeyExists(f"a key or alias named {name!r} already exists")
+                self._intent(tx, "create", key_id, 1, [handle], now)
+            self._rt.backend.generate(kspec, handle, f"kl:{name}:v1", exportable=exportable)
+            with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
+                tx.execute(
+                    "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL,"
+                    " ?, '{}')",
+                    [key_id, name, kspec.name, kpurpose.value, state.value, owner, now, now,
+                     int(period.total_seconds()), exportable, tag_json])
+                tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
+                           [key_id, handle.hex(), now])
+                self._transition(tx, now, key_id, 1, "create", None, state, "created")
+                tx.execute("DELETE FROM intents WHERE key_id = ? AND kind = 'create'", [key_id])
+                key = cat.load_key(tx, name)
+            self._rt.catalog.refresh(force=True)
+            rec.key, rec.version = key, 1
+            return key
+
+    def get_key(self, name: str) -> Key:
+        with self._audited("get_key", name if isinstance(name, str) else None) as rec:
+            return self._key(rec, name)
+
+    def list_keys(self) -> pd.DataFrame:
+        """One row per key: name, spec, purpose, state, latest_version, owner, created_at, ..."""
+        with self._audited("list_keys", None):
+            self._rt.catalog.refresh(force=True)
+            rows = [{
+                "name": k.name, "spec": k.spec.name, "purpose": k.purpose.value,
+                "state": k.state.value, "latest_version": k.latest_version, "owner": k.owner,
+                "created_at": k.created_at, "rotated_at": k.rotated_at,
+                "next_rotation_due": k.next_rotation_due,
+                "min_decryption_version": k.min_decryption_version,
+                "deletion_due": k.deletion_due, "aliases": list(k.aliases), "tags": dict(k.tags),
+                "exportable": k.exportable, "key_id": k.key_id,
+            } for k in sorted(self._rt.catalog.keys(), key=lambda k: k.name)]
+            columns = ["name", "spec", "purpose", "state", "latest_version", "owner",
+                       "created_at", "rotated_at", "next_rotation_due", "min_decryption_version",
+                       "deletion_due", "aliases", "tags", "exportable", "key_id"]
+            df = pd.DataFrame(rows, columns=columns)
+            for col in ("created_at", "rotated_at", "next_rotation_due", "deletion_due"):
+                df[col] = pd.to_datetime(df[col], utc=True)
+            return df
+
+    def rotate(self, name: str, *, reason: str = "rotation") -> Key:
+        """Add a new version; older versions keep decrypting and verifying."""
+        with self._audited("rotate", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            now = naive(self._now())
+            handle = uuid.uuid4().bytes
+            with self._rt.db.write() as tx:
+                key = cat.load_key(tx, key.name)
+                rec.key = key
+                next_state("rotate", key.state, key.name)
+                version = key.latest_version + 1
+                self._intent(tx, "rotate", key.key_id, version, [handle], now)
+            self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
+                                      exportable=key.exportable)
+            with self._rt.db.write() as tx:
+                fresh = cat.load_key(tx, key.name)
+                if fresh.latest_version != key.latest_version or fresh.state != key.state:
+                    self._rt.backend.destroy(handle)
+                    tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
+                               [key.key_id, version])
+                    raise KeyStateError(f"key {key.name!r} changed during rotation; retry")
+                old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
+                tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
+                           "AND state = 'active'", [old_state, key.key_id, key.latest_version])
+                tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
+                           [key.key_id, version, handle.hex(), now])
+                tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
+                           "WHERE key_id = ?", [version, now, KeyState.ACTIVE.value, key.key_id])
+                self._transition(tx, now, key.key_id, version, "rotate", key.state,
+                                 KeyState.ACTIVE, reason)
+                tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
+                           [key.key_id, version])
+                key = cat.load_key(tx, key.name)
+            self._rt.catalog.refresh(force=True)
+            rec.key, rec.version = key, version
+            return key
+
+    def enable(self, name: str, *, reason: str = "enabled") -> Key:
+        return self._change_state("enable", name, reason)
+
+    def disable(self, name: str, *, reason: str = "disabled") -> Key:
+        """Suspend all use of the key until it is enabled again."""
+        return self._change_state("disable", name, reason)
+
+    def deactivate(self, name: str, *, reason: str = "deactivated") -> Key:
+        """Stop applying protection; existing data stays decryptable and verifiable."""
+        return self._change_state("deactivate", name, reason)
+
+    def mark_compromised(self, name: str, reason: str) -> Key:
+        """Record a suspected compromise: no more protection; decrypt/verify stay possible."""
+        if not isinstance(reason, str) or not reason.strip():
+            with self._audited("mark_compromised", name if isinstance(name, str) else None):
+                raise InvalidInput("say why the key is considered compromised (reason=...)")
+        return self._change_state("mark_compromised", name, reason)
+
+    def schedule_deletion(self, name: str, days: int = 30, *, reason: str = "scheduled") -> Key:
+        """Block all use now and allow ``destroy`` after ``days`` (7..30)."""
+        with self._audited("schedule_deletion", name if isinstance(name, str) else None) as rec:
+            if isinstance(days, bool) or not isinstance(days, int):
+                raise InvalidInput("days must be a whole number between 7 and 30")
+            if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
+                raise PolicyViolation(
+                    f"the deletion waiting period must be {MIN_DELETION_DAYS} to "
+                    f"{MAX_DELETION_DAYS} days, not {days}")
+            due = naive(self._now()) + timedelta(days=days)
+            return self._transition_key(rec, "schedule_deletion", name, reason,
+                                        extra={"deletion_due": due})
+
+    def cancel_deletion(self, name: str, *, reason: str = "deletion cancelled") -> Key:
+        """Restore the state the key had before deletion was scheduled."""
+        with self._audited("cancel_deletion", name if isinstance(name, str) else None) as rec:
+            return self._transition_key(rec, "cancel_deletion", name, reason,
+                                        extra={"deletion_due": None})
+
+    def destroy(self, name: str, *, reason: str = "destroyed") -> Key:
+        """Remove every version's material from the HSM once the waiting period has passed.
+
+        The catalog keeps the key's metadata as ``destroyed``.
+        """
+        with self._audited("destroy", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            now = naive(self._now())
+            with self._rt.db.write() as tx:
+                key = cat.load_key(tx, key.name)
+                rec.key = key
+                next_state("destroy", key.state, key.name)
+                if key.deletion_due is None or now < naive(key.deletion_due):
+                    raise PolicyViolation(
+                        f"key {key.name!r} may be destroyed after {key.deletion_due:%Y-%m-%d %H:%M}"
+                        " UTC, when its deletion waiting period ends; cancel_deletion to keep it")
+                handles = [v.handle for v in key.versions.values() if v.state != "destroyed"]
+                self._intent(tx, "destroy", key.key_id, None, handles, now)
+            for h in handles:  # 2. material goes first; a crash here is completed on next open
+                self._rt.backend.destroy(h)
+            with self._rt.db.write() as tx:
+                tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
+                           "WHERE key_id = ? AND state <> 'destroyed'", [now, key.key_id])
+                tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
+                           "WHERE key_id = ?", [key.key_id])
+                self._transition(tx, now, key.key_id, None, "destroy", key.state,
+                                 KeyState.DESTROYED, reason)
+                tx.execute("DELETE FROM intents WHERE key_id = ? AND kind = 'destroy'",
+                           [key.key_id])
+                key = cat.load_key(tx, key.name)
+            self._rt.catalog.refresh(force=True)
+            rec.key = key
+            return key
+
+    def set_alias(self, name: str, alias: str) -> Key:
+        with self._audited("set_alias", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            validate_name(alias, "alias")
+            with self._rt.db.write() as tx:
+                if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
+                              "WHERE alias = ?", [alias, alias]).fetchone():
+                    raise KeyExists(f"a key or alias named {alias!r} already exists")
+                tx.execute("INSERT INTO aliases VALUES (?, ?)", [alias, key.key_id])
+                key = cat.load_key(tx, key.name)
+            self._rt.catalog.refresh(force=True)
+            rec.detail = f"alias {alias}"
+            return key
+
+    def set_tags(self, name: str, tags: Mapping[str, str]) -> Key:
+        with self._audited("set_tags", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            tag_json = self._tags_json(tags)
+            with self._rt.db.write() as tx:
+                tx.execute("UPDATE keys SET tags = ? WHERE key_id = ?", [tag_json, key.key_id])
+                key = cat.load_key(tx, key.name)
+            self._rt.catalog.refresh(force=True)
+            return key
+
+    def set_policy(self, name: str, *, rotation_period: timedelta | str | None = None,
+                   min_decryption_version: int | None = None,
+                   min_encryption_version: int | None = None, owner: str | None = None) -> Key:
+        """Change a key's rotation period, minimum versions or owner."""
+        with self._audited("set_policy", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            updates: dict[str, object] = {}
+            if rotation_period is not None:
+                updates["rotation_period_s"] = int(parse_period(rotation_period).total_seconds())
+            for col, value in (("min_decryption_version", min_decryption_version),
+                               ("min_encryption_version", min_encryption_version)):
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise InvalidInput(f"{col} must be a positive whole number")
+                if value > key.latest_version:
+                    raise PolicyViolation(
+                        f"{col} {value} is above the latest version {key.latest_version} of "
+                        f"{key.name!r}; rotate first")
+                updates[col] = value
+            if owner is not None:
+                updates["owner"] = validate_name(owner, "owner")
+            if not updates:
+                raise InvalidInput("nothing to change: pass rotation_period, "
+                                   "min_decryption_version, min_encryption_version or owner")
+            with self._rt.db.write() as tx:
+                sets = ", ".join(f"{c} = ?" for c in updates)
+                tx.execute(f"UPDATE keys SET {sets} WHERE key_id = ?",
+                           [*updates.values(), key.key_id])
+                key = cat.load_key(tx, key.name)
+            self._rt.catalog.refresh(force=True)
+            rec.detail = ", ".join(f"{k}={v}" for k, v in updates.items())
+            return key
+
+    def _change_state(self, action: str, name: str, reason: str) -> Key:
+        with self._audited(action, name if isinstance(name, str) else None) as rec:
+            return self._transition_key(rec, action, name, reason)
+
+    def _transition_key(self, rec: _Audited, action: str, name: str, reason: str,
+                        extra: dict[str, object] | None = None) -> Key:
+        key = self._key(rec, name)
+        if not isinstance(reason, str):
+            raise InvalidInput("reason must be text")
+        now = naive(self._now())
+        with self._rt.db.write() as tx:
+            key = cat.load_key(tx, key.name)
+            rec.key = key
+            target = next_state(action, key.state, key.name, key.prior_state)
+            prior = key.state.value if action == "schedule_deletion" else None
+            sets = {"state": target.value, "prior_state": prior, **(extra or {})}
+            if action == "mark_compromised":
+                tx.execute("UPDATE versions SET state = 'compromised' WHERE key_id = ? "
+                           "AND state <> 'destroyed'", [key.key_id])
+            tx.execute(f"UPDATE keys SET {', '.join(f'{c} = ?' for c in sets)} WHERE key_id = ?",
+                       [*sets.values(), key.key_id])
+            self._transition(tx, now, key.key_id, None, action, key.state, target, reason)
+            key = cat.load_key(tx, key.name)
+        self._rt.catalog.refresh(force=True)
+        rec.key = key
+        return key
+
+    def _transition(self, tx, now, key_id, version, action, from_state, to_state, reason) -> None:
+        tx.execute("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   [now, key_id, version, action,
+                    from_state.value if from_state is not None else None, to_state.value,
+                    self.principal, reason])
+
+    def _intent(self, tx, kind: str, key_id: str, version: int | None, handles: list[bytes],
+                now: datetime) -> None:
+        tx.execute("INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   [str(uuid.uuid4()), kind, key_id, version,
+                    json.dumps([h.hex() for h in handles]), now, os.getpid(), self.principal])
+
+    @staticmethod
+    def _tags_json(tags: object) -> str:
+        if tags is None:
+            return "{}"
+        if not isinstance(tags, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise InvalidInput("tags must be a mapping of strings to strings, e.g. {'team': 'pay'}")
+        return json.dumps(dict(tags), sort_keys=True)
+
+    # -- crypto ----------------------------------------------------------------------------------
+    def encrypt(self, name: str, plaintext: bytes, *,
+                context: Mapping[str, str] | None = None) -> bytes:
+        """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
+        ctx = ct.canonical_context(context)
+        with self._audited("encrypt", name if isinstance(name, str) else None, ctx) as rec:
+            data = self._bytes(plaintext, "plaintext")
+            key = self._key(rec, name)
+            return self._encrypt_with(rec, key, data, ctx)
+
+    def _encrypt_with(self, rec: _Audited, key: Key, data: bytes, ctx: bytes) -> bytes:
+        self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
+        check_use(key.state, Use.PROTECT, key.name)
+        version = key.version_for_protect()
+        rec.version = version.version
+        header = ct.Header(key.key_id, version.version, os.urandom(ct.NONCE_LEN)).pack()
+        body = self._rt.backend.encrypt_gcm(version.handle, header[24:36], header + ctx, data)
+        return header + body
+
+    def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt any keyledger ciphertext; the key and version come from its header."""
+        ctx = ct.canonical_context(context)
+        with self._audited("decrypt", None, ctx) as rec:
+            return self._decrypt(rec, ciphertext, ctx)
+
+    def _decrypt(self, rec: _Audited, ciphertext: object, ctx: bytes) -> bytes:
+        try:
+            header, header_bytes, body = ct.parse(ciphertext)
+        except InvalidCiphertext:
+            rec.detail = "malformed ciphertext"
+            raise
+        key = self._rt.catalog.get_id(header.key_id)
+        if key is None:
+            rec.detail = f"unknown key id {header.key_id}"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        rec.key, rec.version = key, header.version
+        check_use(key.state, Use.PROCESS, key.name)
+        version = key.version_for_decrypt(header.version)
+        try:
+            return self._rt.backend.decrypt_gcm(version.handle, header.nonce,
+                                                header_bytes + ctx, body)
+        except DecryptFailed:
+            rec.detail = "authentication failed: tampered data or wrong context"
+            raise InvalidCiphertext(
+                "the ciphertext cannot be decrypted: it was altered or the context differs"
+            ) from None
+
+    def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
+        """Re-encrypt under the key's latest version without exposing plaintext to the caller."""
+        ctx = ct.canonical_context(context)
+        with self._audited("rewrap", None, ctx) as rec:
+            plaintext = self._decrypt(rec, ciphertext, ctx)
+            old = rec.version
+            out = self._encrypt_with(rec, rec.key, plaintext, ctx)
+            rec.detail = f"from v{old}"
+            return out
+
+    def generate_data_key(self, name: str, *,
+                          context: Mapping[str, str] | None = None) -> DataKey:
+        """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
+        ctx = ct.canonical_context(context)
+        with self._audited("generate_data_key", name if isinstance(name, str) else None,
+                           ctx) as rec:
+            key = self._key(rec, name)
+            plaintext = AESGCM.generate_key(bit_length=256)
+            wrapped = self._encrypt_with(rec, key, plaintext, ctx)
+            return DataKey(plaintext, wrapped, key.name, rec.version or 0)
+
+    def envelope_encrypt(self, name: str, data: bytes, *,
+                         context: Mapping[str, str] | None = None) -> bytes:
+        """Encrypt large data locally under a fresh data key; the wrapped key travels with it."""
+        ctx = ct.canonical_context(context)
+        with self._audited("envelope_encrypt", name if isinstance(name, str) else None,
+                           ctx) as rec:
+            payload = self._bytes(data, "data")
+            key = self._key(rec, name)
+            dk = AESGCM.generate_key(bit_length=256)
+            wrapped = self._encrypt_with(rec, key, dk, ctx)
+            nonce = os.urandom(ct.NONCE_LEN)
+            body = AESGCM(dk).encrypt(nonce, payload, ct.envelope_header(wrapped) + ctx)
+            return ct.pack_envelope(wrapped, nonce, body)
+
+    def envelope_decrypt(self, blob: bytes, *,
+                         context: Mapping[str, str] | None = None) -> bytes:
+        ctx = ct.canonical_context(context)
+        with self._audited("envelope_decrypt", None, ctx) as rec:
+            header, wrapped, nonce, body = ct.parse_envelope(blob)
+            dk = self._decrypt(rec, wrapped, ctx)
+            try:
+                return AESGCM(dk).decrypt(nonce, body, header + ctx)
+            except Exception:
+                rec.detail = "envelope body authentication failed"
+                raise InvalidCiphertext("the envelope cannot be decrypted: it was altered or "
+                                        "the context differs") from None
+
+    def sign(self, name: str, message: bytes) -> bytes:
+        """RSA-PSS-SHA256, ECDSA (DER) or Ed25519 signature with the latest version."""
+        with self._audited("sign", name if isinstance(name, str) else None) as rec:
+            data = self._bytes(message, "message")
+            key = self._key(rec, name)
+            self._require_purpose(key, Purpose.SIGN)
+            check_use(key.state, Use.PROTECT, key.name)
+            version = key.version_for_protect()
+            rec.version = version.version
+            return self._rt.backend.sign(key.spec, version.handle, data)
+
+    def verify(self, name: str, message: bytes, signature: bytes, *,
+               version: int | None = None) -> bool:
+        """True if any live version (or the given one) of the key made the signature."""
+        with self._audited("verify", name if isinstance(name, str) else None) as rec:
+            data = self._bytes(message, "message")
+            sig = self._bytes(signature, "signature")
+            key = self._key(rec, name)
+            self._require_purpose(key, Purpose.SIGN)
+            check_use(key.state, Use.PROCESS, key.name)
+            return self._check_any(rec, key, version,
+                                   lambda h: self._rt.backend.verify(key.spec, h, data, sig))
+
+    def mac(self, name: str, message: bytes) -> bytes:
+        """HMAC-SHA256 computed in the HSM with the latest version."""
+        with self._audited("mac", name if isinstance(name, str) else None) as rec:
+            data = self._bytes(message, "message")
+            key = self._key(rec, name)
+            self._require_purpose(key, Purpose.MAC)
+            check_use(key.state, Use.PROTECT, key.name)
+            version = key.version_for_protect()
+            rec.version = version.version
+            return self._rt.backend.mac(version.handle, data)
+
+    def verify_mac(self, name: str, message: bytes, tag: bytes, *,
+                   version: int | None = None) -> bool:
+        with self._audited("verify_mac", name if isinstance(name, str) else None) as rec:
+            data = self._bytes(message, "message")
+            mac = self._bytes(tag, "tag")
+            key = self._key(rec, name)
+            self._require_purpose(key, Purpose.MAC)
+            check_use(key.state, Use.PROCESS, key.name)
+            return self._check_any(rec, key, version,
+                                   lambda h: self._rt.backend.verify_mac(h, data, mac))
+
+    def _check_any(self, rec: _Audited, key: Key, version: int | None,
+                   check: Callable[[bytes], bool]) -> bool:
+        if version is not None:
+            candidates = [version]
+        else:
+            candidates = sorted((v for v in key.versions if v >= key.min_decryption_version),
+                                reverse=True)
+        for v in candidates:
+            kv = key.versions.get(v)
+            if kv is None or kv.state == "destroyed" or v < key.min_decryption_version:
+                continue
+            if check(kv.handle):
+                rec.version = v
+                return True
+        rec.detail = "signature did not verify"
+        return False
+
+    def public_key_pem(self, name: str, *, version: int | None = None) -> str:
+        with self._audited("public_key_pem", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            if key.spec.family in (Family.AES, Family.HMAC):
+                raise PolicyViolation(f"key {key.name!r} is symmetric; it has no public key")
+            v = key.versions.get(version or key.latest_version)
+            if v is None or v.state == "destroyed":
+                raise KeyStateError(f"version {version} of {key.name!r} is destroyed or unknown")
+            rec.version = v.version
+            der = self._rt.backend.public_key_der(key.spec, v.handle)
+            pub = serialization.load_der_public_key(der)
+            return pub.public_bytes(serialization.Encoding.PEM,
+                                    serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    # -- HSM and home --------------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        """What the HSM module supports (e.g. SoftHSM 2.6.1 lacks RSA-OAEP-SHA256)."""
+        with self._audited("capabilities", None):
+            return self._rt.backend.capabilities()
+
+    def reconcile(self, *, full: bool = True) -> ReconcileReport:
+        """Repair interrupted operations and (``full``) check every version's HSM material."""
+        with self._audited("reconcile", None) as rec:
+            report = self._rt.reconcile(self.principal, full=full)
+            rec.detail = str(report)[:500]
+            return report
+
+    def key_attributes(self, name: str, *, version: int | None = None):
+        """CKA_SENSITIVE / CKA_EXTRACTABLE of a version as the HSM reports them."""
+        with self._audited("key_attributes", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            v = key.versions[version or key.latest_version]
+            rec.version = v.version
+            return self._rt.backend.attributes(v.handle)
+
+    # -- audit -----------------------------------------------------------------------------------
+    def flush_audit(self) -> int:
+        """Move pending journal records of every process into the store now; returns how many."""
+        return self._rt.ingest().records
+
+    def audit(self, *, key: str | None = None, principal: str | None = None,
+              action: str | None = None, outcome: str | None = None,
+              since: datetime | None = None, until: datetime | None = None,
+              limit: int | None = None) -> pd.DataFrame:
+        """Audit records (oldest first) with time, principal, action, key, version, outcome, ..."""
+        with self._audited("audit", key):
+            self._rt.ingest()
+            where, args = [], []
+            for col, value in (("key", key), ("principal", principal), ("action", action),
+                               ("outcome", outcome)):
+                if value is not None:
+                    where.append(f"{col} = ?")
+                    args.append(value)
+            if since is not None:
+                where.append("time >= ?")
+                args.append(naive(since))
+            if until is not None:
+                where.append("time < ?")
+                args.append(naive(until))
+            sql = ("SELECT seq, time, principal, action, key, version, outcome, error, detail, "
+                   "context, key_id, pid, journal, jseq FROM audit_log")
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY time, seq"
+            if limit is not None:
+                sql += f" LIMIT {int(limit)}"
+            with self._rt.db.read() as tx:
+                df = tx.execute(sql, args).df()
+            df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
+            return df
+
+    def verify_audit(self) -> VerifyReport:
+        """Check the chain, the checkpoints and the HSM-held head; name the first bad record."""
+        with self._audited("verify_audit", None) as rec:
+            self._rt.ingest()
+            head = self._rt.audit_head()
+            with self._rt.db.write() as tx:
+                report = verify_ledger(tx, self._rt.verify_checkpoint, head)
+                tx.execute("INSERT INTO verifications VALUES (?, ?, ?, ?, ?)",
+                           [naive(self._now()), report.ok, report.records,
+                            (report.first_bad or {}).get("seq"),
+                            "; ".join(report.problems)[:1000] or None])
+            rec.detail = "ok" if report.ok else "; ".join(report.problems)[:500]
+            return report
+
+    def export_audit(self, path: str | os.PathLike, format: str = "parquet") -> Path:
+        """JSONL file, or Parquet partitioned by day (Hive layout: day=YYYY-MM-DD/)."""
+        with self._audited("export_audit", None) as rec:
+            if format not in ("parquet", "jsonl"):
+                raise InvalidInput("format must be 'parquet' or 'jsonl'")
+            out = Path(path)
+            self._rt.ingest()
+            query = ("SELECT seq, time, principal, action, key, key_id, version, outcome, error, "
+                     "detail, context, pid, journal, jseq, prev, hash, "
+                     "strftime(time, '%Y-%m-%d') AS day FROM audit_log ORDER BY seq")
+            with self._rt.db.read() as tx:
+                if format == "jsonl":
+                    tx.execute(f"COPY ({query}) TO '{_sql_path(out)}' (FORMAT json)")
+                else:
+                    tx.execute(f"COPY ({query}) TO '{_sql_path(out)}' "
+                               "(FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE true)")
+            rec.detail = f"{format} to {out}"
+            return out
+
+
+def _sql_path(path: Path) -> str:
+    return str(path.absolute()).replace("'", "''")
+
+
+def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
+         clock: Callable[[], datetime] | None = None) -> KeyLedger:
+    """Open (and on first use provision) a keyledger home.
+
+    ``home`` defaults to ``$KEYLEDGER_HOME`` or ``./.keyledger``; ``principal`` to the OS user;
+    ``clock`` to the real UTC clock (inject one to simulate time).
+    """
+    path = Path(home).expanduser().absolute() if home is not None else default_home()
+    who = principal if principal is not None else getpass.getuser()
+    validate_name(who, "principal")
+    return KeyLedger(path, principal=who, clock=clock or _utc_now)

@@ -1,0 +1,1 @@
+"""DuckDB store: schema, catalog, per-process journals and the audit ledger."""

@@ -1,0 +1,151 @@
+"""The key catalog: SQL over keys/versions/aliases, and the per-process snapshot cache.
+
+Crypto calls must not open DuckDB (one writer process at a time, ~16 ms to open). After every
+committed catalog change the writer, still holding the file lock, writes ``catalog.json``
+atomically; every process keeps it in memory and reloads it when the file changes (checked at
+most every ``refresh_ms``). That bounds how long another process may act on a stale state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+
+from ..errors import KeyNotFound
+from ..model import Key, KeyState, KeyVersion, Purpose, parse_spec
+
+SNAPSHOT_NAME = "catalog.json"
+
+
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else value.replace(tzinfo=UTC).isoformat()
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def key_docs(con: duckdb.DuckDBPyConnection, key_id: str | None = None) -> list[dict]:
+    """Keys as plain documents (the snapshot format), all of them or one."""
+    where, args = ("WHERE key_id = ?", [key_id]) if key_id else ("", [])
+    keys = con.execute(
+        f"""SELECT key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at,
+                  rotation_period_s, exportable, latest_version, min_decryption_version,
+                  min_encryption_version, deletion_due, tags, policy FROM keys {where}""",
+        args).fetchall()
+    versions: dict[str, list] = {}
+    for kid, version, handle, state, created, destroyed in con.execute(
+            f"SELECT key_id, version, handle, state, created_at, destroyed_at FROM versions "
+            f"{where} ORDER BY version", args).fetchall():
+        versions.setdefault(kid, []).append([version, handle, state, _ts(created),
+                                             _ts(destroyed)])
+    aliases: dict[str, list[str]] = {}
+    for alias, kid in con.execute(
+            f"SELECT alias, key_id FROM aliases {where} ORDER BY alias", args).fetchall():
+        aliases.setdefault(kid, []).append(alias)
+    return [
+        {"key_id": k[0], "name": k[1], "spec": k[2], "purpose": k[3], "state": k[4],
+         "prior_state": k[5], "owner": k[6], "created_at": _ts(k[7]), "rotated_at": _ts(k[8]),
+         "rotation_period_s": k[9], "exportable": k[10], "latest_version": k[11],
+         "min_decryption_version": k[12], "min_encryption_version": k[13],
+         "deletion_due": _ts(k[14]), "tags": json.loads(k[15]), "policy": json.loads(k[16]),
+         "aliases": aliases.get(k[0], []), "versions": versions.get(k[0], [])}
+        for k in keys]
+
+
+def export_snapshot(con: duckdb.DuckDBPyConnection, home: Path) -> None:
+    """Write catalog.json from the committed catalog (called with the store lock held)."""
+    tmp = home / f".{SNAPSHOT_NAME}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"keys": key_docs(con)}, separators=(",", ":")))
+    os.replace(tmp, home / SNAPSHOT_NAME)
+
+
+def load_key(con: duckdb.DuckDBPyConnection, name: str) -> Key:
+    """The authoritative key row, read inside a write transaction (never the cache)."""
+    row = con.execute(
+        "SELECT key_id FROM keys WHERE name = ? UNION SELECT key_id FROM aliases WHERE alias = ?",
+        [name, name]).fetchone()
+    if row is None:
+        raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
+    return _key_from_doc(key_docs(con, row[0])[0])
+
+
+def _key_from_doc(d: dict) -> Key:
+    period = d["rotation_period_s"]
+    key = Key(
+        key_id=d["key_id"], name=d["name"], spec=parse_spec(d["spec"]),
+        purpose=Purpose(d["purpose"]), state=KeyState(d["state"]), owner=d["owner"],
+        created_at=_dt(d["created_at"]), rotated_at=_dt(d["rotated_at"]),
+        rotation_period=None if period is None else timedelta(seconds=period),
+        exportable=bool(d["exportable"]), latest_version=d["latest_version"],
+        min_decryption_version=d["min_decryption_version"],
+        min_encryption_version=d["min_encryption_version"],
+        prior_state=KeyState(d["prior_state"]) if d["prior_state"] else None,
+        deletion_due=_dt(d["deletion_due"]), aliases=tuple(d["aliases"]), tags=d["tags"],
+        policy=d.get("policy", {}),
+    )
+    for version, handle, state, created, destroyed in d["versions"]:
+        key.versions[version] = KeyVersion(version, bytes.fromhex(handle), state, _dt(created),
+                                           _dt(destroyed))
+    return key
+
+
+class CatalogCache:
+    """This process's view of the catalog; refreshed from catalog.json when it changes."""
+
+    def __init__(self, home: Path, refresh_ms: int) -> None:
+        self._path = home / SNAPSHOT_NAME
+        self._refresh_s = refresh_ms / 1000
+        self._checked = 0.0
+        self._stamp: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+        self.by_id: dict[str, Key] = {}
+        self.by_name: dict[str, Key] = {}
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < self._refresh_s:
+            return
+        with self._lock:
+            self._checked = now
+            stamp = self._stat()
+            if stamp == self._stamp and not force:
+                return
+            if stamp is None:
+                self.by_id, self.by_name, self._stamp = {}, {}, None
+                return
+            doc = json.loads(self._path.read_text())
+            by_id = {d["key_id"]: _key_from_doc(d) for d in doc["keys"]}
+            by_name = {k.name: k for k in by_id.values()}
+            for k in by_id.values():
+                for alias in k.aliases:
+                    by_name.setdefault(alias, k)
+            self.by_id, self.by_name, self._stamp = by_id, by_name, stamp
+
+    def get(self, name: str) -> Key:
+        self.refresh()
+        key = self.by_name.get(name)
+        if key is None:
+            raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
+        return key
+
+    def get_id(self, key_id: str) -> Key | None:
+        self.refresh()
+        return self.by_id.get(key_id)
+
+    def keys(self) -> list[Key]:
+        self.refresh()
+        return list(self.by_id.values())

@@ -1,0 +1,130 @@
+"""DuckDB access for many processes: short connections, lock retry with backoff, mapped errors.
+
+DuckDB lets one process at a time hold a database file (even read-only opens fail while a
+writer holds it). keyledger therefore never keeps the file open: every read or write opens a
+connection, does its work in one transaction, and closes it. A busy file is retried with
+exponential backoff; only after ``busy_timeout`` does the caller see ``StoreBusy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import duckdb
+
+from ..errors import StoreBusy, StoreError
+
+_PID_RE = re.compile(r"PID (\d+)")
+_process_lock = threading.RLock()  # one connection per process at a time, across threads
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc)
+    return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
+
+
+class Database:
+    def __init__(self, path: Path, busy_timeout: float = 15.0,
+                 on_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._on_commit = on_commit
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.002
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), config={"threads": 2})
+                return con
+            except duckdb.IOException as exc:
+                if not _is_lock_error(exc):
+                    raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+                if time.monotonic() >= deadline:
+                    m = _PID_RE.search(str(exc))
+                    holder = f"process {m.group(1)}" if m else "another process"
+                    raise StoreBusy(
+                        f"the store {self.path} has been held by {holder} for more than "
+                        f"{self.busy_timeout:.0f} s; wait for it to finish or stop it"
+                    ) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.1)
+            except duckdb.Error as exc:
+                raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+
+    @contextlib.contextmanager
+    def connect(self, *, write: bool) -> Iterator[Tx]:
+        """A connection inside one transaction; committed on success, rolled back on error."""
+        with _process_lock:
+            con = self._connect()
+            try:
+                con.execute("BEGIN TRANSACTION")
+                tx = Tx(con)
+                try:
+                    yield tx
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+                # Still holding the file lock, so no other writer can interleave with these.
+                if write and self._on_commit is not None:
+                    self._on_commit(con)
+                for hook in tx.after_commit:
+                    hook()
+            except duckdb.Error as exc:
+                raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
+            finally:
+                con.close()
+
+    def write(self) -> contextlib.AbstractContextManager[Tx]:
+        return self.connect(write=True)
+
+    def read(self) -> contextlib.AbstractContextManager[Tx]:
+        return self.connect(write=False)
+
+
+class Tx:
+    """A connection in a transaction, plus hooks to run after COMMIT while the lock is held."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self.after_commit: list[Callable[[], None]] = []
+
+    def execute(self, sql: str, params: object = None) -> Result:
+        return Result(self.con.execute(sql, params) if params is not None else self.con.execute(sql))
+
+    def __getattr__(self, name: str):  # register, unregister, sql, ... of the connection
+        return getattr(self.con, name)
+
+
+class Result:
+    """A query result that is always read to the end (DuckDB 2 refuses further work on a
+    connection while a result is unfinished, e.g. after ``fetchone``)."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur: duckdb.DuckDBPyConnection) -> None:
+        self._cur = cur
+
+    def fetchall(self) -> list[tuple]:
+        return self._cur.fetchall()
+
+    def fetchone(self) -> tuple | None:
+        rows = self._cur.fetchall()
+        return rows[0] if rows else None
+
+    def df(self):
+        return self._cur.df()
+
+    def arrow(self):
+        return self._cur.arrow()
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:300]

@@ -1,0 +1,74 @@
+"""Schema of the DuckDB store, with a version number and forward-only migrations."""
+
+from __future__ import annotations
+
+import duckdb
+
+from ..errors import StoreError
+
+MIGRATIONS: list[str] = [
+    # 1: catalog, transitions, intents, audit ledger, checkpoints, usage counters
+    """
+    CREATE TABLE meta (name VARCHAR PRIMARY KEY, value VARCHAR);
+    CREATE TABLE keys (
+        key_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL UNIQUE, spec VARCHAR NOT NULL,
+        purpose VARCHAR NOT NULL, state VARCHAR NOT NULL, prior_state VARCHAR,
+        owner VARCHAR, created_at TIMESTAMP NOT NULL, rotated_at TIMESTAMP NOT NULL,
+        rotation_period_s BIGINT, exportable BOOLEAN NOT NULL, latest_version INTEGER NOT NULL,
+        min_decryption_version INTEGER NOT NULL DEFAULT 1,
+        min_encryption_version INTEGER NOT NULL DEFAULT 1,
+        deletion_due TIMESTAMP, tags VARCHAR NOT NULL DEFAULT '{}',
+        policy VARCHAR NOT NULL DEFAULT '{}');
+    CREATE TABLE versions (
+        key_id VARCHAR NOT NULL, version INTEGER NOT NULL, handle VARCHAR NOT NULL,
+        state VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, destroyed_at TIMESTAMP,
+        PRIMARY KEY (key_id, version));
+    CREATE TABLE aliases (alias VARCHAR PRIMARY KEY, key_id VARCHAR NOT NULL);
+    CREATE TABLE transitions (
+        time TIMESTAMP NOT NULL, key_id VARCHAR NOT NULL, version INTEGER,
+        action VARCHAR NOT NULL, from_state VARCHAR, to_state VARCHAR NOT NULL,
+        actor VARCHAR NOT NULL, reason VARCHAR);
+    CREATE TABLE intents (
+        intent_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, key_id VARCHAR NOT NULL,
+        version INTEGER, handles VARCHAR NOT NULL, started_at TIMESTAMP NOT NULL,
+        pid INTEGER NOT NULL, actor VARCHAR NOT NULL);
+    CREATE TABLE audit_log (
+        seq BIGINT NOT NULL, journal VARCHAR NOT NULL, jseq BIGINT NOT NULL,
+        time TIMESTAMP NOT NULL, principal VARCHAR NOT NULL, action VARCHAR NOT NULL,
+        key VARCHAR, key_id VARCHAR, version INTEGER, outcome VARCHAR NOT NULL,
+        error VARCHAR, detail VARCHAR, context VARCHAR, pid INTEGER NOT NULL,
+        prev VARCHAR NOT NULL, hash VARCHAR NOT NULL);
+    CREATE TABLE journal_offsets (journal VARCHAR PRIMARY KEY, file_offset BIGINT NOT NULL,
+        tip_jseq BIGINT NOT NULL, tip_hash VARCHAR NOT NULL);
+    CREATE TABLE checkpoints (
+        cp_seq BIGINT NOT NULL, time TIMESTAMP NOT NULL, last_seq BIGINT NOT NULL,
+        n_records BIGINT NOT NULL, tips_digest VARCHAR NOT NULL, prev_hash VARCHAR NOT NULL,
+        hash VARCHAR NOT NULL, signature VARCHAR NOT NULL);
+    CREATE TABLE usage (
+        key_id VARCHAR NOT NULL, version INTEGER NOT NULL, action VARCHAR NOT NULL,
+        count BIGINT NOT NULL, last_time TIMESTAMP NOT NULL,
+        PRIMARY KEY (key_id, version, action));
+    CREATE TABLE verifications (time TIMESTAMP NOT NULL, ok BOOLEAN NOT NULL,
+        records BIGINT NOT NULL, first_bad_seq BIGINT, problem VARCHAR);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Bring the schema to ``SCHEMA_VERSION``; returns the version found before."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    found = int(row[0]) if row and row[0] is not None else 0
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store has schema version {found}, newer than this keyledger ({SCHEMA_VERSION});"
+            " upgrade keyledger"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version - 1].split(";"):
+            if statement.strip():
+                con.execute(statement)
+        con.execute("INSERT INTO schema_version VALUES (?)", [version])
+    return found
