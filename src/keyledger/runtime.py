@@ -217,7 +217,7 @@ class HomeRuntime:
                     report.repaired.append(f"completed interrupted destruction of {name!r}")
                 tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent_id])
             if full:
-                for key_id, name, version, handle in tx.execute(
+                for _key_id, name, version, handle in tx.execute(
                         """SELECT v.key_id, k.name, v.version, v.handle FROM versions v
                            JOIN keys k USING (key_id) WHERE v.state <> 'destroyed'""").fetchall():
                     if not self.backend.exists(bytes.fromhex(handle)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import signal
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _fault(point: str) -> None:
+    """Crash-test hook: ``KEYLEDGER_FAULT=create:after_hsm`` SIGKILLs the process right there."""
+    if os.environ.get("KEYLEDGER_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,9 @@ class KeyLedger:
                               "WHERE alias = ?", [name, name]).fetchone():
                     raise KeyExists(f"a key or alias named {name!r} already exists")
                 self._intent(tx, "create", key_id, 1, [handle], now)
+            _fault("create:after_intent")
             self._rt.backend.generate(kspec, handle, f"kl:{name}:v1", exportable=exportable)
+            _fault("create:after_hsm")
             with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
                 tx.execute(
                     "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL,"
@@ -249,8 +258,10 @@ class KeyLedger:
                 next_state("rotate", key.state, key.name)
                 version = key.latest_version + 1
                 self._intent(tx, "rotate", key.key_id, version, [handle], now)
+            _fault("rotate:after_intent")
             self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
                                       exportable=key.exportable)
+            _fault("rotate:after_hsm")
             with self._rt.db.write() as tx:
                 fresh = cat.load_key(tx, key.name)
                 if fresh.latest_version != key.latest_version or fresh.state != key.state:
@@ -329,8 +340,10 @@ class KeyLedger:
                         " UTC, when its deletion waiting period ends; cancel_deletion to keep it")
                 handles = [v.handle for v in key.versions.values() if v.state != "destroyed"]
                 self._intent(tx, "destroy", key.key_id, None, handles, now)
+            _fault("destroy:after_intent")
             for h in handles:  # 2. material goes first; a crash here is completed on next open
                 self._rt.backend.destroy(h)
+                _fault("destroy:after_first_object")
             with self._rt.db.write() as tx:
                 tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
                            "WHERE key_id = ? AND state <> 'destroyed'", [now, key.key_id])

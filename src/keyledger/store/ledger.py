@@ -230,7 +230,7 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
         "SELECT cp_seq, last_seq, n_records, tips_digest, prev_hash, hash, signature "
         "FROM checkpoints ORDER BY cp_seq").fetchall()
     prev = ZERO
-    for i, (cp_seq, last_seq, n_rec, tips, cp_prev, h, sig) in enumerate(cps, start=1):
+    for i, (cp_seq, last_seq, n_rec, tips, cp_prev, h, _sig) in enumerate(cps, start=1):
         if cp_seq != i or cp_prev != prev or checkpoint_hash(cp_seq, last_seq, n_rec, tips,
                                                              cp_prev) != h:
             fail(f"checkpoint {cp_seq} is altered or out of chain", None)

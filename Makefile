@@ -1,0 +1,49 @@
+# keyledger: `make demo` and `make test` set up everything a fresh Debian machine lacks.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.keyledger-installed
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+DEMO_HOME ?= demo-home
+# command -> Debian package that provides it
+SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl
+
+.PHONY: setup system venv test lint demo bench clean
+
+setup: system venv
+
+system:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/keyledger demo --home $(DEMO_HOME)
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .ruff_cache
