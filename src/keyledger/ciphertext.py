@@ -41,9 +41,11 @@ class Header:
     nonce: bytes
 
     def pack(self) -> bytes:
-        return _HEADER.pack(
-            MAGIC, FORMAT_VERSION, ALG_AES_GCM, uuid.UUID(self.key_id).bytes, self.version, self.nonce
-        )
+        return pack_header(uuid.UUID(self.key_id).bytes, self.version, self.nonce)
+
+
+def pack_header(key_id: bytes, version: int, nonce: bytes) -> bytes:
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, ALG_AES_GCM, key_id, version, nonce)
 
 
 def canonical_context(context: Mapping[str, str] | None) -> bytes:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -259,6 +261,10 @@ class Key:
     tags: dict[str, str] = field(default_factory=dict)
     policy: dict[str, object] = field(default_factory=dict)
     versions: dict[int, KeyVersion] = field(default_factory=dict)
+
+    @functools.cached_property
+    def key_id_bytes(self) -> bytes:
+        return uuid.UUID(self.key_id).bytes
 
     @property
     def next_rotation_due(self) -> datetime | None:

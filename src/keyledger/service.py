@@ -479,8 +479,9 @@ class KeyLedger:
         check_use(key.state, Use.PROTECT, key.name)
         version = key.version_for_protect()
         rec.version = version.version
-        header = ct.Header(key.key_id, version.version, os.urandom(ct.NONCE_LEN)).pack()
-        body = self._rt.backend.encrypt_gcm(version.handle, header[24:36], header + ctx, data)
+        nonce = os.urandom(ct.NONCE_LEN)
+        header = ct.pack_header(key.key_id_bytes, version.version, nonce)
+        body = self._rt.backend.encrypt_gcm(version.handle, nonce, header + ctx, data)
         return header + body
 
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:

@@ -6,6 +6,7 @@ a time); key objects cached per thread by CKA_ID, never found by listing the tok
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -35,10 +36,25 @@ _CRYPTO_CURVES = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
 _CAP = MechanismFlag
 
 
+# python-pkcs11 calls C_Initialize(NULL), which tells the module the application is single
+# threaded; SoftHSM2 then disables its own mutexes, and concurrent calls from two threads fail
+# with GeneralError (measured). Every PKCS#11 call in this process is therefore serialised here.
+_CALL_LOCK = threading.RLock()
+
+
+def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _CALL_LOCK:
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class _Process:
     """Process-wide state: PKCS#11 libraries can be loaded (and initialised) once per process."""
 
-    lock = threading.RLock()
+    lock = _CALL_LOCK  # loading, login and teardown are PKCS#11 calls too
     active_conf: dict[str, str | None] = {}  # module -> SOFTHSM2_CONF it was initialised with
     backends: dict[tuple[str, str | None, str], tuple[Pkcs11Backend, int]] = {}
 
@@ -175,6 +191,7 @@ class Pkcs11Backend:
         raise HsmError(doing)  # pragma: no cover
 
     # -- capabilities ----------------------------------------------------------------------
+    @_serialized
     def capabilities(self) -> Capabilities:
         if self._caps is None:
             with mapped("probing the HSM's mechanisms"):
@@ -207,6 +224,7 @@ class Pkcs11Backend:
             return False
 
     # -- lifecycle ---------------------------------------------------------------------------
+    @_serialized
     def generate(self, spec: KeySpec, handle: bytes, label: str, *, exportable: bool) -> None:
         s = self._session()
         secret = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: bool(exportable)}
@@ -232,10 +250,12 @@ class Pkcs11Backend:
                                         capabilities=_CAP.SIGN | _CAP.VERIFY,
                                         private_template=secret)
 
+    @_serialized
     def exists(self, handle: bytes) -> bool:
         with mapped("looking up a key in the HSM"):
             return next(iter(self._session().get_objects({Attribute.ID: handle})), None) is not None
 
+    @_serialized
     def destroy(self, handle: bytes) -> int:
         s = self._session()
         with mapped("destroying key material in the HSM"):
@@ -247,6 +267,7 @@ class Pkcs11Backend:
                 cache.pop(k, None)
         return len(objs)
 
+    @_serialized
     def attributes(self, handle: bytes) -> KeyAttributes:
         with mapped("reading key attributes"):
             obj = next(iter(self._session().get_objects(
@@ -260,12 +281,14 @@ class Pkcs11Backend:
                              bool(a[Attribute.NEVER_EXTRACTABLE]))
 
     # -- symmetric -----------------------------------------------------------------------------
+    @_serialized
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
         param = pkcs11.GCMParams(nonce, aad, 128)
         return self._run(handle, ObjectClass.SECRET_KEY, "encrypting in the HSM",
                          lambda k: k.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
                                              mechanism_param=param))
 
+    @_serialized
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
         param = pkcs11.GCMParams(nonce, aad, 128)
 
@@ -278,10 +301,12 @@ class Pkcs11Backend:
 
         return self._run(handle, ObjectClass.SECRET_KEY, "decrypting in the HSM", op)
 
+    @_serialized
     def mac(self, handle: bytes, message: bytes) -> bytes:
         return self._run(handle, ObjectClass.SECRET_KEY, "computing a MAC in the HSM",
                          lambda k: k.sign(message, mechanism=Mechanism.SHA256_HMAC))
 
+    @_serialized
     def verify_mac(self, handle: bytes, message: bytes, tag: bytes) -> bool:
         def op(k: Any) -> bool:
             try:
@@ -292,6 +317,7 @@ class Pkcs11Backend:
         return self._run(handle, ObjectClass.SECRET_KEY, "verifying a MAC in the HSM", op)
 
     # -- asymmetric ------------------------------------------------------------------------------
+    @_serialized
     def sign(self, spec: KeySpec, handle: bytes, message: bytes) -> bytes:
         doing = f"signing with a {spec.name} key in the HSM"
         if spec.family is Family.RSA:
@@ -307,6 +333,7 @@ class Pkcs11Backend:
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half]), int.from_bytes(raw[half:]))
 
+    @_serialized
     def verify(self, spec: KeySpec, handle: bytes, message: bytes, signature: bytes) -> bool:
         doing = f"verifying with a {spec.name} key in the HSM"
         if spec.family is Family.RSA:
@@ -331,6 +358,7 @@ class Pkcs11Backend:
 
         return self._run(handle, ObjectClass.PUBLIC_KEY, doing, op)
 
+    @_serialized
     def public_key_der(self, spec: KeySpec, handle: bytes) -> bytes:
         doing = "reading a public key from the HSM"
 
@@ -350,6 +378,7 @@ class Pkcs11Backend:
                                 serialization.PublicFormat.SubjectPublicKeyInfo)
 
     # -- data objects (audit head) -----------------------------------------------------------------
+    @_serialized
     def put_data(self, label: str, value: bytes) -> None:
         """Store ``value`` under ``label``; SoftHSM2 makes CKA_VALUE read-only, so the new object
         is created before the old ones are destroyed (a crash in between leaves both)."""
@@ -362,12 +391,14 @@ class Pkcs11Backend:
             for obj in old:
                 obj.destroy()
 
+    @_serialized
     def get_data(self, label: str) -> list[bytes]:
         with mapped("reading a data object from the HSM"):
             objs = self._session().get_objects({Attribute.CLASS: ObjectClass.DATA,
                                                 Attribute.LABEL: label})
             return [bytes(o[Attribute.VALUE]) for o in objs]
 
+    @_serialized
     def close(self) -> None:
         with self._lock:
             for s in self._sessions:

@@ -10,7 +10,7 @@ journal and ``hash`` = sha256(content fields joined by U+001F, then ``prev``).
 from __future__ import annotations
 
 import hashlib
-import json
+from json.encoder import encode_basestring as _q  # C-accelerated
 import os
 import socket
 import threading
@@ -20,6 +20,10 @@ from pathlib import Path
 from ..errors import AuditError
 
 SEP = "\x1f"
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _q(value)
 
 
 def genesis(journal: str) -> str:
@@ -52,6 +56,7 @@ class JournalWriter:
             raise AuditError(f"cannot create the audit journal {self.path}: {exc.strerror}") from None
         self._lock = threading.Lock()
         self._seq = 0
+        self._journal_json = _q(self.journal)
         self._prev = genesis(self.journal)
         self._strict = strict
         self._dirty = False
@@ -71,13 +76,14 @@ class JournalWriter:
             seq = self._seq + 1
             h = record_hash(self.journal, seq, time_us, principal, action, key, key_id, version,
                             outcome, error, detail, context, self.pid, self._prev)
-            line = json.dumps(
-                {"journal": self.journal, "jseq": seq, "time_us": time_us,
-                 "principal": principal, "action": action, "key": key, "key_id": key_id,
-                 "version": version, "outcome": outcome, "error": error, "detail": detail,
-                 "context": context, "pid": self.pid, "prev": self._prev, "hash": h},
-                separators=(",", ":"), ensure_ascii=False,
-            ) + "\n"
+            line = (  # hand-built JSON: this is the hot path of every audited call
+                f'{{"journal":{self._journal_json},"jseq":{seq},"time_us":{time_us},'
+                f'"principal":{_q(principal)},"action":{_q(action)},"key":{_opt(key)},'
+                f'"key_id":{_opt(key_id)},"version":{"null" if version is None else version},'
+                f'"outcome":{_q(outcome)},"error":{_opt(error)},"detail":{_opt(detail)},'
+                f'"context":{_opt(context)},"pid":{self.pid},"prev":"{self._prev}",'
+                f'"hash":"{h}"}}\n'
+            )
             try:
                 os.write(self._fd, line.encode())
                 if self._strict:
