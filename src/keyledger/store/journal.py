@@ -10,11 +10,11 @@ journal and ``hash`` = sha256(content fields joined by U+001F, then ``prev``).
 from __future__ import annotations
 
 import hashlib
-from json.encoder import encode_basestring as _q  # C-accelerated
 import os
 import socket
 import threading
 import uuid
+from json.encoder import encode_basestring as _q  # C-accelerated
 from pathlib import Path
 
 from ..errors import AuditError
