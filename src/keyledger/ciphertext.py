@@ -50,18 +50,20 @@ def pack_header(key_id: bytes, version: int, nonce: bytes) -> bytes:
 
 def canonical_context(context: Mapping[str, str] | None) -> bytes:
     """Deterministic bytes for an encryption context: sorted-key compact UTF-8 JSON, or b''."""
-    if context is None or len(context) == 0:
+    if context is None:
         return b""
     if not isinstance(context, Mapping):
         raise InvalidInput("context must be a mapping of strings to strings, e.g. {'tenant': 'a'}")
+    if not context:
+        return b""
     for k, v in context.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise InvalidInput("context keys and values must be strings")
-    return json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def aad_for(header_bytes: bytes, context_bytes: bytes) -> bytes:
-    return header_bytes + context_bytes
+    text = json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("context strings must be valid Unicode (no lone surrogates)") from None
 
 
 def parse(blob: object) -> tuple[Header, bytes, bytes]:

@@ -179,6 +179,30 @@ class HomeRuntime:
             except Exception:  # never let a background thread kill the process
                 log.exception("background ingest failed")
 
+    # -- access settings -------------------------------------------------------------------------
+    def bootstrap_admin(self, principal: str) -> bool:
+        """Make the first principal ever to open this home its admin (deny by default after)."""
+        if self.catalog.grants_now():
+            return False
+        with self.db.write() as tx:
+            if tx.execute("SELECT count(*) FROM grants").fetchone()[0]:
+                return False
+            tx.execute("INSERT INTO grants VALUES ('*', ?, 'admin', ?, ?)",
+                       [principal, principal, naive(self.clock())])
+        self.catalog.refresh(force=True)
+        return True
+
+    def home_quorum(self) -> int:
+        """Approvals needed for guarded actions unless a key's policy says otherwise."""
+        return self.home_policy().get("quorum", 1)
+
+    @property
+    def creator_is_user(self) -> bool:
+        return bool(self.home_policy().get("creator_is_user", True))
+
+    def home_policy(self) -> dict:
+        return self.catalog.home_policy()
+
     # -- crash reconciliation ------------------------------------------------------------------
     def reconcile(self, actor: str, full: bool = False) -> ReconcileReport:
         """Finish or roll back what an interrupted create/rotate/destroy left behind.

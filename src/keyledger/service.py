@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import ciphertext as ct
+from .access import WILDCARD
 from .config import default_home
 from .errors import (
     AccessDenied,
@@ -325,10 +326,16 @@ class KeyLedger:
     def destroy(self, name: str, *, reason: str = "destroyed") -> Key:
         """Remove every version's material from the HSM once the waiting period has passed.
 
-        The catalog keeps the key's metadata as ``destroyed``.
+        The catalog keeps the key's metadata as ``destroyed``. When the key's quorum is above 1,
+        use ``request("destroy", name, reason)`` and have other admins ``approve`` it.
         """
+        return self._destroy(name, reason, approved=False)
+
+    def _destroy(self, name: str, reason: str, *, approved: bool) -> Key:
         with self._audited("destroy", name if isinstance(name, str) else None) as rec:
             key = self._key(rec, name)
+            if not approved:
+                self._require_quorum(key, "destroy", f"destroy {key.name!r}")
             now = naive(self._now())
             with self._rt.db.write() as tx:
                 key = cat.load_key(tx, key.name)
@@ -384,13 +391,42 @@ class KeyLedger:
 
     def set_policy(self, name: str, *, rotation_period: timedelta | str | None = None,
                    min_decryption_version: int | None = None,
-                   min_encryption_version: int | None = None, owner: str | None = None) -> Key:
-        """Change a key's rotation period, minimum versions or owner."""
+                   min_encryption_version: int | None = None, owner: str | None = None,
+                   quorum: int | None = None, creator_is_user: bool | None = None) -> Key | None:
+        """Change a key's policy, or with ``name="*"`` the home's (quorum, creator_is_user).
+
+        Weakening changes (longer rotation period, lower minimum versions, lower quorum) need
+        ``request("set_policy", name, reason, **changes)`` when the quorum is above 1.
+        """
+        return self._set_policy(name, approved=False, rotation_period=rotation_period,
+                                min_decryption_version=min_decryption_version,
+                                min_encryption_version=min_encryption_version, owner=owner,
+                                quorum=quorum, creator_is_user=creator_is_user)
+
+    def _require_quorum(self, key: Key | None, action: str, what: str) -> None:
+        needed = self._quorum(key)
+        if needed > 1:
+            raise PolicyViolation(
+                f"{what} needs {needed} distinct admins: run request({action!r}, name, reason) "
+                f"and ask {needed - 1} other admin(s) to approve it")
+
+    def _set_policy(self, name: str, *, approved: bool, rotation_period=None,
+                    min_decryption_version=None, min_encryption_version=None, owner=None,
+                    quorum=None, creator_is_user=None) -> Key | None:
         with self._audited("set_policy", name if isinstance(name, str) else None) as rec:
+            if quorum is not None and (isinstance(quorum, bool) or not isinstance(quorum, int)
+                                       or not 1 <= quorum <= 10):
+                raise InvalidInput("quorum must be a whole number from 1 to 10")
+            if name == WILDCARD:
+                return self._set_home_policy(rec, approved, quorum, creator_is_user)
             key = self._key(rec, name)
             updates: dict[str, object] = {}
+            weakens = []
             if rotation_period is not None:
                 updates["rotation_period_s"] = int(parse_period(rotation_period).total_seconds())
+                if key.rotation_period and updates["rotation_period_s"] > \
+                        key.rotation_period.total_seconds():
+                    weakens.append("a longer rotation period")
             for col, value in (("min_decryption_version", min_decryption_version),
                                ("min_encryption_version", min_encryption_version)):
                 if value is None:
@@ -402,11 +438,22 @@ class KeyLedger:
                         f"{col} {value} is above the latest version {key.latest_version} of "
                         f"{key.name!r}; rotate first")
                 updates[col] = value
+                if value < getattr(key, col):
+                    weakens.append(f"a lower {col}")
             if owner is not None:
                 updates["owner"] = validate_name(owner, "owner")
+            policy = dict(key.policy)
+            if quorum is not None:
+                if quorum < self._quorum(key):
+                    weakens.append("a lower quorum")
+                policy["quorum"] = quorum
+                updates["policy"] = json.dumps(policy, sort_keys=True)
             if not updates:
                 raise InvalidInput("nothing to change: pass rotation_period, "
-                                   "min_decryption_version, min_encryption_version or owner")
+                                   "min_decryption_version, min_encryption_version, owner or quorum")
+            if weakens and not approved:
+                self._require_quorum(key, "set_policy",
+                                     f"weakening the policy of {key.name!r} ({', '.join(weakens)})")
             with self._rt.db.write() as tx:
                 sets = ", ".join(f"{c} = ?" for c in updates)
                 tx.execute(f"UPDATE keys SET {sets} WHERE key_id = ?",
@@ -415,6 +462,27 @@ class KeyLedger:
             self._rt.catalog.refresh(force=True)
             rec.detail = ", ".join(f"{k}={v}" for k, v in updates.items())
             return key
+
+    def _set_home_policy(self, rec: _Audited, approved: bool, quorum: int | None,
+                         creator_is_user: bool | None) -> None:
+        self._authorize(rec, "set_policy", None)
+        policy = dict(self._rt.home_policy())
+        if quorum is not None:
+            if quorum < policy.get("quorum", 1) and not approved:
+                self._require_quorum(None, "set_policy", "lowering the home's quorum")
+            policy["quorum"] = quorum
+        if creator_is_user is not None:
+            policy["creator_is_user"] = bool(creator_is_user)
+        with self._rt.db.write() as tx:
+            tx.execute("INSERT INTO meta VALUES ('home_policy', ?) ON CONFLICT DO UPDATE "
+                       "SET value = excluded.value", [json.dumps(policy, sort_keys=True)])
+        self._rt.catalog.refresh(force=True)
+        rec.detail = f"home policy {policy}"
+        return None
+
+    def _quorum(self, key: Key | None) -> int:
+        q = key.policy.get("quorum") if key is not None else None
+        return int(q) if q else self._rt.home_quorum()
 
     def _change_state(self, action: str, name: str, reason: str) -> Key:
         with self._audited(action, name if isinstance(name, str) else None) as rec:
@@ -468,8 +536,8 @@ class KeyLedger:
     def encrypt(self, name: str, plaintext: bytes, *,
                 context: Mapping[str, str] | None = None) -> bytes:
         """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
-        ctx = ct.canonical_context(context)
-        with self._audited("encrypt", name if isinstance(name, str) else None, ctx) as rec:
+        with self._audited("encrypt", name if isinstance(name, str) else None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
             data = self._bytes(plaintext, "plaintext")
             key = self._key(rec, name)
             return self._encrypt_with(rec, key, data, ctx)
@@ -486,8 +554,8 @@ class KeyLedger:
 
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt any keyledger ciphertext; the key and version come from its header."""
-        ctx = ct.canonical_context(context)
-        with self._audited("decrypt", None, ctx) as rec:
+        with self._audited("decrypt", None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
             return self._decrypt(rec, ciphertext, ctx)
 
     def _decrypt(self, rec: _Audited, ciphertext: object, ctx: bytes) -> bytes:
@@ -500,7 +568,11 @@ class KeyLedger:
         if key is None:
             rec.detail = f"unknown key id {header.key_id}"
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
-        rec.key, rec.version = key, header.version
+        rec.key = key
+        if header.version not in key.versions:
+            rec.detail = f"unknown version {header.version}"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        rec.version = header.version
         check_use(key.state, Use.PROCESS, key.name)
         version = key.version_for_decrypt(header.version)
         try:
@@ -514,8 +586,8 @@ class KeyLedger:
 
     def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Re-encrypt under the key's latest version without exposing plaintext to the caller."""
-        ctx = ct.canonical_context(context)
-        with self._audited("rewrap", None, ctx) as rec:
+        with self._audited("rewrap", None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
             plaintext = self._decrypt(rec, ciphertext, ctx)
             old = rec.version
             out = self._encrypt_with(rec, rec.key, plaintext, ctx)
@@ -525,9 +597,8 @@ class KeyLedger:
     def generate_data_key(self, name: str, *,
                           context: Mapping[str, str] | None = None) -> DataKey:
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
-        ctx = ct.canonical_context(context)
-        with self._audited("generate_data_key", name if isinstance(name, str) else None,
-                           ctx) as rec:
+        with self._audited("generate_data_key", name if isinstance(name, str) else None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
             key = self._key(rec, name)
             plaintext = AESGCM.generate_key(bit_length=256)
             wrapped = self._encrypt_with(rec, key, plaintext, ctx)
@@ -536,9 +607,8 @@ class KeyLedger:
     def envelope_encrypt(self, name: str, data: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
         """Encrypt large data locally under a fresh data key; the wrapped key travels with it."""
-        ctx = ct.canonical_context(context)
-        with self._audited("envelope_encrypt", name if isinstance(name, str) else None,
-                           ctx) as rec:
+        with self._audited("envelope_encrypt", name if isinstance(name, str) else None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
             payload = self._bytes(data, "data")
             key = self._key(rec, name)
             dk = AESGCM.generate_key(bit_length=256)
@@ -549,8 +619,8 @@ class KeyLedger:
 
     def envelope_decrypt(self, blob: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
-        ctx = ct.canonical_context(context)
-        with self._audited("envelope_decrypt", None, ctx) as rec:
+        with self._audited("envelope_decrypt", None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
             header, wrapped, nonce, body = ct.parse_envelope(blob)
             dk = self._decrypt(rec, wrapped, ctx)
             try:

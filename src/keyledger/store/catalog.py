@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 
+from ..access import Grants, index_grants
 from ..errors import KeyNotFound
 from ..model import Key, KeyState, KeyVersion, Purpose, parse_spec
 
@@ -61,8 +62,12 @@ def key_docs(con: duckdb.DuckDBPyConnection, key_id: str | None = None) -> list[
 
 def export_snapshot(con: duckdb.DuckDBPyConnection, home: Path) -> None:
     """Write catalog.json from the committed catalog (called with the store lock held)."""
+    grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
+    policy = con.execute("SELECT value FROM meta WHERE name = 'home_policy'").fetchall()
+    doc = {"keys": key_docs(con), "grants": [list(g) for g in grants],
+           "home_policy": json.loads(policy[0][0]) if policy else {}}
     tmp = home / f".{SNAPSHOT_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"keys": key_docs(con)}, separators=(",", ":")))
+    tmp.write_text(json.dumps(doc, separators=(",", ":")))
     os.replace(tmp, home / SNAPSHOT_NAME)
 
 
@@ -107,6 +112,8 @@ class CatalogCache:
         self._lock = threading.Lock()
         self.by_id: dict[str, Key] = {}
         self.by_name: dict[str, Key] = {}
+        self.grants: Grants = {}
+        self._home_policy: dict = {}
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -125,7 +132,7 @@ class CatalogCache:
             if stamp == self._stamp and not force:
                 return
             if stamp is None:
-                self.by_id, self.by_name, self._stamp = {}, {}, None
+                self.by_id, self.by_name, self.grants, self._stamp = {}, {}, {}, None
                 return
             doc = json.loads(self._path.read_text())
             by_id = {d["key_id"]: _key_from_doc(d) for d in doc["keys"]}
@@ -133,7 +140,17 @@ class CatalogCache:
             for k in by_id.values():
                 for alias in k.aliases:
                     by_name.setdefault(alias, k)
+            self.grants = index_grants(tuple(g) for g in doc.get("grants", []))
+            self._home_policy = doc.get("home_policy", {})
             self.by_id, self.by_name, self._stamp = by_id, by_name, stamp
+
+    def grants_now(self) -> Grants:
+        self.refresh()
+        return self.grants
+
+    def home_policy(self) -> dict:
+        self.refresh()
+        return self._home_policy
 
     def get(self, name: str) -> Key:
         self.refresh()

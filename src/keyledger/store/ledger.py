@@ -26,7 +26,7 @@ from .journal import SEP
 JOURNAL_SCHEMA = pa.schema([
     ("journal", pa.string()), ("jseq", pa.int64()), ("time_us", pa.int64()),
     ("principal", pa.string()), ("action", pa.string()), ("key", pa.string()),
-    ("key_id", pa.string()), ("version", pa.int32()), ("outcome", pa.string()),
+    ("key_id", pa.string()), ("version", pa.int64()), ("outcome", pa.string()),
     ("error", pa.string()), ("detail", pa.string()), ("context", pa.string()),
     ("pid", pa.int32()), ("prev", pa.string()), ("hash", pa.string()),
 ])

@@ -35,7 +35,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE audit_log (
         seq BIGINT NOT NULL, journal VARCHAR NOT NULL, jseq BIGINT NOT NULL,
         time TIMESTAMP NOT NULL, principal VARCHAR NOT NULL, action VARCHAR NOT NULL,
-        key VARCHAR, key_id VARCHAR, version INTEGER, outcome VARCHAR NOT NULL,
+        key VARCHAR, key_id VARCHAR, version BIGINT, outcome VARCHAR NOT NULL,
         error VARCHAR, detail VARCHAR, context VARCHAR, pid INTEGER NOT NULL,
         prev VARCHAR NOT NULL, hash VARCHAR NOT NULL);
     CREATE TABLE journal_offsets (journal VARCHAR PRIMARY KEY, file_offset BIGINT NOT NULL,
@@ -50,6 +50,21 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key_id, version, action));
     CREATE TABLE verifications (time TIMESTAMP NOT NULL, ok BOOLEAN NOT NULL,
         records BIGINT NOT NULL, first_bad_seq BIGINT, problem VARCHAR);
+    """,
+    # 2: access control, quorum requests and approvals, custodian acknowledgements
+    """
+    CREATE TABLE grants (scope VARCHAR NOT NULL, principal VARCHAR NOT NULL,
+        role VARCHAR NOT NULL, granted_by VARCHAR NOT NULL, granted_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (scope, principal, role));
+    CREATE TABLE requests (request_id VARCHAR PRIMARY KEY, action VARCHAR NOT NULL,
+        key_id VARCHAR NOT NULL, reason VARCHAR NOT NULL, params VARCHAR NOT NULL DEFAULT '{}',
+        requested_by VARCHAR NOT NULL, requested_at TIMESTAMP NOT NULL,
+        expires_at TIMESTAMP NOT NULL, quorum INTEGER NOT NULL, status VARCHAR NOT NULL,
+        executed_at TIMESTAMP, executed_by VARCHAR);
+    CREATE TABLE approvals (request_id VARCHAR NOT NULL, principal VARCHAR NOT NULL,
+        time TIMESTAMP NOT NULL, PRIMARY KEY (request_id, principal));
+    CREATE TABLE acknowledgements (principal VARCHAR NOT NULL, time TIMESTAMP NOT NULL,
+        statement VARCHAR NOT NULL);
     """,
 ]
 

@@ -1,0 +1,218 @@
+"""Grants, quorum (M-of-N) approvals and custodian acknowledgements, as KeyLedger methods."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .access import WILDCARD, Role, parse_role
+from .errors import InvalidInput, KeyNotFound, KeyStateError, PolicyViolation
+from .model import validate_name
+from .runtime import naive
+
+if TYPE_CHECKING:
+    from .service import KeyLedger, _Audited
+
+# Actions that need M distinct admins when the key's (or the home's) quorum is above 1.
+GUARDED_ACTIONS = ("destroy", "set_policy")
+REQUEST_TTL = timedelta(hours=72)
+CUSTODIAN_STATEMENT = (
+    "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
+    "follow the key-management policy, and report suspected compromise at once (PCI DSS 3.7.8)."
+)
+
+
+class GovernanceMixin:
+    """Mixed into KeyLedger; relies on its _audited/_key/_rt/_now/principal."""
+
+    # -- grants ----------------------------------------------------------------------------------
+    def grant(self: KeyLedger, name: str, principal: str, role: str) -> None:
+        """Give ``principal`` (or ``*``) a role on key ``name`` or on every key (``*``)."""
+        with self._audited("grant", None if name == WILDCARD else name) as rec:
+            scope, label = self._scope(rec, name)
+            who = self._principal_arg(principal)
+            r = parse_role(role)
+            with self._rt.db.write() as tx:
+                tx.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           [scope, who, r.value, self.principal, naive(self._now())])
+            self._rt.catalog.refresh(force=True)
+            rec.detail = f"granted {r.value} on {label} to {who}"
+
+    def revoke(self: KeyLedger, name: str, principal: str, role: str | None = None) -> int:
+        """Remove a role (or all roles) of ``principal`` on ``name``; returns how many."""
+        with self._audited("revoke", None if name == WILDCARD else name) as rec:
+            scope, label = self._scope(rec, name)
+            who = self._principal_arg(principal)
+            args = [scope, who]
+            sql = "DELETE FROM grants WHERE scope = ? AND principal = ?"
+            if role is not None:
+                sql += " AND role = ?"
+                args.append(parse_role(role).value)
+            with self._rt.db.write() as tx:
+                before = tx.execute("SELECT count(*) FROM grants").fetchone()[0]
+                if role is None or parse_role(role) is Role.ADMIN:
+                    self._keep_one_admin(tx, scope, who)
+                tx.execute(sql, args)
+                removed = before - tx.execute("SELECT count(*) FROM grants").fetchone()[0]
+            self._rt.catalog.refresh(force=True)
+            rec.detail = f"revoked {role or 'all roles'} on {label} from {who} ({removed})"
+            return removed
+
+    def grants(self: KeyLedger, name: str | None = None) -> pd.DataFrame:
+        """Who holds which role where (``key`` is ``*`` for home-wide grants)."""
+        with self._audited("list_keys", name):
+            with self._rt.db.read() as tx:
+                df = tx.execute(
+                    """SELECT coalesce(k.name, '*') AS key, g.principal, g.role, g.granted_by,
+                              g.granted_at FROM grants g LEFT JOIN keys k ON k.key_id = g.scope
+                       ORDER BY 1, 2, 3""").df()
+            return df if name is None else df[df["key"].isin([name, WILDCARD])]
+
+    def _scope(self: KeyLedger, rec: _Audited, name: str) -> tuple[str, str]:
+        if name == WILDCARD:
+            self._authorize(rec, "grant", None)
+            return WILDCARD, "every key"
+        key = self._key(rec, name)
+        self._authorize(rec, "grant", key)
+        return key.key_id, f"key {key.name!r}"
+
+    @staticmethod
+    def _principal_arg(principal: object) -> str:
+        if principal == WILDCARD:
+            return WILDCARD
+        return validate_name(principal, "principal")
+
+    @staticmethod
+    def _keep_one_admin(tx: Any, scope: str, who: str) -> None:
+        if scope != WILDCARD:
+            return
+        others = tx.execute("SELECT count(*) FROM grants WHERE scope = '*' AND role = 'admin' "
+                            "AND principal <> ?", [who]).fetchone()[0]
+        if others == 0:
+            raise PolicyViolation("this would leave the home without an admin; grant another "
+                                  "principal admin on '*' first")
+
+    # -- quorum ----------------------------------------------------------------------------------
+    def request(self: KeyLedger, action: str, name: str, reason: str, **params: Any) -> str:
+        """Ask for a quorum-guarded action; the requester's own approval counts once.
+
+        Returns the request id; the action runs when enough distinct admins ``approve`` it.
+        """
+        with self._audited("request", name if isinstance(name, str) else None) as rec:
+            if action not in GUARDED_ACTIONS:
+                raise InvalidInput(f"no approval is needed or possible for {action!r}; "
+                                   f"requests exist for: {', '.join(GUARDED_ACTIONS)}")
+            if not isinstance(reason, str) or not reason.strip():
+                raise InvalidInput("say why (reason=...): approvers read it")
+            key = self._key(rec, name)
+            self._authorize(rec, "request", key)
+            now = naive(self._now())
+            request_id = uuid.uuid4().hex[:12]
+            quorum = self._quorum(key)
+            with self._rt.db.write() as tx:
+                tx.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
+                           "NULL, NULL)",
+                           [request_id, action, key.key_id, reason, json.dumps(params, default=str),
+                            self.principal, now, now + REQUEST_TTL, quorum])
+                tx.execute("INSERT INTO approvals VALUES (?, ?, ?)",
+                           [request_id, self.principal, now])
+            rec.detail = f"request {request_id}: {action} (1 of {quorum} approvals)"
+        if quorum <= 1:
+            self._execute_request(request_id)
+        return request_id
+
+    def approve(self: KeyLedger, request_id: str) -> dict[str, Any]:
+        """Approve a pending request; the approval that meets the quorum executes it (once)."""
+        with self._audited("approve", None) as rec:
+            if not isinstance(request_id, str) or not request_id:
+                raise InvalidInput("request_id must be the id that request() returned")
+            now = naive(self._now())
+            with self._rt.db.write() as tx:
+                row = tx.execute("SELECT action, key_id, status, expires_at, quorum FROM requests"
+                                 " WHERE request_id = ?", [request_id]).fetchone()
+                if row is None:
+                    raise KeyNotFound(f"no approval request {request_id!r}")
+                action, key_id, status, expires, quorum = row
+                key = self._rt.catalog.get_id(key_id)
+                rec.key = key
+                self._authorize(rec, "approve", key)
+                if status != "pending":
+                    raise KeyStateError(f"request {request_id} is {status}; nothing to approve")
+                expired = now >= expires
+                if expired:  # recorded, then refused below (a raise here would roll it back)
+                    tx.execute("UPDATE requests SET status = 'expired' WHERE request_id = ?",
+                               [request_id])
+                else:
+                    tx.execute("INSERT INTO approvals VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                               [request_id, self.principal, now])
+                count = tx.execute("SELECT count(*) FROM approvals WHERE request_id = ?",
+                                   [request_id]).fetchone()[0]
+            if expired:
+                raise PolicyViolation(f"request {request_id} expired at "
+                                      f"{expires:%Y-%m-%d %H:%M} UTC; file a new request")
+            rec.detail = f"request {request_id}: {count} of {quorum} approvals"
+        executed = count >= quorum and self._execute_request(request_id)
+        return {"request_id": request_id, "approvals": count, "quorum": quorum,
+                "executed": bool(executed)}
+
+    def requests(self: KeyLedger, status: str | None = None) -> pd.DataFrame:
+        """Approval requests with their approvers."""
+        with self._audited("requests", None):
+            sql = """SELECT r.request_id, r.action, k.name AS key, r.reason, r.requested_by,
+                        r.requested_at, r.expires_at, r.quorum, r.status, r.executed_at,
+                        r.executed_by, list(a.principal ORDER BY a.time) AS approvers
+                     FROM requests r JOIN keys k USING (key_id)
+                     LEFT JOIN approvals a USING (request_id)"""
+            args: list[Any] = []
+            if status is not None:
+                sql += " WHERE r.status = ?"
+                args.append(status)
+            sql += " GROUP BY ALL ORDER BY r.requested_at"
+            with self._rt.db.read() as tx:
+                return tx.execute(sql, args).df()
+
+    def _execute_request(self: KeyLedger, request_id: str) -> bool:
+        """Claim the request (pending -> executing) in one transaction, so it runs once."""
+        now = naive(self._now())
+        with self._rt.db.write() as tx:
+            row = tx.execute("SELECT action, key_id, reason, params, status FROM requests "
+                             "WHERE request_id = ?", [request_id]).fetchone()
+            if row is None or row[4] != "pending":
+                return False
+            approvers = [r[0] for r in tx.execute(
+                "SELECT principal FROM approvals WHERE request_id = ? ORDER BY time",
+                [request_id]).fetchall()]
+            tx.execute("UPDATE requests SET status = 'executing' WHERE request_id = ?",
+                       [request_id])
+        action, key_id, reason, params, _ = row
+        key = self._rt.catalog.get_id(key_id)
+        why = f"{reason} (request {request_id}, approved by {', '.join(approvers)})"
+        try:
+            if action == "destroy":
+                self._destroy(key.name, why, approved=True)
+            else:
+                self._set_policy(key.name, approved=True, **json.loads(params))
+        except BaseException:
+            with self._rt.db.write() as tx:
+                tx.execute("UPDATE requests SET status = 'pending' WHERE request_id = ?",
+                           [request_id])
+            raise
+        with self._rt.db.write() as tx:
+            tx.execute("UPDATE requests SET status = 'executed', executed_at = ?, "
+                       "executed_by = ? WHERE request_id = ?", [now, self.principal, request_id])
+        return True
+
+    # -- custodians ------------------------------------------------------------------------------
+    def acknowledge_custody(self: KeyLedger, statement: str = CUSTODIAN_STATEMENT) -> None:
+        """Record that this admin accepts the key custodian's responsibilities."""
+        with self._audited("acknowledge_custody", None) as rec:
+            self._authorize(rec, "acknowledge_custody", None, any_scope=True)
+            if not isinstance(statement, str) or not statement.strip():
+                raise InvalidInput("the acknowledgement needs the statement being accepted")
+            with self._rt.db.write() as tx:
+                tx.execute("INSERT INTO acknowledgements VALUES (?, ?, ?)",
+                           [self.principal, naive(self._now()), statement])

@@ -1,0 +1,380 @@
+"""The `keyledger` command line, run as a real console script in subprocesses on a tmp home."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyledger.cli import main
+
+SCRIPT = Path(sys.executable).with_name("keyledger")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "keyledger.cli"]
+
+# Binary payload with NUL bytes, CR/LF, ^Z and every byte value.
+BINARY = b"\x00head\x00\r\n\x1a" + bytes(range(256)) * 3 + b"\x00\x00tail\n"
+
+
+class Cli:
+    """Runs `keyledger --home <home> ...` with cwd in the tmp dir; output kept as bytes."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.home = tmp / "home"
+
+    def __call__(self, *args: str, input: bytes | None = None, home: bool = True,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        argv = [*COMMAND, *(["--home", str(self.home)] if home else []), *args]
+        full_env = {k: v for k, v in os.environ.items() if k != "KEYLEDGER_HOME"}
+        return subprocess.run(argv, input=input if input is not None else b"",
+                              capture_output=True, cwd=self.tmp, timeout=120,
+                              env={**full_env, **(env or {})})
+
+    def ok(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        proc = self(*args, **kw)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr.decode())
+        return proc
+
+    def json(self, *args: str, **kw):
+        return json.loads(self.ok(*args, "--json", **kw).stdout)
+
+
+def refused(proc: subprocess.CompletedProcess) -> str:
+    """Assert exit 1 with a one-line `error: ...` and no traceback; return stderr."""
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, err)
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+# -- usage -----------------------------------------------------------------------------------------
+def test_usage_errors_exit_2_without_opening_a_home(cli):
+    for args in (["key", "frobnicate", "x"], ["encrypt"], [], ["key"],
+                 ["key", "create", "k"],  # --spec missing
+                 ["encrypt", "k", "--context", "no-equals-sign"],
+                 ["key", "create", "k", "--spec", "AES_256", "--purpose", "dance"],
+                 ["key", "schedule-deletion", "k", "--days", "soon"],
+                 ["key", "compromised", "k"]):  # --reason missing
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert b"usage:" in proc.stderr and b"Traceback" not in proc.stderr
+    assert not cli.home.exists()
+
+
+def test_usage_errors_found_after_parsing_exit_2(cli):
+    proc = cli("--json", "encrypt", "k", input=b"x")
+    assert proc.returncode == 2 and b"--json does not apply" in proc.stderr
+    proc = cli("encrypt", "k", "--context", "a=1", "--context", "a=2", input=b"x")
+    assert proc.returncode == 2 and b"given twice" in proc.stderr
+
+
+def test_help_exits_0_and_main_returns_codes(capsys):
+    assert main(["--help"]) == 0
+    assert "Exit codes" in capsys.readouterr().out
+    assert main(["key", "nope"]) == 2
+    proc = subprocess.run([sys.executable, "-m", "keyledger.cli", "key", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "schedule-deletion" in proc.stdout
+
+
+# -- init and keys -----------------------------------------------------------------------------------
+def test_init_provisions_reports_and_never_prints_the_pin(cli):
+    proc = cli.ok("init")
+    out = proc.stdout.decode()
+    assert str(cli.home) in out and "catalog and HSM agree" in out and "AES_GCM" in out
+    report = cli.json("init")
+    assert report["home"] == str(cli.home)
+    assert report["hsm"]["supports"]["AES_GCM"] is True
+    assert report["reconcile"] == {"clean": True, "repaired": [], "problems": []}
+    pin = (cli.home / "user.pin").read_text().strip()
+    so_pin = (cli.home / "so.pin").read_text().strip()
+    for text in (out, proc.stderr.decode(), json.dumps(report)):
+        assert pin not in text and so_pin not in text
+
+
+def test_create_list_show_rotate(cli):
+    out = cli.ok("key", "create", "orders", "--spec", "AES_256", "--owner", "payments",
+                 "--tag", "team=pay", "--tag", "env=prod", "--rotation-period", "30d").stdout
+    assert b"orders" in out and b"AES_256" in out
+    cli.ok("key", "create", "release", "--spec", "EC_P256")
+
+    keys = cli.json("key", "list")
+    assert [k["name"] for k in keys] == ["orders", "release"]
+    orders = keys[0]
+    assert orders["spec"] == "AES_256" and orders["purpose"] == "encrypt"
+    assert orders["state"] == "active" and orders["latest_version"] == 1
+    assert orders["owner"] == "payments" and orders["tags"] == {"env": "prod", "team": "pay"}
+    assert keys[1]["owner"] is None and keys[1]["purpose"] == "sign"
+    assert keys[1]["deletion_due"] is None
+
+    text = cli.ok("key", "list").stdout.decode()
+    assert text.splitlines()[0].split()[:4] == ["NAME", "SPEC", "PURPOSE", "STATE"]
+    assert "orders" in text and "release" in text
+
+    rotated = cli.json("key", "rotate", "orders")
+    assert rotated["latest_version"] == 2
+    shown = cli.json("key", "show", "orders")
+    assert shown["rotation_period"] == "30d"
+    assert [(v["version"], v["state"]) for v in shown["versions"]] == [(1, "retired"),
+                                                                        (2, "active")]
+    assert shown["created_at"].endswith("+00:00") and shown["next_rotation_due"]
+    text = cli.ok("key", "show", "orders").stdout.decode()
+    assert "versions:" in text and "retired" in text and "team=pay" in text
+
+
+def test_create_twice_and_bad_spec_are_refused(cli):
+    cli.ok("key", "create", "k", "--spec", "aes_256")  # case-insensitive spec
+    assert "already exists" in refused(cli("key", "create", "k", "--spec", "AES_256"))
+    err = refused(cli("key", "create", "k2", "--spec", "DES"))
+    assert "unknown key spec" in err and "AES_256" in err
+    assert "period" in refused(cli("key", "create", "k3", "--spec", "AES_256",
+                                   "--rotation-period", "soon"))
+
+
+def test_unknown_key_exits_1_and_names_the_key(cli):
+    cli.ok("init")
+    for args in (["key", "show", "no-such-key"], ["key", "rotate", "no-such-key"],
+                 ["encrypt", "no-such-key"], ["public-key", "no-such-key"]):
+        assert "no-such-key" in refused(cli(*args, input=b"data"))
+
+
+# -- encrypt / decrypt ---------------------------------------------------------------------------------
+def test_encrypt_decrypt_round_trip_via_files(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    (cli.tmp / "plain.bin").write_bytes(BINARY)
+    cli.ok("encrypt", "orders", "--in", "plain.bin", "--out", "blob.kl",
+           "--context", "tenant=acme", "--context", "purpose=test")
+    blob = (cli.tmp / "blob.kl").read_bytes()
+    assert blob[:2] == b"KL" and BINARY not in blob
+    # context order does not matter; output file of plaintext is private to the owner
+    cli.ok("decrypt", "--in", "blob.kl", "--out", "back.bin",
+           "--context", "purpose=test", "--context", "tenant=acme")
+    assert (cli.tmp / "back.bin").read_bytes() == BINARY
+    assert stat.S_IMODE((cli.tmp / "back.bin").stat().st_mode) == 0o600
+    # naming the key is optional but checked
+    cli.ok("decrypt", "orders", "--in", "blob.kl", "--out", "again.bin",
+           "--context", "tenant=acme", "--context", "purpose=test")
+    assert (cli.tmp / "again.bin").read_bytes() == BINARY
+
+
+def test_encrypt_decrypt_round_trip_via_stdin_stdout(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=BINARY).stdout
+    assert blob[:2] == b"KL" and len(blob) == len(BINARY) + 36 + 16
+    back = cli.ok("decrypt", "--in", "-", "--out", "-", "--context", "tenant=acme",
+                  input=blob).stdout
+    assert back == BINARY
+    # empty input is valid data too
+    empty = cli.ok("encrypt", "orders", input=b"").stdout
+    assert cli.ok("decrypt", input=empty).stdout == b""
+
+
+def test_rotation_keeps_old_ciphertext_decryptable(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    old = cli.ok("encrypt", "orders", input=b"v1 data").stdout
+    cli.ok("key", "rotate", "orders")
+    new = cli.ok("encrypt", "orders", input=b"v2 data").stdout
+    assert old[20:24] == (1).to_bytes(4, "big") and new[20:24] == (2).to_bytes(4, "big")
+    assert cli.ok("decrypt", input=old).stdout == b"v1 data"
+    assert cli.ok("decrypt", input=new).stdout == b"v2 data"
+
+
+def test_context_mismatch_and_tampering_exit_1_with_clear_message(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=b"secret").stdout
+    for args in (["--context", "tenant=evil"], [], ["--context", "tenant=acme",
+                                                      "--context", "extra=1"]):
+        proc = cli("decrypt", *args, input=blob)
+        err = refused(proc)
+        assert "context differs" in err
+        assert proc.stdout == b"" and b"secret" not in proc.stderr
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    assert "altered" in refused(cli("decrypt", "--context", "tenant=acme", input=tampered))
+    assert "not a keyledger ciphertext" in refused(cli("decrypt", input=b"not a ciphertext"))
+    refused(cli("decrypt", "--in", "missing.kl"))
+    # the failed decrypt is in the audit ledger with its error class, never the plaintext
+    failed = cli.json("audit", "tail", "-n", "50", "--action", "decrypt", "--outcome", "failed")
+    assert failed and {r["error"] for r in failed} == {"InvalidCiphertext"}
+    assert all("secret" not in json.dumps(r) for r in failed)
+
+
+def test_decrypt_with_the_wrong_key_name_is_refused(cli):
+    cli.ok("key", "create", "a", "--spec", "AES_256")
+    cli.ok("key", "create", "b", "--spec", "AES_256")
+    blob = cli.ok("encrypt", "a", input=b"x").stdout
+    assert "'b'" in refused(cli("decrypt", "b", input=blob))
+
+
+def test_disabled_key_refuses_encrypt_until_enabled(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    blob = cli.ok("encrypt", "orders", input=b"x").stdout
+    assert cli.json("key", "disable", "orders")["state"] == "suspended"
+    err = refused(cli("encrypt", "orders", input=b"x"))
+    assert "suspended" in err and "enable" in err
+    refused(cli("decrypt", input=blob))
+    assert cli.json("key", "enable", "orders")["state"] == "active"
+    assert cli.ok("decrypt", input=blob).stdout == b"x"
+
+
+def test_sign_and_aes_key_purpose_mismatch(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    assert "encrypt key" in refused(cli("sign", "orders", input=b"m"))
+    assert "symmetric" in refused(cli("public-key", "orders"))
+
+
+# -- sign / verify -----------------------------------------------------------------------------------
+def test_sign_verify_and_tampered_file(cli):
+    cli.ok("key", "create", "release", "--spec", "EC_P256")
+    (cli.tmp / "artifact.bin").write_bytes(BINARY)
+    cli.ok("sign", "release", "--in", "artifact.bin", "--out", "artifact.sig")
+    proc = cli.ok("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig")
+    assert b"valid" in proc.stdout
+    assert cli.json("verify", "release", "--in", "artifact.bin",
+                    "--signature", "artifact.sig") == {"key": "release", "valid": True}
+    # message from stdin
+    cli.ok("verify", "release", "--signature", "artifact.sig", input=BINARY)
+
+    # the PEM public key verifies the signature outside keyledger
+    pem = cli.ok("public-key", "release").stdout
+    pub = serialization.load_pem_public_key(pem)
+    sig = (cli.tmp / "artifact.sig").read_bytes()
+    pub.verify(sig, BINARY, ec.ECDSA(hashes.SHA256()))
+    cli.ok("public-key", "release", "--out", "release.pem")
+    assert (cli.tmp / "release.pem").read_bytes() == pem
+
+    (cli.tmp / "artifact.bin").write_bytes(BINARY + b"!")
+    proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig")
+    assert proc.returncode == 1 and b"INVALID" in proc.stderr and b"Traceback" not in proc.stderr
+    proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig",
+               "--json")
+    assert proc.returncode == 1 and json.loads(proc.stdout)["valid"] is False
+
+    # signatures from before a rotation still verify
+    cli.ok("key", "rotate", "release")
+    cli.ok("verify", "release", "--signature", "artifact.sig", input=BINARY)
+
+
+def test_signature_via_stdout_and_usage(cli):
+    cli.ok("key", "create", "ed", "--spec", "ED25519")
+    sig = cli.ok("sign", "ed", input=b"hello").stdout
+    assert len(sig) == 64
+    (cli.tmp / "s.sig").write_bytes(sig)
+    cli.ok("verify", "ed", "--signature", "s.sig", input=b"hello")
+    proc = cli("verify", "ed", "--signature", "-", input=sig)
+    assert proc.returncode == 2 and b"both come from stdin" in proc.stderr
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+def test_deletion_window_and_compromise(cli):
+    cli.ok("key", "create", "old", "--spec", "AES_128")
+    assert "7 to 30 days" in refused(cli("key", "schedule-deletion", "old", "--days", "3"))
+    doc = cli.json("key", "schedule-deletion", "old", "--days", "7")
+    assert doc["state"] == "pending-deletion" and doc["deletion_due"]
+    assert "pending-deletion" in refused(cli("encrypt", "old", input=b"x"))
+    assert "may be destroyed after" in refused(cli("key", "destroy", "old"))
+    assert cli.json("key", "cancel-deletion", "old")["state"] == "active"
+
+    doc = cli.json("key", "compromised", "old", "--reason", "pasted in a ticket")
+    assert doc["state"] == "compromised"
+    assert "compromised" in refused(cli("encrypt", "old", input=b"x"))
+    assert cli.json("key", "rotate", "old")["state"] == "active"
+    cli.ok("encrypt", "old", input=b"x")
+
+
+# -- audit -----------------------------------------------------------------------------------------
+def test_audit_verify_tail_and_principal(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    cli.ok("--principal", "bob", "encrypt", "orders", "--context", "tenant=acme", input=b"x")
+    proc = cli.ok("audit", "verify")
+    assert b"OK" in proc.stdout
+    report = cli.json("audit", "verify")
+    assert report["ok"] is True and report["records"] > 0 and report["problems"] == []
+
+    tail = cli.json("audit", "tail", "-n", "5")
+    assert 0 < len(tail) <= 5
+    assert {"time", "principal", "action", "key", "version", "outcome", "error"} <= set(tail[0])
+    enc = cli.json("audit", "tail", "--action", "encrypt")
+    assert len(enc) == 1
+    assert enc[0]["principal"] == "bob" and enc[0]["key"] == "orders"
+    assert enc[0]["version"] == 1 and enc[0]["outcome"] == "ok"
+    assert json.loads(enc[0]["context"]) == {"tenant": "acme"}
+    text = cli.ok("audit", "tail", "-n", "3").stdout.decode()
+    assert text.startswith("TIME (UTC)") and len(text.strip().splitlines()) == 4
+
+
+def test_audit_verify_exits_1_when_the_ledger_was_tampered_with(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    cli.ok("encrypt", "orders", input=b"x")
+    cli.ok("audit", "verify")
+    con = duckdb.connect(str(cli.home / "keyledger.duckdb"))
+    try:
+        con.execute("UPDATE audit_log SET principal = 'mallory' "
+                    "WHERE seq = (SELECT min(seq) FROM audit_log WHERE action = 'encrypt')")
+    finally:
+        con.close()
+    proc = cli("audit", "verify")
+    assert proc.returncode == 1 and b"BROKEN" in proc.stdout
+    assert cli("audit", "verify", "--json").returncode == 1
+
+
+def test_audit_export_jsonl_and_parquet(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    cli.ok("encrypt", "orders", input=b"x")
+    cli.ok("audit", "export", "audit.jsonl")
+    lines = (cli.tmp / "audit.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) >= 3 and {"create_key", "encrypt"} <= {r["action"] for r in rows}
+
+    cli.ok("audit", "export", "audit-pq", "--format", "parquet")
+    out = cli.tmp / "audit-pq"
+    assert out.is_dir() and list(out.glob("day=*/*.parquet"))
+    table = pq.read_table(out)
+    assert table.num_rows >= len(rows) and "encrypt" in table.column("action").to_pylist()
+
+    cli.ok("audit", "export", "forced.out", "--format", "jsonl")
+    assert json.loads((cli.tmp / "forced.out").read_text().splitlines()[0])["seq"] == 1
+
+
+# -- homes, globals, demo ------------------------------------------------------------------------------
+def test_home_from_env_and_global_options_after_the_command(cli):
+    env_home = cli.tmp / "env-home"
+    cli.ok("key", "create", "k", "--spec", "HMAC_SHA256", home=False,
+           env={"KEYLEDGER_HOME": str(env_home)})
+    assert (env_home / "keyledger.duckdb").exists() and not cli.home.exists()
+    keys = json.loads(cli.ok("key", "list", "--json", "--home", str(env_home),
+                             home=False).stdout)
+    assert [k["name"] for k in keys] == ["k"]
+    # default home without $KEYLEDGER_HOME is ./.keyledger
+    cli.ok("init", home=False)
+    assert (cli.tmp / ".keyledger" / "keyledger.toml").exists()
+
+
+def test_demo_runs_twice_on_the_same_home(cli):
+    first = cli.ok("demo")
+    second = cli.ok("demo", "--home", str(cli.home), home=False)
+    out1, out2 = first.stdout.decode(), second.stdout.decode()
+    assert "demo-1-orders" in out1 and "demo-2-orders" in out2
+    for out in (out1, out2):
+        assert "refused" in out and "audit ledger OK" in out
+    names = [k["name"] for k in cli.json("key", "list")]
+    assert {"demo-1-orders", "demo-2-orders", "demo-2-release-signing"} <= set(names)
+    states = {k["name"]: k["state"] for k in cli.json("key", "list")}
+    assert states["demo-2-legacy"] == "pending-deletion"
+    assert states["demo-2-orders"] == "active"
+    pin = (cli.home / "user.pin").read_text().strip()
+    assert pin not in out1 + out2

@@ -1,0 +1,332 @@
+"""Several processes on one home: SIGKILL durability, concurrent use, catalog propagation, busy store.
+
+Invariants 5 and 6 of DESIGN.md. Each process here is a real interpreter with its own PKCS#11
+login, its own audit journal and its own short-lived DuckDB connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import keyledger as kl
+from keyledger.config import write_config
+
+CONCURRENCY_SECONDS = float(os.environ.get("KEYLEDGER_TEST_CONCURRENCY_S", "20"))
+
+
+def _spawn(code: str, *args: str, stdin: bool = False) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _readline(proc: subprocess.Popen, expect: str) -> str:
+    line = proc.stdout.readline()
+    if not line.startswith(expect):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"child said {line!r} instead of {expect!r}; stderr:\n{err}")
+    return line
+
+
+def _settings(home: Path, section: str, **values: object) -> None:
+    path = home / "keyledger.toml"
+    data = tomllib.loads(path.read_text())
+    data.setdefault(section, {}).update(values)
+    write_config(home, data)
+
+
+def _init_home(home: Path, *keys: str) -> None:
+    with kl.open(home, principal="setup") as led:
+        for name in keys:
+            led.create_key(name, spec="AES_256")
+
+
+# -- invariant 6: SIGKILL loses no record of a call that returned -------------------------------
+
+_WORKER = """
+import sys
+import keyledger as kl
+led = kl.open(sys.argv[1], principal="worker")
+i = 0
+while True:
+    led.encrypt("k", b"payload", context={"i": str(i)})
+    i += 1
+    print("done", i, flush=True)
+    if i % 50 == 0:
+        led.flush_audit()  # some records in the store, the rest only in the journal
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ingest_ms", [1000, 5], ids=["default-ingest", "ingest-every-5ms"])
+def test_sigkill_loses_no_record_of_a_returned_call(tmp_path, ingest_ms):
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    # with a 5 ms ingest the kill often lands inside a store transaction or checkpoint
+    _settings(home, "audit", ingest_interval_ms=ingest_ms)
+    proc = _spawn(_WORKER, str(home))
+    reported = 0
+    while reported < 200:
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail(f"worker ended early: {proc.communicate(timeout=30)[1]}")
+        reported += 1
+    proc.send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=30)  # lines written before the kill still count
+    reported += sum(1 for line in rest.splitlines() if line.startswith("done"))
+    assert proc.returncode == -signal.SIGKILL
+
+    with kl.open(home, principal="auditor") as led:
+        df = led.audit(principal="worker", action="encrypt")
+        report = led.verify_audit()
+    assert reported <= len(df) <= reported + 1  # + at most the call in flight
+    seen = {json.loads(c)["i"] for c in df["context"]}
+    assert {str(i) for i in range(reported)} <= seen
+    assert set(df["outcome"]) == {"ok"}
+    assert report.ok, str(report)
+
+
+_CRASH_BEFORE_HEAD = """
+import os, signal, sys
+import keyledger as kl
+led = kl.open(sys.argv[1], principal="worker")
+for _ in range(5):
+    led.encrypt("k", b"x")
+# die after the checkpoint is committed to DuckDB but before the HSM head moves to it
+led._rt.backend.put_data = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+print("crashing", flush=True)
+led.flush_audit()
+"""
+
+
+@pytest.mark.slow
+def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_path):
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    _settings(home, "audit", ingest_interval_ms=600_000)
+    proc = _spawn(_CRASH_BEFORE_HEAD, str(home))
+    out, err = proc.communicate(timeout=60)
+    assert out.startswith("crashing") and proc.returncode == -signal.SIGKILL, err
+    with kl.open(home, principal="auditor") as led:
+        assert len(led.audit(principal="worker", action="encrypt")) == 5
+        report = led.verify_audit()
+    assert report.ok, str(report)
+
+
+# -- invariant 5: several processes at once, no lock errors, no record lost ----------------------
+
+_CRYPTO_WORKER = """
+import json, os, sys, time, traceback
+import keyledger as kl
+home, who, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+calls, errors = 0, []
+def call(fn, *args, **kwargs):
+    global calls
+    calls += 1
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        errors.append(f"{fn.__name__}: {type(exc).__name__}: {exc}")
+        return None
+calls += 1
+led = kl.open(home, principal=who)
+call(led.create_key, f"{who}-main", spec="AES_256")
+deadline = time.monotonic() + seconds
+j = 0
+while time.monotonic() < deadline:
+    name = f"{who}-{j}"
+    call(led.create_key, name, spec="AES_256")
+    blob = call(led.encrypt, name, b"secret %d" % j, context={"j": str(j)})
+    if call(led.decrypt, blob, context={"j": str(j)}) != b"secret %d" % j:
+        errors.append(f"round trip {j} failed")
+    call(led.rotate, name)
+    if call(led.decrypt, blob, context={"j": str(j)}) != b"secret %d" % j:
+        errors.append(f"old ciphertext {j} failed after rotation")
+    call(led.disable, name)
+    call(led.enable, name)
+    for _ in range(10):
+        b = call(led.encrypt, f"{who}-main", b"m")
+        call(led.decrypt, b)
+    j += 1
+led.close()
+print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "rounds": j}))
+"""
+
+_DASHBOARD = """
+import json, os, sys, time
+import keyledger as kl
+home, seconds = sys.argv[1], float(sys.argv[2])
+calls, errors, verified = 1, [], 0
+led = kl.open(home, principal="dashboard")
+deadline = time.monotonic() + seconds
+next_verify = 0.0
+while time.monotonic() < deadline:
+    try:
+        calls += 1
+        led.audit(limit=500)
+        calls += 1
+        led.list_keys()
+        calls += 1
+        led.audit(outcome="failed")
+        if time.monotonic() >= next_verify:
+            calls += 1
+            report = led.verify_audit()
+            verified += 1
+            if not report.ok:
+                errors.append(str(report))
+            next_verify = time.monotonic() + 2
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+    time.sleep(0.05)
+led.close()
+print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "verified": verified}))
+"""
+
+
+@pytest.mark.slow
+def test_three_processes_share_one_home(tmp_path):
+    home = tmp_path / "home"
+    _init_home(home)
+    procs = {
+        "w1": _spawn(_CRYPTO_WORKER, str(home), "w1", str(CONCURRENCY_SECONDS)),
+        "w2": _spawn(_CRYPTO_WORKER, str(home), "w2", str(CONCURRENCY_SECONDS)),
+        "dashboard": _spawn(_DASHBOARD, str(home), str(CONCURRENCY_SECONDS)),
+    }
+    results = {}
+    for who, proc in procs.items():
+        out, err = proc.communicate(timeout=CONCURRENCY_SECONDS + 120)
+        assert proc.returncode == 0, f"{who} crashed:\n{err}"
+        results[who] = json.loads(out.strip().splitlines()[-1])
+    for who, res in results.items():
+        assert res["errors"] == [], f"{who}: {res['errors'][:5]}"
+    assert results["w1"]["rounds"] >= 2 and results["w2"]["rounds"] >= 2
+    assert results["dashboard"]["verified"] >= 2
+
+    with kl.open(home, principal="auditor") as led:
+        df = led.audit()
+        report = led.verify_audit()
+        keys = led.list_keys()
+    counts = df.groupby(["principal", "pid"]).size().to_dict()
+    for who, res in results.items():
+        assert counts.get((who, res["pid"]), 0) == res["calls"], who
+        assert set(df[df["principal"] == who]["outcome"]) == {"ok"}
+    assert report.ok, str(report)
+    # each worker's keys ended enabled, rotated once
+    for who in ("w1", "w2"):
+        mine = keys[keys["name"].str.startswith(f"{who}-") & (keys["name"] != f"{who}-main")]
+        assert len(mine) == results[who]["rounds"]
+        assert set(mine["state"]) == {"active"} and set(mine["latest_version"]) == {2}
+
+
+_PEER = """
+import json, sys, time
+import keyledger as kl
+led = kl.open(sys.argv[1], principal="peer")
+led.encrypt("shared", b"x")
+print("ready", flush=True)
+
+def poll(want_refused):
+    sys.stdin.readline()
+    start, attempts = time.monotonic(), 0
+    while time.monotonic() - start < 2.0:
+        attempts += 1
+        try:
+            led.encrypt("shared", b"x")
+            if not want_refused:
+                return True, attempts
+        except kl.KeyStateError:
+            if want_refused:
+                return True, attempts
+        time.sleep(0.005)
+    return False, attempts
+
+refused, n1 = poll(True)
+print(json.dumps({"refused": refused}), flush=True)
+allowed, n2 = poll(False)
+print(json.dumps({"allowed": allowed, "attempts": n1 + n2}), flush=True)
+led.close()
+"""
+
+
+@pytest.mark.slow
+def test_disable_in_one_process_stops_encrypt_in_another(tmp_path):
+    home = tmp_path / "home"
+    _init_home(home, "shared")
+    proc = _spawn(_PEER, str(home), stdin=True)
+    try:
+        _readline(proc, "ready")
+        with kl.open(home, principal="admin") as admin:
+            admin.disable("shared")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert json.loads(_readline(proc, "{"))["refused"] is True
+            admin.enable("shared")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            done = json.loads(_readline(proc, "{"))
+            assert done["allowed"] is True
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with kl.open(home, principal="auditor") as led:
+        peer = led.audit(principal="peer", action="encrypt")
+    # every attempt is in the ledger, the refused ones with the reason
+    assert len(peer) == 1 + done["attempts"]
+    assert set(peer[peer["outcome"] == "failed"]["error"]) == {"KeyStateError"}
+
+
+_HOLDER = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1])
+print("held", flush=True)
+sys.stdin.readline()
+con.close()
+"""
+
+
+@pytest.mark.slow
+def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working(tmp_path):
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    _settings(home, "store", busy_timeout_s=1)
+    with kl.open(home, principal="alice") as led:
+        blob = led.encrypt("k", b"before")
+        holder = _spawn(_HOLDER, str(home / "keyledger.duckdb"), stdin=True)
+        try:
+            _readline(holder, "held")
+            with pytest.raises(kl.StoreBusy) as info:
+                led.create_key("k2", spec="AES_256")
+            message = str(info.value)
+            assert str(holder.pid) in message
+            assert "keyledger.duckdb" in message
+            with pytest.raises(kl.StoreBusy):
+                led.rotate("k")
+            # crypto needs no store: it keeps working while the store is held
+            for i in range(20):
+                assert led.decrypt(led.encrypt("k", b"during %d" % i)) == b"during %d" % i
+            assert led.decrypt(blob) == b"before"
+            assert "k" in set(led.list_keys()["name"])
+        finally:
+            holder.stdin.write("release\n")
+            holder.stdin.flush()
+            holder.communicate(timeout=30)
+        led.create_key("k2", spec="AES_256")  # works again once the holder is gone
+        df = led.audit(principal="alice")
+        report = led.verify_audit()
+    busy = df[df["error"] == "StoreBusy"]
+    assert list(busy["action"]) == ["create_key", "rotate"]
+    assert (df["action"] == "encrypt").sum() == 21
+    assert report.ok, str(report)
