@@ -1,4 +1,9 @@
-"""The `keyledger` command line, run as a real console script in subprocesses on a tmp home."""
+"""The `keyledger` command line, run as a real console script in subprocesses on a tmp home.
+
+Each CLI process imports keyledger (~0.6 s) and opens the home, so the tests group several
+checks per home instead of one process per assertion. Usage errors never open a home and are
+checked in-process through ``main(argv)``.
+"""
 
 from __future__ import annotations
 
@@ -34,10 +39,10 @@ class Cli:
     def __call__(self, *args: str, input: bytes | None = None, home: bool = True,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         argv = [*COMMAND, *(["--home", str(self.home)] if home else []), *args]
-        full_env = {k: v for k, v in os.environ.items() if k != "KEYLEDGER_HOME"}
+        base = {k: v for k, v in os.environ.items() if k != "KEYLEDGER_HOME"}
         return subprocess.run(argv, input=input if input is not None else b"",
                               capture_output=True, cwd=self.tmp, timeout=120,
-                              env={**full_env, **(env or {})})
+                              env={**base, **(env or {})})
 
     def ok(self, *args: str, **kw) -> subprocess.CompletedProcess:
         proc = self(*args, **kw)
@@ -49,7 +54,7 @@ class Cli:
 
 
 def refused(proc: subprocess.CompletedProcess) -> str:
-    """Assert exit 1 with a one-line `error: ...` and no traceback; return stderr."""
+    """Assert exit 1 with an `error: ...` line and no traceback; return stderr."""
     err = proc.stderr.decode()
     assert proc.returncode == 1, (proc.returncode, proc.stdout, err)
     assert err.startswith("error: "), err
@@ -63,30 +68,40 @@ def cli(tmp_path: Path) -> Cli:
 
 
 # -- usage -----------------------------------------------------------------------------------------
-def test_usage_errors_exit_2_without_opening_a_home(cli):
-    for args in (["key", "frobnicate", "x"], ["encrypt"], [], ["key"],
-                 ["key", "create", "k"],  # --spec missing
-                 ["encrypt", "k", "--context", "no-equals-sign"],
-                 ["key", "create", "k", "--spec", "AES_256", "--purpose", "dance"],
-                 ["key", "schedule-deletion", "k", "--days", "soon"],
-                 ["key", "compromised", "k"]):  # --reason missing
+def test_bad_usage_exits_2_from_the_console_script(cli):
+    for args in (["key", "frobnicate", "x"], ["encrypt", "k", "--context", "no-equals-sign"]):
         proc = cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert b"usage:" in proc.stderr and b"Traceback" not in proc.stderr
     assert not cli.home.exists()
 
 
-def test_usage_errors_found_after_parsing_exit_2(cli):
-    proc = cli("--json", "encrypt", "k", input=b"x")
-    assert proc.returncode == 2 and b"--json does not apply" in proc.stderr
-    proc = cli("encrypt", "k", "--context", "a=1", "--context", "a=2", input=b"x")
-    assert proc.returncode == 2 and b"given twice" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    ([], "required"),
+    (["key"], "required"),
+    (["encrypt"], "required"),
+    (["key", "create", "k"], "--spec"),
+    (["key", "create", "k", "--spec", "AES_256", "--purpose", "dance"], "invalid choice"),
+    (["key", "create", "k", "--spec", "AES_256", "--tag", "novalue"], "KEY=VALUE"),
+    (["key", "schedule-deletion", "k", "--days", "soon"], "invalid int"),
+    (["key", "compromised", "k"], "--reason"),
+    (["audit", "export", "x", "--format", "csv"], "invalid choice"),
+    # found after parsing, still before any home is opened
+    (["--json", "encrypt", "k"], "--json does not apply"),
+    (["encrypt", "k", "--context", "a=1", "--context", "a=2"], "given twice"),
+    (["verify", "k", "--signature", "-"], "both come from stdin"),
+])
+def test_usage_errors_exit_2_without_touching_the_home(tmp_path, capsys, args, message):
+    home = tmp_path / "home"
+    assert main(["--home", str(home), *args]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err and "Traceback" not in err
+    assert not home.exists()
 
 
-def test_help_exits_0_and_main_returns_codes(capsys):
+def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "Exit codes" in capsys.readouterr().out
-    assert main(["key", "nope"]) == 2
     proc = subprocess.run([sys.executable, "-m", "keyledger.cli", "key", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "schedule-deletion" in proc.stdout
@@ -108,7 +123,7 @@ def test_init_provisions_reports_and_never_prints_the_pin(cli):
 
 
 def test_create_list_show_rotate(cli):
-    out = cli.ok("key", "create", "orders", "--spec", "AES_256", "--owner", "payments",
+    out = cli.ok("key", "create", "orders", "--spec", "aes_256", "--owner", "payments",
                  "--tag", "team=pay", "--tag", "env=prod", "--rotation-period", "30d").stdout
     assert b"orders" in out and b"AES_256" in out
     cli.ok("key", "create", "release", "--spec", "EC_P256")
@@ -124,7 +139,7 @@ def test_create_list_show_rotate(cli):
 
     text = cli.ok("key", "list").stdout.decode()
     assert text.splitlines()[0].split()[:4] == ["NAME", "SPEC", "PURPOSE", "STATE"]
-    assert "orders" in text and "release" in text
+    assert "orders" in text and "release" in text and "nan" not in text
 
     rotated = cli.json("key", "rotate", "orders")
     assert rotated["latest_version"] == 2
@@ -136,20 +151,13 @@ def test_create_list_show_rotate(cli):
     text = cli.ok("key", "show", "orders").stdout.decode()
     assert "versions:" in text and "retired" in text and "team=pay" in text
 
-
-def test_create_twice_and_bad_spec_are_refused(cli):
-    cli.ok("key", "create", "k", "--spec", "aes_256")  # case-insensitive spec
-    assert "already exists" in refused(cli("key", "create", "k", "--spec", "AES_256"))
+    assert "already exists" in refused(cli("key", "create", "orders", "--spec", "AES_256"))
     err = refused(cli("key", "create", "k2", "--spec", "DES"))
     assert "unknown key spec" in err and "AES_256" in err
-    assert "period" in refused(cli("key", "create", "k3", "--spec", "AES_256",
-                                   "--rotation-period", "soon"))
 
 
 def test_unknown_key_exits_1_and_names_the_key(cli):
-    cli.ok("init")
-    for args in (["key", "show", "no-such-key"], ["key", "rotate", "no-such-key"],
-                 ["encrypt", "no-such-key"], ["public-key", "no-such-key"]):
+    for args in (["key", "show", "no-such-key"], ["encrypt", "no-such-key"]):
         assert "no-such-key" in refused(cli(*args, input=b"data"))
 
 
@@ -161,63 +169,49 @@ def test_encrypt_decrypt_round_trip_via_files(cli):
            "--context", "tenant=acme", "--context", "purpose=test")
     blob = (cli.tmp / "blob.kl").read_bytes()
     assert blob[:2] == b"KL" and BINARY not in blob
-    # context order does not matter; output file of plaintext is private to the owner
+    # context order does not matter; the plaintext file is private to its owner
     cli.ok("decrypt", "--in", "blob.kl", "--out", "back.bin",
            "--context", "purpose=test", "--context", "tenant=acme")
     assert (cli.tmp / "back.bin").read_bytes() == BINARY
     assert stat.S_IMODE((cli.tmp / "back.bin").stat().st_mode) == 0o600
-    # naming the key is optional but checked
+    # naming the key is optional, and checked when given
     cli.ok("decrypt", "orders", "--in", "blob.kl", "--out", "again.bin",
            "--context", "tenant=acme", "--context", "purpose=test")
     assert (cli.tmp / "again.bin").read_bytes() == BINARY
 
 
-def test_encrypt_decrypt_round_trip_via_stdin_stdout(cli):
+def test_encrypt_decrypt_via_stdin_stdout_across_a_rotation(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
     blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=BINARY).stdout
     assert blob[:2] == b"KL" and len(blob) == len(BINARY) + 36 + 16
+    assert blob[20:24] == (1).to_bytes(4, "big")  # key version in the header
     back = cli.ok("decrypt", "--in", "-", "--out", "-", "--context", "tenant=acme",
                   input=blob).stdout
     assert back == BINARY
-    # empty input is valid data too
-    empty = cli.ok("encrypt", "orders", input=b"").stdout
-    assert cli.ok("decrypt", input=empty).stdout == b""
-
-
-def test_rotation_keeps_old_ciphertext_decryptable(cli):
-    cli.ok("key", "create", "orders", "--spec", "AES_256")
-    old = cli.ok("encrypt", "orders", input=b"v1 data").stdout
     cli.ok("key", "rotate", "orders")
-    new = cli.ok("encrypt", "orders", input=b"v2 data").stdout
-    assert old[20:24] == (1).to_bytes(4, "big") and new[20:24] == (2).to_bytes(4, "big")
-    assert cli.ok("decrypt", input=old).stdout == b"v1 data"
-    assert cli.ok("decrypt", input=new).stdout == b"v2 data"
+    new = cli.ok("encrypt", "orders", input=b"").stdout  # empty input is data too
+    assert new[20:24] == (2).to_bytes(4, "big")
+    assert cli.ok("decrypt", "--context", "tenant=acme", input=blob).stdout == BINARY
 
 
-def test_context_mismatch_and_tampering_exit_1_with_clear_message(cli):
+def test_context_mismatch_and_bad_ciphertext_exit_1_with_clear_message(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
     blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=b"secret").stdout
-    for args in (["--context", "tenant=evil"], [], ["--context", "tenant=acme",
-                                                      "--context", "extra=1"]):
+    for args in (["--context", "tenant=evil"], []):
         proc = cli("decrypt", *args, input=blob)
-        err = refused(proc)
-        assert "context differs" in err
+        assert "context differs" in refused(proc)
         assert proc.stdout == b"" and b"secret" not in proc.stderr
     tampered = blob[:-1] + bytes([blob[-1] ^ 1])
     assert "altered" in refused(cli("decrypt", "--context", "tenant=acme", input=tampered))
     assert "not a keyledger ciphertext" in refused(cli("decrypt", input=b"not a ciphertext"))
-    refused(cli("decrypt", "--in", "missing.kl"))
-    # the failed decrypt is in the audit ledger with its error class, never the plaintext
+    assert "missing.kl" in refused(cli("decrypt", "--in", "missing.kl"))
+    assert "encrypt key" in refused(cli("sign", "orders", input=b"m"))
+    cli.ok("key", "create", "other", "--spec", "AES_256")
+    assert "'other'" in refused(cli("decrypt", "other", "--context", "tenant=acme", input=blob))
+    # the failed decrypts are audited with their error class, never the plaintext
     failed = cli.json("audit", "tail", "-n", "50", "--action", "decrypt", "--outcome", "failed")
-    assert failed and {r["error"] for r in failed} == {"InvalidCiphertext"}
+    assert len(failed) == 4 and {r["error"] for r in failed} == {"InvalidCiphertext"}
     assert all("secret" not in json.dumps(r) for r in failed)
-
-
-def test_decrypt_with_the_wrong_key_name_is_refused(cli):
-    cli.ok("key", "create", "a", "--spec", "AES_256")
-    cli.ok("key", "create", "b", "--spec", "AES_256")
-    blob = cli.ok("encrypt", "a", input=b"x").stdout
-    assert "'b'" in refused(cli("decrypt", "b", input=blob))
 
 
 def test_disabled_key_refuses_encrypt_until_enabled(cli):
@@ -231,52 +225,39 @@ def test_disabled_key_refuses_encrypt_until_enabled(cli):
     assert cli.ok("decrypt", input=blob).stdout == b"x"
 
 
-def test_sign_and_aes_key_purpose_mismatch(cli):
-    cli.ok("key", "create", "orders", "--spec", "AES_256")
-    assert "encrypt key" in refused(cli("sign", "orders", input=b"m"))
-    assert "symmetric" in refused(cli("public-key", "orders"))
-
-
 # -- sign / verify -----------------------------------------------------------------------------------
 def test_sign_verify_and_tampered_file(cli):
     cli.ok("key", "create", "release", "--spec", "EC_P256")
     (cli.tmp / "artifact.bin").write_bytes(BINARY)
     cli.ok("sign", "release", "--in", "artifact.bin", "--out", "artifact.sig")
     proc = cli.ok("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig")
-    assert b"valid" in proc.stdout
-    assert cli.json("verify", "release", "--in", "artifact.bin",
-                    "--signature", "artifact.sig") == {"key": "release", "valid": True}
-    # message from stdin
-    cli.ok("verify", "release", "--signature", "artifact.sig", input=BINARY)
+    assert b"signature valid" in proc.stdout
 
     # the PEM public key verifies the signature outside keyledger
     pem = cli.ok("public-key", "release").stdout
     pub = serialization.load_pem_public_key(pem)
     sig = (cli.tmp / "artifact.sig").read_bytes()
     pub.verify(sig, BINARY, ec.ECDSA(hashes.SHA256()))
-    cli.ok("public-key", "release", "--out", "release.pem")
-    assert (cli.tmp / "release.pem").read_bytes() == pem
 
     (cli.tmp / "artifact.bin").write_bytes(BINARY + b"!")
     proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig")
     assert proc.returncode == 1 and b"INVALID" in proc.stderr and b"Traceback" not in proc.stderr
     proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig",
                "--json")
-    assert proc.returncode == 1 and json.loads(proc.stdout)["valid"] is False
+    assert proc.returncode == 1 and json.loads(proc.stdout) == {"key": "release", "valid": False}
 
-    # signatures from before a rotation still verify
+    # signatures from before a rotation still verify (message from stdin)
     cli.ok("key", "rotate", "release")
-    cli.ok("verify", "release", "--signature", "artifact.sig", input=BINARY)
+    proc = cli.ok("verify", "release", "--signature", "artifact.sig", input=BINARY)
+    assert b"signature valid" in proc.stdout
 
 
-def test_signature_via_stdout_and_usage(cli):
+def test_ed25519_signature_via_stdout(cli):
     cli.ok("key", "create", "ed", "--spec", "ED25519")
     sig = cli.ok("sign", "ed", input=b"hello").stdout
     assert len(sig) == 64
     (cli.tmp / "s.sig").write_bytes(sig)
     cli.ok("verify", "ed", "--signature", "s.sig", input=b"hello")
-    proc = cli("verify", "ed", "--signature", "-", input=sig)
-    assert proc.returncode == 2 and b"both come from stdin" in proc.stderr
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
@@ -292,8 +273,8 @@ def test_deletion_window_and_compromise(cli):
     doc = cli.json("key", "compromised", "old", "--reason", "pasted in a ticket")
     assert doc["state"] == "compromised"
     assert "compromised" in refused(cli("encrypt", "old", input=b"x"))
-    assert cli.json("key", "rotate", "old")["state"] == "active"
-    cli.ok("encrypt", "old", input=b"x")
+    doc = cli.json("key", "rotate", "old")
+    assert doc["state"] == "active" and doc["latest_version"] == 2
 
 
 # -- audit -----------------------------------------------------------------------------------------
@@ -301,12 +282,10 @@ def test_audit_verify_tail_and_principal(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
     cli.ok("--principal", "bob", "encrypt", "orders", "--context", "tenant=acme", input=b"x")
     proc = cli.ok("audit", "verify")
-    assert b"OK" in proc.stdout
-    report = cli.json("audit", "verify")
-    assert report["ok"] is True and report["records"] > 0 and report["problems"] == []
+    assert b"audit ledger OK" in proc.stdout
 
     tail = cli.json("audit", "tail", "-n", "5")
-    assert 0 < len(tail) <= 5
+    assert len(tail) == 5
     assert {"time", "principal", "action", "key", "version", "outcome", "error"} <= set(tail[0])
     enc = cli.json("audit", "tail", "--action", "encrypt")
     assert len(enc) == 1
@@ -319,39 +298,35 @@ def test_audit_verify_tail_and_principal(cli):
 
 def test_audit_verify_exits_1_when_the_ledger_was_tampered_with(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
-    cli.ok("encrypt", "orders", input=b"x")
-    cli.ok("audit", "verify")
-    con = duckdb.connect(str(cli.home / "keyledger.duckdb"))
+    con = duckdb.connect(str(cli.home / "keyledger.duckdb"))  # no keyledger process is running
     try:
         con.execute("UPDATE audit_log SET principal = 'mallory' "
-                    "WHERE seq = (SELECT min(seq) FROM audit_log WHERE action = 'encrypt')")
+                    "WHERE seq = (SELECT min(seq) FROM audit_log WHERE action = 'create_key')")
     finally:
         con.close()
     proc = cli("audit", "verify")
-    assert proc.returncode == 1 and b"BROKEN" in proc.stdout
-    assert cli("audit", "verify", "--json").returncode == 1
+    assert proc.returncode == 1 and b"BROKEN" in proc.stdout and b"First bad record" in proc.stdout
+    proc = cli("audit", "verify", "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["ok"] is False and report["first_bad"]
 
 
 def test_audit_export_jsonl_and_parquet(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
-    cli.ok("encrypt", "orders", input=b"x")
-    cli.ok("audit", "export", "audit.jsonl")
-    lines = (cli.tmp / "audit.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    assert len(rows) >= 3 and {"create_key", "encrypt"} <= {r["action"] for r in rows}
+    cli.ok("audit", "export", "audit.jsonl")  # format from the suffix
+    rows = [json.loads(line) for line in (cli.tmp / "audit.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and "create_key" in {r["action"] for r in rows}
+    assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
 
     cli.ok("audit", "export", "audit-pq", "--format", "parquet")
     out = cli.tmp / "audit-pq"
     assert out.is_dir() and list(out.glob("day=*/*.parquet"))
     table = pq.read_table(out)
-    assert table.num_rows >= len(rows) and "encrypt" in table.column("action").to_pylist()
-
-    cli.ok("audit", "export", "forced.out", "--format", "jsonl")
-    assert json.loads((cli.tmp / "forced.out").read_text().splitlines()[0])["seq"] == 1
+    assert table.num_rows >= len(rows) and "create_key" in table.column("action").to_pylist()
 
 
 # -- homes, globals, demo ------------------------------------------------------------------------------
-def test_home_from_env_and_global_options_after_the_command(cli):
+def test_home_from_env_default_home_and_options_after_the_command(cli):
     env_home = cli.tmp / "env-home"
     cli.ok("key", "create", "k", "--spec", "HMAC_SHA256", home=False,
            env={"KEYLEDGER_HOME": str(env_home)})
@@ -359,7 +334,7 @@ def test_home_from_env_and_global_options_after_the_command(cli):
     keys = json.loads(cli.ok("key", "list", "--json", "--home", str(env_home),
                              home=False).stdout)
     assert [k["name"] for k in keys] == ["k"]
-    # default home without $KEYLEDGER_HOME is ./.keyledger
+    # without --home and $KEYLEDGER_HOME the home is ./.keyledger
     cli.ok("init", home=False)
     assert (cli.tmp / ".keyledger" / "keyledger.toml").exists()
 
@@ -371,9 +346,8 @@ def test_demo_runs_twice_on_the_same_home(cli):
     assert "demo-1-orders" in out1 and "demo-2-orders" in out2
     for out in (out1, out2):
         assert "refused" in out and "audit ledger OK" in out
-    names = [k["name"] for k in cli.json("key", "list")]
-    assert {"demo-1-orders", "demo-2-orders", "demo-2-release-signing"} <= set(names)
     states = {k["name"]: k["state"] for k in cli.json("key", "list")}
+    assert {"demo-1-orders", "demo-2-orders", "demo-2-release-signing"} <= set(states)
     assert states["demo-2-legacy"] == "pending-deletion"
     assert states["demo-2-orders"] == "active"
     pin = (cli.home / "user.pin").read_text().strip()

@@ -109,6 +109,7 @@ class HomeRuntime:
             pkcs11_backend.release(self.backend)
             raise
         self._known_offsets: dict[str, int] = {}
+        self._audit_public_key = None
         self._ingest_lock = threading.Lock()
         self._stop = threading.Event()
         self._ingester = threading.Thread(target=self._ingest_loop, name="keyledger-ingest",
@@ -142,8 +143,10 @@ class HomeRuntime:
 
     def verify_checkpoint(self, digest: bytes, signature: bytes) -> bool:
         """Verify with the public key read from the HSM, never one stored in the ledger."""
-        pub = serialization.load_der_public_key(
-            self.backend.public_key_der(AUDIT_SPEC, self.audit_handle))
+        if self._audit_public_key is None:
+            self._audit_public_key = serialization.load_der_public_key(
+                self.backend.public_key_der(AUDIT_SPEC, self.audit_handle))
+        pub = self._audit_public_key
         try:
             pub.verify(signature, digest, ec.ECDSA(hashes.SHA256()))
             return True
@@ -156,7 +159,9 @@ class HomeRuntime:
             if not force and not ledger.pending_bytes(self.settings.journal_dir,
                                                       self._known_offsets):
                 return ledger.IngestResult()
+            head = self.audit_head()
             with self.db.write() as tx:
+                ledger.check_before_extend(tx, self.verify_checkpoint, head)
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
                                        self.clock(), self._known_offsets)
                 if result.checkpoint is not None:

@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.json as pajson
 
+from ..errors import AuditError
 from .journal import SEP
 
 JOURNAL_SCHEMA = pa.schema([
@@ -41,6 +42,10 @@ TIPS_SQL = """SELECT coalesce(sha256(string_agg(journal || ':' || jseq::VARCHAR 
     chr(10) ORDER BY journal)), '') FROM (
     SELECT journal, max(jseq) AS jseq, arg_max(hash, jseq) AS hash FROM audit_log
     WHERE seq <= ? GROUP BY journal)"""
+
+# The same digest over the ingest bookkeeping (journal -> newest ingested record).
+OFFSETS_TIPS_SQL = """SELECT coalesce(sha256(string_agg(journal || ':' || tip_jseq::VARCHAR
+    || ':' || tip_hash, chr(10) ORDER BY journal)), '') FROM journal_offsets"""
 
 ZERO = "0" * 64
 HEAD_LABEL_PREFIX = "keyledger-audit-head:"
@@ -72,6 +77,38 @@ def pending_bytes(journal_dir: Path, known: dict[str, int]) -> bool:
     except FileNotFoundError:
         return False
     return False
+
+
+def check_before_extend(con: duckdb.DuckDBPyConnection,
+                        verify_signature: Callable[[bytes, bytes], bool],
+                        head: tuple[int, str] | None) -> None:
+    """Refuse to sign a new checkpoint on top of a store that no longer matches the last one.
+
+    Without this, a forger who rewrites records and recomputes every hash would have the next
+    ingest sign the forgery. The newest checkpoint must carry a valid HSM signature, match the
+    head kept in the HSM, and its tips digest must equal the ingest bookkeeping's.
+    """
+    last = con.execute("SELECT cp_seq, last_seq, n_records, tips_digest, prev_hash, hash, "
+                       "signature FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
+    if last is None:
+        if head is not None or con.execute("SELECT count(*) FROM audit_log").fetchone()[0]:
+            raise AuditError("the audit ledger lost its checkpoints; run `keyledger audit "
+                             "verify` - new records stay safe in the journals")
+        return
+    cp_seq, last_seq, n, tips, prev, h, sig = last
+    problem = None
+    if checkpoint_hash(cp_seq, last_seq, n, tips, prev) != h:
+        problem = f"checkpoint {cp_seq} was altered"
+    elif not verify_signature(bytes.fromhex(h), bytes.fromhex(sig)):
+        problem = f"checkpoint {cp_seq} does not carry a valid HSM signature"
+    elif head is not None and (head[0] > cp_seq or (head[0] == cp_seq and head[1] != h)):
+        problem = f"the HSM-held head (checkpoint {head[0]}) does not match the store"
+    elif con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != tips:
+        problem = "the ingest bookkeeping does not match the last signed checkpoint"
+    if problem:
+        raise AuditError(f"the audit ledger does not match its last signed checkpoint "
+                         f"({problem}); run `keyledger audit verify` - new records stay safe "
+                         "in the journals and are not ingested until this is resolved")
 
 
 def ingest(con: duckdb.DuckDBPyConnection, journal_dir: Path, sign: Signer,
@@ -148,7 +185,7 @@ def write_checkpoint(con: duckdb.DuckDBPyConnection, sign: Signer, now: datetime
         "SELECT cp_seq, hash FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
     cp_seq, prev = (last[0] + 1, last[1]) if last else (1, ZERO)
     last_seq, n = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM audit_log").fetchone()
-    tips = con.execute(TIPS_SQL, [last_seq]).fetchone()[0]
+    tips = con.execute(OFFSETS_TIPS_SQL).fetchone()[0]
     h = checkpoint_hash(cp_seq, last_seq, n, tips, prev)
     signature = sign(bytes.fromhex(h)).hex()
     con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -241,6 +278,9 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
         if not verify_signature(bytes.fromhex(h), bytes.fromhex(sig)):
             fail(f"checkpoint {cp_seq} signature does not verify with the HSM audit key", None)
         actual_tips = con.execute(TIPS_SQL, [last_seq]).fetchone()[0]
+        if con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != tips:
+            fail("the ingest bookkeeping (journal_offsets) differs from the last signed "
+                 "checkpoint", None)
         covered = con.execute("SELECT count(*) FROM audit_log WHERE seq <= ?",
                               [last_seq]).fetchone()[0]
         if actual_tips != tips or covered != n_rec:
@@ -263,10 +303,18 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
         fail("records exist but no signed checkpoint does", None)
     if head is not None:
         head_seq, head_hash = head
-        if not cps or cps[-1][0] != head_seq or cps[-1][5] != head_hash:
+        by_seq = {c[0]: c for c in cps}
+        at_head = by_seq.get(head_seq)
+        if at_head is None or at_head[5] != head_hash:
             have = cps[-1][0] if cps else 0
             fail(f"the HSM holds checkpoint {head_seq} as the newest, the ledger's newest is "
-                 f"{have} (newest records or checkpoints were removed)", None)
+                 f"{have} (newest records or checkpoints were removed or rewritten)", None)
+        else:  # a crash between commit and head update leaves the head one step behind
+            for c in cps:
+                if c[0] > head_seq and not verify_signature(bytes.fromhex(c[5]),
+                                                            bytes.fromhex(c[6])):
+                    fail(f"checkpoint {c[0]} after the HSM head is not signed by the HSM", None)
+                    break
     elif cps:
         fail("the HSM holds no audit head although checkpoints exist", None)
     if bad and report.first_bad is None:
