@@ -35,10 +35,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pkcs11
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Mechanism, ObjectClass
 
 import keyledger as kl
 from keyledger import ciphertext as ct
+from keyledger.hsm import pkcs11_backend
 from keyledger.store.journal import JournalWriter
 
 AES_KEY, EC_KEY = "bench-aes", "bench-ec"
@@ -96,6 +98,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "loadavg_start": os.getloadavg()[0],
             "platform": platform.platform(), "softhsm2": softhsm, "packages": versions}
 
 
@@ -103,14 +106,23 @@ def machine_info() -> dict:
 def crypto_bench(led: kl.KeyLedger, seconds: float, rounds: int) -> dict:
     aes = led.create_key(AES_KEY, spec="AES_256")
     ec = led.create_key(EC_KEY, spec="EC_P256")
+    # python-pkcs11 initialises the module with C_Initialize(NULL), so SoftHSM2 runs without
+    # its own mutexes, and python-pkcs11 drops the GIL around each call: two threads must never
+    # be inside the module at once (the ledger's background ingester signs checkpoints and
+    # writes the audit head in the HSM). The backend serialises its calls with a process-wide
+    # lock; the bare loops hold that lock for a whole measurement (not per call, so the bare
+    # figure stays the library's own speed), audited calls run with it released.
+    guard = getattr(pkcs11_backend, "_CALL_LOCK", None) or led._rt._ingest_lock
     # A second session on the same token: PKCS#11 login state is per application, so it is
     # logged in already (a second login would raise UserAlreadyLoggedIn).
-    session = led._rt.backend._token.open(rw=True)
+    with guard:
+        session = led._rt.backend._token.open(rw=True)
     try:
-        bare_aes = session.get_key(object_class=ObjectClass.SECRET_KEY,
-                                   id=aes.versions[1].handle)
-        bare_ec = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
-                                  id=ec.versions[1].handle)
+        with guard:
+            bare_aes = session.get_key(object_class=ObjectClass.SECRET_KEY,
+                                       id=aes.versions[1].handle)
+            bare_ec = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
+                                      id=ec.versions[1].handle)
         gcm = Mechanism.AES_GCM
         urandom, GCMParams = os.urandom, pkcs11.GCMParams
         sha256 = hashlib.sha256
@@ -128,8 +140,9 @@ def crypto_bench(led: kl.KeyLedger, seconds: float, rounds: int) -> dict:
 
         nonce0 = urandom(12)
         aad0 = prefix + nonce0
-        body0 = bare_aes.encrypt(PLAINTEXT, mechanism=gcm,
-                                 mechanism_param=GCMParams(nonce0, aad0, 128))
+        with guard:
+            body0 = bare_aes.encrypt(PLAINTEXT, mechanism=gcm,
+                                     mechanism_param=GCMParams(nonce0, aad0, 128))
 
         def bare_decrypt() -> bytes:
             return bare_aes.decrypt(body0, mechanism=gcm,
@@ -151,10 +164,10 @@ def crypto_bench(led: kl.KeyLedger, seconds: float, rounds: int) -> dict:
 
         # The bare calls do the ledger's HSM work: check they interoperate with it.
         assert led.decrypt(aad0 + body0) == PLAINTEXT, "bare ciphertext does not decrypt"
-        assert bare_decrypt() == PLAINTEXT
-        raw = bare_sign()
+        with guard:
+            assert bare_decrypt() == PLAINTEXT
+            raw = bare_sign()
         half = len(raw) // 2
-        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
         der = encode_dss_signature(int.from_bytes(raw[:half]), int.from_bytes(raw[half:]))
         assert led.verify(EC_KEY, MESSAGE, der), "bare signature does not verify"
 
@@ -168,11 +181,16 @@ def crypto_bench(led: kl.KeyLedger, seconds: float, rounds: int) -> dict:
                 if r % 2:
                     order.reverse()
                 for who, fn in order:
-                    ops = rate(fn, seconds)
+                    if who == "bare":
+                        with guard:
+                            ops = rate(fn, seconds)
+                    else:
+                        ops = rate(fn, seconds)
                     raw_rates[op][who].append(ops)
                     log(f"  round {r + 1}/{rounds} {op:8s} {who:10s} {ops:10,.0f} ops/s")
     finally:
-        session.close()
+        with guard:
+            session.close()
     result = {}
     for op, rr in raw_rates.items():
         ratios = [k / b for b, k in zip(rr["bare"], rr["keyledger"], strict=True)]
@@ -187,12 +205,12 @@ def crypto_bench(led: kl.KeyLedger, seconds: float, rounds: int) -> dict:
 # -- audit ingest and verification ---------------------------------------------------------------
 def audit_bench(led: kl.KeyLedger, records: int, rounds: int) -> dict:
     rt = led._rt
+    key = led.get_key(AES_KEY)
     led.flush_audit()  # what the crypto rounds left behind
     # Stop the background ingester so the timed flush_audit() does all of the work alone.
     rt._stop.set()
     rt._ingester.join()
     led.flush_audit()
-    key = led.get_key(AES_KEY)
     staging = rt.home / "bench-staging"
     writers = [JournalWriter(staging, strict=False, fsync_interval_ms=60_000) for _ in range(4)]
     per = [records // len(writers) + (i < records % len(writers)) for i in range(len(writers))]
@@ -298,7 +316,8 @@ def render(res: dict) -> str:
         f"python-pkcs11 {m['packages']['python-pkcs11']}, duckdb {m['packages']['duckdb']}, "
         f"{m['softhsm2'] and 'SoftHSM ' + m['softhsm2']}",
         f"{res['params']['seconds']:g} s per measurement, {res['params']['rounds']} rounds "
-        "(medians; ratio = median of per-round ratios)",
+        "(medians; ratio = median of per-round ratios); 1-min load average "
+        f"{m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end",
         "",
         f"{'measurement':34s} {'bare ops/s':>12s} {'keyledger':>12s} {'ratio':>7s} "
         f"{'target':>10s} {'result':>6s}",
@@ -376,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                        **open_bench(root, home, args.rounds)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    res["machine"]["loadavg_end"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(res, indent=2))
     else:

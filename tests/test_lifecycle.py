@@ -185,7 +185,7 @@ def test_full_lifecycle(ledger, clock, spec):
     before_df, before_hsm = ledger.list_keys(), key_objects(home)
     with pytest.raises(kl.PolicyViolation) as err:
         ledger.destroy(name)
-    assert "waiting period" in str(err.value) and "cancel_deletion" in str(err.value)
+    assert "waiting period" in str(err.value) and "cancel the deletion" in str(err.value)
     pd.testing.assert_frame_equal(before_df, ledger.list_keys())
     assert key_objects(home) == before_hsm
     assert ledger.get_key(name).state is kl.KeyState.PENDING_DELETION

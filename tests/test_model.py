@@ -99,7 +99,7 @@ def test_illegal_transition_message_names_state_and_allowed_actions():
     msg = str(err.value)
     assert "cannot destroy key 'orders'" in msg
     assert "it is active" in msg
-    assert "schedule_deletion" in msg  # tells the user the way forward
+    assert "schedule deletion" in msg  # tells the user the way forward
 
 
 def test_rotate_brings_compromised_and_deactivated_back_to_active():

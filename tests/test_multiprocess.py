@@ -127,8 +127,11 @@ def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_
 
 # -- invariant 5: several processes at once, no lock errors, no record lost ----------------------
 
+# Each process opens the home, says "ready", and starts when told: opens are serialised so the
+# open-time reconcile cannot meet another process's in-flight create (that race has its own
+# test below, test_open_in_another_process_does_not_roll_back_an_in_flight_create).
 _CRYPTO_WORKER = """
-import json, os, sys, time, traceback
+import json, os, sys, time
 import keyledger as kl
 home, who, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 calls, errors = 0, []
@@ -142,6 +145,8 @@ def call(fn, *args, **kwargs):
         return None
 calls += 1
 led = kl.open(home, principal=who)
+print("ready", flush=True)
+sys.stdin.readline()
 call(led.create_key, f"{who}-main", spec="AES_256")
 deadline = time.monotonic() + seconds
 j = 0
@@ -168,8 +173,10 @@ _DASHBOARD = """
 import json, os, sys, time
 import keyledger as kl
 home, seconds = sys.argv[1], float(sys.argv[2])
-calls, errors, verified = 1, [], 0
+calls, errors, verify_failures, verified = 1, [], [], 0
 led = kl.open(home, principal="dashboard")
+print("ready", flush=True)
+sys.stdin.readline()
 deadline = time.monotonic() + seconds
 next_verify = 0.0
 while time.monotonic() < deadline:
@@ -185,49 +192,150 @@ while time.monotonic() < deadline:
             report = led.verify_audit()
             verified += 1
             if not report.ok:
-                errors.append(str(report))
+                verify_failures.append(str(report))
             next_verify = time.monotonic() + 2
     except Exception as exc:
         errors.append(f"{type(exc).__name__}: {exc}")
     time.sleep(0.05)
 led.close()
-print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "verified": verified}))
+print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "verified": verified,
+                  "verify_failures": verify_failures}))
 """
 
 
-@pytest.mark.slow
-def test_three_processes_share_one_home(tmp_path):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """Two crypto/lifecycle workers and a dashboard on one home for CONCURRENCY_SECONDS."""
+    home = tmp_path_factory.mktemp("shared") / "home"
     _init_home(home)
-    procs = {
-        "w1": _spawn(_CRYPTO_WORKER, str(home), "w1", str(CONCURRENCY_SECONDS)),
-        "w2": _spawn(_CRYPTO_WORKER, str(home), "w2", str(CONCURRENCY_SECONDS)),
-        "dashboard": _spawn(_DASHBOARD, str(home), str(CONCURRENCY_SECONDS)),
-    }
-    results = {}
-    for who, proc in procs.items():
-        out, err = proc.communicate(timeout=CONCURRENCY_SECONDS + 120)
-        assert proc.returncode == 0, f"{who} crashed:\n{err}"
-        results[who] = json.loads(out.strip().splitlines()[-1])
+    seconds = str(CONCURRENCY_SECONDS)
+    procs = {}
+    try:
+        for who, code, args in (("dashboard", _DASHBOARD, (seconds,)),
+                                ("w1", _CRYPTO_WORKER, ("w1", seconds)),
+                                ("w2", _CRYPTO_WORKER, ("w2", seconds))):
+            procs[who] = _spawn(code, str(home), *args, stdin=True)
+            _readline(procs[who], "ready")
+        for proc in procs.values():
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = {}
+        for who, proc in procs.items():
+            out, err = proc.communicate(timeout=CONCURRENCY_SECONDS + 120)
+            assert proc.returncode == 0, f"{who} crashed:\n{err}"
+            results[who] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    with kl.open(home, principal="auditor") as led:
+        df = led.audit()
+        report = led.verify_audit()
+        keys = led.list_keys()
+    return results, df, report, keys
+
+
+@pytest.mark.slow
+def test_concurrent_processes_see_no_errors(shared_run):
+    results, *_ = shared_run
     for who, res in results.items():
         assert res["errors"] == [], f"{who}: {res['errors'][:5]}"
     assert results["w1"]["rounds"] >= 2 and results["w2"]["rounds"] >= 2
     assert results["dashboard"]["verified"] >= 2
 
-    with kl.open(home, principal="auditor") as led:
-        df = led.audit()
-        report = led.verify_audit()
-        keys = led.list_keys()
+
+@pytest.mark.slow
+def test_concurrent_processes_lose_no_record(shared_run):
+    results, df, _, keys = shared_run
     counts = df.groupby(["principal", "pid"]).size().to_dict()
     for who, res in results.items():
         assert counts.get((who, res["pid"]), 0) == res["calls"], who
         assert set(df[df["principal"] == who]["outcome"]) == {"ok"}
-    assert report.ok, str(report)
-    # each worker's keys ended enabled, rotated once
+    # the lifecycle calls all landed: each worker's round keys ended enabled, rotated once
     for who in ("w1", "w2"):
         mine = keys[keys["name"].str.startswith(f"{who}-") & (keys["name"] != f"{who}-main")]
         assert len(mine) == results[who]["rounds"]
         assert set(mine["state"]) == {"active"} and set(mine["latest_version"]) == {2}
+
+
+@pytest.mark.slow
+def test_concurrent_ledger_verifies_afterwards(shared_run):
+    *_, report, _ = shared_run
+    assert report.ok, str(report)
+    assert report.checkpoints >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="bug (timing-dependent, so not strict): verify_audit() reads the HSM "
+                          "head before its store transaction, so a checkpoint another process "
+                          "commits in between is reported as tampering; pinned deterministically "
+                          "by test_verify_during_another_process_checkpoint_is_not_tampering",
+                   strict=False)
+def test_concurrent_verifications_all_pass(shared_run):
+    results, *_ = shared_run
+    assert results["dashboard"]["verify_failures"] == []
+
+
+@pytest.mark.xfail(reason="bug: verify_audit() reads the HSM head before its store transaction, "
+                          "so a checkpoint another process commits in between is reported as "
+                          "tampering", strict=True)
+def test_verify_during_another_process_checkpoint_is_not_tampering(tmp_path, monkeypatch):
+    """Deterministic form of the race: another process ingests and checkpoints just before this
+    process's verification transaction starts."""
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    _settings(home, "audit", ingest_interval_ms=600_000)
+    other = f"""
+import keyledger as kl
+with kl.open({str(home)!r}, principal="other") as led:
+    led.encrypt("k", b"x")
+    led.flush_audit()
+"""
+    with kl.open(home, principal="alice") as led:
+        led.flush_audit()  # nothing pending: verify_audit() goes straight to verification
+        db = led._rt.db
+        real_write = db.write
+
+        def other_process_checkpoints_first():
+            monkeypatch.setattr(db, "write", real_write)
+            done = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+            return real_write()
+
+        monkeypatch.setattr(db, "write", other_process_checkpoints_first)
+        report = led.verify_audit()
+        assert db.write == real_write  # the other process did run in between
+    assert report.ok, str(report)
+
+
+_IN_FLIGHT_BUG = ("bug: reconcile() on open rolls back every intent in the store, including the "
+                  "create/rotate another live process is in the middle of; that process then "
+                  "commits a key whose HSM material was destroyed")
+
+
+@pytest.mark.xfail(reason=_IN_FLIGHT_BUG, strict=True)
+def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, monkeypatch):
+    import keyledger.service as service
+
+    home = tmp_path / "home"
+    _init_home(home)
+    opener = f"import keyledger as kl; kl.open({str(home)!r}, principal='bob').close()"
+    real_fault = service._fault
+
+    def another_process_opens(point: str) -> None:
+        if point == "create:after_hsm":
+            done = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+        real_fault(point)
+
+    with kl.open(home, principal="alice") as led:
+        monkeypatch.setattr(service, "_fault", another_process_opens)
+        led.create_key("k", spec="AES_256")
+        monkeypatch.setattr(service, "_fault", real_fault)
+        assert led.decrypt(led.encrypt("k", b"x")) == b"x"
+        assert led.reconcile(full=True).clean
 
 
 _PEER = """

@@ -162,7 +162,7 @@ def next_state(action: str, current: KeyState, name: str, prior: KeyState | None
     """Return the state after ``action`` or raise ``KeyStateError`` naming what is allowed."""
     key = (action, current)
     if key not in TRANSITIONS:
-        allowed = sorted(a for (a, s) in TRANSITIONS if s == current)
+        allowed = sorted(a.replace("_", " ") for (a, s) in TRANSITIONS if s == current)
         hint = _HINTS.get(current, "")
         raise KeyStateError(
             f"cannot {action.replace('_', ' ')} key {name!r}: it is {current.value}"

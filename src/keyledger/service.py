@@ -345,7 +345,7 @@ class KeyLedger:
                 if key.deletion_due is None or now < naive(key.deletion_due):
                     raise PolicyViolation(
                         f"key {key.name!r} may be destroyed after {key.deletion_due:%Y-%m-%d %H:%M}"
-                        " UTC, when its deletion waiting period ends; cancel_deletion to keep it")
+                        " UTC, when its deletion waiting period ends; cancel the deletion to keep it")
                 handles = [v.handle for v in key.versions.values() if v.state != "destroyed"]
                 self._intent(tx, "destroy", key.key_id, None, handles, now)
             _fault("destroy:after_intent")
