@@ -252,10 +252,6 @@ with kl.open(home, principal="alice", clock=lambda: now) as led:
 """
 
 
-@pytest.mark.xfail(reason="bug: open() reconciles every intent, including those of operations "
-                          "still running in another live process; it destroys their new HSM "
-                          "object and the operation then commits a version without material",
-                   strict=True)
 @pytest.mark.parametrize("point", ["create:after_intent", "create:after_hsm",
                                    "rotate:after_intent", "rotate:after_hsm"])
 def test_open_elsewhere_leaves_in_flight_operation_alone(home, clock, point):

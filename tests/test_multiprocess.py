@@ -276,9 +276,6 @@ def test_concurrent_verifications_all_pass(shared_run):
     assert results["dashboard"]["verify_failures"] == []
 
 
-@pytest.mark.xfail(reason="bug: verify_audit() reads the HSM head before its store transaction, "
-                          "so a checkpoint another process commits in between is reported as "
-                          "tampering", strict=True)
 def test_verify_during_another_process_checkpoint_is_not_tampering(tmp_path, monkeypatch):
     """Deterministic form of the race: another process ingests and checkpoints just before this
     process's verification transaction starts."""

@@ -7,8 +7,10 @@ PKCS#11 allows one login per process, and one journal per process keeps the chai
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -110,6 +112,14 @@ class HomeRuntime:
             raise
         self._known_offsets: dict[str, int] = {}
         self._audit_public_key = None
+        # Intents of operations running in this process; other processes prove they are alive
+        # by holding a flock on run/<pid>.lock (released by the kernel when they die).
+        self.in_flight: set[str] = set()
+        self._run_dir = home / "run"
+        self._run_dir.mkdir(mode=0o700, exist_ok=True)
+        self._alive_path = self._run_dir / f"{os.getpid()}.lock"
+        self._alive_fd = os.open(self._alive_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._alive_fd, fcntl.LOCK_EX)
         self._ingest_lock = threading.Lock()
         self._stop = threading.Event()
         self._ingester = threading.Thread(target=self._ingest_loop, name="keyledger-ingest",
@@ -209,6 +219,22 @@ class HomeRuntime:
         return self.catalog.home_policy()
 
     # -- crash reconciliation ------------------------------------------------------------------
+    def _owner_running(self, pid: int, intent_id: str) -> bool:
+        """True while the process that wrote the intent may still be working on it."""
+        if pid == os.getpid():
+            return intent_id in self.in_flight
+        try:
+            fd = os.open(self._run_dir / f"{pid}.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def reconcile(self, actor: str, full: bool = False) -> ReconcileReport:
         """Finish or roll back what an interrupted create/rotate/destroy left behind.
 
@@ -219,12 +245,14 @@ class HomeRuntime:
         now = naive(self.clock())
         with self.db.write() as tx:
             intents = tx.execute(
-                "SELECT intent_id, kind, key_id, version, handles FROM intents ORDER BY started_at"
-            ).fetchall()
-            for intent_id, kind, key_id, version, handles in intents:
-                hs = [bytes.fromhex(h) for h in json.loads(handles)]
-                name = (tx.execute("SELECT name FROM keys WHERE key_id = ?", [key_id]).fetchone()
-                        or [key_id])[0]
+                "SELECT intent_id, kind, key_id, version, handles, pid FROM intents "
+                "ORDER BY started_at").fetchall()
+            for intent_id, kind, key_id, version, handles, pid in intents:
+                if self._owner_running(pid, intent_id):
+                    continue  # in flight elsewhere: its owner finishes or rolls it back
+                what = json.loads(handles)
+                hs = [bytes.fromhex(h) for h in what["handles"]]
+                name = what["name"]
                 if kind in ("create", "rotate"):
                     removed = sum(self.backend.destroy(h) for h in hs)
                     what = "key creation" if kind == "create" else f"rotation to v{version}"
@@ -238,7 +266,8 @@ class HomeRuntime:
                                "WHERE key_id = ? AND state <> 'destroyed'", [now, key_id])
                     prior = tx.execute("SELECT state FROM keys WHERE key_id = ?",
                                        [key_id]).fetchone()
-                    tx.execute("UPDATE keys SET state = 'destroyed' WHERE key_id = ?", [key_id])
+                    tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
+                               "WHERE key_id = ?", [key_id])
                     tx.execute("INSERT INTO transitions VALUES (?, ?, NULL, 'destroy', ?, ?, ?, ?)",
                                [now, key_id, prior[0] if prior else None,
                                 KeyState.DESTROYED.value, actor,
@@ -270,4 +299,9 @@ class HomeRuntime:
         except KeyLedgerError as exc:  # the records stay in the journal for the next reader
             log.debug("final ingest skipped: %s", exc)
         pkcs11_backend.release(self.backend)
+        try:
+            self._alive_path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._alive_fd)
         atexit.unregister(self.shutdown)

@@ -204,21 +204,24 @@ class KeyLedger:
                 if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
                               "WHERE alias = ?", [name, name]).fetchone():
                     raise KeyExists(f"a key or alias named {name!r} already exists")
-                self._intent(tx, "create", key_id, 1, [handle], now)
-            _fault("create:after_intent")
-            self._rt.backend.generate(kspec, handle, f"kl:{name}:v1", exportable=exportable)
-            _fault("create:after_hsm")
-            with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
-                tx.execute(
-                    "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL,"
-                    " ?, '{}')",
-                    [key_id, name, kspec.name, kpurpose.value, state.value, owner, now, now,
-                     int(period.total_seconds()), exportable, tag_json])
-                tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
-                           [key_id, handle.hex(), now])
-                self._transition(tx, now, key_id, 1, "create", None, state, "created")
-                tx.execute("DELETE FROM intents WHERE key_id = ? AND kind = 'create'", [key_id])
-                key = cat.load_key(tx, name)
+                intent = self._intent(tx, "create", key_id, name, 1, [handle], now)
+            try:
+                _fault("create:after_intent")
+                self._rt.backend.generate(kspec, handle, f"kl:{name}:v1", exportable=exportable)
+                _fault("create:after_hsm")
+                with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
+                    self._done(tx, intent)
+                    tx.execute(
+                        "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1,"
+                        " NULL, ?, '{}')",
+                        [key_id, name, kspec.name, kpurpose.value, state.value, owner, now, now,
+                         int(period.total_seconds()), exportable, tag_json])
+                    tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
+                               [key_id, handle.hex(), now])
+                    self._transition(tx, now, key_id, 1, "create", None, state, "created")
+                    key = cat.load_key(tx, name)
+            finally:
+                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             rec.key, rec.version = key, 1
             return key
@@ -259,30 +262,34 @@ class KeyLedger:
                 rec.key = key
                 next_state("rotate", key.state, key.name)
                 version = key.latest_version + 1
-                self._intent(tx, "rotate", key.key_id, version, [handle], now)
-            _fault("rotate:after_intent")
-            self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
-                                      exportable=key.exportable)
-            _fault("rotate:after_hsm")
-            with self._rt.db.write() as tx:
-                fresh = cat.load_key(tx, key.name)
-                if fresh.latest_version != key.latest_version or fresh.state != key.state:
-                    self._rt.backend.destroy(handle)
-                    tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
-                               [key.key_id, version])
-                    raise KeyStateError(f"key {key.name!r} changed during rotation; retry")
-                old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
-                tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
-                           "AND state = 'active'", [old_state, key.key_id, key.latest_version])
-                tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
-                           [key.key_id, version, handle.hex(), now])
-                tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
-                           "WHERE key_id = ?", [version, now, KeyState.ACTIVE.value, key.key_id])
-                self._transition(tx, now, key.key_id, version, "rotate", key.state,
-                                 KeyState.ACTIVE, reason)
-                tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
-                           [key.key_id, version])
-                key = cat.load_key(tx, key.name)
+                intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],
+                                      now)
+            try:
+                _fault("rotate:after_intent")
+                self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
+                                          exportable=key.exportable)
+                _fault("rotate:after_hsm")
+                with self._rt.db.write() as tx:
+                    fresh = cat.load_key(tx, key.name)
+                    if fresh.latest_version != key.latest_version or fresh.state != key.state:
+                        self._rt.backend.destroy(handle)
+                        tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
+                                   [key.key_id, version])
+                        raise KeyStateError(f"key {key.name!r} changed during rotation; retry")
+                    self._done(tx, intent)
+                    old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
+                    tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
+                               "AND state = 'active'", [old_state, key.key_id, key.latest_version])
+                    tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
+                               [key.key_id, version, handle.hex(), now])
+                    tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
+                               "WHERE key_id = ?",
+                               [version, now, KeyState.ACTIVE.value, key.key_id])
+                    self._transition(tx, now, key.key_id, version, "rotate", key.state,
+                                     KeyState.ACTIVE, reason)
+                    key = cat.load_key(tx, key.name)
+            finally:
+                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             rec.key, rec.version = key, version
             return key
@@ -347,21 +354,23 @@ class KeyLedger:
                         f"key {key.name!r} may be destroyed after {key.deletion_due:%Y-%m-%d %H:%M}"
                         " UTC, when its deletion waiting period ends; cancel the deletion to keep it")
                 handles = [v.handle for v in key.versions.values() if v.state != "destroyed"]
-                self._intent(tx, "destroy", key.key_id, None, handles, now)
-            _fault("destroy:after_intent")
-            for h in handles:  # 2. material goes first; a crash here is completed on next open
-                self._rt.backend.destroy(h)
-                _fault("destroy:after_first_object")
-            with self._rt.db.write() as tx:
-                tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                           "WHERE key_id = ? AND state <> 'destroyed'", [now, key.key_id])
-                tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
-                           "WHERE key_id = ?", [key.key_id])
-                self._transition(tx, now, key.key_id, None, "destroy", key.state,
-                                 KeyState.DESTROYED, reason)
-                tx.execute("DELETE FROM intents WHERE key_id = ? AND kind = 'destroy'",
-                           [key.key_id])
-                key = cat.load_key(tx, key.name)
+                intent = self._intent(tx, "destroy", key.key_id, key.name, None, handles, now)
+            try:
+                _fault("destroy:after_intent")
+                for h in handles:  # 2. material goes first; a crash here is completed on open
+                    self._rt.backend.destroy(h)
+                    _fault("destroy:after_first_object")
+                with self._rt.db.write() as tx:
+                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
+                               "WHERE key_id = ? AND state <> 'destroyed'", [now, key.key_id])
+                    tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
+                               "WHERE key_id = ?", [key.key_id])
+                    self._transition(tx, now, key.key_id, None, "destroy", key.state,
+                                     KeyState.DESTROYED, reason)
+                    tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
+                    key = cat.load_key(tx, key.name)
+            finally:
+                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             rec.key = key
             return key
@@ -518,11 +527,22 @@ class KeyLedger:
                     from_state.value if from_state is not None else None, to_state.value,
                     self.principal, reason])
 
-    def _intent(self, tx, kind: str, key_id: str, version: int | None, handles: list[bytes],
-                now: datetime) -> None:
+    def _intent(self, tx, kind: str, key_id: str, name: str, version: int | None,
+                handles: list[bytes], now: datetime) -> str:
+        """Record what is about to change in the HSM; in flight until ``_done`` drops it."""
+        intent_id = str(uuid.uuid4())
         tx.execute("INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   [str(uuid.uuid4()), kind, key_id, version,
-                    json.dumps([h.hex() for h in handles]), now, os.getpid(), self.principal])
+                   [intent_id, kind, key_id, version,
+                    json.dumps({"name": name, "handles": [h.hex() for h in handles]}), now,
+                    os.getpid(), self.principal])
+        self._rt.in_flight.add(intent_id)  # an open() elsewhere in this process leaves it alone
+        return intent_id
+
+    def _done(self, tx, intent_id: str) -> None:
+        """Drop the intent with the catalog change; fail if a reconcile took it over."""
+        if not tx.execute("DELETE FROM intents WHERE intent_id = ? RETURNING intent_id",
+                          [intent_id]).fetchall():
+            raise KeyStateError("the operation was rolled back by a concurrent reconcile; retry")
 
     @staticmethod
     def _tags_json(tags: object) -> str:
