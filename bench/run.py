@@ -97,7 +97,16 @@ def machine_info() -> dict:
         softhsm = out.stdout.strip() or None
     except OSError:
         pass
+    commit = None
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, check=False, timeout=10)
+        commit = out.stdout.strip() or None
+    except OSError:
+        pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "commit": commit,
             "loadavg_start": os.getloadavg()[0],
             "platform": platform.platform(), "softhsm2": softhsm, "packages": versions}
 
@@ -314,7 +323,7 @@ def render(res: dict) -> str:
     lines = [
         f"keyledger bench: {m['nproc']} CPU(s), {m['cpu']}, Python {m['python']}, "
         f"python-pkcs11 {m['packages']['python-pkcs11']}, duckdb {m['packages']['duckdb']}, "
-        f"{m['softhsm2'] and 'SoftHSM ' + m['softhsm2']}",
+        f"{m['softhsm2'] and 'SoftHSM ' + m['softhsm2']}, commit {m['commit']}",
         f"{res['params']['seconds']:g} s per measurement, {res['params']['rounds']} rounds "
         "(medians; ratio = median of per-round ratios); 1-min load average "
         f"{m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end",
@@ -367,13 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or args.rounds < 1 or args.records < 1:
         p.error("--seconds, --rounds and --records must be positive")
 
-    root = Path(tempfile.mkdtemp(prefix="keyledger-bench-", dir="/tmp"))
     if args.home is not None:
-        home = args.home.expanduser().absolute()
-        if home.exists() and any(home.iterdir()):
-            p.error(f"--home {home} is not empty; the benchmark needs a fresh home")
-    else:
-        home = root / "home"
+        kept = args.home.expanduser().absolute()
+        if kept.exists() and any(kept.iterdir()):
+            p.error(f"--home {kept} is not empty; the benchmark needs a fresh home")
+    root = Path(tempfile.mkdtemp(prefix="keyledger-bench-", dir="/tmp"))
+    home = kept if args.home is not None else root / "home"
     try:
         res: dict = {"machine": machine_info(),
                      "params": {"seconds": args.seconds, "rounds": args.rounds,

@@ -100,22 +100,33 @@ def test_every_call_writes_exactly_one_record(ledger, clock):
          spec="AES_256", raises=kl.KeyExists)
     call(("get_key", "ok", None, "orders", None, None), ledger.get_key, "orders")
     call(("list_keys", "ok", None, None, None, None), ledger.list_keys)
-    n_calls = len(expected) - 1
+    clock.advance(seconds=1)
+    with kl.open(ledger.home, principal="eve", clock=clock) as eve:  # no role anywhere
+        expected.append(("open", "ok", None, None, None, None, "eve"))
+        clock.advance(seconds=1)
+        with pytest.raises(kl.AccessDenied):
+            eve.encrypt("orders", b"x")
+        expected.append(("encrypt", "denied", "AccessDenied", "orders", None, None, "eve"))
+        clock.advance(seconds=1)
+        with pytest.raises(kl.AccessDenied):
+            eve.audit()
+        expected.append(("audit", "denied", "AccessDenied", None, None, None, "eve"))
+    n = len(expected)
 
     df = ledger.audit()
-    assert len(df) == n_calls + 1  # + the open
+    assert len(df) == n
     assert _records(df) == expected
     start = datetime(2026, 1, 1, 9, 0, tzinfo=UTC)
-    assert list(df["time"]) == [start + i * step for i in range(n_calls + 1)]
-    # one journal, contiguous record numbers: nothing was written twice or skipped
+    assert list(df["time"]) == [start + i * step for i in range(n)]
+    # one journal per process, contiguous record numbers: nothing written twice or skipped
     assert df["journal"].nunique() == 1
-    assert list(df["jseq"]) == list(range(1, n_calls + 2))
+    assert list(df["jseq"]) == list(range(1, n + 1))
     # the caller sees one opaque error; the ledger keeps the precise reason
     wrong_ctx = df.iloc[4]
     assert "wrong context" in wrong_ctx["detail"]
     # the audit() call itself is one more record, seen by the next read
     again = ledger.audit()
-    assert len(again) == n_calls + 2
+    assert len(again) == n + 1
     assert _records(again.tail(1)) == [("audit", "ok", None, None, None, None, "alice")]
     assert ledger.verify_audit().ok
 
@@ -124,12 +135,18 @@ def test_records_name_the_principal_of_each_ledger(home, clock):
     with kl.open(home, principal="alice", clock=clock) as alice, \
             kl.open(home, principal="bob", clock=clock) as bob:
         alice.create_key("k", spec="HMAC_SHA256")
+        with pytest.raises(kl.AccessDenied):
+            bob.mac("k", b"m")
+        alice.grant("k", "bob", "user")
         tag = bob.mac("k", b"m")
         assert alice.verify_mac("k", b"m", tag)
         df = alice.audit()
-    assert [(r.principal, r.action) for r in df.itertuples()] == [
-        ("alice", "open"), ("bob", "open"), ("alice", "create_key"), ("bob", "mac"),
-        ("alice", "verify_mac")]
+    assert [(r.principal, r.action, r.outcome) for r in df.itertuples()] == [
+        ("alice", "open", "ok"), ("bob", "open", "ok"), ("alice", "create_key", "ok"),
+        ("bob", "mac", "denied"), ("alice", "grant", "ok"), ("bob", "mac", "ok"),
+        ("alice", "verify_mac", "ok")]
+    denied = df.iloc[3]
+    assert denied["error"] == "AccessDenied" and denied["key"] == "k"
 
 
 # -- invariant 2: tamper evidence ---------------------------------------------------------------
@@ -139,6 +156,8 @@ def _populated_home(home: Path, clock) -> None:
     """Two journals (two opens), 40+ records, several checkpoints; all ingested on close."""
     with kl.open(home, principal="alice", clock=clock) as led:
         led.create_key("k", spec="AES_256")
+        led.grant("k", "bob", "user")
+        led.grant("*", "carol", "auditor")
         for i in range(20):
             clock.advance(minutes=1)
             led.encrypt("k", b"row %d" % i, context={"i": str(i)})
@@ -497,6 +516,7 @@ def test_audit_filters(home, clock):
             kl.open(home, principal="bob", clock=clock) as bob:
         alice.create_key("a", spec="AES_256")
         alice.create_key("b", spec="AES_256")
+        alice.grant("*", "bob", "user")
         clock.advance(hours=1)
         t1 = clock()
         for _ in range(3):

@@ -280,6 +280,9 @@ def test_deletion_window_and_compromise(cli):
 # -- audit -----------------------------------------------------------------------------------------
 def test_audit_verify_tail_and_principal(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
+    denied = cli("--principal", "bob", "encrypt", "orders", input=b"x")
+    assert denied.returncode == 1 and b"keyledger grant orders bob user" in denied.stderr
+    cli.ok("grant", "orders", "bob", "user")
     cli.ok("--principal", "bob", "encrypt", "orders", "--context", "tenant=acme", input=b"x")
     proc = cli.ok("audit", "verify")
     assert b"audit ledger OK" in proc.stdout
@@ -288,7 +291,9 @@ def test_audit_verify_tail_and_principal(cli):
     assert len(tail) == 5
     assert {"time", "principal", "action", "key", "version", "outcome", "error"} <= set(tail[0])
     enc = cli.json("audit", "tail", "--action", "encrypt")
-    assert len(enc) == 1
+    assert [e["outcome"] for e in enc] == ["denied", "ok"]  # the refusal is recorded too
+    assert enc[0]["error"] == "AccessDenied"
+    enc = enc[1:]
     assert enc[0]["principal"] == "bob" and enc[0]["key"] == "orders"
     assert enc[0]["version"] == 1 and enc[0]["outcome"] == "ok"
     assert json.loads(enc[0]["context"]) == {"tenant": "acme"}

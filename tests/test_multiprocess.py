@@ -47,10 +47,22 @@ def _settings(home: Path, section: str, **values: object) -> None:
     write_config(home, data)
 
 
+# home-wide roles of the principals these tests use (deny by default otherwise)
+ROLES = {
+    "worker": ("user",), "w1": ("admin",), "w2": ("admin",), "dashboard": ("auditor",),
+    "auditor": ("auditor",), "peer": ("user",), "admin": ("admin",),
+    "alice": ("admin", "user", "auditor"), "other": ("user",),
+}
+
+
 def _init_home(home: Path, *keys: str) -> None:
+    """A home whose first principal ("setup") creates ``keys`` and grants ROLES."""
     with kl.open(home, principal="setup") as led:
         for name in keys:
             led.create_key(name, spec="AES_256")
+        for who, roles in ROLES.items():
+            for role in roles:
+                led.grant("*", who, role)
 
 
 # -- invariant 6: SIGKILL loses no record of a call that returned -------------------------------
@@ -127,9 +139,8 @@ def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_
 
 # -- invariant 5: several processes at once, no lock errors, no record lost ----------------------
 
-# Each process opens the home, says "ready", and starts when told: opens are serialised so the
-# open-time reconcile cannot meet another process's in-flight create (that race has its own
-# test below, test_open_in_another_process_does_not_roll_back_an_in_flight_create).
+# Each process opens the home (all at once: open-time reconcile must leave the others alone),
+# says "ready", and starts work when told, so the three overlap for the whole run.
 _CRYPTO_WORKER = """
 import json, os, sys, time
 import keyledger as kl
@@ -215,7 +226,8 @@ def shared_run(tmp_path_factory):
                                 ("w1", _CRYPTO_WORKER, ("w1", seconds)),
                                 ("w2", _CRYPTO_WORKER, ("w2", seconds))):
             procs[who] = _spawn(code, str(home), *args, stdin=True)
-            _readline(procs[who], "ready")
+        for proc in procs.values():
+            _readline(proc, "ready")
         for proc in procs.values():
             proc.stdin.write("go\n")
             proc.stdin.flush()
@@ -266,11 +278,6 @@ def test_concurrent_ledger_verifies_afterwards(shared_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="bug (timing-dependent, so not strict): verify_audit() reads the HSM "
-                          "head before its store transaction, so a checkpoint another process "
-                          "commits in between is reported as tampering; pinned deterministically "
-                          "by test_verify_during_another_process_checkpoint_is_not_tampering",
-                   strict=False)
 def test_concurrent_verifications_all_pass(shared_run):
     results, *_ = shared_run
     assert results["dashboard"]["verify_failures"] == []
@@ -306,12 +313,6 @@ with kl.open({str(home)!r}, principal="other") as led:
     assert report.ok, str(report)
 
 
-_IN_FLIGHT_BUG = ("bug: reconcile() on open rolls back every intent in the store, including the "
-                  "create/rotate another live process is in the middle of; that process then "
-                  "commits a key whose HSM material was destroyed")
-
-
-@pytest.mark.xfail(reason=_IN_FLIGHT_BUG, strict=True)
 def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, monkeypatch):
     import keyledger.service as service
 
@@ -424,6 +425,8 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
                 assert led.decrypt(led.encrypt("k", b"during %d" % i)) == b"during %d" % i
             assert led.decrypt(blob) == b"before"
             assert "k" in set(led.list_keys()["name"])
+            with pytest.raises(kl.StoreBusy):
+                led.audit()  # reading the ledger needs the store
         finally:
             holder.stdin.write("release\n")
             holder.stdin.flush()
@@ -432,6 +435,6 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
         df = led.audit(principal="alice")
         report = led.verify_audit()
     busy = df[df["error"] == "StoreBusy"]
-    assert list(busy["action"]) == ["create_key", "rotate"]
+    assert list(busy["action"]) == ["create_key", "rotate", "audit"]
     assert (df["action"] == "encrypt").sum() == 21
     assert report.ok, str(report)

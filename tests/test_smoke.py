@@ -1,5 +1,7 @@
 """The quickstart works end to end on a real token and store."""
 
+import pytest
+
 import keyledger as kl
 
 
@@ -18,6 +20,9 @@ def test_reopen_sees_keys(home, clock):
     with kl.open(home, principal="alice", clock=clock) as led:
         led.create_key("k", spec="HMAC_SHA256")
         tag = led.mac("k", b"m")
+        led.grant("k", "bob", "user")  # deny by default: bob needs a grant
     with kl.open(home, principal="bob", clock=clock) as led:
         assert led.verify_mac("k", b"m", tag)
         assert list(led.list_keys()["name"]) == ["k"]
+        with pytest.raises(kl.AccessDenied):
+            led.rotate("k")  # a user is not an admin

@@ -427,6 +427,85 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grant(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        led.grant(args.name, args.who, args.role)
+    where = "every key" if args.name == "*" else f"key {args.name!r}"
+    print(f"granted {args.role} on {where} to {args.who}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        removed = led.revoke(args.name, args.who, args.role)
+    print(f"revoked {removed} grant(s) of {args.who} on {args.name}")
+    return 0 if removed else 1
+
+
+def _frame_out(args: argparse.Namespace, df: pd.DataFrame, empty: str) -> int:
+    if args.json:
+        _print_json(df.to_dict("records"))
+    elif df.empty:
+        print(empty)
+    else:
+        rows = [tuple(_jsonable(v) for v in r) for r in df.itertuples(index=False)]
+        print(format_table(tuple(c.upper() for c in df.columns), rows))
+    return 0
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        df = led.grants(args.name)
+    return _frame_out(args, df[["key", "principal", "role", "granted_by", "granted_at"]],
+                      "no grants")
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        request_id = led.request(args.action, args.name, args.reason)
+        status = led.requests().set_index("request_id").loc[request_id]
+    if args.json:
+        _print_json({"request_id": request_id, "status": status["status"],
+                     "quorum": int(status["quorum"])})
+    elif status["status"] == "executed":
+        print(f"request {request_id}: {args.action} {args.name} executed (quorum 1)")
+    else:
+        print(f"request {request_id}: waiting for {int(status['quorum']) - 1} more approval(s); "
+              f"other admins run `keyledger approve {request_id}`")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        result = led.approve(args.request_id)
+    if args.json:
+        _print_json(result)
+    elif result["executed"]:
+        print(f"request {args.request_id}: quorum met ({result['approvals']} of "
+              f"{result['quorum']}); executed")
+    else:
+        print(f"request {args.request_id}: {result['approvals']} of {result['quorum']} "
+              "approvals")
+    return 0
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        df = led.requests(args.status)
+    cols = ["request_id", "action", "key", "status", "quorum", "approvers", "requested_by",
+            "expires_at", "reason"]
+    return _frame_out(args, df[cols], "no approval requests")
+
+
+def cmd_acknowledge(args: argparse.Namespace) -> int:
+    from .governance import CUSTODIAN_STATEMENT
+
+    with _open(args) as led:
+        led.acknowledge_custody()
+    print(f"recorded: {led.principal} accepts: {CUSTODIAN_STATEMENT}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     with _open(args) as led:
         result = run_tour(led, echo=print)
@@ -549,6 +628,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", choices=["parquet", "jsonl"],
                    help="default: jsonl for *.jsonl/*.json paths, parquet otherwise")
+
+    p = add(sub, "grant", cmd_grant, "give a principal a role on a key, or on every key (*)")
+    p.add_argument("name", help="key name, or * for every key")
+    p.add_argument("who", metavar="PRINCIPAL", help="principal, or * for everyone")
+    p.add_argument("role", choices=["admin", "user", "auditor"])
+    p = add(sub, "revoke", cmd_revoke, "take a role (or all roles) away (exit 1 if none)")
+    p.add_argument("name", help="key name, or * for every key")
+    p.add_argument("who", metavar="PRINCIPAL")
+    p.add_argument("role", nargs="?", choices=["admin", "user", "auditor"])
+    add(sub, "grants", cmd_grants, "who holds which role where",
+        json_flag=True).add_argument("name", nargs="?")
+    p = add(sub, "request", cmd_request,
+            "ask for a quorum-guarded action (destroy, set_policy)", json_flag=True)
+    p.add_argument("action", choices=["destroy"])
+    p.add_argument("name")
+    p.add_argument("--reason", required=True, help="why; approvers read it")
+    add(sub, "approve", cmd_approve, "approve a pending request (the last approval executes it)",
+        json_flag=True).add_argument("request_id")
+    add(sub, "requests", cmd_requests, "list approval requests",
+        json_flag=True).add_argument("--status",
+                                     choices=["pending", "executed", "expired", "executing"])
+    add(sub, "acknowledge", cmd_acknowledge,
+        "record that you accept the key custodian's responsibilities (PCI DSS 3.7.8)")
 
     add(sub, "demo", cmd_demo, "a short scripted tour of the key lifecycle (re-runnable)")
     return parser

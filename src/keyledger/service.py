@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import ciphertext as ct
-from .access import WILDCARD
+from .access import WILDCARD, Role, check, roles_of
 from .config import default_home
 from .errors import (
     AccessDenied,
@@ -29,6 +29,7 @@ from .errors import (
     KeyStateError,
     PolicyViolation,
 )
+from .governance import GovernanceMixin
 from .hsm.backend import Capabilities, DecryptFailed
 from .model import (
     Family,
@@ -109,7 +110,7 @@ class _Audited:
         return False
 
 
-class KeyLedger:
+class KeyLedger(GovernanceMixin):
     """Manage keys held in an HSM, with every call recorded in a tamper-evident ledger.
 
     Open with ``keyledger.open()``. Safe to share between threads; several processes may open
@@ -124,6 +125,8 @@ class KeyLedger:
         self._closed = False
         self.last_reconcile: ReconcileReport = ReconcileReport()
         with self._audited("open", None) as rec:
+            if self._rt.bootstrap_admin(principal):
+                rec.detail = f"{principal} initialised the home and is its first admin"
             self.last_reconcile = self._rt.reconcile(principal)
             if not self.last_reconcile.clean:
                 rec.detail = str(self.last_reconcile)[:500]
@@ -159,10 +162,21 @@ class KeyLedger:
         return _Audited(self, action, name, context)
 
     def _key(self, rec: _Audited, name: object) -> Key:
+        """Resolve a key name or alias and authorise ``rec.action`` on it (deny by default)."""
         validate_name(name)
         key = self._rt.catalog.get(name)  # type: ignore[arg-type]
         rec.key = key
+        self._authorize(rec, rec.action, key)
         return key
+
+    def _authorize(self, rec: _Audited, action: str, key: Key | None, *,
+                   any_scope: bool = False) -> None:
+        grants = self._rt.catalog.grants_now()
+        if any_scope and any(p == self.principal and Role.ADMIN in r
+                             for (_, p), r in grants.items()):
+            return
+        check(grants, self.principal, action, key.key_id if key else None,
+              key.name if key else None)
 
     @staticmethod
     def _bytes(value: object, what: str) -> bytes:
@@ -189,6 +203,7 @@ class KeyLedger:
         """Generate version 1 in the HSM (sensitive; non-extractable unless ``exportable``)."""
         with self._audited("create_key", name if isinstance(name, str) else None) as rec:
             validate_name(name)
+            self._authorize(rec, "create_key", None)
             kspec = parse_spec(spec)
             kpurpose = parse_purpose(purpose, kspec)
             if owner is not None:
@@ -200,6 +215,7 @@ class KeyLedger:
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
             state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
+            creator_is_user = self._rt.creator_is_user
             with self._rt.db.write() as tx:  # 1. intent, so a crash after step 2 is rolled back
                 if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
                               "WHERE alias = ?", [name, name]).fetchone():
@@ -219,6 +235,10 @@ class KeyLedger:
                     tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
                                [key_id, handle.hex(), now])
                     self._transition(tx, now, key_id, 1, "create", None, state, "created")
+                    if creator_is_user:  # one person can work alone; the SoD rule reports it
+                        tx.execute("INSERT INTO grants VALUES (?, ?, 'user', ?, ?) "
+                                   "ON CONFLICT DO NOTHING",
+                                   [key_id, self.principal, self.principal, now])
                     key = cat.load_key(tx, name)
             finally:
                 self._rt.in_flight.discard(intent)
@@ -232,8 +252,13 @@ class KeyLedger:
 
     def list_keys(self) -> pd.DataFrame:
         """One row per key: name, spec, purpose, state, latest_version, owner, created_at, ..."""
-        with self._audited("list_keys", None):
+        with self._audited("list_keys", None) as rec:
             self._rt.catalog.refresh(force=True)
+            grants = self._rt.catalog.grants
+            visible = [k for k in self._rt.catalog.all_keys()
+                       if roles_of(grants, self.principal, k.key_id)]
+            if not visible and not roles_of(grants, self.principal, None):
+                self._authorize(rec, "list_keys", None)
             rows = [{
                 "name": k.name, "spec": k.spec.name, "purpose": k.purpose.value,
                 "state": k.state.value, "latest_version": k.latest_version, "owner": k.owner,
@@ -242,7 +267,7 @@ class KeyLedger:
                 "min_decryption_version": k.min_decryption_version,
                 "deletion_due": k.deletion_due, "aliases": list(k.aliases), "tags": dict(k.tags),
                 "exportable": k.exportable, "key_id": k.key_id,
-            } for k in sorted(self._rt.catalog.keys(), key=lambda k: k.name)]
+            } for k in sorted(visible, key=lambda k: k.name)]
             columns = ["name", "spec", "purpose", "state", "latest_version", "owner",
                        "created_at", "rotated_at", "next_rotation_due", "min_decryption_version",
                        "deletion_due", "aliases", "tags", "exportable", "key_id"]
@@ -590,6 +615,7 @@ class KeyLedger:
             rec.detail = f"unknown key id {header.key_id}"
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         rec.key = key
+        self._authorize(rec, rec.action, key)
         if header.version not in key.versions:
             rec.detail = f"unknown version {header.version}"
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
@@ -730,12 +756,14 @@ class KeyLedger:
     # -- HSM and home --------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
         """What the HSM module supports (e.g. SoftHSM 2.6.1 lacks RSA-OAEP-SHA256)."""
-        with self._audited("capabilities", None):
+        with self._audited("capabilities", None) as rec:
+            self._authorize(rec, "capabilities", None)
             return self._rt.backend.capabilities()
 
     def reconcile(self, *, full: bool = True) -> ReconcileReport:
         """Repair interrupted operations and (``full``) check every version's HSM material."""
         with self._audited("reconcile", None) as rec:
+            self._authorize(rec, "reconcile", None)
             report = self._rt.reconcile(self.principal, full=full)
             rec.detail = str(report)[:500]
             return report
@@ -758,7 +786,8 @@ class KeyLedger:
               since: datetime | None = None, until: datetime | None = None,
               limit: int | None = None) -> pd.DataFrame:
         """Audit records (oldest first) with time, principal, action, key, version, outcome, ..."""
-        with self._audited("audit", key):
+        with self._audited("audit", key) as rec:
+            self._authorize(rec, "audit", None)
             self._rt.ingest()
             where, args = [], []
             for col, value in (("key", key), ("principal", principal), ("action", action),
@@ -787,6 +816,7 @@ class KeyLedger:
     def verify_audit(self) -> VerifyReport:
         """Check the chain, the checkpoints and the HSM-held head; name the first bad record."""
         with self._audited("verify_audit", None) as rec:
+            self._authorize(rec, "verify_audit", None)
             try:
                 self._rt.ingest()
             except AuditError:  # a ledger that no longer matches its checkpoint: report it
@@ -804,6 +834,7 @@ class KeyLedger:
     def export_audit(self, path: str | os.PathLike, format: str = "parquet") -> Path:
         """JSONL file, or Parquet partitioned by day (Hive layout: day=YYYY-MM-DD/)."""
         with self._audited("export_audit", None) as rec:
+            self._authorize(rec, "export_audit", None)
             if format not in ("parquet", "jsonl"):
                 raise InvalidInput("format must be 'parquet' or 'jsonl'")
             out = Path(path)

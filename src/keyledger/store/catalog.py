@@ -163,6 +163,6 @@ class CatalogCache:
         self.refresh()
         return self.by_id.get(key_id)
 
-    def keys(self) -> list[Key]:
+    def all_keys(self) -> list[Key]:
         self.refresh()
         return list(self.by_id.values())
