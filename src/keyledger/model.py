@@ -229,6 +229,35 @@ def default_rotation_period(spec: KeySpec, purpose: Purpose) -> timedelta:
     return timedelta(days=365) if purpose is Purpose.SIGN else timedelta(days=90)
 
 
+# AES-GCM with random 96-bit nonces: at most 2**32 encryptions per key version (NIST SP 800-38D).
+DEFAULT_USAGE_LIMIT = 2**32
+
+
+def resolve_rotation_period(explicit_s: int | None, spec: KeySpec, purpose: Purpose,
+                            tags: dict[str, str], home_policy: dict) -> tuple[timedelta, str]:
+    """Effective rotation period and where it comes from: key > tag > home (by purpose) > default.
+
+    When several tag rules match, the shortest period wins (the strictest policy applies).
+    """
+    if explicit_s is not None:
+        return timedelta(seconds=explicit_s), "key"
+    by_tag = home_policy.get("rotation_by_tag", {})
+    matches = [(secs, f"tag {t}") for t, secs in by_tag.items()
+               if "=" in t and tags.get(t.split("=", 1)[0]) == t.split("=", 1)[1]]
+    if matches:
+        secs, source = min(matches)
+        return timedelta(seconds=secs), source
+    by_purpose = home_policy.get("rotation_by_purpose", {})
+    if purpose.value in by_purpose:
+        return timedelta(seconds=by_purpose[purpose.value]), "home"
+    return default_rotation_period(spec, purpose), "default"
+
+
+def usage_limit(key_policy: dict, home_policy: dict) -> int:
+    return int(key_policy.get("usage_limit") or home_policy.get("usage_limit")
+               or DEFAULT_USAGE_LIMIT)
+
+
 @dataclass
 class KeyVersion:
     version: int
@@ -250,7 +279,7 @@ class Key:
     owner: str | None
     created_at: datetime
     rotated_at: datetime
-    rotation_period: timedelta | None
+    rotation_period: timedelta | None  # effective period (see resolve_rotation_period)
     exportable: bool
     latest_version: int
     min_decryption_version: int = 1
@@ -260,6 +289,7 @@ class Key:
     aliases: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
     policy: dict[str, object] = field(default_factory=dict)
+    rotation_source: str = "default"
     versions: dict[int, KeyVersion] = field(default_factory=dict)
 
     @functools.cached_property

@@ -38,13 +38,13 @@ from .model import (
     Purpose,
     Use,
     check_use,
-    default_rotation_period,
     next_state,
     parse_period,
     parse_purpose,
     parse_spec,
     validate_name,
 )
+from .model import usage_limit as key_usage_limit
 from .runtime import HomeRuntime, ReconcileReport, naive
 from .store import catalog as cat
 from .store.ledger import VerifyReport
@@ -209,7 +209,7 @@ class KeyLedger(GovernanceMixin):
             if owner is not None:
                 validate_name(owner, "owner")
             tag_json = self._tags_json(tags)
-            period = parse_period(rotation_period) or default_rotation_period(kspec, kpurpose)
+            period = parse_period(rotation_period)  # None: inherit (tag, home, default)
             if not isinstance(exportable, bool):
                 raise InvalidInput("exportable must be True or False")
             now = naive(self._now())
@@ -231,7 +231,8 @@ class KeyLedger(GovernanceMixin):
                         "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1,"
                         " NULL, ?, '{}')",
                         [key_id, name, kspec.name, kpurpose.value, state.value, owner, now, now,
-                         int(period.total_seconds()), exportable, tag_json])
+                         int(period.total_seconds()) if period else None, exportable,
+                         tag_json])
                     tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
                                [key_id, handle.hex(), now])
                     self._transition(tx, now, key_id, 1, "create", None, state, "created")
@@ -427,8 +428,17 @@ class KeyLedger(GovernanceMixin):
     def set_policy(self, name: str, *, rotation_period: timedelta | str | None = None,
                    min_decryption_version: int | None = None,
                    min_encryption_version: int | None = None, owner: str | None = None,
-                   quorum: int | None = None, creator_is_user: bool | None = None) -> Key | None:
-        """Change a key's policy, or with ``name="*"`` the home's (quorum, creator_is_user).
+                   quorum: int | None = None, creator_is_user: bool | None = None,
+                   usage_limit: int | None = None, auto_rotate: bool | None = None,
+                   rotation_by_purpose: Mapping[str, timedelta | str] | None = None,
+                   rotation_by_tag: Mapping[str, timedelta | str] | None = None) -> Key | None:
+        """Change a key's policy, or with ``name="*"`` the home's.
+
+        Per key: rotation_period, min_decryption_version, min_encryption_version, owner,
+        quorum, usage_limit (encryptions per version before run_due rotates), auto_rotate.
+        Home (``"*"``): quorum, creator_is_user, usage_limit, rotation_by_purpose
+        (e.g. ``{"encrypt": "30d"}``), rotation_by_tag (e.g. ``{"env=prod": "30d"}``).
+        A key's own rotation_period beats a tag rule, which beats the home's purpose rule.
 
         Weakening changes (longer rotation period, lower minimum versions, lower quorum) need
         ``request("set_policy", name, reason, **changes)`` when the quorum is above 1.
@@ -436,7 +446,10 @@ class KeyLedger(GovernanceMixin):
         return self._set_policy(name, approved=False, rotation_period=rotation_period,
                                 min_decryption_version=min_decryption_version,
                                 min_encryption_version=min_encryption_version, owner=owner,
-                                quorum=quorum, creator_is_user=creator_is_user)
+                                quorum=quorum, creator_is_user=creator_is_user,
+                                usage_limit=usage_limit, auto_rotate=auto_rotate,
+                                rotation_by_purpose=rotation_by_purpose,
+                                rotation_by_tag=rotation_by_tag)
 
     def _require_quorum(self, key: Key | None, action: str, what: str) -> None:
         needed = self._quorum(key)
@@ -447,13 +460,19 @@ class KeyLedger(GovernanceMixin):
 
     def _set_policy(self, name: str, *, approved: bool, rotation_period=None,
                     min_decryption_version=None, min_encryption_version=None, owner=None,
-                    quorum=None, creator_is_user=None) -> Key | None:
+                    quorum=None, creator_is_user=None, usage_limit=None, auto_rotate=None,
+                    rotation_by_purpose=None, rotation_by_tag=None) -> Key | None:
         with self._audited("set_policy", name if isinstance(name, str) else None) as rec:
             if quorum is not None and (isinstance(quorum, bool) or not isinstance(quorum, int)
                                        or not 1 <= quorum <= 10):
                 raise InvalidInput("quorum must be a whole number from 1 to 10")
+            if usage_limit is not None and (isinstance(usage_limit, bool)
+                                            or not isinstance(usage_limit, int)
+                                            or usage_limit < 1):
+                raise InvalidInput("usage_limit must be a positive whole number of operations")
             if name == WILDCARD:
-                return self._set_home_policy(rec, approved, quorum, creator_is_user)
+                return self._set_home_policy(rec, approved, quorum, creator_is_user,
+                                             usage_limit, rotation_by_purpose, rotation_by_tag)
             key = self._key(rec, name)
             updates: dict[str, object] = {}
             weakens = []
@@ -478,6 +497,18 @@ class KeyLedger(GovernanceMixin):
             if owner is not None:
                 updates["owner"] = validate_name(owner, "owner")
             policy = dict(key.policy)
+            if usage_limit is not None:
+                if usage_limit > key_usage_limit(key.policy, self._rt.home_policy()):
+                    weakens.append("a higher usage limit")
+                policy["usage_limit"] = usage_limit
+                updates["policy"] = json.dumps(policy, sort_keys=True)
+            if auto_rotate is not None:
+                if not isinstance(auto_rotate, bool):
+                    raise InvalidInput("auto_rotate must be True or False")
+                if not auto_rotate:
+                    weakens.append("no automatic rotation")
+                policy["auto_rotate"] = auto_rotate
+                updates["policy"] = json.dumps(policy, sort_keys=True)
             if quorum is not None:
                 if quorum < self._quorum(key):
                     weakens.append("a lower quorum")
@@ -499,9 +530,27 @@ class KeyLedger(GovernanceMixin):
             return key
 
     def _set_home_policy(self, rec: _Audited, approved: bool, quorum: int | None,
-                         creator_is_user: bool | None) -> None:
+                         creator_is_user: bool | None, usage_limit: int | None,
+                         by_purpose: Mapping | None, by_tag: Mapping | None) -> None:
         self._authorize(rec, "set_policy", None)
         policy = dict(self._rt.home_policy())
+        if usage_limit is not None:
+            policy["usage_limit"] = usage_limit
+        if by_purpose is not None:
+            if not isinstance(by_purpose, Mapping):
+                raise InvalidInput("rotation_by_purpose must map purposes to periods")
+            for purpose in by_purpose:
+                if purpose not in {p.value for p in Purpose}:
+                    raise InvalidInput(f"unknown purpose {purpose!r} in rotation_by_purpose")
+            policy["rotation_by_purpose"] = {
+                p: int(parse_period(v).total_seconds()) for p, v in by_purpose.items()}
+        if by_tag is not None:
+            if not isinstance(by_tag, Mapping) or not all(
+                    isinstance(t, str) and "=" in t for t in by_tag):
+                raise InvalidInput("rotation_by_tag must map 'tag=value' to periods, "
+                                   "e.g. {'env=prod': '30d'}")
+            policy["rotation_by_tag"] = {
+                t: int(parse_period(v).total_seconds()) for t, v in by_tag.items()}
         if quorum is not None:
             if quorum < policy.get("quorum", 1) and not approved:
                 self._require_quorum(None, "set_policy", "lowering the home's quorum")

@@ -12,14 +12,14 @@ import json
 import os
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
 from ..access import Grants, index_grants
 from ..errors import KeyNotFound
-from ..model import Key, KeyState, KeyVersion, Purpose, parse_spec
+from ..model import Key, KeyState, KeyVersion, Purpose, parse_spec, resolve_rotation_period
 
 SNAPSHOT_NAME = "catalog.json"
 
@@ -63,12 +63,16 @@ def key_docs(con: duckdb.DuckDBPyConnection, key_id: str | None = None) -> list[
 def export_snapshot(con: duckdb.DuckDBPyConnection, home: Path) -> None:
     """Write catalog.json from the committed catalog (called with the store lock held)."""
     grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
-    policy = con.execute("SELECT value FROM meta WHERE name = 'home_policy'").fetchall()
     doc = {"keys": key_docs(con), "grants": [list(g) for g in grants],
-           "home_policy": json.loads(policy[0][0]) if policy else {}}
+           "home_policy": read_home_policy(con)}
     tmp = home / f".{SNAPSHOT_NAME}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(doc, separators=(",", ":")))
     os.replace(tmp, home / SNAPSHOT_NAME)
+
+
+def read_home_policy(con: duckdb.DuckDBPyConnection) -> dict:
+    rows = con.execute("SELECT value FROM meta WHERE name = 'home_policy'").fetchall()
+    return json.loads(rows[0][0]) if rows else {}
 
 
 def load_key(con: duckdb.DuckDBPyConnection, name: str) -> Key:
@@ -78,16 +82,18 @@ def load_key(con: duckdb.DuckDBPyConnection, name: str) -> Key:
         [name, name]).fetchone()
     if row is None:
         raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
-    return _key_from_doc(key_docs(con, row[0])[0])
+    return _key_from_doc(key_docs(con, row[0])[0], read_home_policy(con))
 
 
-def _key_from_doc(d: dict) -> Key:
-    period = d["rotation_period_s"]
+def _key_from_doc(d: dict, home_policy: dict) -> Key:
+    spec, purpose = parse_spec(d["spec"]), Purpose(d["purpose"])
+    period, source = resolve_rotation_period(d["rotation_period_s"], spec, purpose, d["tags"],
+                                             home_policy)
     key = Key(
-        key_id=d["key_id"], name=d["name"], spec=parse_spec(d["spec"]),
-        purpose=Purpose(d["purpose"]), state=KeyState(d["state"]), owner=d["owner"],
+        key_id=d["key_id"], name=d["name"], spec=spec,
+        purpose=purpose, state=KeyState(d["state"]), owner=d["owner"],
         created_at=_dt(d["created_at"]), rotated_at=_dt(d["rotated_at"]),
-        rotation_period=None if period is None else timedelta(seconds=period),
+        rotation_period=period, rotation_source=source,
         exportable=bool(d["exportable"]), latest_version=d["latest_version"],
         min_decryption_version=d["min_decryption_version"],
         min_encryption_version=d["min_encryption_version"],
@@ -135,13 +141,14 @@ class CatalogCache:
                 self.by_id, self.by_name, self.grants, self._stamp = {}, {}, {}, None
                 return
             doc = json.loads(self._path.read_text())
-            by_id = {d["key_id"]: _key_from_doc(d) for d in doc["keys"]}
+            policy = doc.get("home_policy", {})
+            by_id = {d["key_id"]: _key_from_doc(d, policy) for d in doc["keys"]}
             by_name = {k.name: k for k in by_id.values()}
             for k in by_id.values():
                 for alias in k.aliases:
                     by_name.setdefault(alias, k)
             self.grants = index_grants(tuple(g) for g in doc.get("grants", []))
-            self._home_policy = doc.get("home_policy", {})
+            self._home_policy = policy
             self.by_id, self.by_name, self._stamp = by_id, by_name, stamp
 
     def grants_now(self) -> Grants:

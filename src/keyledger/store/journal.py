@@ -1,16 +1,27 @@
 """Per-process append-only audit journals, hash-chained, with group commit.
 
-Each process appends one JSON line per audited call to its own file with a single ``write``
-syscall before the call returns, so a SIGKILL right after loses nothing (the bytes are in the
-kernel). ``fsync`` runs in groups every ``fsync_interval_ms`` (power-loss window), or before
-every return in strict mode. Record ``n`` carries ``prev`` = hash of record ``n-1`` of the same
-journal and ``hash`` = sha256(content fields joined by U+001F, then ``prev``).
+Each process appends one line per audited call to its own file ``<journal>.jsonl`` with a single
+``write`` syscall before the call returns, so a SIGKILL right after loses nothing (the bytes are
+in the kernel). ``fsync`` runs in groups every ``fsync_interval_ms`` (power-loss window), or
+before every return in strict mode.
+
+A line is a compact JSON array (every journal is valid JSON Lines), in ``LINE_FIELDS`` order::
+
+    [jseq,time_us,"principal","action","key","key_id",version,"outcome","error","detail","context","hash"]
+
+with ``null`` for absent values and strings escaped by ``json.encoder.encode_basestring``. The
+journal name (``<host>-<pid>-<12 hex>``, the file name) and the pid are the same on every line of
+a file, and ``prev`` is the ``hash`` of the line before (``genesis(journal)`` for ``jseq`` 1), so
+the lines leave them out and the ingester adds them (``ledger.ingest``). Record ``n`` hashes
+``prev`` = hash of record ``n-1`` of the same journal: ``hash`` = sha256(content fields joined by
+U+001F, then ``prev``), see ``record_hash``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import threading
 import uuid
@@ -20,14 +31,21 @@ from pathlib import Path
 from ..errors import AuditError
 
 SEP = "\x1f"
-
-
-def _opt(value: str | None) -> str:
-    return "null" if value is None else _q(value)
+SUFFIX = ".jsonl"
+LINE_FIELDS = ("jseq", "time_us", "principal", "action", "key", "key_id", "version", "outcome",
+               "error", "detail", "context", "hash")
+_NAME_RE = re.compile(r"^.+-([0-9]{1,10})-[0-9a-f]{12}$")
+_sha256 = hashlib.sha256
 
 
 def genesis(journal: str) -> str:
     return hashlib.sha256(journal.encode()).hexdigest()
+
+
+def journal_pid(journal: str) -> int | None:
+    """The writer's pid from a journal name ``<host>-<pid>-<12 hex>``; None if not one."""
+    m = _NAME_RE.match(journal)
+    return int(m.group(1)) if m else None
 
 
 def record_hash(
@@ -35,7 +53,10 @@ def record_hash(
     key_id: str | None, version: int | None, outcome: str, error: str | None,
     detail: str | None, context: str | None, pid: int, prev: str,
 ) -> str:
-    """The one definition of a record's hash; ``ledger.ROW_HASH_SQL`` is its SQL twin."""
+    """The one definition of a record's hash; ``ledger.ROW_HASH_SQL`` is its SQL twin.
+
+    ``JournalWriter.append`` builds the same text inline (it is the hot path of every call).
+    """
     content = SEP.join((
         journal, str(jseq), str(time_us), principal, action, key or "", key_id or "",
         "" if version is None else str(version), outcome, error or "", detail or "",
@@ -49,14 +70,15 @@ class JournalWriter:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.pid = os.getpid()
         self.journal = f"{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex[:12]}"
-        self.path = directory / f"{self.journal}.jsonl"
+        self.path = directory / f"{self.journal}{SUFFIX}"
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             raise AuditError(f"cannot create the audit journal {self.path}: {exc.strerror}") from None
         self._lock = threading.Lock()
         self._seq = 0
-        self._journal_json = _q(self.journal)
+        self._head = self.journal + SEP  # record_hash's text starts with these ...
+        self._tail = f"{SEP}{self.pid}{SEP}"  # ... and ends with these, then prev
         self._prev = genesis(self.journal)
         self._strict = strict
         self._dirty = False
@@ -70,22 +92,25 @@ class JournalWriter:
     def append(self, time_us: int, principal: str, action: str, key: str | None,
                key_id: str | None, version: int | None, outcome: str, error: str | None,
                detail: str | None, context: str | None) -> int:
+        # Everything that does not depend on the chain is built before taking the lock.
+        # text: record_hash's content without journal, jseq, pid and prev (kept in step with it)
+        text = (f"{SEP}{time_us}{SEP}{principal}{SEP}{action}{SEP}{key or ''}{SEP}{key_id or ''}"
+                f"{SEP}{'' if version is None else version}{SEP}{outcome}{SEP}{error or ''}"
+                f"{SEP}{detail or ''}{SEP}{context or ''}")
+        body = (  # hand-built JSON array, LINE_FIELDS order without jseq and hash
+            f',{time_us},{_q(principal)},{_q(action)},{"null" if key is None else _q(key)},'
+            f'{"null" if key_id is None else _q(key_id)},{"null" if version is None else version},'
+            f'{_q(outcome)},{"null" if error is None else _q(error)},'
+            f'{"null" if detail is None else _q(detail)},'
+            f'{"null" if context is None else _q(context)},"'
+        )
         with self._lock:
             if self._closed:
                 raise AuditError("the audit journal is closed; open the ledger again")
             seq = self._seq + 1
-            h = record_hash(self.journal, seq, time_us, principal, action, key, key_id, version,
-                            outcome, error, detail, context, self.pid, self._prev)
-            line = (  # hand-built JSON: this is the hot path of every audited call
-                f'{{"journal":{self._journal_json},"jseq":{seq},"time_us":{time_us},'
-                f'"principal":{_q(principal)},"action":{_q(action)},"key":{_opt(key)},'
-                f'"key_id":{_opt(key_id)},"version":{"null" if version is None else version},'
-                f'"outcome":{_q(outcome)},"error":{_opt(error)},"detail":{_opt(detail)},'
-                f'"context":{_opt(context)},"pid":{self.pid},"prev":"{self._prev}",'
-                f'"hash":"{h}"}}\n'
-            )
+            h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()).hexdigest()
             try:
-                os.write(self._fd, line.encode())
+                os.write(self._fd, f'[{seq}{body}{h}"]\n'.encode())
                 if self._strict:
                     os.fsync(self._fd)
             except OSError as exc:

@@ -1,36 +1,57 @@
-"""The audit ledger in DuckDB: batch ingest of journals, signed checkpoints, verification.
+r"""The audit ledger in DuckDB: batch ingest of journals, signed checkpoints, verification.
 
 Ingest moves the complete lines that journals gained since the last ingest into ``audit_log``
-in one transaction (Arrow batch, no per-row INSERT), updates usage counters, and appends a
+in one transaction (one Arrow batch, no per-row INSERT), updates usage counters, and appends a
 checkpoint: a digest of every journal's tip, chained to the previous checkpoint and signed by
 the HSM-held audit key. The newest checkpoint's hash is also kept in the HSM as a data object,
 so deleting the newest rows together with their checkpoints is still detected.
+
+Journal lines are JSON arrays (``journal.LINE_FIELDS``). They are parsed with Arrow's CSV
+reader, which is several times faster than a JSON parser here: the writer's JSON string
+encoding is CSV with ``"`` quotes and ``\`` escapes, except for the escapes ``\b \f \n \r \t
+\uXXXX``; the rare lines that contain one of those are decoded again with ``json.loads``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
-import pyarrow.json as pajson
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from ..errors import AuditError
-from .journal import SEP
+from .journal import LINE_FIELDS, SEP, SUFFIX, genesis, journal_pid
 
-JOURNAL_SCHEMA = pa.schema([
-    ("journal", pa.string()), ("jseq", pa.int64()), ("time_us", pa.int64()),
-    ("principal", pa.string()), ("action", pa.string()), ("key", pa.string()),
-    ("key_id", pa.string()), ("version", pa.int64()), ("outcome", pa.string()),
-    ("error", pa.string()), ("detail", pa.string()), ("context", pa.string()),
-    ("pid", pa.int32()), ("prev", pa.string()), ("hash", pa.string()),
-])
+_STRING_FIELDS = ("principal", "action", "key", "key_id", "outcome", "error", "detail",
+                  "context")
+_CSV_READ = pacsv.ReadOptions(column_names=list(LINE_FIELDS), block_size=1 << 22)
+_CSV_PARSE = pacsv.ParseOptions(delimiter=",", quote_char='"', escape_char="\\",
+                                double_quote=False, newlines_in_values=False,
+                                ignore_empty_lines=False)
+_CSV_CONVERT = pacsv.ConvertOptions(
+    column_types={name: pa.int64() if name in ("time_us", "version") else pa.string()
+                  for name in LINE_FIELDS},  # jseq arrives as "[123", hash as "<hex>]"
+    null_values=["null"], strings_can_be_null=True, quoted_strings_can_be_null=False)
+_JSON_ONLY_ESCAPE = re.compile(rb"\\[bfnrtu]")
+_BATCH_BYTES = 128 << 20  # journal bytes per Arrow batch: bounds the memory an ingest needs
+# glibc malloc: with Arrow's default (mimalloc) the first touch of fresh memory made parsing a
+# large batch about twice as slow
+_POOL = pa.system_memory_pool()
+
+AUDIT_COLUMNS = ("seq", "journal", "jseq", "time", "principal", "action", "key", "key_id",
+                 "version", "outcome", "error", "detail", "context", "pid", "prev", "hash")
+_INSERT_SQL = (f"INSERT INTO audit_log ({', '.join(AUDIT_COLUMNS)}) "
+               f"SELECT {', '.join(AUDIT_COLUMNS)} FROM kl_batch")
 
 # SQL twin of journal.record_hash: recomputes each row's hash from its columns.
 ROW_HASH_SQL = f"""sha256(concat_ws(chr({ord(SEP)}), journal, jseq::VARCHAR,
@@ -58,6 +79,14 @@ def checkpoint_hash(cp_seq: int, last_seq: int, n_records: int, tips: str, prev:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def tips_digest(tips: list[tuple[str, int, str]]) -> str:
+    """``TIPS_SQL``'s digest of (journal, jseq, hash) tips, computed in Python."""
+    if not tips:
+        return ""
+    text = "\n".join(f"{j}:{s}:{h}" for j, s, h in sorted(tips))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @dataclass
 class IngestResult:
     records: int = 0
@@ -70,8 +99,8 @@ def pending_bytes(journal_dir: Path, known: dict[str, int]) -> bool:
     try:
         with os.scandir(journal_dir) as it:
             for entry in it:
-                if entry.name.endswith(".jsonl"):
-                    name = entry.name[:-6]
+                if entry.name.endswith(SUFFIX):
+                    name = entry.name[:-len(SUFFIX)]
                     if entry.stat().st_size > known.get(name, 0):
                         return True
     except FileNotFoundError:
@@ -111,71 +140,214 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
                          "in the journals and are not ingested until this is resolved")
 
 
+@dataclass
+class _Pending:
+    journal: str
+    pid: int
+    path: Path
+    start: int  # file offset of the first byte not yet ingested
+    size: int
+    capped: bool = True  # False: read to the end even beyond the batch budget
+
+
+@dataclass
+class _Chunk:
+    journal: str
+    pid: int
+    begin: int  # position in the batch buffer
+    end: int  # just past its last complete line
+    file_end: int  # file offset just past that line
+    prev: str  # hash of the journal's record before the chunk's first
+
+
+def _pending(journal_dir: Path, offsets: dict[str, tuple[int, int, str]],
+             known: dict[str, int]) -> list[_Pending]:
+    """The journals that grew since their offsets, in journal (name) order."""
+    try:
+        entries = sorted(e for e in os.listdir(journal_dir) if e.endswith(SUFFIX))
+    except FileNotFoundError:
+        return []
+    todo = []
+    for entry in entries:
+        name = entry[:-len(SUFFIX)]
+        start = offsets[name][0] if name in offsets else 0
+        try:
+            size = os.stat(journal_dir / entry).st_size
+        except FileNotFoundError:
+            continue
+        if size <= start:
+            known[name] = size
+            continue
+        pid = journal_pid(name)
+        if pid is None:
+            raise AuditError(f"{journal_dir / entry} is not a keyledger journal (its name is not "
+                             "<host>-<pid>-<12 hex>.jsonl); move it out of the journal folder")
+        todo.append(_Pending(name, pid, journal_dir / entry, start, size))
+    return todo
+
+
+def _read_batch(todo: list[_Pending], offsets: dict[str, tuple[int, int, str]]
+                ) -> tuple[bytearray, list[_Chunk], list[_Pending]]:
+    """Complete lines of the pending journals, back to back in one buffer of about
+    ``_BATCH_BYTES`` at most; returns the buffer, its chunks and what is left to read."""
+    plan, left, total = [], [], 0
+    for i, p in enumerate(todo):
+        if total >= _BATCH_BYTES:
+            left = todo[i:]
+            break
+        length = p.size - p.start if not p.capped else min(p.size - p.start, _BATCH_BYTES)
+        plan.append((p, length))
+        total += length
+    buf = bytearray(total)
+    view = memoryview(buf)
+    chunks: list[_Chunk] = []
+    pos = 0
+    for p, length in plan:
+        try:
+            with open(p.path, "rb") as fh:
+                fh.seek(p.start)
+                got = fh.readinto(view[pos:pos + length])
+        except FileNotFoundError:
+            continue
+        end = buf.rfind(b"\n", pos, pos + got) + 1  # a torn tail waits for its rest
+        if end <= pos:
+            if got == length < p.size - p.start:  # one line longer than a batch
+                left.append(_Pending(p.journal, p.pid, p.path, p.start, p.size, capped=False))
+            continue
+        file_end = p.start + end - pos
+        prev = offsets[p.journal][2] if p.journal in offsets else genesis(p.journal)
+        chunks.append(_Chunk(p.journal, p.pid, pos, end, file_end, prev))
+        if got == length < p.size - p.start:  # capped: the rest goes into a later batch
+            left.append(_Pending(p.journal, p.pid, p.path, file_end, p.size))
+        pos = end
+    view.release()
+    del buf[pos:]
+    return buf, chunks, left
+
+
+def _json_fallback(table: pa.Table, buf: bytearray) -> pa.Table:
+    """Re-decode, with a real JSON parser, the lines holding escapes the CSV reader misreads."""
+    line_ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 0x0A)
+    rows = sorted({int(np.searchsorted(line_ends, m.start()))
+                   for m in _JSON_ONLY_ESCAPE.finditer(buf)})
+    values: dict[str, list] = {name: [] for name in _STRING_FIELDS}
+    for row in rows:
+        begin = int(line_ends[row - 1]) + 1 if row else 0
+        record = dict(zip(LINE_FIELDS, json.loads(buf[begin:int(line_ends[row])]),
+                          strict=True))
+        for name in _STRING_FIELDS:
+            values[name].append(record[name])
+    mask = np.zeros(table.num_rows, dtype=bool)
+    mask[rows] = True
+    mask_arr = pa.array(mask)
+    for name in _STRING_FIELDS:
+        i = table.schema.get_field_index(name)
+        column = pc.replace_with_mask(table.column(i).chunk(0), mask_arr,
+                                      pa.array(values[name], pa.string()), memory_pool=_POOL)
+        table = table.set_column(i, name, column)
+    return table
+
+
+def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, np.ndarray]:
+    """Journal lines -> an Arrow table with audit_log's columns (seq from ``base + 1``), and
+    the row of each chunk's last line."""
+    counts = np.array([buf.count(b"\n", c.begin, c.end) for c in chunks], dtype=np.int64)
+    ends = np.cumsum(counts)
+    n = int(ends[-1])
+    try:
+        raw = pacsv.read_csv(pa.BufferReader(pa.py_buffer(buf)), read_options=_CSV_READ,
+                             parse_options=_CSV_PARSE, convert_options=_CSV_CONVERT,
+                             memory_pool=_POOL)
+        if raw.num_rows != n:
+            raise ValueError(f"{raw.num_rows} records in {n} lines")
+        # One contiguous chunk per column: DuckDB inserts that about twice as fast.
+        raw = raw.combine_chunks(memory_pool=_POOL)
+        if _JSON_ONLY_ESCAPE.search(buf):
+            raw = _json_fallback(raw, buf)
+        jseq = pc.cast(pc.utf8_slice_codeunits(raw.column("jseq"), 1, memory_pool=_POOL),
+                       pa.int64(), memory_pool=_POOL)
+    except (pa.ArrowException, ValueError) as exc:
+        raise AuditError(f"cannot read the audit journal lines of "
+                         f"{', '.join(c.journal for c in chunks)}: "
+                         f"{str(exc).splitlines()[0][:200]}; the ingest stops until the "
+                         "journal is repaired or moved away") from None
+    hashes = pc.utf8_slice_codeunits(raw.column("hash").chunk(0), 0, 64, memory_pool=_POOL)
+    # prev = the hash of the line before; a chunk's first line links to the stored tip.
+    k = len(chunks)
+    index = np.arange(k - 1, k - 1 + n, dtype=np.int64)
+    index[ends - counts] = np.arange(k)
+    prev = pa.concat_arrays([pa.array([c.prev for c in chunks], pa.string()), hashes],
+                            memory_pool=_POOL).take(pa.array(index))
+    journal_index = pa.array(np.repeat(np.arange(k, dtype=np.int32), counts))
+    columns = {
+        "seq": pa.array(np.arange(base + 1, base + 1 + n, dtype=np.int64)),
+        "journal": pa.DictionaryArray.from_arrays(journal_index,
+                                                  pa.array([c.journal for c in chunks])),
+        "jseq": jseq,
+        "time": raw.column("time_us").cast(pa.timestamp("us")),
+        **{name: raw.column(name) for name in ("principal", "action", "key", "key_id",
+                                                 "version", "outcome", "error", "detail",
+                                                 "context")},
+        "pid": pa.array(np.repeat(np.array([c.pid for c in chunks], dtype=np.int32), counts)),
+        "prev": prev,
+        "hash": hashes,
+    }
+    return pa.table(columns), ends - 1
+
+
 def ingest(con: duckdb.DuckDBPyConnection, journal_dir: Path, sign: Signer,
            now: datetime, known: dict[str, int]) -> IngestResult:
     """Move new complete journal lines into audit_log; runs inside the caller's transaction."""
     offsets = {j: (o, s, h) for j, o, s, h in con.execute(
         "SELECT journal, file_offset, tip_jseq, tip_hash FROM journal_offsets").fetchall()}
-    chunks: list[bytes] = []
-    new_offsets: dict[str, int] = {}
-    try:
-        entries = sorted(e for e in os.listdir(journal_dir) if e.endswith(".jsonl"))
-    except FileNotFoundError:
-        entries = []
-    for entry in entries:
-        name = entry[:-6]
-        start = offsets.get(name, (0, 0, ""))[0]
-        path = journal_dir / entry
-        try:
-            size = path.stat().st_size
-            if size <= start:
-                known[name] = size
-                continue
-            with open(path, "rb") as fh:
-                fh.seek(start)
-                data = fh.read(size - start)
-        except FileNotFoundError:
-            continue
-        end = data.rfind(b"\n") + 1  # only complete lines; a torn tail waits for its rest
-        if end == 0:
-            continue
-        chunks.append(data[:end])
-        new_offsets[name] = start + end
+    todo = _pending(journal_dir, offsets, known)
     result = IngestResult()
-    if not chunks:
+    if not todo:
         return result
-    table = pajson.read_json(
-        io.BytesIO(b"".join(chunks)),
-        parse_options=pajson.ParseOptions(explicit_schema=JOURNAL_SCHEMA,
-                                          unexpected_field_behavior="ignore"),
-    )
     base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0]
-    con.register("kl_batch", table)
+    moved: dict[str, tuple[int, int, str]] = {}
+    while todo:
+        buf, chunks, todo = _read_batch(todo, offsets)
+        if not chunks:
+            continue
+        # Journals in name order, lines in jseq order: seq numbers the batch in
+        # (journal, jseq) order without sorting it.
+        batch, last_rows = _parse(buf, chunks, base)
+        del buf
+        con.register("kl_batch", batch)
+        try:
+            con.execute(_INSERT_SQL)
+            con.execute(
+                """INSERT INTO usage SELECT key_id, version, action, count(*), max(time)
+                   FROM kl_batch
+                   WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
+                   GROUP BY ALL
+                   ON CONFLICT DO UPDATE SET count = usage.count + excluded.count,
+                       last_time = greatest(usage.last_time, excluded.last_time)""")
+        finally:
+            con.unregister("kl_batch")
+        jseq, hashes = batch.column("jseq"), batch.column("hash")
+        for chunk, row in zip(chunks, last_rows.tolist(), strict=True):
+            moved[chunk.journal] = offsets[chunk.journal] = (
+                chunk.file_end, jseq[row].as_py(), hashes[row].as_py())
+        base += batch.num_rows
+        result.records += batch.num_rows
+    if not moved:
+        return result
+    names = sorted(moved)
+    con.register("kl_offsets", pa.table({
+        "journal": names, "file_offset": [moved[j][0] for j in names],
+        "tip_jseq": [moved[j][1] for j in names], "tip_hash": [moved[j][2] for j in names]}))
     try:
         con.execute(
-            """INSERT INTO audit_log SELECT ? + row_number() OVER (ORDER BY journal, jseq),
-               journal, jseq, make_timestamp(time_us), principal, action, key, key_id, version,
-               outcome, error, detail, context, pid, prev, hash FROM kl_batch""", [base])
-        con.execute(
-            """INSERT INTO usage SELECT key_id, version, action, count(*), max(make_timestamp(time_us))
-               FROM kl_batch WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
-               GROUP BY ALL
-               ON CONFLICT DO UPDATE SET count = usage.count + excluded.count,
-                   last_time = greatest(usage.last_time, excluded.last_time)""")
-        tips = con.execute(
-            "SELECT journal, max(jseq), arg_max(hash, jseq) FROM kl_batch GROUP BY journal"
-        ).fetchall()
-    finally:
-        con.unregister("kl_batch")
-    for journal, jseq, h in tips:
-        con.execute(
-            """INSERT INTO journal_offsets VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET
+            """INSERT INTO journal_offsets SELECT * FROM kl_offsets ON CONFLICT DO UPDATE SET
                file_offset = excluded.file_offset, tip_jseq = excluded.tip_jseq,
-               tip_hash = excluded.tip_hash""", [journal, new_offsets[journal], jseq, h])
-    for journal, off in new_offsets.items():
-        known[journal] = off
-    result.records = table.num_rows
-    result.journals = len(new_offsets)
+               tip_hash = excluded.tip_hash""")
+    finally:
+        con.unregister("kl_offsets")
+    for journal in names:
+        known[journal] = moved[journal][0]
+    result.journals = len(names)
     result.checkpoint = write_checkpoint(con, sign, now)
     return result
 
