@@ -32,11 +32,13 @@ REQUIRED: dict[str, frozenset[Role]] = {
         "create_key", "rotate", "enable", "disable", "deactivate", "mark_compromised",
         "schedule_deletion", "cancel_deletion", "destroy", "set_alias", "set_tags", "set_policy",
         "grant", "revoke", "request", "approve", "key_attributes", "reconcile",
-        "acknowledge_custody")},
+        "acknowledge_custody", "run_due", "trim", "backup", "restore_test", "export_key",
+        "import_parameters", "import_key")},
     **{a: frozenset({U}) for a in (
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
-        "envelope_decrypt", "sign", "verify", "mac", "verify_mac")},
-    **{a: frozenset({A, R}) for a in ("audit", "verify_audit", "export_audit")},
+        "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},
+    **{a: frozenset({A, R}) for a in ("audit", "verify_audit", "export_audit",
+                                       "version_usage")},
     **{a: ANY for a in ("get_key", "list_keys", "public_key_pem", "capabilities", "requests")},
 }
 

@@ -506,6 +506,29 @@ def cmd_acknowledge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_due(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        report = led.run_due()
+    if args.json:
+        _print_json({"now": report.now, "done": report.done, "skipped": report.skipped})
+    else:
+        print(report)
+    return 0
+
+
+def cmd_key_trim(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        key = led.trim(args.name, args.min_version)
+    return _emit_key(args, key, f"destroyed the material of versions below {args.min_version} "
+                                f"of {key.name!r}; they can no longer decrypt")
+
+
+def cmd_key_usage(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        df = led.version_usage(args.name)
+    return _frame_out(args, df, "no versions")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     with _open(args) as led:
         result = run_tour(led, echo=print)
@@ -586,6 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
             json_flag=True)
     p.add_argument("name")
     p.add_argument("--reason", required=True, help="why the key is considered compromised")
+
+    p = add(ksub, "trim", cmd_key_trim, "destroy the material of versions below MIN_VERSION "
+            "(irreversible; check `key usage` first)", json_flag=True)
+    p.add_argument("name")
+    p.add_argument("min_version", type=int)
+    add(ksub, "usage", cmd_key_usage, "encryptions and decryptions per key version, and when "
+        "each version last decrypted", json_flag=True).add_argument("name", nargs="?")
+    add(sub, "run-due", cmd_run_due, "rotate, destroy and deactivate what is due (cron-safe)",
+        json_flag=True)
 
     p = add(sub, "encrypt", cmd_encrypt, "encrypt data with a key (AES-GCM in the HSM)")
     p.add_argument("name")

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .service import KeyLedger, _Audited
 
 # Actions that need M distinct admins when the key's (or the home's) quorum is above 1.
-GUARDED_ACTIONS = ("destroy", "set_policy")
+# Each has a ``_run_<action>(name, reason, params)`` method that executes it once approved.
+GUARDED_ACTIONS = ("destroy", "set_policy", "trim", "export_key", "import_key")
 REQUEST_TTL = timedelta(hours=72)
 CUSTODIAN_STATEMENT = (
     "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
@@ -159,6 +160,15 @@ class GovernanceMixin:
         return {"request_id": request_id, "approvals": count, "quorum": quorum,
                 "executed": bool(executed)}
 
+    def _run_destroy(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+        self._destroy(name, reason, approved=True)
+
+    def _run_set_policy(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+        self._set_policy(name, approved=True, **params)
+
+    def _run_trim(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+        self._trim(name, int(params["min_version"]), approved=True)
+
     def requests(self: KeyLedger, status: str | None = None) -> pd.DataFrame:
         """Approval requests with their approvers."""
         with self._audited("requests", None):
@@ -192,10 +202,7 @@ class GovernanceMixin:
         key = self._rt.catalog.get_id(key_id)
         why = f"{reason} (request {request_id}, approved by {', '.join(approvers)})"
         try:
-            if action == "destroy":
-                self._destroy(key.name, why, approved=True)
-            else:
-                self._set_policy(key.name, approved=True, **json.loads(params))
+            getattr(self, f"_run_{action}")(key.name, why, json.loads(params))
         except BaseException:
             with self._rt.db.write() as tx:
                 tx.execute("UPDATE requests SET status = 'pending' WHERE request_id = ?",

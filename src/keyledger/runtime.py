@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,6 +219,29 @@ class HomeRuntime:
     def home_policy(self) -> dict:
         return self.catalog.home_policy()
 
+    # -- leases (one process at a time for periodic work) -------------------------------------
+    def take_lease(self, name: str, seconds: float) -> int | None:
+        """Take a named lease; returns None on success or the pid of the live holder."""
+        now = time.time()
+        with self.db.write() as tx:
+            row = tx.execute("SELECT value FROM meta WHERE name = ?", [f"lease:{name}"]).fetchone()
+            if row:
+                held = json.loads(row[0])
+                if held["until"] > now and held["pid"] != os.getpid() and \
+                        self._pid_alive(held["pid"]):
+                    return int(held["pid"])
+            tx.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO UPDATE SET value = "
+                       "excluded.value", [f"lease:{name}",
+                                          json.dumps({"pid": os.getpid(), "until": now + seconds})])
+        return None
+
+    def release_lease(self, name: str) -> None:
+        with self.db.write() as tx:
+            tx.execute("DELETE FROM meta WHERE name = ?", [f"lease:{name}"])
+
+    def _pid_alive(self, pid: int) -> bool:
+        return self._owner_running(pid, "")
+
     # -- crash reconciliation ------------------------------------------------------------------
     def _owner_running(self, pid: int, intent_id: str) -> bool:
         """True while the process that wrote the intent may still be working on it."""
@@ -259,6 +283,13 @@ class HomeRuntime:
                     report.repaired.append(
                         f"rolled back interrupted {what} of {name!r}"
                         + (f" (removed {removed} orphan HSM object(s))" if removed else ""))
+                elif kind == "trim":  # roll forward: the minimum versions were already raised
+                    for h in hs:
+                        self.backend.destroy(h)
+                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
+                               "WHERE key_id = ? AND version < ? AND state <> 'destroyed'",
+                               [now, key_id, version])
+                    report.repaired.append(f"completed interrupted trim of {name!r}")
                 elif kind == "destroy":
                     for h in hs:
                         self.backend.destroy(h)

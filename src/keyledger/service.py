@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import ciphertext as ct
 from .access import WILDCARD, Role, check, roles_of
+from .backup import BackupMixin
+from .byok import ImportExportMixin
 from .config import default_home
 from .errors import (
     AccessDenied,
@@ -31,6 +33,7 @@ from .errors import (
 )
 from .governance import GovernanceMixin
 from .hsm.backend import Capabilities, DecryptFailed
+from .maintenance import MaintenanceMixin
 from .model import (
     Family,
     Key,
@@ -110,7 +113,7 @@ class _Audited:
         return False
 
 
-class KeyLedger(GovernanceMixin):
+class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixin):
     """Manage keys held in an HSM, with every call recorded in a tamper-evident ledger.
 
     Open with ``keyledger.open()``. Safe to share between threads; several processes may open
@@ -279,6 +282,10 @@ class KeyLedger(GovernanceMixin):
 
     def rotate(self, name: str, *, reason: str = "rotation") -> Key:
         """Add a new version; older versions keep decrypting and verifying."""
+        return self._rotate(name, reason)
+
+    def _rotate(self, name: str, reason: str, expect_version: int | None = None) -> Key:
+        """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once)."""
         with self._audited("rotate", name if isinstance(name, str) else None) as rec:
             key = self._key(rec, name)
             now = naive(self._now())
@@ -286,6 +293,9 @@ class KeyLedger(GovernanceMixin):
             with self._rt.db.write() as tx:
                 key = cat.load_key(tx, key.name)
                 rec.key = key
+                if expect_version is not None and key.latest_version != expect_version:
+                    raise KeyStateError(f"{key.name!r} was already rotated to "
+                                        f"v{key.latest_version} by another process")
                 next_state("rotate", key.state, key.name)
                 version = key.latest_version + 1
                 intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],

@@ -1,0 +1,268 @@
+"""Due work, bulk rewrap, trimming old versions and version-usage analytics (KeyLedger methods)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from . import ciphertext as ct
+from .errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
+from .rotation import PROTECT_ACTIONS, DueReport, plan
+from .runtime import naive
+from .store import catalog as cat
+
+if TYPE_CHECKING:
+    from .service import KeyLedger
+
+LEASE_SECONDS = 600
+
+
+@dataclass
+class RewrapResult:
+    """Outcome of ``rewrap_many``: new ciphertexts (None where an item failed) and the errors."""
+
+    ciphertexts: list[bytes | None]
+    counts: pd.DataFrame  # key, version, ciphertexts (before)
+    errors: pd.DataFrame = field(default_factory=pd.DataFrame)  # index, error, message
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return sum(c is not None for c in self.ciphertexts)
+
+    def __str__(self) -> str:
+        by = ", ".join(f"{r.key} v{r.version}: {r.ciphertexts}" for r in self.counts.itertuples())
+        if self.dry_run:
+            return f"dry run: {len(self.ciphertexts)} ciphertexts ({by}); nothing changed"
+        return (f"rewrapped {self.ok} of {len(self.ciphertexts)} ciphertexts in "
+                f"{self.seconds:.1f} s ({len(self.errors)} failed); before: {by}")
+
+
+class MaintenanceMixin:
+    """Mixed into KeyLedger."""
+
+    # -- due work ----------------------------------------------------------------------------------
+    def run_due(self: KeyLedger, now: datetime | None = None) -> DueReport:
+        """Rotate keys whose period or usage limit is reached, destroy keys whose deletion window
+        passed (when no quorum is needed), deactivate keys past their originator-usage period.
+
+        Safe from cron and from several processes at once: one process holds a lease, and each
+        action re-checks under the store lock, so nothing runs twice. ``now`` (default: the
+        ledger's clock) is the moment due-ness is judged at.
+        """
+        with self._audited("run_due", None) as rec:
+            self._authorize(rec, "run_due", None)
+            when = (now or self._now()).astimezone(self._now().tzinfo)
+            report = DueReport(when)
+            holder = self._rt.take_lease("run_due", LEASE_SECONDS)
+            if holder is not None:
+                report.skipped.append({"action": "run_due", "key": "-",
+                                       "reason": f"process {holder} is running due work"})
+                rec.detail = report.skipped[0]["reason"]
+                return report
+            try:
+                self._rt.ingest()
+                items = plan(self._rt.catalog.all_keys(), self._encryptions(),
+                             self._rt.home_policy(), when)
+                for item in items:
+                    self._do_due(item, report)
+            finally:
+                self._rt.release_lease("run_due")
+            rec.detail = f"{len(report.done)} done, {len(report.skipped)} skipped"
+            return report
+
+    def _do_due(self: KeyLedger, item: Any, report: DueReport) -> None:
+        entry = {"action": item.action, "key": item.key, "reason": item.reason}
+        try:
+            key = self._rt.catalog.get(item.key)
+            if item.action == "rotate":
+                self._rotate(item.key, f"due: {item.reason}", expect_version=key.latest_version)
+            elif item.action == "destroy":
+                needed = self._quorum(key)
+                if needed > 1:
+                    report.skipped.append({**entry, "reason": f"{item.reason}, but destroying "
+                                           f"needs {needed} approvals: request('destroy', ...)"})
+                    return
+                self._destroy(item.key, f"due: {item.reason}", approved=False)
+            else:
+                self.deactivate(item.key, reason=f"due: {item.reason}")
+            report.done.append(entry)
+        except KeyLedgerError as exc:
+            report.skipped.append({**entry, "reason": f"{item.reason}; not done: {exc}"})
+
+    def _encryptions(self: KeyLedger) -> dict[tuple[str, int], int]:
+        """Encryptions per (key id, version) from the usage counters (after an ingest)."""
+        marks = ", ".join("?" for _ in PROTECT_ACTIONS)
+        with self._rt.db.read() as tx:
+            rows = tx.execute(f"SELECT key_id, version, sum(count) FROM usage WHERE action IN "
+                              f"({marks}) GROUP BY ALL", list(PROTECT_ACTIONS)).fetchall()
+        return {(k, v): int(n) for k, v, n in rows}
+
+    # -- version usage (retire safety) -------------------------------------------------------------
+    def version_usage(self: KeyLedger, name: str | None = None) -> pd.DataFrame:
+        """Per key version: state, encryptions, decryptions and when each last happened.
+
+        Answers "is anything still decrypting with v1?" before raising min_decryption_version
+        or trimming old versions.
+        """
+        with self._audited("version_usage", name) as rec:
+            key_id = None
+            if name is not None:
+                key_id = self._key(rec, name).key_id
+            else:
+                self._authorize(rec, "version_usage", None)
+            self._rt.ingest()
+            sql = """SELECT k.name AS key, v.version, v.state, v.created_at,
+                       coalesce(sum(u.count) FILTER (u.action IN ('encrypt', 'generate_data_key',
+                           'envelope_encrypt', 'rewrap')), 0) AS encryptions,
+                       coalesce(sum(u.count) FILTER (u.action IN ('decrypt', 'envelope_decrypt')),
+                           0) AS decryptions,
+                       max(u.last_time) FILTER (u.action IN ('decrypt', 'envelope_decrypt'))
+                           AS last_decrypt,
+                       max(u.last_time) FILTER (u.action IN ('encrypt', 'decrypt', 'rewrap',
+                           'generate_data_key', 'envelope_encrypt', 'envelope_decrypt', 'sign',
+                           'verify', 'mac', 'verify_mac')) AS last_used,
+                       v.version < k.min_decryption_version AS below_min_decryption
+                     FROM versions v JOIN keys k USING (key_id)
+                     LEFT JOIN usage u ON u.key_id = v.key_id AND u.version = v.version"""
+            args: list[Any] = []
+            if key_id:
+                sql += " WHERE v.key_id = ?"
+                args.append(key_id)
+            sql += " GROUP BY ALL ORDER BY key, v.version"
+            with self._rt.db.read() as tx:
+                return tx.execute(sql, args).df()
+
+    # -- bulk rewrap -------------------------------------------------------------------------------
+    def rewrap_many(self: KeyLedger, ciphertexts: Iterable[bytes] | pd.Series | str | os.PathLike,
+                    *, context: Mapping[str, str] | None = None, dry_run: bool = False,
+                    column: str = "ciphertext", out: str | os.PathLike | None = None,
+                    progress: bool = True) -> RewrapResult:
+        """Move many ciphertexts to their keys' latest versions; one bad item never stops the batch.
+
+        ``ciphertexts``: an iterable of bytes, a pandas Series, or a Parquet file (``column``;
+        with ``out`` the rewrapped file is written there). ``dry_run`` counts ciphertexts per key
+        version from their headers, touching no key. Each rewrapped item is audited as a
+        ``rewrap``; the batch as one ``rewrap_many`` record.
+        """
+        with self._audited("rewrap_many", None) as rec:
+            items, table = _load_items(ciphertexts, column)
+            counts = self._header_counts(items)
+            if dry_run:
+                rec.detail = f"dry run over {len(items)} ciphertexts"
+                return RewrapResult([None] * len(items), counts, _errors([]), True)
+            started = time.perf_counter()
+            out_items: list[bytes | None] = []
+            errors: list[tuple[int, str, str]] = []
+            bar = tqdm(items, desc="rewrap", unit="ct", disable=not progress, leave=False)
+            for i, blob in enumerate(bar):
+                try:
+                    out_items.append(self.rewrap(blob, context=context))
+                except KeyLedgerError as exc:
+                    out_items.append(None)
+                    errors.append((i, type(exc).__name__, str(exc)))
+            result = RewrapResult(out_items, counts, _errors(errors), False,
+                                  time.perf_counter() - started)
+            if table is not None and out is not None:
+                arr = pa.array(out_items, type=pa.binary())
+                pq.write_table(table.set_column(table.schema.get_field_index(column), column,
+                                                arr), out)
+            rec.detail = f"{result.ok} rewrapped, {len(errors)} failed"
+            return result
+
+    def _header_counts(self: KeyLedger, items: list[Any]) -> pd.DataFrame:
+        tally: dict[tuple[str, int], int] = {}
+        for blob in items:
+            try:
+                header, _, _ = ct.parse(blob)
+                key = self._rt.catalog.get_id(header.key_id)
+                label = key.name if key else f"unknown:{header.key_id}"
+                tally[(label, header.version)] = tally.get((label, header.version), 0) + 1
+            except KeyLedgerError:
+                tally[("invalid", 0)] = tally.get(("invalid", 0), 0) + 1
+        return pd.DataFrame([(k, v, n) for (k, v), n in sorted(tally.items())],
+                            columns=["key", "version", "ciphertexts"])
+
+    # -- trim --------------------------------------------------------------------------------------
+    def trim(self: KeyLedger, name: str, min_version: int) -> Any:
+        """Destroy the HSM material of every version below ``min_version`` (raising the key's
+        minimum decryption version to it). Irreversible: data under those versions is lost, so
+        check ``version_usage`` first. Quorum-guarded like destroy."""
+        return self._trim(name, min_version, approved=False)
+
+    def _trim(self: KeyLedger, name: str, min_version: int, *, approved: bool) -> Any:
+        with self._audited("trim", name if isinstance(name, str) else None) as rec:
+            key = self._key(rec, name)
+            if isinstance(min_version, bool) or not isinstance(min_version, int):
+                raise InvalidInput("min_version must be a whole number")
+            if not 1 < min_version <= key.latest_version:
+                raise PolicyViolation(f"min_version must be between 2 and the latest version "
+                                      f"{key.latest_version} of {key.name!r}")
+            if not approved:
+                self._require_quorum(key, "trim", f"trimming {key.name!r}")
+            now = naive(self._now())
+            with self._rt.db.write() as tx:
+                key = cat.load_key(tx, key.name)
+                if key.state.value == "destroyed":
+                    raise KeyStateError(f"key {key.name!r} is destroyed")
+                doomed = [v for n, v in key.versions.items()
+                          if n < min_version and v.state != "destroyed"]
+                intent = self._intent(tx, "trim", key.key_id, key.name, min_version,
+                                      [v.handle for v in doomed], now)
+                tx.execute("UPDATE keys SET min_decryption_version = greatest("
+                           "min_decryption_version, ?), min_encryption_version = greatest("
+                           "min_encryption_version, ?) WHERE key_id = ?",
+                           [min_version, min_version, key.key_id])
+            try:
+                for v in doomed:
+                    self._rt.backend.destroy(v.handle)
+                with self._rt.db.write() as tx:
+                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
+                               "WHERE key_id = ? AND version < ? AND state <> 'destroyed'",
+                               [now, key.key_id, min_version])
+                    tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
+                    key = cat.load_key(tx, key.name)
+            finally:
+                self._rt.in_flight.discard(intent)
+            self._rt.catalog.refresh(force=True)
+            rec.detail = f"destroyed v{', v'.join(str(v.version) for v in doomed) or ' none'}"
+            return key
+
+
+def _load_items(source: Any, column: str) -> tuple[list[Any], pa.Table | None]:
+    if isinstance(source, str | os.PathLike) and str(source).endswith(".parquet"):
+        path = Path(source)
+        if not path.exists():
+            raise InvalidInput(f"no Parquet file at {path}")
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise InvalidInput(f"{path} has no column {column!r} (columns: "
+                               f"{', '.join(table.column_names)})")
+        return table.column(column).to_pylist(), table
+    if isinstance(source, bytes | str):
+        raise InvalidInput("pass many ciphertexts (a list, a pandas Series or a .parquet path)")
+    if isinstance(source, pd.Series):
+        return source.tolist(), None
+    try:
+        return list(source), None
+    except TypeError:
+        raise InvalidInput("ciphertexts must be an iterable of bytes, a pandas Series or a "
+                           ".parquet path") from None
+
+
+def _errors(rows: list[tuple[int, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["index", "error", "message"])
+
+
+__all__ = ["MaintenanceMixin", "RewrapResult"]

@@ -1,0 +1,87 @@
+"""Due work: which keys must rotate (by time or by usage), be destroyed, or be deactivated.
+
+Pure functions over the catalog and usage counts; ``KeyLedger.run_due`` executes the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pandas as pd
+
+from .model import Key, KeyState, Purpose, usage_limit
+
+# Originator-usage period (NIST SP 800-57 Table 1): after it, a key that is not rotated
+# automatically stops applying protection (it is deactivated; it still decrypts/verifies).
+DEFAULT_OUP = {Purpose.ENCRYPT: timedelta(days=730), Purpose.WRAP: timedelta(days=730),
+               Purpose.MAC: timedelta(days=730), Purpose.SIGN: timedelta(days=1095)}
+PROTECT_ACTIONS = ("encrypt", "generate_data_key", "envelope_encrypt", "rewrap")
+
+
+@dataclass(frozen=True)
+class DueItem:
+    action: str  # rotate | destroy | deactivate
+    key: str
+    reason: str
+
+
+def plan(keys: list[Key], encryptions: dict[tuple[str, int], int], home_policy: dict,
+         now: datetime) -> list[DueItem]:
+    """What is due at ``now``: rotations by period or usage, destructions, deactivations."""
+    items: list[DueItem] = []
+    for key in sorted(keys, key=lambda k: k.name):
+        if key.state is KeyState.PENDING_DELETION:
+            if key.deletion_due is not None and key.deletion_due <= now:
+                items.append(DueItem("destroy", key.name,
+                                     f"deletion window ended {key.deletion_due:%Y-%m-%d %H:%M}"))
+            continue
+        if key.state is not KeyState.ACTIVE:
+            continue
+        if not key.policy.get("auto_rotate", True):
+            oup = DEFAULT_OUP[key.purpose]
+            if now >= key.rotated_at + oup:
+                items.append(DueItem("deactivate", key.name,
+                                     f"originator-usage period of {oup.days} days passed "
+                                     "without rotation (auto_rotate is off)"))
+            continue
+        due = key.next_rotation_due
+        used = encryptions.get((key.key_id, key.latest_version), 0)
+        limit = usage_limit(key.policy, home_policy)
+        if due is not None and due <= now:
+            items.append(DueItem("rotate", key.name,
+                                 f"rotation period of {_days(key.rotation_period)} reached "
+                                 f"({key.rotation_source} policy)"))
+        elif key.purpose in (Purpose.ENCRYPT, Purpose.WRAP) and used >= limit:
+            items.append(DueItem("rotate", key.name,
+                                 f"v{key.latest_version} reached its usage limit "
+                                 f"({used:,} of {limit:,} encryptions)"))
+    return items
+
+
+def _days(period: timedelta | None) -> str:
+    return "-" if period is None else f"{period.days} days"
+
+
+@dataclass
+class DueReport:
+    """What ``run_due`` did and what it skipped, and why."""
+
+    now: datetime
+    done: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = [{"outcome": "done", **d} for d in self.done]
+        rows += [{"outcome": "skipped", **d} for d in self.skipped]
+        return pd.DataFrame(rows, columns=["outcome", "action", "key", "reason"])
+
+    def __str__(self) -> str:
+        lines = [f"due work at {self.now:%Y-%m-%d %H:%M} UTC: {len(self.done)} done, "
+                 f"{len(self.skipped)} skipped"]
+        lines += [f"  done    {d['action']:<10} {d['key']}: {d['reason']}" for d in self.done]
+        lines += [f"  skipped {d['action']:<10} {d['key']}: {d['reason']}" for d in self.skipped]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return f"<b>{str(self).splitlines()[0]}</b>" + self.to_frame().to_html(index=False)
