@@ -1,8 +1,9 @@
 """The audit ledger: one record per call, tamper evidence, no secrets, filters, exports, usage.
 
 Invariants 1 and 2 of DESIGN.md. Every test runs against a real SoftHSM2 token and a real DuckDB
-file; tampering is done the way an attacker with write access to the store would do it: close
-the ledger, edit ``keyledger.duckdb`` with DuckDB directly, reopen and verify.
+file. Tampering is done the way someone with write access to the store (but not the HSM PIN)
+would do it: close the ledger, edit ``keyledger.duckdb`` with DuckDB directly, reopen and verify;
+a few cases edit the store behind a running ledger and verify before anything new is ingested.
 """
 
 from __future__ import annotations

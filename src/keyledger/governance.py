@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from datetime import timedelta
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 # Each has a ``_run_<action>(name, reason, params)`` method that executes it once approved.
 GUARDED_ACTIONS = ("destroy", "set_policy", "trim", "export_key", "import_key")
 REQUEST_TTL = timedelta(hours=72)
+# Parameters each request may carry (set_policy: its keyword arguments); checked when asked.
+REQUEST_PARAMS: dict[str, tuple[str, ...]] = {"destroy": (), "trim": ("min_version",)}
 CUSTODIAN_STATEMENT = (
     "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
     "follow the key-management policy, and report suspected compromise at once (PCI DSS 3.7.8)."
@@ -65,13 +68,19 @@ class GovernanceMixin:
 
     def grants(self: KeyLedger, name: str | None = None) -> pd.DataFrame:
         """Who holds which role where (``key`` is ``*`` for home-wide grants)."""
-        with self._audited("list_keys", name):
+        with self._audited("list_keys", name) as rec:
+            self._require_some_role(rec, "list_keys")
             with self._rt.db.read() as tx:
                 df = tx.execute(
                     """SELECT coalesce(k.name, '*') AS key, g.principal, g.role, g.granted_by,
                               g.granted_at FROM grants g LEFT JOIN keys k ON k.key_id = g.scope
                        ORDER BY 1, 2, 3""").df()
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
+
+    def _require_some_role(self: KeyLedger, rec: _Audited, action: str) -> None:
+        """Deny by default: reading grants or requests needs some role somewhere."""
+        if not any(p in (self.principal, WILDCARD) for _, p in self._rt.catalog.grants_now()):
+            self._authorize(rec, action, None)
 
     def _scope(self: KeyLedger, rec: _Audited, name: str) -> tuple[str, str]:
         if name == WILDCARD:
@@ -109,15 +118,20 @@ class GovernanceMixin:
                                    f"requests exist for: {', '.join(GUARDED_ACTIONS)}")
             if not isinstance(reason, str) or not reason.strip():
                 raise InvalidInput("say why (reason=...): approvers read it")
-            key = self._key(rec, name)
-            self._authorize(rec, "request", key)
+            if action == "set_policy" and name == WILDCARD:  # the home's quorum
+                key = None
+                self._authorize(rec, "request", None)
+            else:
+                key = self._key(rec, name)
+                self._authorize(rec, "request", key)
+            stored = self._request_params(action, params)
             now = naive(self._now())
             request_id = uuid.uuid4().hex[:12]
             quorum = self._quorum(key)
             with self._rt.db.write() as tx:
                 tx.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
                            "NULL, NULL)",
-                           [request_id, action, key.key_id, reason, json.dumps(params, default=str),
+                           [request_id, action, key.key_id if key else WILDCARD, reason, stored,
                             self.principal, now, now + REQUEST_TTL, quorum])
                 tx.execute("INSERT INTO approvals VALUES (?, ?, ?)",
                            [request_id, self.principal, now])
@@ -125,6 +139,19 @@ class GovernanceMixin:
         if quorum <= 1:
             self._execute_request(request_id)
         return request_id
+
+    def _request_params(self: KeyLedger, action: str, params: dict[str, Any]) -> str:
+        """Refuse unknown parameters when asked (not when approved); store them as JSON."""
+        if action == "set_policy":
+            allowed: tuple[str, ...] | None = tuple(
+                p for p in inspect.signature(self.set_policy).parameters if p != "name")
+        else:
+            allowed = REQUEST_PARAMS.get(action)
+        unknown = sorted(set(params) - set(allowed)) if allowed is not None else []
+        if unknown:
+            raise InvalidInput(f"{action} takes {', '.join(allowed) or 'no parameters'}; "
+                               f"not {', '.join(unknown)}")
+        return json.dumps(params, default=_param_json)
 
     def approve(self: KeyLedger, request_id: str) -> dict[str, Any]:
         """Approve a pending request; the approval that meets the quorum executes it (once)."""
@@ -164,18 +191,20 @@ class GovernanceMixin:
         self._destroy(name, reason, approved=True)
 
     def _run_set_policy(self: KeyLedger, name: str, reason: str, params: dict) -> None:
-        self._set_policy(name, approved=True, **params)
+        self._set_policy(name or WILDCARD, approved=True, **params)
 
     def _run_trim(self: KeyLedger, name: str, reason: str, params: dict) -> None:
         self._trim(name, int(params["min_version"]), approved=True)
 
     def requests(self: KeyLedger, status: str | None = None) -> pd.DataFrame:
         """Approval requests with their approvers."""
-        with self._audited("requests", None):
-            sql = """SELECT r.request_id, r.action, k.name AS key, r.reason, r.requested_by,
+        with self._audited("requests", None) as rec:
+            self._require_some_role(rec, "requests")
+            sql = """SELECT r.request_id, r.action, coalesce(k.name, '*') AS key, r.reason,
+                        r.requested_by,
                         r.requested_at, r.expires_at, r.quorum, r.status, r.executed_at,
                         r.executed_by, list(a.principal ORDER BY a.time) AS approvers
-                     FROM requests r JOIN keys k USING (key_id)
+                     FROM requests r LEFT JOIN keys k USING (key_id)
                      LEFT JOIN approvals a USING (request_id)"""
             args: list[Any] = []
             if status is not None:
@@ -202,7 +231,7 @@ class GovernanceMixin:
         key = self._rt.catalog.get_id(key_id)
         why = f"{reason} (request {request_id}, approved by {', '.join(approvers)})"
         try:
-            getattr(self, f"_run_{action}")(key.name, why, json.loads(params))
+            getattr(self, f"_run_{action}")(key.name if key else None, why, json.loads(params))
         except BaseException:
             with self._rt.db.write() as tx:
                 tx.execute("UPDATE requests SET status = 'pending' WHERE request_id = ?",
@@ -223,3 +252,10 @@ class GovernanceMixin:
             with self._rt.db.write() as tx:
                 tx.execute("INSERT INTO acknowledgements VALUES (?, ?, ?)",
                            [self.principal, naive(self._now()), statement])
+
+
+def _param_json(value: object) -> object:
+    """Periods travel as "<seconds>s", which parse_period reads back (str(timedelta) it cannot)."""
+    if isinstance(value, timedelta):
+        return f"{int(value.total_seconds())}s"
+    raise InvalidInput(f"cannot keep {value!r} in a request; pass text, numbers or periods")
