@@ -33,12 +33,12 @@ REQUIRED: dict[str, frozenset[Role]] = {
         "schedule_deletion", "cancel_deletion", "destroy", "set_alias", "set_tags", "set_policy",
         "grant", "revoke", "request", "approve", "key_attributes", "reconcile",
         "acknowledge_custody", "run_due", "trim", "backup", "restore_test", "export_key",
-        "import_parameters", "import_key")},
+        "import_parameters", "import_key", "accept_finding")},
     **{a: frozenset({U}) for a in (
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
         "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},
     **{a: frozenset({A, R}) for a in ("audit", "verify_audit", "export_audit",
-                                       "version_usage")},
+                                       "version_usage", "compliance", "compliance_report")},
     **{a: ANY for a in ("get_key", "list_keys", "public_key_pem", "capabilities", "requests")},
 }
 

@@ -20,6 +20,7 @@ from . import ciphertext as ct
 from .access import WILDCARD, Role, check, roles_of
 from .backup import BackupMixin
 from .byok import ImportExportMixin
+from .compliance import ComplianceMixin
 from .config import default_home
 from .errors import (
     AccessDenied,
@@ -113,7 +114,8 @@ class _Audited:
         return False
 
 
-class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixin):
+class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixin,
+                ComplianceMixin):
     """Manage keys held in an HSM, with every call recorded in a tamper-evident ledger.
 
     Open with ``keyledger.open()``. Safe to share between threads; several processes may open
