@@ -63,7 +63,13 @@ class MaintenanceMixin:
         """
         with self._audited("run_due", None) as rec:
             self._authorize(rec, "run_due", None)
-            when = (now or self._now()).astimezone(self._now().tzinfo)
+            current = self._now()
+            if now is not None and (not isinstance(now, datetime) or now.tzinfo is None):
+                raise InvalidInput("now must be a timezone-aware datetime")
+            when = current if now is None else now.astimezone(current.tzinfo)
+            if when > current:
+                raise InvalidInput("now must not be later than the ledger's clock: due work is "
+                                   "done at the clock's time (inject a clock to simulate time)")
             report = DueReport(when)
             holder = self._rt.take_lease("run_due", LEASE_SECONDS)
             if holder is not None:
@@ -125,9 +131,9 @@ class MaintenanceMixin:
             self._rt.ingest()
             sql = """SELECT k.name AS key, v.version, v.state, v.created_at,
                        coalesce(sum(u.count) FILTER (u.action IN ('encrypt', 'generate_data_key',
-                           'envelope_encrypt', 'rewrap')), 0) AS encryptions,
+                           'envelope_encrypt', 'rewrap')), 0)::BIGINT AS encryptions,
                        coalesce(sum(u.count) FILTER (u.action IN ('decrypt', 'envelope_decrypt')),
-                           0) AS decryptions,
+                           0)::BIGINT AS decryptions,
                        max(u.last_time) FILTER (u.action IN ('decrypt', 'envelope_decrypt'))
                            AS last_decrypt,
                        max(u.last_time) FILTER (u.action IN ('encrypt', 'decrypt', 'rewrap',
@@ -158,7 +164,7 @@ class MaintenanceMixin:
         """
         with self._audited("rewrap_many", None) as rec:
             items, table = _load_items(ciphertexts, column)
-            counts = self._header_counts(items)
+            counts = self._header_counts(items, rec if dry_run else None)
             if dry_run:
                 rec.detail = f"dry run over {len(items)} ciphertexts"
                 return RewrapResult([None] * len(items), counts, _errors([]), True)
@@ -181,16 +187,23 @@ class MaintenanceMixin:
             rec.detail = f"{result.ok} rewrapped, {len(errors)} failed"
             return result
 
-    def _header_counts(self: KeyLedger, items: list[Any]) -> pd.DataFrame:
+    def _header_counts(self: KeyLedger, items: list[Any], rec: Any = None) -> pd.DataFrame:
+        """Ciphertexts per key version; with ``rec`` (a dry run) the caller must hold the user
+        role on every key named, as a real rewrap would need."""
         tally: dict[tuple[str, int], int] = {}
+        allowed: set[str] = set()
         for blob in items:
             try:
                 header, _, _ = ct.parse(blob)
-                key = self._rt.catalog.get_id(header.key_id)
-                label = key.name if key else f"unknown:{header.key_id}"
-                tally[(label, header.version)] = tally.get((label, header.version), 0) + 1
             except KeyLedgerError:
                 tally[("invalid", 0)] = tally.get(("invalid", 0), 0) + 1
+                continue
+            key = self._rt.catalog.get_id(header.key_id)
+            if key is not None and rec is not None and key.key_id not in allowed:
+                self._authorize(rec, "rewrap_many", key)
+                allowed.add(key.key_id)
+            label = key.name if key else f"unknown:{header.key_id}"
+            tally[(label, header.version)] = tally.get((label, header.version), 0) + 1
         return pd.DataFrame([(k, v, n) for (k, v), n in sorted(tally.items())],
                             columns=["key", "version", "ciphertexts"])
 

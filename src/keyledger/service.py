@@ -42,6 +42,7 @@ from .model import (
     Purpose,
     Use,
     check_use,
+    default_rotation_period,
     next_state,
     parse_period,
     parse_purpose,
@@ -546,6 +547,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                          by_purpose: Mapping | None, by_tag: Mapping | None) -> None:
         self._authorize(rec, "set_policy", None)
         policy = dict(self._rt.home_policy())
+        before = dict(policy)
         if usage_limit is not None:
             policy["usage_limit"] = usage_limit
         if by_purpose is not None:
@@ -563,6 +565,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                    "e.g. {'env=prod': '30d'}")
             policy["rotation_by_tag"] = {
                 t: int(parse_period(v).total_seconds()) for t, v in by_tag.items()}
+        weakens = _home_weakenings(before, policy)
+        if weakens and not approved:
+            self._require_quorum(None, "set_policy",
+                                 f"weakening the home's policy ({', '.join(weakens)})")
         if quorum is not None:
             if quorum < policy.get("quorum", 1) and not approved:
                 self._require_quorum(None, "set_policy", "lowering the home's quorum")
@@ -911,6 +917,21 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                "(FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE true)")
             rec.detail = f"{format} to {out}"
             return out
+
+
+def _home_weakenings(old: dict, new: dict) -> list[str]:
+    """What a change of the home's rotation rules or usage limit makes weaker."""
+    out = []
+    if key_usage_limit({}, new) > key_usage_limit({}, old):
+        out.append("a higher usage limit")
+    defaults = {p.value: default_rotation_period(None, p).total_seconds() for p in Purpose}
+    old_p, new_p = old.get("rotation_by_purpose", {}), new.get("rotation_by_purpose", {})
+    if any(new_p.get(p, d) > old_p.get(p, d) for p, d in defaults.items()):
+        out.append("a longer rotation period by purpose")
+    old_t, new_t = old.get("rotation_by_tag", {}), new.get("rotation_by_tag", {})
+    if any(t not in new_t or new_t[t] > secs for t, secs in old_t.items()):
+        out.append("a longer or removed rotation rule by tag")
+    return out
 
 
 def _sql_path(path: Path) -> str:
