@@ -170,9 +170,8 @@ class HomeRuntime:
             if not force and not ledger.pending_bytes(self.settings.journal_dir,
                                                       self._known_offsets):
                 return ledger.IngestResult()
-            head = self.audit_head()
             with self.db.write() as tx:
-                ledger.check_before_extend(tx, self.verify_checkpoint, head)
+                ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
                                        self.clock(), self._known_offsets)
                 if result.checkpoint is not None:
@@ -182,8 +181,20 @@ class HomeRuntime:
                     tx.after_commit.append(lambda: self.backend.put_data(self.head_label, value))
             return result
 
-    def audit_head(self) -> tuple[int, str] | None:
-        return ledger.parse_head(self.backend.get_data(self.head_label))
+    def audit_head(self, tx: Tx | None = None) -> tuple[int, str] | None:
+        """The newest checkpoint as kept in the HSM, read while holding the store (so no other
+        process moves it meanwhile). SoftHSM2 can briefly hide an object that another process
+        is replacing, so an empty answer is retried when checkpoints exist."""
+        if tx is None:
+            with self.db.read() as own:
+                return self.audit_head(own)
+        has_checkpoints = tx.execute("SELECT count(*) > 0 FROM checkpoints").fetchone()[0]
+        for delay in (0, 0.01, 0.02, 0.05, 0.1) if has_checkpoints else (0,):
+            time.sleep(delay)
+            head = ledger.parse_head(self.backend.get_data(self.head_label))
+            if head is not None:
+                return head
+        return None
 
     def _ingest_loop(self) -> None:
         interval = self.settings.audit.ingest_interval_ms / 1000
@@ -329,6 +340,8 @@ class HomeRuntime:
             self.ingest()
         except KeyLedgerError as exc:  # the records stay in the journal for the next reader
             log.debug("final ingest skipped: %s", exc)
+        except Exception:  # never leave the HSM login behind because of an ingest bug
+            log.exception("final ingest failed; records stay in the journal")
         pkcs11_backend.release(self.backend)
         try:
             self._alive_path.unlink()
