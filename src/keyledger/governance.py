@@ -112,7 +112,7 @@ class GovernanceMixin:
 
         Returns the request id; the action runs when enough distinct admins ``approve`` it.
         """
-        with self._audited("request", name if isinstance(name, str) else None) as rec:
+        with self._audited("request", name) as rec:
             if action not in GUARDED_ACTIONS:
                 raise InvalidInput(f"no approval is needed or possible for {action!r}; "
                                    f"requests exist for: {', '.join(GUARDED_ACTIONS)}")

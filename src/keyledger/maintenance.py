@@ -215,7 +215,7 @@ class MaintenanceMixin:
         return self._trim(name, min_version, approved=False)
 
     def _trim(self: KeyLedger, name: str, min_version: int, *, approved: bool) -> Any:
-        with self._audited("trim", name if isinstance(name, str) else None) as rec:
+        with self._audited("trim", name) as rec:
             key = self._key(rec, name)
             if isinstance(min_version, bool) or not isinstance(min_version, int):
                 raise InvalidInput("min_version must be a whole number")

@@ -39,6 +39,7 @@ from .model import (
     Family,
     Key,
     KeyState,
+    KeyVersion,
     Purpose,
     Use,
     check_use,
@@ -162,10 +163,11 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def _time_us(self) -> int:
         return (self._now() - _EPOCH) // _US
 
-    def _audited(self, action: str, name: str | None, context: bytes | None = None) -> _Audited:
+    def _audited(self, action: str, name: object, context: bytes | None = None) -> _Audited:
+        """One audit record for this call; ``name`` is recorded only if it is text."""
         if self._closed:
             raise KeyStateError("this KeyLedger is closed; open the home again")
-        return _Audited(self, action, name, context)
+        return _Audited(self, action, name if isinstance(name, str) else None, context)
 
     def _key(self, rec: _Audited, name: object) -> Key:
         """Resolve a key name or alias and authorise ``rec.action`` on it (deny by default)."""
@@ -207,7 +209,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                    rotation_period: timedelta | str | None = None,
                    exportable: bool = False, activate: bool = True) -> Key:
         """Generate version 1 in the HSM (sensitive; non-extractable unless ``exportable``)."""
-        with self._audited("create_key", name if isinstance(name, str) else None) as rec:
+        with self._audited("create_key", name) as rec:
             validate_name(name)
             self._authorize(rec, "create_key", None)
             kspec = parse_spec(spec)
@@ -254,7 +256,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return key
 
     def get_key(self, name: str) -> Key:
-        with self._audited("get_key", name if isinstance(name, str) else None) as rec:
+        with self._audited("get_key", name) as rec:
             return self._key(rec, name)
 
     def list_keys(self) -> pd.DataFrame:
@@ -289,7 +291,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
 
     def _rotate(self, name: str, reason: str, expect_version: int | None = None) -> Key:
         """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once)."""
-        with self._audited("rotate", name if isinstance(name, str) else None) as rec:
+        with self._audited("rotate", name) as rec:
             key = self._key(rec, name)
             now = naive(self._now())
             handle = uuid.uuid4().bytes
@@ -347,13 +349,13 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def mark_compromised(self, name: str, reason: str) -> Key:
         """Record a suspected compromise: no more protection; decrypt/verify stay possible."""
         if not isinstance(reason, str) or not reason.strip():
-            with self._audited("mark_compromised", name if isinstance(name, str) else None):
+            with self._audited("mark_compromised", name):
                 raise InvalidInput("say why the key is considered compromised (reason=...)")
         return self._change_state("mark_compromised", name, reason)
 
     def schedule_deletion(self, name: str, days: int = 30, *, reason: str = "scheduled") -> Key:
         """Block all use now and allow ``destroy`` after ``days`` (7..30)."""
-        with self._audited("schedule_deletion", name if isinstance(name, str) else None) as rec:
+        with self._audited("schedule_deletion", name) as rec:
             if isinstance(days, bool) or not isinstance(days, int):
                 raise InvalidInput("days must be a whole number between 7 and 30")
             if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
@@ -366,7 +368,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
 
     def cancel_deletion(self, name: str, *, reason: str = "deletion cancelled") -> Key:
         """Restore the state the key had before deletion was scheduled."""
-        with self._audited("cancel_deletion", name if isinstance(name, str) else None) as rec:
+        with self._audited("cancel_deletion", name) as rec:
             return self._transition_key(rec, "cancel_deletion", name, reason,
                                         extra={"deletion_due": None})
 
@@ -379,7 +381,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         return self._destroy(name, reason, approved=False)
 
     def _destroy(self, name: str, reason: str, *, approved: bool) -> Key:
-        with self._audited("destroy", name if isinstance(name, str) else None) as rec:
+        with self._audited("destroy", name) as rec:
             key = self._key(rec, name)
             if not approved:
                 self._require_quorum(key, "destroy", f"destroy {key.name!r}")
@@ -415,7 +417,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return key
 
     def set_alias(self, name: str, alias: str) -> Key:
-        with self._audited("set_alias", name if isinstance(name, str) else None) as rec:
+        with self._audited("set_alias", name) as rec:
             key = self._key(rec, name)
             validate_name(alias, "alias")
             with self._rt.db.write() as tx:
@@ -429,7 +431,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return key
 
     def set_tags(self, name: str, tags: Mapping[str, str]) -> Key:
-        with self._audited("set_tags", name if isinstance(name, str) else None) as rec:
+        with self._audited("set_tags", name) as rec:
             key = self._key(rec, name)
             tag_json = self._tags_json(tags)
             with self._rt.db.write() as tx:
@@ -475,7 +477,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                     min_decryption_version=None, min_encryption_version=None, owner=None,
                     quorum=None, creator_is_user=None, usage_limit=None, auto_rotate=None,
                     rotation_by_purpose=None, rotation_by_tag=None) -> Key | None:
-        with self._audited("set_policy", name if isinstance(name, str) else None) as rec:
+        with self._audited("set_policy", name) as rec:
             if quorum is not None and (isinstance(quorum, bool) or not isinstance(quorum, int)
                                        or not 1 <= quorum <= 10):
                 raise InvalidInput("quorum must be a whole number from 1 to 10")
@@ -587,7 +589,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         return int(q) if q else self._rt.home_quorum()
 
     def _change_state(self, action: str, name: str, reason: str) -> Key:
-        with self._audited(action, name if isinstance(name, str) else None) as rec:
+        with self._audited(action, name) as rec:
             return self._transition_key(rec, action, name, reason)
 
     def _transition_key(self, rec: _Audited, action: str, name: str, reason: str,
@@ -649,7 +651,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def encrypt(self, name: str, plaintext: bytes, *,
                 context: Mapping[str, str] | None = None) -> bytes:
         """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
-        with self._audited("encrypt", name if isinstance(name, str) else None) as rec:
+        with self._audited("encrypt", name) as rec:
             ctx = rec.context = ct.canonical_context(context)
             data = self._bytes(plaintext, "plaintext")
             key = self._key(rec, name)
@@ -711,7 +713,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def generate_data_key(self, name: str, *,
                           context: Mapping[str, str] | None = None) -> DataKey:
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
-        with self._audited("generate_data_key", name if isinstance(name, str) else None) as rec:
+        with self._audited("generate_data_key", name) as rec:
             ctx = rec.context = ct.canonical_context(context)
             key = self._key(rec, name)
             plaintext = AESGCM.generate_key(bit_length=256)
@@ -721,7 +723,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def envelope_encrypt(self, name: str, data: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
         """Encrypt large data locally under a fresh data key; the wrapped key travels with it."""
-        with self._audited("envelope_encrypt", name if isinstance(name, str) else None) as rec:
+        with self._audited("envelope_encrypt", name) as rec:
             ctx = rec.context = ct.canonical_context(context)
             payload = self._bytes(data, "data")
             key = self._key(rec, name)
@@ -746,48 +748,52 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
 
     def sign(self, name: str, message: bytes) -> bytes:
         """RSA-PSS-SHA256, ECDSA (DER) or Ed25519 signature with the latest version."""
-        with self._audited("sign", name if isinstance(name, str) else None) as rec:
+        with self._audited("sign", name) as rec:
             data = self._bytes(message, "message")
-            key = self._key(rec, name)
-            self._require_purpose(key, Purpose.SIGN)
-            check_use(key.state, Use.PROTECT, key.name)
-            version = key.version_for_protect()
-            rec.version = version.version
+            key, version = self._for_protect(rec, name, Purpose.SIGN)
             return self._rt.backend.sign(key.spec, version.handle, data)
 
     def verify(self, name: str, message: bytes, signature: bytes, *,
                version: int | None = None) -> bool:
         """True if any live version (or the given one) of the key made the signature."""
-        with self._audited("verify", name if isinstance(name, str) else None) as rec:
+        with self._audited("verify", name) as rec:
             data = self._bytes(message, "message")
             sig = self._bytes(signature, "signature")
-            key = self._key(rec, name)
-            self._require_purpose(key, Purpose.SIGN)
-            check_use(key.state, Use.PROCESS, key.name)
+            key = self._for_process(rec, name, Purpose.SIGN)
             return self._check_any(rec, key, version,
                                    lambda h: self._rt.backend.verify(key.spec, h, data, sig))
 
     def mac(self, name: str, message: bytes) -> bytes:
         """HMAC-SHA256 computed in the HSM with the latest version."""
-        with self._audited("mac", name if isinstance(name, str) else None) as rec:
+        with self._audited("mac", name) as rec:
             data = self._bytes(message, "message")
-            key = self._key(rec, name)
-            self._require_purpose(key, Purpose.MAC)
-            check_use(key.state, Use.PROTECT, key.name)
-            version = key.version_for_protect()
-            rec.version = version.version
+            _, version = self._for_protect(rec, name, Purpose.MAC)
             return self._rt.backend.mac(version.handle, data)
 
     def verify_mac(self, name: str, message: bytes, tag: bytes, *,
                    version: int | None = None) -> bool:
-        with self._audited("verify_mac", name if isinstance(name, str) else None) as rec:
+        with self._audited("verify_mac", name) as rec:
             data = self._bytes(message, "message")
             mac = self._bytes(tag, "tag")
-            key = self._key(rec, name)
-            self._require_purpose(key, Purpose.MAC)
-            check_use(key.state, Use.PROCESS, key.name)
+            key = self._for_process(rec, name, Purpose.MAC)
             return self._check_any(rec, key, version,
                                    lambda h: self._rt.backend.verify_mac(h, data, mac))
+
+    def _for_protect(self, rec: _Audited, name: object,
+                     *purposes: Purpose) -> tuple[Key, KeyVersion]:
+        """The key and its latest version, checked for purpose, state and minimum version."""
+        key = self._key(rec, name)
+        self._require_purpose(key, *purposes)
+        check_use(key.state, Use.PROTECT, key.name)
+        version = key.version_for_protect()
+        rec.version = version.version
+        return key, version
+
+    def _for_process(self, rec: _Audited, name: object, *purposes: Purpose) -> Key:
+        key = self._key(rec, name)
+        self._require_purpose(key, *purposes)
+        check_use(key.state, Use.PROCESS, key.name)
+        return key
 
     def _check_any(self, rec: _Audited, key: Key, version: int | None,
                    check: Callable[[bytes], bool]) -> bool:
@@ -807,7 +813,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         return False
 
     def public_key_pem(self, name: str, *, version: int | None = None) -> str:
-        with self._audited("public_key_pem", name if isinstance(name, str) else None) as rec:
+        with self._audited("public_key_pem", name) as rec:
             key = self._key(rec, name)
             if key.spec.family in (Family.AES, Family.HMAC):
                 raise PolicyViolation(f"key {key.name!r} is symmetric; it has no public key")
@@ -837,7 +843,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
 
     def key_attributes(self, name: str, *, version: int | None = None):
         """CKA_SENSITIVE / CKA_EXTRACTABLE of a version as the HSM reports them."""
-        with self._audited("key_attributes", name if isinstance(name, str) else None) as rec:
+        with self._audited("key_attributes", name) as rec:
             key = self._key(rec, name)
             v = key.versions[version or key.latest_version]
             rec.version = v.version
