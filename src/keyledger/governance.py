@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 GUARDED_ACTIONS = ("destroy", "set_policy", "trim", "export_key", "import_key")
 REQUEST_TTL = timedelta(hours=72)
 # Parameters each request may carry (set_policy: its keyword arguments); checked when asked.
-REQUEST_PARAMS: dict[str, tuple[str, ...]] = {"destroy": (), "trim": ("min_version",)}
+REQUEST_PARAMS: dict[str, tuple[str, ...]] = {
+    "destroy": (), "trim": ("min_version",), "export_key": ("wrapping_key_pem", "version"),
+    "import_key": ("spec", "wrapped", "token", "purpose", "owner", "tags")}
+NEW_KEY = "new:"  # requests.key_id of an import: the key it will create does not exist yet
 CUSTODIAN_STATEMENT = (
     "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
     "follow the key-management policy, and report suspected compromise at once (PCI DSS 3.7.8)."
@@ -118,8 +121,12 @@ class GovernanceMixin:
                                    f"requests exist for: {', '.join(GUARDED_ACTIONS)}")
             if not isinstance(reason, str) or not reason.strip():
                 raise InvalidInput("say why (reason=...): approvers read it")
+            key_ref = WILDCARD
             if action == "set_policy" and name == WILDCARD:  # the home's quorum
                 key = None
+                self._authorize(rec, "request", None)
+            elif action == "import_key":  # the key does not exist yet: a home-wide request
+                key, key_ref = None, NEW_KEY + validate_name(name)
                 self._authorize(rec, "request", None)
             else:
                 key = self._key(rec, name)
@@ -131,7 +138,7 @@ class GovernanceMixin:
             with self._rt.db.write() as tx:
                 tx.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
                            "NULL, NULL)",
-                           [request_id, action, key.key_id if key else WILDCARD, reason, stored,
+                           [request_id, action, key.key_id if key else key_ref, reason, stored,
                             self.principal, now, now + REQUEST_TTL, quorum])
                 tx.execute("INSERT INTO approvals VALUES (?, ?, ?)",
                            [request_id, self.principal, now])
@@ -200,7 +207,8 @@ class GovernanceMixin:
         """Approval requests with their approvers."""
         with self._audited("requests", None) as rec:
             self._require_some_role(rec, "requests")
-            sql = """SELECT r.request_id, r.action, coalesce(k.name, '*') AS key, r.reason,
+            sql = """SELECT r.request_id, r.action, coalesce(k.name, CASE WHEN r.key_id LIKE
+                        'new:%' THEN r.key_id[5:] ELSE '*' END) AS key, r.reason,
                         r.requested_by,
                         r.requested_at, r.expires_at, r.quorum, r.status, r.executed_at,
                         r.executed_by, list(a.principal ORDER BY a.time) AS approvers
@@ -231,7 +239,9 @@ class GovernanceMixin:
         key = self._rt.catalog.get_id(key_id)
         why = f"{reason} (request {request_id}, approved by {', '.join(approvers)})"
         try:
-            getattr(self, f"_run_{action}")(key.name if key else None, why, json.loads(params))
+            name = key.name if key else (key_id.removeprefix(NEW_KEY)
+                                         if key_id.startswith(NEW_KEY) else None)
+            getattr(self, f"_run_{action}")(name, why, json.loads(params))
         except BaseException:
             with self._rt.db.write() as tx:
                 tx.execute("UPDATE requests SET status = 'pending' WHERE request_id = ?",
