@@ -7,6 +7,8 @@
         assert ledger.decrypt(blob, context={"tenant": "acme"}) == b"card 4111"
 """
 
+from .backup import BackupInfo, RestoreTestReport, restore
+from .byok import WrappedKey
 from .errors import (
     AccessDenied,
     AuditError,
@@ -23,7 +25,9 @@ from .errors import (
     StoreError,
     UnsupportedMechanism,
 )
+from .maintenance import RewrapResult
 from .model import SPECS, Key, KeySpec, KeyState, KeyVersion, Purpose
+from .rotation import DueReport
 from .runtime import ReconcileReport
 from .service import DataKey, KeyLedger, open
 from .store.ledger import VerifyReport
@@ -34,8 +38,10 @@ __all__ = [
     "SPECS",
     "AccessDenied",
     "AuditError",
+    "BackupInfo",
     "ConfigError",
     "DataKey",
+    "DueReport",
     "HsmError",
     "InvalidCiphertext",
     "InvalidInput",
@@ -51,9 +57,13 @@ __all__ = [
     "PolicyViolation",
     "Purpose",
     "ReconcileReport",
+    "RestoreTestReport",
+    "RewrapResult",
     "StoreBusy",
     "StoreError",
     "UnsupportedMechanism",
     "VerifyReport",
+    "WrappedKey",
     "open",
+    "restore",
 ]
