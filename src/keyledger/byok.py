@@ -311,7 +311,7 @@ class ImportExportMixin:
                                [uuid.uuid4().hex, key.key_id, kv.version, fingerprint,
                                 json.dumps(out.to_dict()), approval[:1000],
                                 naive(self._now()), self.principal])
-                rec.detail += f"; held for the requester ({approval})"[:300]
+                rec.detail += f"; held for the requester ({approval[-300:]})"
             return out
 
     def _wrap_version(self: KeyLedger, key: Key, kv: KeyVersion, pub: rsa.RSAPublicKey,

@@ -83,10 +83,20 @@ class MaintenanceMixin:
                              self._rt.home_policy(), when)
                 for item in items:
                     self._do_due(item, report)
+                self._due_compliance(report, when)
             finally:
                 self._rt.release_lease("run_due")
             rec.detail = f"{len(report.done)} done, {len(report.skipped)} skipped"
             return report
+
+    def _due_compliance(self: KeyLedger, report: DueReport, when: datetime) -> None:
+        """Evaluate compliance as part of due work, so findings and their trend stay current."""
+        try:
+            run = self._evaluate_compliance(None, when)
+            report.done.append({"action": "compliance", "key": "-",
+                                "reason": f"run {run.run_id}: {len(run.visible())} open findings"})
+        except KeyLedgerError as exc:
+            report.skipped.append({"action": "compliance", "key": "-", "reason": str(exc)})
 
     def _do_due(self: KeyLedger, item: Any, report: DueReport) -> None:
         entry = {"action": item.action, "key": item.key, "reason": item.reason}
