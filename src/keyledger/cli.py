@@ -555,7 +555,8 @@ def cmd_run_due(args: argparse.Namespace) -> int:
     with _open(args) as led:
         report = led.run_due()
     if args.json:
-        _print_json({"now": report.now, "done": report.done, "skipped": report.skipped})
+        _print_json({"now": report.now, "done": report.done, "skipped": report.skipped,
+                     "compliance": report.compliance})
     else:
         print(report)
     return 0

@@ -93,10 +93,9 @@ class MaintenanceMixin:
         """Evaluate compliance as part of due work, so findings and their trend stay current."""
         try:
             run = self._evaluate_compliance(None, when)
-            report.done.append({"action": "compliance", "key": "-",
-                                "reason": f"run {run.run_id}: {len(run.visible())} open findings"})
+            report.compliance = f"evaluation {run.run_id}: {len(run.visible())} open findings"
         except KeyLedgerError as exc:
-            report.skipped.append({"action": "compliance", "key": "-", "reason": str(exc)})
+            report.compliance = f"not evaluated: {exc}"
 
     def _do_due(self: KeyLedger, item: Any, report: DueReport) -> None:
         entry = {"action": item.action, "key": item.key, "reason": item.reason}

@@ -70,6 +70,7 @@ class DueReport:
     now: datetime
     done: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    compliance: str | None = None  # the compliance evaluation that closed the run
 
     def to_frame(self) -> pd.DataFrame:
         rows = [{"outcome": "done", **d} for d in self.done]
@@ -81,6 +82,8 @@ class DueReport:
                  f"{len(self.skipped)} skipped"]
         lines += [f"  done    {d['action']:<10} {d['key']}: {d['reason']}" for d in self.done]
         lines += [f"  skipped {d['action']:<10} {d['key']}: {d['reason']}" for d in self.skipped]
+        if self.compliance:
+            lines.append(f"  compliance {self.compliance}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
