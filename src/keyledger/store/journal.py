@@ -34,7 +34,7 @@ SEP = "\x1f"
 SUFFIX = ".jsonl"
 LINE_FIELDS = ("jseq", "time_us", "principal", "action", "key", "key_id", "version", "outcome",
                "error", "detail", "context", "hash")
-_NAME_RE = re.compile(r"^.+-([0-9]{1,10})-[0-9a-f]{12}$")
+_NAME_RE = re.compile(r"^.+-([0-9]{1,9})-[0-9a-f]{12}$")
 _sha256 = hashlib.sha256
 
 
@@ -104,22 +104,30 @@ class JournalWriter:
             f'{"null" if detail is None else _q(detail)},'
             f'{"null" if context is None else _q(context)},"'
         )
-        with self._lock:
-            if self._closed:
-                raise AuditError("the audit journal is closed; open the ledger again")
-            seq = self._seq + 1
-            h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()).hexdigest()
-            try:
-                os.write(self._fd, f'[{seq}{body}{h}"]\n'.encode())
-                if self._strict:
-                    os.fsync(self._fd)
-            except OSError as exc:
-                raise AuditError(
-                    f"cannot append to the audit journal {self.path}: {exc.strerror}; "
-                    "the operation was done but its record may be missing - free disk space"
-                ) from None
-            self._seq, self._prev, self._dirty = seq, h, True
-            return seq
+        try:
+            with self._lock:
+                if self._closed:
+                    raise AuditError("the audit journal is closed; open the ledger again")
+                seq = self._seq + 1
+                # (this encode fails, before anything changed, on a lone surrogate)
+                h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
+                            ).hexdigest()
+                try:
+                    os.write(self._fd, f'[{seq}{body}{h}"]\n'.encode())
+                    if self._strict:
+                        os.fsync(self._fd)
+                except OSError as exc:
+                    raise AuditError(
+                        f"cannot append to the audit journal {self.path}: {exc.strerror}; "
+                        "the operation was done but its record may be missing - free disk space"
+                    ) from None
+                self._seq, self._prev, self._dirty = seq, h, True
+                return seq
+        except UnicodeEncodeError:  # a string no UTF-8 can hold: record it backslash-escaped
+            return self.append(time_us, *(
+                v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+                for v in (principal, action, key, key_id, version, outcome, error, detail,
+                          context)))
 
     def flush(self) -> None:
         """fsync outside the lock, so appends never wait for the disk."""
