@@ -134,6 +134,8 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
         problem = f"checkpoint {cp_seq} does not carry a valid HSM signature"
     elif head is not None and (head[0] > cp_seq or (head[0] == cp_seq and head[1] != h)):
         problem = f"the HSM-held head (checkpoint {head[0]}) does not match the store"
+    elif con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0] != last_seq:
+        problem = "records were added after the last signed checkpoint"
     elif con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != tips:
         problem = "the ingest bookkeeping does not match the last signed checkpoint"
     if problem:
@@ -618,9 +620,14 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
             if gap:
                 report.first_bad = {"journal": gap[0], "jseq": gap[1], "missing": True,
                                     "missing_through": gap[2]}
-            fail(f"records covered by checkpoint {cp_seq} differ from what it signed "
-                 f"(it signed {n_rec} records, the ledger has {covered}): records were "
-                 "removed, added or rewritten", None)
+            # rows beyond what ingest ever took from a journal were put there by hand
+            surplus = con.execute(
+                """SELECT min(a.seq) FROM audit_log a JOIN journal_offsets j USING (journal)
+                   WHERE a.jseq > j.tip_jseq AND a.seq <= ?""", [last_seq]).fetchone()[0]
+            what = (f"it signed {n_rec} records, the ledger has {covered}" if covered != n_rec
+                    else "the newest record of a journal is not the one it signed")
+            fail(f"records covered by checkpoint {cp_seq} differ from what it signed ({what}): "
+                 "records were removed, added or rewritten", surplus)
         if max_seq is not None and max_seq > last_seq:
             extra = con.execute("SELECT min(seq), count(*) FROM audit_log WHERE seq > ?",
                                 [last_seq]).fetchone()

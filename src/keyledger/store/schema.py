@@ -48,7 +48,7 @@ MIGRATIONS: list[str] = [
         n_records BIGINT NOT NULL, tips_digest VARCHAR NOT NULL, prev_hash VARCHAR NOT NULL,
         hash VARCHAR NOT NULL, signature VARCHAR NOT NULL);
     CREATE TABLE usage (
-        key_id VARCHAR NOT NULL, version INTEGER NOT NULL, action VARCHAR NOT NULL,
+        key_id VARCHAR NOT NULL, version BIGINT NOT NULL, action VARCHAR NOT NULL,
         count BIGINT NOT NULL, last_time TIMESTAMP NOT NULL,
         PRIMARY KEY (key_id, version, action));
     CREATE TABLE verifications (time TIMESTAMP NOT NULL, ok BOOLEAN NOT NULL,
