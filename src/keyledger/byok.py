@@ -463,22 +463,15 @@ class ImportExportMixin:
                     raise
                 with self._rt.db.write() as tx:
                     self._done(tx, intent)
-                    tx.execute(
-                        "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1,"
-                        " NULL, ?, ?)",
-                        [key_id, name, kspec.name, kpurpose.value, KeyState.ACTIVE.value, owner,
-                         now, now, None, False, tag_json, json.dumps({"auto_rotate": False})])
-                    tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
-                               [key_id, handle.hex(), now])
                     why = f"imported (BYOK) with import token {token[:8]}"
                     if approval:
                         why += f"; {approval}"
-                    self._transition(tx, now, key_id, 1, "import", None, KeyState.ACTIVE,
-                                     why[:1000])
-                    if self._rt.creator_is_user:
-                        tx.execute("INSERT INTO grants VALUES (?, ?, 'user', ?, ?) "
-                                   "ON CONFLICT DO NOTHING",
-                                   [key_id, self.principal, self.principal, now])
+                    self._catalog_new_key(
+                        tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose,
+                        state=KeyState.ACTIVE, owner=owner, now=now, period=None,
+                        exportable=False, tag_json=tag_json, policy={"auto_rotate": False},
+                        handle=handle, action="import", reason=why[:1000],
+                        creator_is_user=self._rt.creator_is_user)
                     key = cat.load_key(tx, name)
             finally:
                 self._rt.in_flight.discard(intent)

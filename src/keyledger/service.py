@@ -235,19 +235,11 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 _fault("create:after_hsm")
                 with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
                     self._done(tx, intent)
-                    tx.execute(
-                        "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1,"
-                        " NULL, ?, '{}')",
-                        [key_id, name, kspec.name, kpurpose.value, state.value, owner, now, now,
-                         int(period.total_seconds()) if period else None, exportable,
-                         tag_json])
-                    tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
-                               [key_id, handle.hex(), now])
-                    self._transition(tx, now, key_id, 1, "create", None, state, "created")
-                    if creator_is_user:  # one person can work alone; the SoD rule reports it
-                        tx.execute("INSERT INTO grants VALUES (?, ?, 'user', ?, ?) "
-                                   "ON CONFLICT DO NOTHING",
-                                   [key_id, self.principal, self.principal, now])
+                    self._catalog_new_key(
+                        tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose, state=state,
+                        owner=owner, now=now, period=period, exportable=exportable,
+                        tag_json=tag_json, policy={}, handle=handle, action="create",
+                        reason="created", creator_is_user=creator_is_user)
                     key = cat.load_key(tx, name)
             finally:
                 self._rt.in_flight.discard(intent)
@@ -620,6 +612,24 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                    [now, key_id, version, action,
                     from_state.value if from_state is not None else None, to_state.value,
                     self.principal, reason])
+
+    def _catalog_new_key(self, tx, *, key_id: str, name: str, spec, purpose: Purpose,
+                         state: KeyState, owner: str | None, now: datetime,
+                         period: timedelta | None, exportable: bool, tag_json: str,
+                         policy: dict, handle: bytes, action: str, reason: str,
+                         creator_is_user: bool) -> None:
+        """Catalog rows of a new key's version 1 (created or imported), in the caller's tx."""
+        tx.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL, "
+                   "?, ?)",
+                   [key_id, name, spec.name, purpose.value, state.value, owner, now, now,
+                    int(period.total_seconds()) if period else None, exportable, tag_json,
+                    json.dumps(policy, sort_keys=True)])
+        tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
+                   [key_id, handle.hex(), now])
+        self._transition(tx, now, key_id, 1, action, None, state, reason)
+        if creator_is_user:  # one person can work alone; the separation-of-duties rule reports it
+            tx.execute("INSERT INTO grants VALUES (?, ?, 'user', ?, ?) ON CONFLICT DO NOTHING",
+                       [key_id, self.principal, self.principal, now])
 
     def _intent(self, tx, kind: str, key_id: str, name: str, version: int | None,
                 handles: list[bytes], now: datetime) -> str:
