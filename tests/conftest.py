@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import keyledger as kl
+from keyledger.config import find_softhsm_module
 
 
 class FakeClock:
@@ -51,3 +53,33 @@ def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float =
     """Run a snippet in a fresh interpreter (its own PKCS#11 login and journal)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, check=check)
+
+
+# -- the token as another process sees it (pkcs11-tool from OpenSC) ---------------------------------
+PKCS11_TOOL = shutil.which("pkcs11-tool")
+SOFTHSM_MODULE = find_softhsm_module() or "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def hsm_objects(home: Path) -> list[dict[str, str]]:
+    """Every object on the home's token, as `pkcs11-tool --list-objects --login` prints them:
+    one dict per object with its type line and lower-cased fields (label, id, access, ...)."""
+    pin = (home / "user.pin").read_text().strip()
+    out = subprocess.run(
+        [PKCS11_TOOL or "pkcs11-tool", "--module", SOFTHSM_MODULE, "--list-objects", "--login",
+         "--pin", pin],
+        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    objects: list[dict[str, str]] = []
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            objects.append({"type": line.strip()})
+        elif objects and ":" in line:
+            field, _, value = line.strip().partition(":")
+            objects[-1][field.strip().lower()] = value.strip().strip("'")
+    return objects
+
+
+def hsm_labels(home: Path, prefix: str = "kl:") -> list[str]:
+    """Sorted labels of the token's objects that start with ``prefix`` (keyledger key versions)."""
+    return sorted(o["label"] for o in hsm_objects(home) if o.get("label", "").startswith(prefix))

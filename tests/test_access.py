@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, hsm_labels
 
 import keyledger as kl
 from keyledger.governance import CUSTODIAN_STATEMENT
@@ -43,22 +42,6 @@ needs_pkcs11_tool = pytest.mark.skipif(PKCS11_TOOL is None or not os.path.exists
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def hsm_labels(home: Path) -> list[str]:
-    """Labels of the keyledger key objects (``kl:<name>:v<n>``), read by pkcs11-tool."""
-    pin = (home / "user.pin").read_text().strip()
-    out = subprocess.run(
-        [PKCS11_TOOL, "--module", MODULE, "--list-objects", "--login", "--pin", pin],
-        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    labels = []
-    for line in out.splitlines():
-        field_name, _, value = line.strip().partition(":")
-        if field_name.strip() == "label" and value.strip().startswith("kl:"):
-            labels.append(value.strip())
-    return sorted(labels)
-
-
 def records(led: kl.KeyLedger, **filters: str) -> pd.DataFrame:
     """Audit records matching ``filters`` (read by ``led``, which must be admin or auditor)."""
     return led.audit(**filters)

@@ -12,7 +12,6 @@ record of a call that returned before the kill is not lost (invariant 6).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import hsm_labels as token_labels
 from conftest import run_python
 
 import keyledger as kl
@@ -58,15 +58,8 @@ print("NOT KILLED", flush=True)
 
 
 def hsm_labels(home: Path) -> list[str]:
-    """Labels of all objects on the home's token, read by pkcs11-tool (not by keyledger)."""
-    pin = (home / "user.pin").read_text().strip()
-    proc = subprocess.run(
-        ["pkcs11-tool", "--module", MODULE, "--token-label", TOKEN_LABEL, "--login", "--pin", pin,
-         "--list-objects"],
-        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
-        capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return [m.strip().strip("'") for m in re.findall(r"^\s*label:\s*(.*)$", proc.stdout, re.M)]
+    """Every object label on the home's token, as pkcs11-tool lists them."""
+    return token_labels(home, prefix="")
 
 
 def key_labels(home: Path, name: str) -> set[str]:

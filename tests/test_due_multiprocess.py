@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import FakeClock, run_python
+from conftest import FakeClock, hsm_labels, run_python
 
 import keyledger as kl
 
@@ -57,13 +56,9 @@ SIGNING = ["ec-1"]
 
 
 def key_labels(home: Path) -> dict[str, set[str]]:
-    pin = (home / "user.pin").read_text().strip()
-    out = subprocess.run(
-        [PKCS11_TOOL, "--module", MODULE, "--list-objects", "--login", "--pin", pin],
-        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
-        capture_output=True, text=True, timeout=60, check=True).stdout
+    """Versions on the token per key name, from labels ``kl:<name>:v<n>``."""
     labels: dict[str, set[str]] = {}
-    for value in re.findall(r"^\s*label:\s*(kl:\S+)\s*$", out, re.M):
+    for value in hsm_labels(home):
         _, name, version = value.split(":")
         labels.setdefault(name, set()).add(version)
     return labels

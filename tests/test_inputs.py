@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import hsm_objects
 
 import keyledger as kl
 
@@ -23,21 +23,8 @@ NOISE = {"audit", "list_keys"}  # records made by the checks themselves
 
 def key_objects(home: Path) -> list[tuple[str, str, str, str]]:
     """The key objects on the token (labels "kl:..."), read by `pkcs11-tool` in another process."""
-    pin = (home / "user.pin").read_text().strip()
-    out = subprocess.run(
-        [PKCS11_TOOL, "--module", MODULE, "--list-objects", "--login", "--pin", pin],
-        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    objects: list[dict[str, str]] = []
-    for line in out.splitlines():
-        if line and not line[0].isspace():
-            objects.append({"type": line.strip()})
-        elif objects and ":" in line:
-            field, _, value = line.strip().partition(":")
-            objects[-1][field.strip().lower()] = value.strip()
     return sorted((o["label"], o.get("id", ""), o["type"], o.get("access", ""))
-                  for o in objects if o.get("label", "").startswith("kl:"))
+                  for o in hsm_objects(home) if o.get("label", "").startswith("kl:"))
 
 
 class Clock:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import hsm_objects as token_objects
 
 import keyledger as kl
 from keyledger.model import Family
@@ -26,21 +26,8 @@ pytestmark = pytest.mark.skipif(PKCS11_TOOL is None or not os.path.exists(MODULE
 
 # -- the token as another process sees it ----------------------------------------------------------
 def hsm_objects(home: Path) -> list[dict[str, str]]:
-    """Every object on the home's token, as `pkcs11-tool --list-objects --login` prints them."""
-    pin = (home / "user.pin").read_text().strip()
-    out = subprocess.run(
-        [PKCS11_TOOL, "--module", MODULE, "--list-objects", "--login", "--pin", pin],
-        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    objects: list[dict[str, str]] = []
-    for line in out.splitlines():
-        if line and not line[0].isspace():
-            objects.append({"type": line.strip()})
-        elif objects and ":" in line:
-            field, _, value = line.strip().partition(":")
-            objects[-1][field.strip().lower()] = value.strip()
-    return objects
+    """Every object on the home's token, as another process (pkcs11-tool) sees it."""
+    return token_objects(home)
 
 
 def key_objects(home: Path) -> list[tuple[str, str, str, str]]:

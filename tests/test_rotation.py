@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import FakeClock
+from conftest import hsm_labels as token_labels
 
 import keyledger as kl
 
@@ -52,18 +52,7 @@ def header_of(blob: bytes) -> tuple[str, int]:
 
 def hsm_labels(home: Path) -> set[str]:
     """Labels of the keyledger key objects (``kl:<name>:v<n>``) as ``pkcs11-tool`` lists them."""
-    pin = (home / "user.pin").read_text().strip()
-    out = subprocess.run(
-        [PKCS11_TOOL, "--module", MODULE, "--list-objects", "--login", "--pin", pin],
-        env={**os.environ, "SOFTHSM2_CONF": str(home / "softhsm2.conf")},
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    labels = set()
-    for line in out.splitlines():
-        name, _, value = line.strip().partition(":")
-        if name.strip() == "label" and value.strip().startswith("kl:"):
-            labels.add(value.strip())
-    return labels
+    return set(token_labels(home))
 
 
 def key_labels(home: Path, name: str) -> set[str]:
