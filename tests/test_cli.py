@@ -357,3 +357,14 @@ def test_demo_runs_twice_on_the_same_home(cli):
     assert states["demo-2-orders"] == "active"
     pin = (cli.home / "user.pin").read_text().strip()
     assert pin not in out1 + out2
+
+
+def test_request_trim_executes_with_quorum_one_and_needs_min_version(cli):
+    cli.ok("key", "create", "t", "--spec", "AES_128")
+    old = cli("encrypt", "t", input=b"v1 data").stdout
+    cli.ok("key", "rotate", "t")
+    assert cli("request", "trim", "t", "--reason", "x").returncode == 2  # no --min-version
+    cli.ok("request", "trim", "t", "--min-version", "2", "--reason", "v1 unused")
+    assert cli.json("key", "show", "t")["min_decryption_version"] == 2
+    refused = cli("decrypt", input=old)
+    assert refused.returncode == 1 and b"version 1" in refused.stderr

@@ -507,7 +507,12 @@ def cmd_grants(args: argparse.Namespace) -> int:
 
 def cmd_request(args: argparse.Namespace) -> int:
     with _open(args) as led:
-        request_id = led.request(args.action, args.name, args.reason)
+        params = {}
+        if args.action == "trim":
+            if args.min_version is None:
+                raise UsageError("request trim needs --min-version N")
+            params["min_version"] = args.min_version
+        request_id = led.request(args.action, args.name, args.reason, **params)
         status = led.requests().set_index("request_id").loc[request_id]
     if args.json:
         _print_json({"request_id": request_id, "status": status["status"],
@@ -786,9 +791,10 @@ def build_parser() -> argparse.ArgumentParser:
         json_flag=True).add_argument("name", nargs="?")
     p = add(sub, "request", cmd_request,
             "ask for a quorum-guarded action (destroy, set_policy)", json_flag=True)
-    p.add_argument("action", choices=["destroy"])
+    p.add_argument("action", choices=["destroy", "trim"])
     p.add_argument("name")
     p.add_argument("--reason", required=True, help="why; approvers read it")
+    p.add_argument("--min-version", type=int, help="for trim: the lowest version to keep")
     add(sub, "approve", cmd_approve, "approve a pending request (the last approval executes it)",
         json_flag=True).add_argument("request_id")
     add(sub, "requests", cmd_requests, "list approval requests",
