@@ -38,7 +38,8 @@ REQUIRED: dict[str, frozenset[Role]] = {
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
         "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},
     **{a: frozenset({A, R}) for a in ("audit", "verify_audit", "export_audit",
-                                       "version_usage", "compliance", "compliance_report")},
+                                       "version_usage", "compliance", "compliance_report",
+                                       "query")},
     **{a: ANY for a in ("get_key", "list_keys", "public_key_pem", "capabilities", "requests")},
 }
 

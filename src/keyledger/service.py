@@ -7,11 +7,12 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -867,8 +868,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def audit(self, *, key: str | None = None, principal: str | None = None,
               action: str | None = None, outcome: str | None = None,
               since: datetime | None = None, until: datetime | None = None,
-              limit: int | None = None) -> pd.DataFrame:
-        """Audit records (oldest first) with time, principal, action, key, version, outcome, ..."""
+              limit: int | None = None, offset: int = 0, newest_first: bool = False
+              ) -> pd.DataFrame:
+        """Audit records (oldest first, or newest first) with time, principal, action, key,
+        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger."""
         with self._audited("audit", key) as rec:
             self._authorize(rec, "audit", None)
             self._rt.ingest()
@@ -888,12 +891,45 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                    "context, key_id, pid, journal, jseq FROM audit_log")
             if where:
                 sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY time, seq"
+            sql += " ORDER BY time DESC, seq DESC" if newest_first else " ORDER BY time, seq"
             if limit is not None:
-                sql += f" LIMIT {int(limit)}"
+                sql += f" LIMIT {_count(limit, 'limit')}"
+            if offset:
+                sql += f" OFFSET {_count(offset, 'offset')}"
             with self._rt.db.read() as tx:
                 df = tx.execute(sql, args).df()
             df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
+            return df
+
+    def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,
+              label: str | None = None) -> pd.DataFrame:
+        """Run one read-only SQL query over the store and return a DataFrame (admin or auditor).
+
+        Tables: keys, versions, transitions, audit_log, grants, requests, approvals, usage,
+        compliance_findings, ... (docs/audit.md). The query runs in a transaction that is always
+        rolled back, with file access disabled; timestamps come back as UTC. ``label`` names the
+        query in its audit record (default: its first 200 characters).
+        """
+        with self._audited("query", None) as rec:
+            self._authorize(rec, "query", None)
+            if not isinstance(sql, str) or not sql.strip():
+                raise InvalidInput("sql must be a non-empty SQL text")
+            rec.detail = (label or " ".join(sql.split()))[:200]
+            _check_read_only(sql)
+            try:
+                self._rt.ingest()
+            except AuditError:  # a tampered ledger is still readable (verify_audit reports it)
+                pass
+            with self._rt.db.snapshot() as tx:
+                tx.execute("SET enable_external_access = false")
+                try:
+                    df = tx.execute(sql, params if params is not None else []).df()
+                except duckdb.Error as exc:
+                    raise InvalidInput(f"the query failed: {str(exc).splitlines()[0][:300]}"
+                                       ) from None
+            for col in df.columns:
+                if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
+                    df[col] = df[col].dt.tz_localize("UTC")
             return df
 
     def verify_audit(self) -> VerifyReport:
@@ -947,6 +983,24 @@ def _home_weakenings(old: dict, new: dict) -> list[str]:
     if any(t not in new_t or new_t[t] > secs for t, secs in old_t.items()):
         out.append("a longer or removed rotation rule by tag")
     return out
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{what} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _check_read_only(sql: str) -> None:
+    """Accept exactly one SELECT-like statement (SELECT, FROM, WITH, DESCRIBE, SUMMARIZE)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise InvalidInput(f"the query does not parse: {str(exc).splitlines()[0][:300]}"
+                           ) from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(s.type.name for s in statements) or "nothing"
+        raise InvalidInput(f"query() runs one read-only SELECT statement; this is {kinds}")
 
 
 def _sql_path(path: Path) -> str:

@@ -92,6 +92,25 @@ class ComplianceMixin:
             with self._rt.db.write() as tx:
                 return engine.trend(tx, names)
 
+    def findings(self: KeyLedger, frameworks: str | list[str] | None = None, *,
+                 include_accepted: bool = False) -> pd.DataFrame:
+        """The open findings as of the last stored evaluation, without evaluating again.
+
+        Same columns as ``compliance()`` (``status`` is ``open``, ``new`` when first seen in
+        the last run, or ``accepted``) plus ``last_seen``; cheap enough for a dashboard to
+        poll. ``run_due`` and ``compliance`` keep the stored evaluation fresh.
+        """
+        with self._audited("findings", None) as rec:
+            self._authorize(rec, "compliance", None)
+            ruleset = load_rules(self.home)
+            names = (ruleset.resolve_frameworks(frameworks) if frameworks is not None else None)
+            with self._rt.db.write() as tx:
+                df = engine.stored_findings(tx, engine.rules_table(list(ruleset.rules.values())),
+                                            self._now(), names)
+            if not include_accepted:
+                df = df[df["status"] != "accepted"].reset_index(drop=True)
+            return df
+
     def compliance_rules(self: KeyLedger) -> pd.DataFrame:
         """The loaded rules: id, framework, control, severity, title, parameters and source."""
         with self._audited("compliance_rules", None) as rec:

@@ -154,7 +154,7 @@ def _json_obj(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _rules_table(rules: list[Rule]) -> pa.Table:
+def rules_table(rules: list[Rule]) -> pa.Table:
     return pa.table({
         "rule_id": [r.id for r in rules], "framework": [r.framework for r in rules],
         "control": [r.control for r in rules], "severity": [r.severity for r in rules],
@@ -207,7 +207,7 @@ def evaluate(con: Any, ruleset: RuleSet, *, now: datetime, frameworks: object = 
         con.execute(macro)
     policy = key_policy_table(con)
     con.register("kl_key_policy", policy)
-    con.register("kl_rules", _rules_table(rules))
+    con.register("kl_rules", rules_table(rules))
     timings: dict[str, float] = {"prepare": time.perf_counter() - started}
     try:
         con.execute("DROP TABLE IF EXISTS kl_current")
@@ -334,6 +334,35 @@ def tidy_findings(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def stored_findings(con: Any, rules: pa.Table, now: datetime,
+                    frameworks: list[str] | None = None) -> pd.DataFrame:
+    """Open finding episodes of the stored evaluations, newest run's view, no re-evaluation."""
+    ensure_tables(con)
+    con.register("kl_rule_text", rules)
+    where = "AND list_contains($fws, f.framework)" if frameworks is not None else ""
+    df = con.execute(
+        f"""SELECT f.rule_id, f.framework, f.control, f.severity, f.title, f.key, f.version,
+                   f.principal, f.evidence, r.remediation, f.first_seen,
+                   CASE WHEN EXISTS (SELECT 1 FROM compliance_exceptions x
+                                     WHERE x.rule_id = f.rule_id
+                                       AND coalesce(x.key, '') = coalesce(f.key, '')
+                                       AND x.accepted_at <= $now AND x.until > $now)
+                        THEN 'accepted'
+                        WHEN f.first_run = (SELECT max(run_id) FROM compliance_runs) THEN 'new'
+                        ELSE 'open' END AS status,
+                   f.last_seen
+            FROM compliance_findings f LEFT JOIN kl_rule_text r USING (rule_id)
+            WHERE f.resolved_at IS NULL {where}
+            ORDER BY {_severity_rank('f.severity')}, f.framework, f.rule_id,
+                     f.key NULLS FIRST, f.version NULLS FIRST, f.principal NULLS FIRST""",
+        {"now": naive(now), **({"fws": frameworks} if frameworks is not None else {})}).df()
+    con.unregister("kl_rule_text")
+    last_seen = pd.to_datetime(df["last_seen"]).dt.tz_localize("UTC")
+    out = tidy_findings(df)
+    out["last_seen"] = last_seen
+    return out
+
+
 def trend(con: Any, frameworks: list[str] | None = None) -> pd.DataFrame:
     """Per run, framework and severity: open, opened, resolved, accepted and open days."""
     ensure_tables(con)
@@ -364,4 +393,5 @@ def exceptions(con: Any, now: datetime) -> pd.DataFrame:
 
 
 __all__ = ["DDL", "FINDING_COLUMNS", "Evaluation", "ensure_tables", "evaluate", "exceptions",
+           "rules_table", "stored_findings",
            "key_policy_table", "trend"]

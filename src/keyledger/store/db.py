@@ -59,8 +59,9 @@ class Database:
                 raise StoreError(f"cannot open the store {self.path}: {exc}") from None
 
     @contextlib.contextmanager
-    def connect(self, *, write: bool) -> Iterator[Tx]:
-        """A connection inside one transaction; committed on success, rolled back on error."""
+    def connect(self, *, write: bool, keep: bool = True) -> Iterator[Tx]:
+        """A connection inside one transaction; committed on success (rolled back instead when
+        ``keep`` is False), rolled back on error."""
         with _process_lock:
             con = self._connect()
             try:
@@ -71,6 +72,9 @@ class Database:
                 except BaseException:
                     con.execute("ROLLBACK")
                     raise
+                if not keep:
+                    con.execute("ROLLBACK")
+                    return
                 con.execute("COMMIT")
                 # Still holding the file lock, so no other writer can interleave with these.
                 if write and self._on_commit is not None:
@@ -87,6 +91,10 @@ class Database:
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         return self.connect(write=False)
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Tx]:
+        """A read whose transaction is always rolled back: nothing done inside it persists."""
+        return self.connect(write=False, keep=False)
 
 
 class Tx:
