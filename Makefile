@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyledger-installed
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEMO_HOME ?= demo-home
-# command -> Debian package that provides it
-SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl
+# command -> Debian packages that provide it (comma-separated); chromium drives the browser tests
+SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl \
+	chromium:chromium,fonts-dejavu-core
 
 .PHONY: setup system venv test lint demo bench clean
 
@@ -16,7 +17,7 @@ setup: system venv
 system:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
-	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $${pkg//,/ }"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
