@@ -175,8 +175,8 @@ def version_timeline(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
     cond, args = filters.key_sql("v.key_id")
     sql = f"""
         SELECT k.name AS key, v.version, v.state, v.created_at AS start,
-               coalesce(v.destroyed_at,
-                        lead(v.created_at) OVER (PARTITION BY v.key_id ORDER BY v.version),
+               coalesce(least(v.destroyed_at,
+                              lead(v.created_at) OVER (PARTITION BY v.key_id ORDER BY v.version)),
                         ?::TIMESTAMP) AS "end",
                v.version = k.latest_version AS current
         FROM versions v JOIN keys k USING (key_id)

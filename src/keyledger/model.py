@@ -324,3 +324,9 @@ class Key:
             f"<Key {self.name!r} {self.spec.name} {self.purpose.value} {self.state.value} "
             f"v{self.latest_version}>"
         )
+
+    def _repr_html_(self) -> str:
+        """Notebook display: a card with state, owner, tags, policy and versions (no handles)."""
+        from .display import key_html
+
+        return key_html(self)

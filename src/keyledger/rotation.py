@@ -5,6 +5,7 @@ Pure functions over the catalog and usage counts; ``KeyLedger.run_due`` executes
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -87,4 +88,5 @@ class DueReport:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        return f"<b>{str(self).splitlines()[0]}</b>" + self.to_frame().to_html(index=False)
+        return (f"<b>{html.escape(str(self).splitlines()[0])}</b>"
+                + self.to_frame().to_html(index=False))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ..display import FindingsFrame
 from ..errors import AuditError, InvalidInput, PolicyViolation
 from ..model import parse_period
 from . import engine
@@ -56,7 +57,7 @@ class ComplianceMixin:
                           f"({_by_severity(ev.visible())}), "
                           f"{int((ev.findings['status'] == 'accepted').sum())} accepted, "
                           f"{len(ev.rules)} rules")[:500]
-            return df
+            return FindingsFrame(df)
 
     def _evaluate_compliance(self: KeyLedger, frameworks: object, now: datetime | None,
                              collect: Any = None) -> Evaluation:
@@ -109,7 +110,7 @@ class ComplianceMixin:
                                             self._now(), names)
             if not include_accepted:
                 df = df[df["status"] != "accepted"].reset_index(drop=True)
-            return df
+            return FindingsFrame(df)
 
     def compliance_rules(self: KeyLedger) -> pd.DataFrame:
         """The loaded rules: id, framework, control, severity, title, parameters and source."""

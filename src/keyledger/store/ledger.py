@@ -15,6 +15,7 @@ encoding is CSV with ``"`` quotes and ``\`` escapes, except for the escapes ``\b
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -466,7 +467,7 @@ class VerifyReport:
 
     def _repr_html_(self) -> str:
         colour = "#1a7f37" if self.ok else "#cf222e"
-        return f"<div style='color:{colour};font-weight:600'>{str(self)}</div>"
+        return f"<div style='color:{colour};font-weight:600'>{html.escape(str(self))}</div>"
 
 
 # Rows whose stored hash does not match their columns (parallel scan).

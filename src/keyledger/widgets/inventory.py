@@ -1,0 +1,316 @@
+"""KeyInventory: a filterable, sortable, paged key table; selecting a key shows its details."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import ipywidgets as W
+import pandas as pd
+
+from .. import analytics as ka
+from ._common import (
+    ALL,
+    MUTED_COLOUR,
+    Pager,
+    WidgetView,
+    attempt,
+    chosen,
+    dl,
+    html_table,
+    message_html,
+    options_with_all,
+    palette,
+    section,
+    set_status,
+)
+
+if TYPE_CHECKING:
+    from ..service import KeyLedger
+
+# sort choice -> (columns, ascending default)
+SORTS: dict[str, tuple[list[str], bool]] = {
+    "urgency": (["_rank", "days_to_due", "name"], True),
+    "name": (["name"], True),
+    "state": (["state", "name"], True),
+    "owner": (["owner", "name"], True),
+    "spec": (["spec", "name"], True),
+    "days to due": (["days_to_due", "name"], True),
+    "latest version": (["latest_version", "name"], False),
+    "created": (["created_at", "name"], False),
+    "rotated": (["rotated_at", "name"], False),
+}
+TABLE_COLUMNS = {"name": "key", "state": "state", "rotation_status": "rotation",
+                 "days_to_due": "days to due", "spec": "spec", "purpose": "purpose",
+                 "latest_version": "version", "owner": "owner", "tags": "tags",
+                 "rotated_at": "rotated", "next_rotation_due": "next rotation"}
+ACTIVITY_ROWS = 10
+
+
+class KeyInventory(WidgetView):
+    """Keys of a ledger as a paged table with filters (state, owner, spec, tag, rotation status,
+    name), a sort order, and a detail pane for the selected key (versions, policy, grants and
+    recent activity).
+
+    Pieces for scripting and tests: ``filters`` (dict of widgets), ``sort_by``/``descending``,
+    ``select`` (keys on the current page), ``table`` (HTML), ``detail`` (HTML), ``status``,
+    ``pager``, ``frame`` (the filtered, sorted rows), ``refresh()``, ``select_key(name)``.
+    """
+
+    def __init__(self, ledger: KeyLedger, *, page_size: int = 50,
+                 activity_rows: int = ACTIVITY_ROWS) -> None:
+        self.ledger = ledger
+        self.activity_rows = activity_rows
+        self.keys = pd.DataFrame()  # key_status of every visible key
+        self.frame = pd.DataFrame()  # after filters and sort
+        self._page = pd.DataFrame()  # the rows on the current page
+        self._listeners: list[Callable[[str | None], None]] = []
+        self._busy = False
+
+        dd = dict(layout=W.Layout(width="180px"), style={"description_width": "55px"})
+        self.filters: dict[str, W.Widget] = {
+            "state": W.Dropdown(description="state", options=[ALL, *ka.STATES], **dd),
+            "rotation": W.Dropdown(description="rotation",
+                                   options=[ALL, *ka.ROTATION_STATUSES], **dd),
+            "owner": W.Dropdown(description="owner", options=[ALL], **dd),
+            "spec": W.Dropdown(description="spec", options=[ALL], **dd),
+            "tag": W.Text(description="tag", placeholder="team=payments",
+                          continuous_update=False, **dd),
+            "name": W.Text(description="name", placeholder="contains…",
+                           continuous_update=False, **dd),
+        }
+        self.sort_by = W.Dropdown(description="sort", options=list(SORTS), value="urgency", **dd)
+        self.descending = W.Checkbox(description="descending", value=False, indent=False,
+                                     layout=W.Layout(width="110px"))
+        self.refresh_button = W.Button(description="Refresh", icon="refresh",
+                                       layout=W.Layout(width="100px"))
+        self.status = W.HTML()
+        self.summary = W.HTML()
+        self.table = W.HTML()
+        self.select = W.Select(options=[], rows=10, description="key",
+                               layout=W.Layout(width="260px"),
+                               style={"description_width": "30px"})
+        self.detail = W.HTML(value=message_html("select a key to see its details"))
+        self.pager = Pager(page_size, self._safe(self._render), noun="keys")
+
+        for w in self.filters.values():
+            w.observe(self._safe(self._filters_changed), names="value")
+        self.sort_by.observe(self._safe(self._filters_changed), names="value")
+        self.descending.observe(self._safe(self._filters_changed), names="value")
+        self.select.observe(self._safe(self._selected), names="value")
+        self.refresh_button.on_click(self._safe(lambda _b: self.refresh()))
+
+        f = self.filters
+        controls = W.VBox([
+            W.HBox([f["state"], f["rotation"], f["owner"], f["spec"]]),
+            W.HBox([f["tag"], f["name"], self.sort_by, self.descending, self.refresh_button]),
+        ])
+        body = W.HBox([W.VBox([self.select, self.pager.box], layout=W.Layout(width="280px")),
+                       W.VBox([self.table], layout=W.Layout(overflow="auto", flex="1"))])
+        self.widget = W.VBox([controls, self.summary, self.status, body, self.detail])
+        self.refresh()
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def selected(self) -> str | None:
+        """The name of the selected key, if any."""
+        return self.select.value
+
+    def on_select(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(name)`` whenever the selected key changes."""
+        self._listeners.append(callback)
+
+    def refresh(self) -> None:
+        """Reload the keys from the ledger (one ``list_keys`` call) and redraw."""
+        ok, status = attempt(self.status, ka.key_status, self.ledger, what="loading keys")
+        if not ok:
+            return
+        set_status(self.status, "")
+        self.keys = status
+        self._busy = True  # option updates below must not re-render once each
+        try:
+            for name, column in (("owner", "owner"), ("spec", "spec")):
+                widget = self.filters[name]
+                options = options_with_all(status[column]) if len(status) else [ALL]
+                keep = widget.value if widget.value in options else ALL
+                widget.options = options
+                widget.value = keep
+        finally:
+            self._busy = False
+        self._apply(reset=False)
+        if self.selected is not None:
+            self._show_detail(self.selected)
+
+    def select_key(self, name: str) -> None:
+        """Select ``name``, moving to the page that holds it (clearing filters that hide it)."""
+        if name not in set(self.frame.get("name", [])):
+            self._busy = True
+            try:
+                for key, widget in self.filters.items():
+                    widget.value = ALL if key not in ("tag", "name") else ""
+            finally:
+                self._busy = False
+            self._apply(reset=True)
+        names = list(self.frame["name"]) if len(self.frame) else []
+        if name not in names:
+            set_status(self.status, f"no key named {name!r} is visible to "
+                       f"{self.ledger.principal}", "error")
+            return
+        self.pager.offset = names.index(name) // self.pager.page_size * self.pager.page_size
+        self._render()
+        self.select.value = name
+
+    # -- internals --------------------------------------------------------------------------
+    def _filters_changed(self, _change: object) -> None:
+        if not self._busy:
+            self._apply(reset=True)
+
+    def _filtered(self) -> pd.DataFrame:
+        df = self.keys
+        if df.empty:
+            return df
+        f = self.filters
+        tag = f["tag"].value.strip()
+        if tag:
+            df = ka.Filters(tags=tuple(t.strip() for t in tag.split(",") if t.strip())
+                            ).match_keys(df)
+        for name, column in (("state", "state"), ("rotation", "rotation_status"),
+                             ("owner", "owner"), ("spec", "spec")):
+            value = chosen(f[name])
+            if value is not None:
+                df = df[df[column].astype(str) == value]
+        text = f["name"].value.strip().lower()
+        if text:
+            hay = df["name"].str.lower() + " " + df["aliases"].map(
+                lambda a: " ".join(a or ())).str.lower()
+            df = df[hay.str.contains(text, regex=False)]
+        columns, ascending = SORTS[self.sort_by.value]
+        if self.descending.value:
+            ascending = not ascending
+        order = {s: i for i, s in enumerate(ka.ROTATION_STATUSES)}
+        df = df.assign(_rank=df["rotation_status"].map(order))
+        asc = [ascending] + [True] * (len(columns) - 1)  # the tie-breakers stay ascending
+        return (df.sort_values(columns, ascending=asc, na_position="last", kind="mergesort")
+                  .drop(columns="_rank").reset_index(drop=True))
+
+    def _apply(self, *, reset: bool) -> None:
+        ok, frame = attempt(self.status, self._filtered, what="filters")
+        if not ok:
+            return
+        set_status(self.status, "")
+        self.frame = frame
+        if reset:
+            self.pager.reset()
+        self.pager.clamp(len(frame))
+        self._render()
+
+    def _render(self) -> None:
+        frame = self.frame
+        start = self.pager.offset
+        page = frame.iloc[start:start + self.pager.page_size] if len(frame) else frame
+        names = list(page["name"]) if len(page) else []
+        current = self.select.value
+        self._busy = True
+        try:
+            if list(self.select.options) != names:
+                self.select.options = names
+            if self.select.value != (current if current in names else None):
+                self.select.value = current if current in names else None
+        finally:
+            self._busy = False
+        self._page = page
+        self._render_table()
+        self.pager.update(len(page), len(frame))
+        counts = self.keys["rotation_status"].value_counts() if len(self.keys) else {}
+        parts = [f"{len(frame):,} of {len(self.keys):,} keys"] + [
+            f"{int(counts.get(s, 0))} {s}" for s in ("overdue", "due soon") if len(self.keys)]
+        self.summary.value = (f"<span style='color:{MUTED_COLOUR}'>"
+                              f"{html.escape(' · '.join(parts))}</span>")
+
+    def _render_table(self) -> None:
+        colours = palette("ROTATION_COLORS")
+
+        def style(col: str, value: object) -> str:
+            if col == "rotation_status" and value in colours:
+                return f"color:{colours[value]};font-weight:600"
+            return ""
+
+        self.table.value = html_table(
+            self._page, TABLE_COLUMNS, cell_style=style, empty="no keys match the filters",
+            highlight=lambda row: row["name"] == self.select.value)
+
+    def _selected(self, change: dict) -> None:
+        if self._busy:
+            return
+        name = change["new"]
+        if name is None:
+            self.detail.value = message_html("select a key to see its details")
+        else:
+            self._show_detail(name)
+        self._render_table()  # highlight the row
+        for callback in list(self._listeners):
+            attempt(self.status, callback, name, what="selection")
+
+    def _show_detail(self, name: str) -> None:
+        self.detail.value = key_detail_html(self.ledger, name, self.keys,
+                                            activity_rows=self.activity_rows)
+
+
+def key_detail_html(ledger: KeyLedger, name: str, status: pd.DataFrame | None = None, *,
+                    activity_rows: int = ACTIVITY_ROWS) -> str:
+    """Versions, policy, grants and recent activity of key ``name`` as escaped HTML; a part the
+    principal may not read says so in words."""
+    errors = W.HTML()
+    ok, key = attempt(errors, ledger.get_key, name, what=f"key {name!r}")
+    if not ok:
+        return errors.value
+    row = None
+    if status is not None and len(status):
+        match = status[status["name"] == key.name]
+        row = match.iloc[0] if len(match) else None
+    rotation = row["rotation_status"] if row is not None else ""
+    head = (f"<h3 style='margin:8px 0 4px 0'>{html.escape(key.name)} "
+            f"<span style='font-weight:400;color:{MUTED_COLOUR}'>{html.escape(key.spec.name)} · "
+            f"{html.escape(key.purpose.value)} · {html.escape(key.state.value)}"
+            f"{' · ' + html.escape(rotation) if rotation else ''}</span></h3>")
+    facts = dl([
+        ("owner", key.owner), ("tags", key.tags), ("aliases", key.aliases),
+        ("created", key.created_at), ("rotated", key.rotated_at),
+        ("rotation period", f"{key.rotation_period.days} days ({key.rotation_source})"
+         if key.rotation_period else "none"),
+        ("next rotation due", key.next_rotation_due),
+        ("days to due", row["days_to_due"] if row is not None else None),
+        ("deletion due", key.deletion_due), ("key id", key.key_id),
+    ])
+    versions = pd.DataFrame([
+        {"version": v.version, "state": v.state, "created": v.created_at,
+         "destroyed": v.destroyed_at,
+         "use": ("encrypt+decrypt" if v.version == key.latest_version else
+                 "decrypt only" if v.version >= key.min_decryption_version
+                 and v.state != "destroyed" else "none")}
+        for v in sorted(key.versions.values(), key=lambda v: v.version, reverse=True)])
+    policy = {"latest_version": key.latest_version,
+              "min_decryption_version": key.min_decryption_version,
+              "min_encryption_version": key.min_encryption_version,
+              "exportable": key.exportable, **key.policy}
+    policy_html = (f"<pre style='font-size:12px;margin:0'>"
+                   f"{html.escape(json.dumps(policy, indent=2, sort_keys=True, default=str))}</pre>")
+    errs = W.HTML()
+    ok, grants = attempt(errs, ledger.grants, key.name, what="grants")
+    grants_html = (html_table(grants, {"principal": "principal", "role": "role", "key": "scope",
+                                       "granted_by": "granted by", "granted_at": "granted at"},
+                              empty="no grants") if ok else errs.value)
+    errs = W.HTML()
+    ok, activity = attempt(errs, ledger.audit, key=key.name, limit=activity_rows,
+                           newest_first=True, what="recent activity")
+    activity_html = (html_table(activity, ["time", "principal", "action", "version", "outcome",
+                                           "error"], empty="no recorded activity")
+                     if ok else errs.value)
+    return (head + facts + section("Versions", html_table(versions, list(versions.columns)))
+            + section("Policy", policy_html) + section("Grants", grants_html)
+            + section(f"Recent activity (newest {activity_rows})", activity_html))
+
+
+__all__ = ["KeyInventory", "key_detail_html"]
