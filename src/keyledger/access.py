@@ -81,8 +81,8 @@ def check(grants: Grants, principal: str, action: str, key_id: str | None,
         return
     roles = " or ".join(sorted(r.value for r in need))
     target = f"key {key_name!r}" if key_name else "this home"
-    how = (f"an admin can run `keyledger grant {key_name or '*'} {principal} "
-           f"{sorted(r.value for r in need)[0]}`")
+    least = next(r for r in (Role.AUDITOR, Role.USER, Role.ADMIN) if r in need)
+    how = f"an admin can run `keyledger grant {key_name or '*'} {principal} {least.value}`"
     raise AccessDenied(
         f"{principal!r} may not {action.replace('_', ' ')} on {target}: it needs the {roles} "
         f"role there; {how}"

@@ -301,9 +301,11 @@ def _named_args(sql: str, named: dict[str, Any]) -> list[Any]:
 
 # -- audit -----------------------------------------------------------------------------------
 def audit_count(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: str | None = None,
-                action: str | None = None, outcome: str | None = None) -> int:
-    """How many audit records match (for paging without loading them)."""
-    cond, args = _audit_where(filters, principal, action, outcome)
+                action: str | None = None, outcome: str | None = None,
+                max_seq: int | None = None) -> int:
+    """How many audit records match (for paging without loading them). ``max_seq`` (from
+    ``audit_max_seq``) pins the view, so records added while paging do not shift pages."""
+    cond, args = _audit_where(filters, principal, action, outcome, max_seq)
     df = ledger.query(f"SELECT count(*) AS n FROM audit_log WHERE {cond}", args,
                       label="analytics.audit_count")
     return int(df.iloc[0, 0])
@@ -311,13 +313,14 @@ def audit_count(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: 
 
 def audit_page(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: str | None = None,
                action: str | None = None, outcome: str | None = None, offset: int = 0,
-               limit: int = 50, newest_first: bool = True) -> pd.DataFrame:
+               limit: int = 50, newest_first: bool = True, max_seq: int | None = None
+               ) -> pd.DataFrame:
     """One page of audit records matching the filters (newest first by default)."""
     if not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise InvalidInput("limit must be between 1 and 10000")
     if not isinstance(offset, int) or offset < 0:
         raise InvalidInput("offset must be a whole number >= 0")
-    cond, args = _audit_where(filters, principal, action, outcome)
+    cond, args = _audit_where(filters, principal, action, outcome, max_seq)
     order = "DESC" if newest_first else "ASC"
     sql = (f"SELECT seq, time, principal, action, key, version, outcome, error, detail "
            f"FROM audit_log WHERE {cond} ORDER BY time {order}, seq {order} "
@@ -326,13 +329,23 @@ def audit_page(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: s
 
 
 def _audit_where(filters: Filters, principal: str | None, action: str | None,
-                 outcome: str | None) -> tuple[str, list[Any]]:
+                 outcome: str | None, max_seq: int | None) -> tuple[str, list[Any]]:
     cond, args = filters.audit_sql()
     for column, value in (("principal", principal), ("action", action), ("outcome", outcome)):
         if value:
             cond += f" AND {column} = ?"
             args.append(value)
+    if max_seq is not None:
+        cond += " AND seq <= ?"
+        args.append(int(max_seq))
     return cond, args
+
+
+def audit_max_seq(ledger: KeyLedger) -> int:
+    """The newest ingested record's ``seq``: pin a paging session to it."""
+    df = ledger.query("SELECT coalesce(max(seq), 0) FROM audit_log",
+                      label="analytics.audit_max_seq")
+    return int(df.iloc[0, 0])
 
 
 def audit_facets(ledger: KeyLedger) -> dict[str, list[str]]:
@@ -407,7 +420,7 @@ def data_version(home: str | os.PathLike) -> tuple:
 __all__ = [
     "CRYPTO_ACTIONS", "DECRYPT_ACTIONS", "ENCRYPT_ACTIONS", "EVERYTHING", "GROUPINGS",
     "ROTATION_STATUSES", "SEVERITY_ORDER", "STATES", "Filters", "activity_24h", "audit_count",
-    "audit_facets", "audit_page", "compliance_matrix", "data_version", "key_status",
+    "audit_facets", "audit_max_seq", "audit_page", "compliance_matrix", "data_version", "key_status",
     "keys_by_state", "last_verification", "ops_per_period", "top_keys", "unusual_activity",
     "upcoming", "version_timeline", "version_usage",
 ]

@@ -61,6 +61,7 @@ class AuditBrowser(WidgetView):
         self.ledger = ledger
         self.page = pd.DataFrame()
         self.total = 0
+        self.max_seq: int | None = None  # the newest record this browsing session shows
         self.report: VerifyReport | None = None
         self._busy = False
 
@@ -121,7 +122,7 @@ class AuditBrowser(WidgetView):
             until += timedelta(days=1)  # "to" is inclusive of that day
         filters = ka.Filters(keys=(key,) if key else (), since=since, until=until)
         extra = {"principal": chosen(f["principal"]), "action": chosen(f["action"]),
-                 "outcome": chosen(f["outcome"])}
+                 "outcome": chosen(f["outcome"]), "max_seq": self.max_seq}
         return filters, extra
 
     def verify(self) -> None:
@@ -159,6 +160,12 @@ class AuditBrowser(WidgetView):
             self._apply(reset=True)
 
     def _apply(self, *, reset: bool) -> None:
+        # Pin the view to the records present now: browsing is itself audited, and new
+        # records must not shift the pages under the reader.
+        ok, newest = attempt(self.status, ka.audit_max_seq, self.ledger, what="counting records")
+        if not ok:
+            return
+        self.max_seq = newest
         ok, parsed = attempt(self.status, self.current_filters, what="filters")
         if not ok:
             return
