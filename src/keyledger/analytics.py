@@ -361,7 +361,7 @@ def audit_facets(ledger: KeyLedger) -> dict[str, list[str]]:
 
 def last_verification(ledger: KeyLedger) -> dict[str, Any] | None:
     """The newest stored ``verify_audit`` result: time, ok, records, first_bad_seq, problem."""
-    df = ledger.query("SELECT * FROM verifications ORDER BY time DESC LIMIT 1",
+    df = ledger.query("SELECT * FROM verifications ORDER BY time DESC, records DESC LIMIT 1",
                       label="analytics.last_verification")
     return None if df.empty else df.iloc[0].to_dict()
 

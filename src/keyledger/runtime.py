@@ -164,13 +164,21 @@ class HomeRuntime:
         except InvalidSignature:
             return False
 
-    def ingest(self, force: bool = False) -> ledger.IngestResult:
-        """Move pending journal lines of every process into DuckDB and checkpoint them."""
+    def ingest(self, force: bool = False, *, for_read: bool = False) -> ledger.IngestResult:
+        """Move pending journal lines of every process into DuckDB and checkpoint them.
+
+        ``for_read``: a read only needs what changed the store; when this process's own
+        pending lines are all reads (e.g. the previous query's audit record) and no other
+        journal grew, skip (the background ingest takes them within a second)."""
         with self._ingest_lock:
+            skip = None
+            if for_read and self.journal.changed_upto <= self._known_offsets.get(
+                    self.journal.journal, 0):
+                skip = self.journal.journal
             if not force and not ledger.pending_bytes(self.settings.journal_dir,
-                                                      self._known_offsets):
+                                                      self._known_offsets, skip):
                 return ledger.IngestResult()
-            with self.db.write() as tx:
+            with self.db.write(export=False) as tx:
                 ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
                                        self.clock(), self._known_offsets)

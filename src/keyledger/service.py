@@ -917,7 +917,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             rec.detail = (label or " ".join(sql.split()))[:200]
             _check_read_only(sql)
             try:
-                self._rt.ingest()
+                self._rt.ingest(for_read=True)
             except AuditError:  # a tampered ledger is still readable (verify_audit reports it)
                 pass
             with self._rt.db.snapshot() as tx:

@@ -59,7 +59,7 @@ class Database:
                 raise StoreError(f"cannot open the store {self.path}: {exc}") from None
 
     @contextlib.contextmanager
-    def connect(self, *, write: bool, keep: bool = True) -> Iterator[Tx]:
+    def connect(self, *, write: bool, keep: bool = True, export: bool = True) -> Iterator[Tx]:
         """A connection inside one transaction; committed on success (rolled back instead when
         ``keep`` is False), rolled back on error."""
         with _process_lock:
@@ -77,7 +77,7 @@ class Database:
                     return
                 con.execute("COMMIT")
                 # Still holding the file lock, so no other writer can interleave with these.
-                if write and self._on_commit is not None:
+                if write and export and self._on_commit is not None:
                     self._on_commit(con)
                 for hook in tx.after_commit:
                     hook()
@@ -86,8 +86,10 @@ class Database:
             finally:
                 con.close()
 
-    def write(self) -> contextlib.AbstractContextManager[Tx]:
-        return self.connect(write=True)
+    def write(self, *, export: bool = True) -> contextlib.AbstractContextManager[Tx]:
+        """A write transaction; ``export=False`` for writes that leave the catalog (keys,
+        versions, grants, policies) alone, e.g. audit ingest: no catalog.json rewrite."""
+        return self.connect(write=True, export=export)
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         return self.connect(write=False)

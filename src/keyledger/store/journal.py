@@ -31,6 +31,10 @@ from pathlib import Path
 from ..errors import AuditError
 
 SEP = "\x1f"
+# Audited calls that change nothing: a read need not wait for their records to be ingested.
+READ_ACTIONS = frozenset({"query", "list_keys", "get_key", "audit", "findings", "requests",
+                          "compliance_trend", "compliance_rules", "compliance_exceptions",
+                          "public_key_pem", "capabilities", "version_usage"})
 SUFFIX = ".jsonl"
 LINE_FIELDS = ("jseq", "time_us", "principal", "action", "key", "key_id", "version", "outcome",
                "error", "detail", "context", "hash")
@@ -77,6 +81,8 @@ class JournalWriter:
             raise AuditError(f"cannot create the audit journal {self.path}: {exc.strerror}") from None
         self._lock = threading.Lock()
         self._seq = 0
+        self.size = 0  # bytes this writer appended
+        self.changed_upto = 0  # end of its last record that was not a read
         self._head = self.journal + SEP  # record_hash's text starts with these ...
         self._tail = f"{SEP}{self.pid}{SEP}"  # ... and ends with these, then prev
         self._prev = genesis(self.journal)
@@ -113,7 +119,8 @@ class JournalWriter:
                 h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
                             ).hexdigest()
                 try:
-                    os.write(self._fd, f'[{seq}{body}{h}"]\n'.encode())
+                    line = f'[{seq}{body}{h}"]\n'.encode()
+                    os.write(self._fd, line)
                     if self._strict:
                         os.fsync(self._fd)
                 except OSError as exc:
@@ -122,6 +129,9 @@ class JournalWriter:
                         "the operation was done but its record may be missing - free disk space"
                     ) from None
                 self._seq, self._prev, self._dirty = seq, h, True
+                self.size += len(line)
+                if action not in READ_ACTIONS:
+                    self.changed_upto = self.size
                 return seq
         except UnicodeEncodeError:  # a string no UTF-8 can hold: record it backslash-escaped
             return self.append(time_us, *(

@@ -97,14 +97,15 @@ class IngestResult:
     checkpoint: int | None = None
 
 
-def pending_bytes(journal_dir: Path, known: dict[str, int]) -> bool:
-    """Cheap check (stat only) whether any journal grew past what this process last ingested."""
+def pending_bytes(journal_dir: Path, known: dict[str, int], skip: str | None = None) -> bool:
+    """Cheap check (stat only) whether any journal (but ``skip``) grew past what this process
+    last ingested."""
     try:
         with os.scandir(journal_dir) as it:
             for entry in it:
                 if entry.name.endswith(SUFFIX):
                     name = entry.name[:-len(SUFFIX)]
-                    if entry.stat().st_size > known.get(name, 0):
+                    if name != skip and entry.stat().st_size > known.get(name, 0):
                         return True
     except FileNotFoundError:
         return False

@@ -1,0 +1,190 @@
+"""The app: one template with the global filters in the sidebar and one tab per page.
+
+``build_app(home, principal)`` opens one ``KeyLedger`` for the browser session (closed when the
+session ends), builds the ``DashboardState`` and the views, and, when served, polls the home
+every second so changes made anywhere show without a reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import panel as pn
+import param
+from panel.viewable import Viewer
+
+from ..errors import ConfigError
+from .data import TIME_RANGES
+from .state import DashboardState, local_principal
+from .views import PAGES, View
+
+TITLE = "keyledger"
+APP_SCRIPT = "keyledger_dashboard.py"
+POLL_MS = 1000
+HEADER_COLOR = "#1f3a5f"
+EXTENSIONS = ("tabulator", "vega")
+
+
+def configure() -> None:
+    """Load the Panel extensions the pages use. Everything is served by the Panel server
+    itself (Bootstrap design and the bundled JS/CSS): nothing is fetched from a CDN."""
+    pn.extension(*EXTENSIONS, design="bootstrap", sizing_mode="stretch_width",
+                 notifications=False)
+
+
+def auth_enabled() -> bool:
+    """Whether Panel authentication (basic auth or OAuth) is on for this server."""
+    return bool(pn.config.basic_auth or pn.config.oauth_provider)
+
+
+def session_principal(explicit: str | None = None) -> str:
+    """The logged-in user when Panel authentication is on, else ``--principal``,
+    ``KEYLEDGER_PRINCIPAL`` or the OS user."""
+    if auth_enabled():
+        user = pn.state.user if pn.state.curdoc is not None else None
+        if not user:
+            raise ConfigError("authentication is on but this session has no logged-in user; "
+                              "log in again")
+        return user
+    return local_principal(explicit)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of ``panel serve dashboards/keyledger_dashboard.py [--args --home H
+    --principal P]``; the home and principal may also come from KEYLEDGER_HOME and
+    KEYLEDGER_PRINCIPAL."""
+    parser = argparse.ArgumentParser(prog=APP_SCRIPT)
+    parser.add_argument("--home", default=os.environ.get("KEYLEDGER_HOME"))
+    parser.add_argument("--principal", default=os.environ.get("KEYLEDGER_PRINCIPAL"))
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    build_app(args.home, args.principal).servable(title=TITLE)
+
+
+class Dashboard(Viewer):
+    """State, pages, sidebar and template of one session."""
+
+    state = param.ClassSelector(class_=DashboardState)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        st = self.state
+        self.views: list[View] = [page(state=st) for page in PAGES]
+        self.tabs = pn.Tabs(*[(v.title, v) for v in self.views], dynamic=True,
+                            css_classes=["kl-tabs"], sizing_mode="stretch_width")
+        self.tabs.param.watch(self._tab, "active")
+        self.filters = self._filters()
+        self.status = pn.pane.Alert(st.status or "Loading…", alert_type="info",
+                                    css_classes=["kl-status"], margin=(10, 5))
+        st.param.watch(self._status, ["status", "status_level"])
+        self.who = pn.pane.Markdown(self._who(), css_classes=["kl-principal"])
+        st.param.watch(lambda *e: setattr(self.who, "object", self._who()), ["roles",
+                                                                             "admin_keys"])
+        self.sidebar = pn.Column(self.who, *self.filters.values(), self.status,
+                                 pn.pane.Markdown(f"<small>home: {st.home}</small>",
+                                                  css_classes=["kl-home"]),
+                                 sizing_mode="stretch_width")
+
+    # -- sidebar ---------------------------------------------------------------------------------
+    def _filters(self) -> dict[str, pn.widgets.Widget]:
+        st = self.state
+        widgets: dict[str, pn.widgets.Widget] = {
+            "owner": pn.widgets.MultiChoice(label="Owner", options=st.owner_options,
+                                            value=list(st.owner), placeholder="all owners",
+                                            css_classes=["kl-filter", "kl-filter-owner"]),
+            "tag": pn.widgets.MultiChoice(label="Tags (all must match)", options=st.tag_options,
+                                          value=list(st.tag), placeholder="any tags",
+                                          css_classes=["kl-filter", "kl-filter-tag"]),
+            "key": pn.widgets.MultiChoice(label="Keys", options=st.key_options,
+                                          value=list(st.key), placeholder="all keys",
+                                          css_classes=["kl-filter", "kl-filter-key"]),
+            "time_range": pn.widgets.Select(label="Time range", options=list(TIME_RANGES),
+                                            value=st.time_range,
+                                            css_classes=["kl-filter", "kl-filter-range"]),
+        }
+        for name, widget in widgets.items():
+            widget.param.watch(lambda e, n=name: self._filter_set(n, e.new), "value")
+            st.param.watch(lambda e, w=widget: self._filter_shown(w, e.new), name)
+        for name in ("owner", "tag", "key"):
+            st.param.watch(lambda e, w=widgets[name]: setattr(w, "options", list(e.new)),
+                           f"{name}_options")
+        return widgets
+
+    def _filter_set(self, name: str, value: Any) -> None:
+        value = list(value) if isinstance(value, list | tuple) else value
+        if getattr(self.state, name) != value:
+            setattr(self.state, name, value)
+
+    @staticmethod
+    def _filter_shown(widget: pn.widgets.Widget, value: Any) -> None:
+        if widget.value != value:
+            widget.value = list(value) if isinstance(value, list | tuple) else value
+
+    def _status(self, *events: param.parameterized.Event) -> None:
+        self.status.object = self.state.status
+        self.status.alert_type = self.state.status_level
+
+    def _who(self) -> str:
+        st = self.state
+        roles = ", ".join(st.roles) or ("admin of some keys" if st.admin_keys else "no role")
+        return f"Signed in as **{st.principal}** · {roles}"
+
+    # -- pages -----------------------------------------------------------------------------------
+    def _tab(self, event: param.parameterized.Event) -> None:
+        for i, view in enumerate(self.views):
+            view.activate(i == event.new)
+
+    def start(self) -> None:
+        """First load: roles and options, then the visible page."""
+        self.state.refresh(force=True)
+        self.views[self.tabs.active].activate(True)
+
+    def template(self) -> pn.template.BootstrapTemplate:
+        return pn.template.BootstrapTemplate(
+            title=TITLE, sidebar=[self.sidebar], main=[self.tabs],
+            header_background=HEADER_COLOR, sidebar_width=320)
+
+    def __panel__(self) -> pn.Row:
+        return pn.Row(self.sidebar, self.tabs)
+
+
+def build_app(home: str | os.PathLike | None = None, principal: str | None = None, *,
+              clock: Callable[[], datetime] | None = None, poll_ms: int = POLL_MS,
+              ledger: Any = None) -> pn.template.BootstrapTemplate:
+    """The dashboard of one browser session, as a servable template.
+
+    Opens one ``KeyLedger`` (``ledger`` may be passed instead, e.g. in tests) for the session's
+    principal and closes it when the session ends.
+    """
+    import keyledger as kl
+
+    configure()
+    if ledger is None:
+        home = home if home is not None else os.environ.get("KEYLEDGER_HOME")
+        ledger = kl.open(Path(home) if home is not None else None,
+                         principal=session_principal(principal), clock=clock)
+        owned = True
+    else:
+        owned = False
+    dash = Dashboard(state=DashboardState(ledger))
+    dash.start()
+    template = dash.template()
+    template.dashboard = dash  # for tests and for scripts that embed it
+    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+        callback = pn.state.add_periodic_callback(dash.state.poll, period=poll_ms)
+
+        def closed(context: Any) -> None:
+            callback.stop()
+            if owned:
+                ledger.close()
+
+        pn.state.on_session_destroyed(closed)
+    return template
+
+
+__all__ = ["Dashboard", "auth_enabled", "build_app", "configure", "main", "session_principal"]

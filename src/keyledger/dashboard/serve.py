@@ -1,0 +1,182 @@
+"""Run the dashboard with ``panel serve`` (what ``keyledger dashboard`` calls).
+
+On a loopback address (127.0.0.1, ::1, localhost) no login is needed: the principal is
+``--principal``, ``KEYLEDGER_PRINCIPAL`` or the OS user. Bound anywhere else the dashboard
+refuses to start without Panel authentication: basic auth (a JSON file of user -> password,
+plus a cookie secret) or OAuth (Panel's ``--oauth-*`` options, or its ``PANEL_OAUTH_*``
+environment variables). With a login, the principal is the logged-in user.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, InvalidInput
+
+APP_NAME = "keyledger_dashboard"
+# Login and logout pages without CDN resources (Panel's own load its logo from a CDN).
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+OAUTH_ENV = "PANEL_OAUTH_PROVIDER"
+
+
+def dashboard_script() -> Path:
+    """``dashboards/keyledger_dashboard.py`` of a source checkout, or the copy inside the
+    package's folder when installed (both are the same few lines)."""
+    here = Path(__file__).resolve()
+    candidates = [here.parents[3] / "dashboards" / f"{APP_NAME}.py",
+                  here.parent / f"{APP_NAME}.py"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"cannot find {APP_NAME}.py (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)})")
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServeCommand:
+    """The ``panel serve`` command line and environment ``serve`` runs."""
+
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+    auth: str  # "none", "basic" or "oauth"
+    notes: list[str] = field(default_factory=list)
+
+
+def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.0.0.1",
+                  port: int = 5006, principal: str | None = None,
+                  basic_auth: str | os.PathLike | None = None, cookie_secret: str | None = None,
+                  allow_origin: Sequence[str] | None = None, show: bool = False,
+                  panel_args: Sequence[str] = ()) -> ServeCommand:
+    """Build (and check) the command without running it."""
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidInput(f"port must be 1-65535, not {port!r}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOKEH_")}
+    home_path = Path(home).expanduser().absolute() if home is not None else None
+    if home_path is not None:
+        env["KEYLEDGER_HOME"] = str(home_path)
+    argv = [sys.executable, "-m", "panel", "serve", str(dashboard_script()),
+            "--address", address, "--port", str(port)]
+    oauth = any(a.startswith("--oauth-provider") for a in panel_args) or bool(
+        os.environ.get(OAUTH_ENV))
+    notes: list[str] = []
+    if basic_auth is not None and oauth:
+        raise InvalidInput("choose basic auth or OAuth, not both")
+    if basic_auth is not None:
+        path = Path(basic_auth).expanduser().absolute()
+        _check_basic_auth_file(path)
+        argv += ["--basic-auth", str(path), "--basic-login-template",
+                 str(TEMPLATES / "login.html")]
+        auth = "basic"
+    elif oauth:
+        auth = "oauth"
+    else:
+        auth = "none"
+    if auth != "none":
+        if not any(a.startswith("--logout-template") for a in panel_args):
+            argv += ["--logout-template", str(TEMPLATES / "logout.html")]
+        # Panel signs its login cookies with this; passed in the environment, not on the
+        # command line (where other users could read it in the process list).
+        env["PANEL_COOKIE_SECRET"] = (cookie_secret or os.environ.get("PANEL_COOKIE_SECRET")
+                                      or secrets.token_urlsafe(32))
+        if not (cookie_secret or os.environ.get("PANEL_COOKIE_SECRET")):
+            notes.append("generated a cookie secret: logins end when the server restarts "
+                         "(pass --cookie-secret to keep them)")
+        if principal:
+            notes.append("--principal is ignored with a login: the principal is the "
+                          "logged-in user")
+    elif not is_loopback(address):
+        raise ConfigError(
+            f"refusing to serve the dashboard on {address} without a login: anyone who can "
+            "reach it would act as the dashboard's principal. Use 127.0.0.1, or turn on "
+            "authentication: --basic-auth users.json (and --cookie-secret), or OAuth "
+            "(--oauth-provider ... or PANEL_OAUTH_* variables); see docs/dashboard.md")
+    elif principal:
+        env["KEYLEDGER_PRINCIPAL"] = principal
+    if auth != "none":
+        env.pop("KEYLEDGER_PRINCIPAL", None)  # with a login only the logged-in user counts
+    host = "127.0.0.1" if address in ("", "0.0.0.0", "::") else address
+    if allow_origin is None:
+        allow_origin = [f"{host}:{port}"] + ([f"localhost:{port}"] if is_loopback(address)
+                                             else [])
+    for origin in allow_origin:
+        argv += ["--allow-websocket-origin", origin]
+    if show:
+        argv.append("--show")
+    argv += list(panel_args)
+    shown = f"[{host}]" if ":" in host else host
+    return ServeCommand(argv, env, f"http://{shown}:{port}/{APP_NAME}", auth, notes)
+
+
+def _check_basic_auth_file(path: Path) -> None:
+    try:
+        users = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the basic-auth file {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{path} must be JSON: {{\"alice\": \"<password>\", ...}}") from None
+    if not isinstance(users, dict) or not users or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in users.items()):
+        raise ConfigError(f"{path} must map user names to non-empty passwords")
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"{path} holds passwords; make it private: chmod 600 {path}")
+
+
+def serve(home: str | os.PathLike | None = None, *, address: str = "127.0.0.1",
+          port: int = 5006, principal: str | None = None,
+          basic_auth: str | os.PathLike | None = None, cookie_secret: str | None = None,
+          allow_origin: Sequence[str] | None = None, show: bool = False,
+          panel_args: Sequence[str] = ()) -> int:
+    """Serve the dashboard until interrupted; prints the URL first. Returns the exit code."""
+    cmd = serve_command(home, address=address, port=port, principal=principal,
+                        basic_auth=basic_auth, cookie_secret=cookie_secret,
+                        allow_origin=allow_origin, show=show, panel_args=panel_args)
+    login = {"none": "no login, local only", "basic": "basic auth",
+             "oauth": "OAuth"}[cmd.auth]
+    print(f"keyledger dashboard: {cmd.url}  ({login})", flush=True)
+    for note in cmd.notes:
+        print(f"note: {note}", flush=True)
+    proc = subprocess.Popen(cmd.argv, env=cmd.env)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM to this process stops the server too instead of orphaning it
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+__all__ = ["APP_NAME", "ServeCommand", "dashboard_script", "is_loopback", "serve",
+           "serve_command"]
