@@ -344,9 +344,9 @@ def test_home_from_env_default_home_and_options_after_the_command(cli):
     assert (cli.tmp / ".keyledger" / "keyledger.toml").exists()
 
 
-def test_demo_runs_twice_on_the_same_home(cli):
-    first = cli.ok("demo")
-    second = cli.ok("demo", "--home", str(cli.home), home=False)
+def test_demo_tour_runs_twice_on_the_same_home(cli):
+    first = cli.ok("demo", "--tour")
+    second = cli.ok("demo", "--tour", "--home", str(cli.home), home=False)
     out1, out2 = first.stdout.decode(), second.stdout.decode()
     assert "demo-1-orders" in out1 and "demo-2-orders" in out2
     for out in (out1, out2):

@@ -628,9 +628,31 @@ def cmd_restore_test(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    with _open(args) as led:
-        result = run_tour(led, echo=print)
-    return 0 if result.audit_ok else 1
+    if args.tour:
+        with _open(args) as led:
+            result = run_tour(led, echo=print)
+        return 0 if result.audit_ok else 1
+    from .config import default_home
+    from .demo_fleet import seed_demo
+
+    if args.principal:
+        raise UsageError("the demo estate has fixed principals; --principal applies to --tour")
+    result = seed_demo(args.home or default_home(), keys=args.keys, months=args.months,
+                       seed=args.seed, progress=not args.no_progress, force=args.force,
+                       echo=print)
+    return 1 if result.unexpected else 0
+
+
+def _bounded_int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, not {value}")
+        return value
+    return parse
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -810,7 +832,19 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "restore-test", cmd_restore_test, "restore a backup in a scratch home, check it "
         "works and record the test (exit 1 if it does not)").add_argument("path")
 
-    add(sub, "demo", cmd_demo, "a short scripted tour of the key lifecycle (re-runnable)")
+    p = add(sub, "demo", cmd_demo, "seed a demo estate: ~150 keys, 8 teams, 18 months of history "
+            "(once per home; --tour: the short scripted lifecycle tour)")
+    p.add_argument("--keys", type=_bounded_int(20, 2000), default=150, metavar="N",
+                   help="keys in the estate (default 150)")
+    p.add_argument("--months", type=_bounded_int(2, 60), default=18, metavar="M",
+                   help="months of simulated history, ending now (default 18)")
+    p.add_argument("--seed", type=int, default=7, metavar="S",
+                   help="random seed: the same seed gives the same estate (default 7)")
+    p.add_argument("--force", action="store_true",
+                   help="delete an existing demo home (one with demo.json) and seed it again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--tour", action="store_true",
+                   help="run the short scripted tour of the key lifecycle instead (re-runnable)")
     return parser
 
 
