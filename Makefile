@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyledger-installed
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEMO_HOME ?= demo-home
+DEMO_PORT ?= 5006
+DEMO_PRINCIPAL ?= security-lead
 # command -> Debian packages that provide it (comma-separated); chromium drives the browser tests
 SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl \
 	chromium:chromium,fonts-dejavu-core
@@ -40,11 +42,13 @@ test: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
 	$(BIN)/pytest -q
 
+# Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.
 demo: setup
 	$(BIN)/keyledger demo --home $(DEMO_HOME)
+	$(BIN)/keyledger dashboard --home $(DEMO_HOME) --principal $(DEMO_PRINCIPAL) --port $(DEMO_PORT)
 
 bench: setup
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_HOME) $(DEMO_HOME)-backups .pytest_cache .ruff_cache

@@ -22,7 +22,7 @@ import pandas as pd
 
 from . import ciphertext as ct
 from .demo import format_table, run_tour, when
-from .errors import InvalidCiphertext, KeyLedgerError
+from .errors import ConfigError, InvalidCiphertext, KeyLedgerError
 from .model import SPECS, Key, Purpose
 from .service import KeyLedger
 from .service import open as open_ledger
@@ -643,6 +643,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if result.unexpected else 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .config import default_home
+    from .dashboard.serve import serve
+
+    home = Path(args.home).expanduser().absolute() if args.home else default_home()
+    if not (home / "keyledger.toml").exists():
+        raise ConfigError(f"{home} is not a keyledger home yet; create one with `keyledger init` "
+                          f"or seed a demo with `keyledger demo --home {home}`")
+    _print_demo_principals(home, args.principal)
+    panel_args = list(args.panel_args or [])
+    if panel_args[:1] == ["--"]:
+        panel_args = panel_args[1:]
+    return serve(home, address=args.address, port=args.port, principal=args.principal,
+                 basic_auth=args.basic_auth, cookie_secret=args.cookie_secret,
+                 allow_origin=args.allow_websocket_origin, show=args.show,
+                 panel_args=panel_args)
+
+
+def _print_demo_principals(home: Path, principal: str | None) -> None:
+    """A seeded demo home names its principals: say who the dashboard acts as."""
+    try:
+        doc = json.loads((home / "demo.json").read_text())
+    except (OSError, ValueError):
+        return
+    people = [p for p in doc.get("principals", []) if isinstance(p, dict)]
+    if people:
+        print(f"demo principals: {', '.join(p['name'] for p in people[:6])}, ... "
+              f"({len(people)} in {home / 'demo.json'})")
+    if principal:
+        roles = next((p.get("roles") for p in people if p.get("name") == principal), None)
+        print(f"signed in as {principal}" + (f" ({', '.join(roles)})" if roles else ""))
+
+
 def _bounded_int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -845,6 +878,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--tour", action="store_true",
                    help="run the short scripted tour of the key lifecycle instead (re-runnable)")
+
+    p = add(sub, "dashboard", cmd_dashboard, "serve the Panel dashboard (prints the URL; Ctrl-C "
+            "stops it); no login on 127.0.0.1, basic auth or OAuth required elsewhere")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs a login)")
+    p.add_argument("--port", type=_bounded_int(1, 65535), default=5006,
+                   help="port (default 5006)")
+    p.add_argument("--basic-auth", metavar="FILE",
+                   help="JSON file of user: password (mode 0600) for Panel's basic auth")
+    p.add_argument("--cookie-secret", metavar="S",
+                   help="cookie secret for the login session (default: generated per run)")
+    p.add_argument("--allow-websocket-origin", action="append", metavar="HOST:PORT",
+                   help="extra origin allowed to connect (repeatable)")
+    p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.add_argument("panel_args", nargs=argparse.REMAINDER,
+                   help="after --: options passed to `panel serve`, e.g. --oauth-provider")
     return parser
 
 
