@@ -101,9 +101,13 @@ def test_operations_per_period_groups_top_and_other(estate, clock):
     weekday = by_key[by_key["period"].dt.day_of_week < 5]["count"]
     weekend = by_key[by_key["period"].dt.day_of_week >= 5]["count"]
     assert weekday.median() > weekend.median()  # the weekly rhythm survives aggregation
-    top1 = an.ops_per_period(estate, by="principal", top=1)
+    top1 = an.ops_per_period(estate, by="principal", top=1, include_reads=True)
     assert set(top1["group"]) == {"alice", "other"}
     assert top1["count"].sum() == an.audit_count(estate)  # reads wait only for changes
+    # by default the ledger's readers (list_keys, query, ...) are not key activity
+    actions = set(an.ops_per_period(estate, by="action", top=50)["group"])
+    assert {"encrypt", "decrypt", "rotate"} <= actions
+    assert not actions & {"query", "list_keys", "open"}
     weekly = an.ops_per_period(estate, by="action", bucket="week")
     assert (weekly["period"].dt.day_of_week == 0).all()
     with pytest.raises(kl.InvalidInput, match="by must be one of"):

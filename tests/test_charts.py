@@ -75,7 +75,7 @@ def _frames(led: kl.KeyLedger, *, top_n: int = 10) -> dict[str, pd.DataFrame]:
         "key_status": status,
         "keys_by_state": an.keys_by_state(status),
         "version_timeline": an.version_timeline(led),
-        "ops": an.ops_per_period(led),
+        "ops": an.ops_per_period(led, include_reads=True),  # every record
         "ops_by_key": an.ops_per_period(led, by="key"),
         "ops_by_outcome": an.ops_per_period(led, by="outcome"),
         "ops_daily_20": an.ops_per_period(led, by="key", bucket="day", top=20),

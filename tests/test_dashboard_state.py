@@ -285,7 +285,7 @@ def test_failed_action_is_shown_not_raised(fleet):
     panel.ask("rotate")  # a suspended key cannot be rotated: the ledger refuses
     ok, text = panel.confirm()
     assert not ok and f"rotate {key} failed" in text and "suspended" in text
-    assert st.status_level == "danger" and "⛔" in panel.result.object
+    assert st.status_level == "danger" and "✗" in panel.result.object
 
 
 def test_approve_a_pending_request(fleet, other):

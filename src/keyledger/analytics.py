@@ -19,6 +19,7 @@ import pandas as pd
 
 from .errors import InvalidInput
 from .model import KeyState
+from .store.journal import READ_ACTIONS
 
 if TYPE_CHECKING:
     from .service import KeyLedger
@@ -187,15 +188,18 @@ def version_timeline(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
 
 # -- usage -------------------------------------------------------------------------------------
 def ops_per_period(ledger: KeyLedger, filters: Filters = EVERYTHING, *, by: str = "action",
-                   top: int = 8, bucket: str | None = None) -> pd.DataFrame:
+                   top: int = 8, bucket: str | None = None,
+                   include_reads: bool = False) -> pd.DataFrame:
     """Audit records per day (or week) and ``by`` group: columns ``period``, ``group``,
     ``count``. The ``top`` groups by volume keep their name, the rest become "other".
-    ``bucket`` (day or week) defaults to days for ranges up to 120 days, weeks beyond."""
+    ``bucket`` (day or week) defaults to days for ranges up to 120 days, weeks beyond.
+    Reads of the catalog and ledger (list_keys, query, ...: ``READ_ACTIONS``) are left out
+    unless ``include_reads``: a dashboard looking at the ledger is not key activity."""
     if by not in GROUPINGS:
         raise InvalidInput(f"by must be one of {', '.join(GROUPINGS)}, not {by!r}")
     if bucket not in (None, "day", "week"):
         raise InvalidInput(f"bucket must be day or week, not {bucket!r}")
-    cond, args = filters.audit_sql()
+    cond, args = _without_reads(*filters.audit_sql(), include_reads)
     column = f"coalesce({by}, '(none)')"
     if bucket is None:
         span = ledger.query(f"SELECT max(time) - min(time) FROM audit_log WHERE {cond}", args,
@@ -284,6 +288,12 @@ def unusual_activity(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
     named = {"start": start, "base": base, "factor": float(spike_factor)}
     return ledger.query(_positional(sql, named), [*args, *CRYPTO_ACTIONS, *_named_args(sql, named)],
                         label="analytics.unusual_activity")
+
+
+def _without_reads(cond: str, args: list[Any], include_reads: bool) -> tuple[str, list[Any]]:
+    if include_reads:
+        return cond, args
+    return f"{cond} AND action NOT IN ({_marks(READ_ACTIONS)})", [*args, *sorted(READ_ACTIONS)]
 
 
 def _positional(sql: str, named: dict[str, Any]) -> str:
@@ -383,10 +393,11 @@ def compliance_matrix(findings: pd.DataFrame) -> pd.DataFrame:
 
 # -- overview --------------------------------------------------------------------------------
 def activity_24h(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
-                 now: datetime | None = None) -> dict[str, int]:
-    """Operations, denied and failed calls in the last 24 h and in the 24 h before."""
+                 now: datetime | None = None, include_reads: bool = False) -> dict[str, int]:
+    """Operations, denied and failed calls in the last 24 h and in the 24 h before (reads
+    left out unless ``include_reads``, as in ``ops_per_period``)."""
     now = _now(ledger, now)
-    cond, args = filters.key_sql()
+    cond, args = _without_reads(*filters.key_sql(), include_reads)
     sql = f"""SELECT count(*) FILTER (time >= ?)::BIGINT AS ops,
                      count(*) FILTER (time < ?)::BIGINT AS ops_before,
                      count(*) FILTER (time >= ? AND outcome = 'denied')::BIGINT AS denied,

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from .errors import (
     AccessDenied,
@@ -60,6 +60,9 @@ DAYS_PER_MONTH = 30.44
 # Usage calls per key per simulated day on average at the default size (150 keys, 18 months):
 # about 1 M audited calls in all.
 OPS_PER_KEY_DAY = 12.6
+# run_due evaluates compliance every 4th Monday (weekly at the end and in short histories)
+COMPLIANCE_EVERY_WEEKS = 4
+USAGE_LIMIT_DAYS = 14  # the near-limit key's usage limit: about this many days of encryptions
 
 SECURITY_LEAD, PLATFORM_ADMIN, AUDITOR = "security-lead", "ops-omar", "audit-anna"
 DEVELOPERS = ("dev-sam", "dev-lee")
@@ -110,7 +113,7 @@ NOUNS = {
 }
 # Traffic per key relative to a symmetric key: signatures and their checks cost 2-25 times an
 # AES-GCM call in SoftHSM2 (EC P-384 ~1 ms a signature), so signing keys see less traffic.
-SPEC_TRAFFIC = {"EC_P256": 0.35, "ED25519": 0.12, "EC_P384": 0.04, "RSA_2048": 0.08,
+SPEC_TRAFFIC = {"EC_P256": 0.2, "ED25519": 0.04, "EC_P384": 0.015, "RSA_2048": 0.08,
                 "RSA_3072": 0.05, "RSA_4096": 0.03}
 # Weekday traffic, UTC hour profile (business hours busiest).
 WEEKDAY_FACTOR = (1.0, 1.05, 1.0, 0.95, 0.9, 0.4, 0.3)
@@ -212,6 +215,8 @@ class _Key:
         self.min_dec = 1
         self.pool: list[tuple[bytes, dict[str, str], int, str]] = []
         self.pool_i = 0
+        self.pool_rev = 0  # bumped when the main process changes the pool (rewrap, min version)
+        self.worker = 0  # which traffic worker runs this key's usage calls
         self.sampled: set[int] = set()
         self.tag = self.tag_msg = b""
         self.sig = self.sig_msg = b""
@@ -381,11 +386,12 @@ def _quantiles(n: int = 4096) -> list[timedelta]:
 class _Stream:
     """One kind of call one principal makes on one key; ``rate`` calls per weekday."""
 
-    __slots__ = ("sim", "k", "op", "who", "led", "rate", "ctxs", "i", "fixed", "run")
+    __slots__ = ("sim", "k", "op", "who", "led", "rate", "ctxs", "i", "fixed", "run", "sid")
 
-    def __init__(self, sim: _Sim, k: _Key, op: str, who: str, rate: float,
-                 fixed: bool = False) -> None:
+    def __init__(self, sim: _Traffic | _Sim, k: _Key, op: str, who: str, rate: float,
+                 fixed: bool = False, sid: int = 0) -> None:
         self.sim, self.k, self.op, self.who, self.rate, self.fixed = sim, k, op, who, rate, fixed
+        self.sid = sid
         self.led: KeyLedger | None = None
         tenants = ("acme", "globex", "initech", "umbrella")
         self.ctxs = [{"app": who, "tenant": t} for t in tenants[: 1 + len(k.name) % 4]]
@@ -396,6 +402,9 @@ class _Stream:
         if self.led is None:
             self.led = self.sim.ledger(self.who)
         return self.led
+
+    def spec(self) -> tuple:
+        return (self.sid, self.k.name, self.op, self.who, self.rate, self.fixed)
 
     def _encrypt(self) -> None:
         k = self.k
@@ -448,9 +457,174 @@ class _Stream:
             (self.led or self._ledger()).verify(k.name, k.sig_msg, k.sig)
 
 
+# What the main process changes on a key (sent to its worker before each batch of calls) and
+# what the worker's calls change (sent back after it).
+MAIN_FIELDS = ("state", "version", "min_dec", "cap", "limit", "count")
+WORKER_FIELDS = ("pool", "pool_i", "count", "tag", "tag_msg", "sig", "sig_msg")
+# What a call costs relative to an AES-GCM call (to balance the workers).
+SPEC_COST = {"EC_P256": 2.0, "ED25519": 6.0, "EC_P384": 10.0, "RSA_2048": 3.0, "RSA_3072": 8.0,
+             "RSA_4096": 20.0}
+
+
+class _Traffic:
+    """Runs the usage calls on the keys given to it, with its own ledgers and simulated clock.
+
+    One per worker process (``_traffic_worker``), or in the seeding process (``workers=0``).
+    Lifecycle events never run here: between two batches of calls the main process does them,
+    and sends the keys' new states with the next batch.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.clock = _Clock(datetime.now(UTC))
+        self.leds: dict[str, KeyLedger] = {}
+        self.keys: dict[str, _Key] = {}
+        self.streams: dict[int, _Stream] = {}
+        self.samples: list[Sample] = []
+        self.unexpected: list[str] = []
+        self.unexpected_count = 0
+        self._quant = _quantiles()
+
+    def ledger(self, who: str) -> KeyLedger:
+        led = self.leds.get(who)
+        if led is None:
+            led = self.leds[who] = open_ledger(self.home, principal=who, clock=self.clock)
+        return led
+
+    def keep(self, k: _Key, blob: bytes, ctx: dict[str, str], who: str) -> None:
+        version = int.from_bytes(blob[20:24], "big")
+        if len(k.pool) < 6:
+            k.pool.append((blob, ctx, version, who))
+        else:
+            k.pool_i = (k.pool_i + 1) % 6
+            k.pool[k.pool_i] = (blob, ctx, version, who)
+        if version not in k.sampled:  # the first ciphertext of every version is sampled
+            k.sampled.add(version)
+            self.samples.append(Sample(blob, ctx, "", who, k.name, version))
+
+    def batch(self, new_keys: list[_Key], new_streams: list[tuple], updates: list[tuple],
+              day_start: datetime, floor: datetime, ops: list[tuple[int, int]]) -> tuple:
+        for k in new_keys:
+            self.keys[k.name] = k
+        for sid, name, op, who, rate, fixed in new_streams:
+            self.streams[sid] = _Stream(self, self.keys[name], op, who, rate, fixed, sid)
+        for name, values, pool in updates:
+            k = self.keys[name]
+            for f, v in zip(MAIN_FIELDS, values, strict=True):
+                setattr(k, f, v)
+            if pool is not None:
+                k.pool, k.pool_i = list(pool[0]), pool[1]
+        quant, clock, streams = self._quant, self.clock, self.streams
+        for sid, q in ops:
+            t = day_start + quant[q]
+            clock.now = t if t > floor else floor
+            try:
+                streams[sid].run()
+            except KeyLedgerError as exc:
+                self.unexpected_count += 1
+                if len(self.unexpected) < 20:
+                    self.unexpected.append(f"{type(exc).__name__}: {exc}")
+        touched = {streams[sid].k for sid in {sid for sid, _ in ops}}
+        changed = [(k.name, tuple(getattr(k, f) for f in WORKER_FIELDS)) for k in touched]
+        out = (changed, self.samples, self.unexpected, self.unexpected_count)
+        self.samples, self.unexpected, self.unexpected_count = [], [], 0
+        return out
+
+    def close(self) -> None:
+        for led in reversed(list(self.leds.values())):
+            led.close()
+        self.leds.clear()
+
+
+def _traffic_worker(conn: Any, home: str) -> None:
+    """A worker process: run batches of usage calls until told to stop (``None``)."""
+    traffic = None
+    try:
+        traffic = _Traffic(Path(home))
+        while (msg := conn.recv()) is not None:
+            conn.send(("ok", traffic.batch(*msg)))
+        traffic.close()
+        traffic = None
+        conn.send(("closed", None))
+    except BaseException as exc:  # report it; the main process raises
+        import traceback
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        except (OSError, ValueError):
+            pass
+    finally:
+        if traffic is not None:
+            traffic.close()
+
+
+class _Remote:
+    """A worker process for usage calls (spawned: a fresh interpreter with its own HSM login)."""
+
+    def __init__(self, home: Path) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_traffic_worker, args=(child, str(home)), daemon=True,
+                                name="keyledger-demo-traffic")
+        self.proc.start()
+        child.close()
+
+    def send(self, msg: tuple) -> None:
+        try:
+            self.conn.send(msg)
+        except OSError:
+            self._died()
+
+    def recv(self) -> Any:
+        try:
+            status, payload = self.conn.recv()
+        except (EOFError, OSError):
+            self._died()
+        if status == "error":
+            raise KeyLedgerError(f"a demo traffic worker failed: {payload}")
+        return payload
+
+    def _died(self) -> NoReturn:
+        self.proc.join(5)
+        raise KeyLedgerError(f"a demo traffic worker (pid {self.proc.pid}) stopped "
+                             f"unexpectedly (exit code {self.proc.exitcode})")
+
+    def close(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self.conn.send(None)
+                if self.conn.poll(60):
+                    self.conn.recv()
+        except (OSError, EOFError):
+            pass
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+
+
+class _Local:
+    """Usage calls in the seeding process itself (``workers=0``)."""
+
+    def __init__(self, home: Path) -> None:
+        self.traffic = _Traffic(home)
+        self._out: Any = None
+
+    def send(self, msg: tuple) -> None:
+        self._out = self.traffic.batch(*msg)
+
+    def recv(self) -> Any:
+        return self._out
+
+    def close(self) -> None:
+        self.traffic.close()
+
+
 class _Sim:
     def __init__(self, home: Path, n_keys: int, months: int, seed: int, end: datetime,
-                 progress: bool) -> None:
+                 progress: bool, workers: int = 2) -> None:
         self.home, self.n_keys, self.months, self.seed = home, n_keys, months, seed
         self.rng = random.Random(seed)
         self.days = max(1, round(months * DAYS_PER_MONTH))
@@ -473,6 +647,15 @@ class _Sim:
         self.timings: Counter[str] = Counter()
         self._seq = itertools.count()
         self._quant = _quantiles()
+        # usage calls run in worker processes (0: in this process), each on its own keys
+        self.workers = workers
+        self.runners: list[_Remote | _Local] = []
+        n = max(1, workers)
+        self._loads = [0.0] * n
+        self._new_keys: list[list[_Key]] = [[] for _ in range(n)]
+        self._new_streams: list[list[tuple]] = [[] for _ in range(n)]
+        self._worker_keys: list[list[_Key]] = [[] for _ in range(n)]
+        self._sent: dict[str, tuple] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
     def ledger(self, who: str) -> KeyLedger:
@@ -494,17 +677,6 @@ class _Sim:
     def day_at(self, day: int, hour: float) -> datetime:
         return self.day0 + timedelta(days=day, hours=hour)
 
-    def keep(self, k: _Key, blob: bytes, ctx: dict[str, str], who: str) -> None:
-        version = int.from_bytes(blob[20:24], "big")
-        if len(k.pool) < 6:
-            k.pool.append((blob, ctx, version, who))
-        else:
-            k.pool_i = (k.pool_i + 1) % 6
-            k.pool[k.pool_i] = (blob, ctx, version, who)
-        if version not in k.sampled:  # the first ciphertext of every version is sampled
-            k.sampled.add(version)
-            self.samples.append(Sample(blob, ctx, "", who, k.name, version))
-
     def grant(self, name: str, who: str, role: str, by: str = SECURITY_LEAD) -> None:
         self.ledger(by).grant(name, who, role)
         self.grants.setdefault(who, []).append(f"{role} on {name}")
@@ -519,13 +691,19 @@ class _Sim:
             self.at(when, lambda k=k: self.create(k), "create keys, grants, policies")
         # weekly due work (Monday 02:00), audit verification, backups
         # (quarterly at first, weekly in the last weeks: the SOC 2 finding gets resolved)
+        # run_due evaluates compliance every fourth week and every week of the last four (a
+        # trend point each time; an evaluation costs ~0.4 s, the rotations alone much less)
         verify_weekly_from, last_verify = days - min(28, days // 3), 0
+        mondays, every = 0, max(1, min(COMPLIANCE_EVERY_WEEKS, days // 7 // 12))
         for d in range(1, days + 1):
             if (self.day0 + timedelta(days=d)).weekday() == 0:
                 if d >= verify_weekly_from or d - last_verify >= 91:
                     self.at(self.day_at(d, 1.5), self.verify)
                     last_verify = d
-                self.at(self.day_at(d, 2), self.run_due)
+                evaluate = mondays % every == 0 or d >= days - 28
+                self.at(self.day_at(d, 2), lambda c=evaluate: self.run_due(compliance=c),
+                        "run due")
+                mondays += 1
         self.at(self.day_at(days - 14, 3), self.backup)
         self.at(self.day_at(days - 13, 4), self.restore_test)
         # custodian acknowledgements (three team admins never give theirs: a PCI finding)
@@ -664,7 +842,7 @@ class _Sim:
         elif k.role in ("destroyed-dual-control", "pending-destroy-request"):
             lead.set_policy(k.name, quorum=2)
         elif k.role == "usage-limited":
-            k.limit = max(200, round(self.stream_rate(k) * 0.45 * 9, -2))
+            k.limit = int(max(200, round(self.stream_rate(k) * 0.45 * USAGE_LIMIT_DAYS, -2)))
             k.cap = k.limit
             lead.set_policy(k.name, usage_limit=k.limit)
         self.add_streams(k)
@@ -687,12 +865,14 @@ class _Sim:
             if version < k.version:
                 new = self.ledger(who).rewrap(blob, context=ctx)
                 k.pool[i] = (new, ctx, k.version, who)
+        k.pool_rev += 1
 
     def raise_min_decryption(self, k: _Key) -> None:
         self.ledger(k.team.admin).set_policy(k.name, min_decryption_version=k.version)
         k.min_dec = k.version
         k.pool = [e for e in k.pool if e[2] >= k.min_dec]
         k.pool_i = 0
+        k.pool_rev += 1
 
     def schedule_deletion(self, k: _Key, days: int, reason: str) -> None:
         if k.state in ("active", "suspended", "compromised", "deactivated"):
@@ -717,8 +897,8 @@ class _Sim:
     def accept(self, rule: str, name: str, reason: str, until: str) -> None:
         self.ledger(SECURITY_LEAD).accept_finding(rule, name, reason, until)
 
-    def run_due(self) -> None:
-        report = self.ledger(PLATFORM_ADMIN).run_due()
+    def run_due(self, compliance: bool = True) -> None:
+        report = self.ledger(PLATFORM_ADMIN).run_due(compliance=compliance)
         for item in report.done:
             k = self.by_name.get(item["key"])
             if k is None:
@@ -793,14 +973,22 @@ class _Sim:
         streams = []
         for op, share in mix:
             if op == "sign" and k.spec in RSA_SIGNS_PER_DAY:
-                streams.append(_Stream(self, k, op, k.users[0], RSA_SIGNS_PER_DAY[k.spec], True))
+                streams.append(_Stream(self, k, op, k.users[0], RSA_SIGNS_PER_DAY[k.spec], True,
+                                       len(self.streams) + len(streams)))
                 continue
             users = k.users if op in ("decrypt", "verify", "verify_mac") else k.users[:1]
             weights = [0.8] + [0.2 / (len(users) - 1)] * (len(users) - 1) if len(users) > 1 \
                 else [1.0]
-            streams += [_Stream(self, k, op, who, rate * share * w) for who, w in
-                        zip(users, weights, strict=True)]
+            streams += [_Stream(self, k, op, who, rate * share * w, False,
+                                len(self.streams) + len(streams) + i)
+                        for i, (who, w) in enumerate(zip(users, weights, strict=True))]
         self.streams += streams
+        # the worker with the least traffic (weighted by what a call costs) takes the key
+        w = min(range(len(self._loads)), key=self._loads.__getitem__)
+        k.worker = w
+        self._loads[w] += rate * SPEC_COST.get(k.spec, 1.0)
+        self._new_keys[w].append(k)
+        self._new_streams[w] += [st.spec() for st in streams]
 
     def day_factor(self, d: int) -> float:
         weekday = (self.day0 + timedelta(days=d)).weekday()
@@ -815,9 +1003,9 @@ class _Sim:
                           if k.role not in ("stale", "pre-activation"))
         self.scale = target / max(weight_days, 1e-9)
 
-    def day_ops(self, d: int) -> list[Callable[[], None]]:
+    def day_ops(self, d: int) -> list[_Stream]:
         rng, factor = self.rng, self.day_factor(d)
-        ops: list[Callable[[], None]] = []
+        ops: list[_Stream] = []
         u = self.plan.usage_limited
         for s in self.streams:
             if s.k.created_day >= d:
@@ -832,7 +1020,7 @@ class _Sim:
                 left = self.days - d
                 n = max(0, math.ceil((0.93 * u.limit - u.count) / left)) if left else n
             if n:
-                ops += [s.run] * n
+                ops += [s] * n
         rng.shuffle(ops)
         return ops
 
@@ -852,26 +1040,25 @@ class _Sim:
         quant, nq = self._quant, len(self._quant)
         clock = self.clock
         try:
+            self.start_workers()
             for d in range(self.days + 1):
                 u0 = time.perf_counter()
                 day_start = self.day0 + timedelta(days=d)
                 day_end = min(day_start + timedelta(days=1), final)
                 ops = self.day_ops(d) if d else []
                 n = len(ops)
-                times = [day_start + quant[int((j + 0.5) * nq / n)] for j in range(n)]
+                qs = [int((j + 0.5) * nq / n) for j in range(n)]
+                times = [day_start + quant[q] for q in qs]
                 j = 0
                 floor = day_start
                 while True:
                     nxt = self.events[ev][0] if ev < len(self.events) else None
                     limit = nxt if nxt is not None and nxt < day_end else day_end
-                    while j < n and times[j] < limit:
-                        t = times[j]
-                        clock.now = t if t > floor else floor
-                        try:
-                            ops[j]()
-                        except KeyLedgerError as exc:
-                            self._unexpected(exc)
-                        j += 1
+                    j2 = bisect.bisect_left(times, limit, j)
+                    if j2 > j:  # the usage calls up to the next event, in the workers
+                        self.traffic(ops, qs, j, j2, day_start, floor)
+                        clock.now = max(clock.now, times[j2 - 1], floor)
+                        j = j2
                     if nxt is None or nxt >= day_end:
                         self.timings["usage calls"] += time.perf_counter() - u0
                         break
@@ -883,12 +1070,12 @@ class _Sim:
                     self.timings[self.events[ev][3]] += u0 - t0
                     floor = clock.now
                     ev += 1
-                self.calls += j
                 bar.update(1)
                 if d % 7 == 0:
                     bar.set_postfix_str(f"{self.calls:,} calls")
         finally:
             bar.close()
+        self.stop_workers()  # their journals are on disk; any ledger's ingest takes them
         # remaining events (none normally) and the closing sequence, in the last 30 minutes
         t0 = time.perf_counter()
         for when, _, fn, _ in self.events[ev:]:
@@ -903,7 +1090,55 @@ class _Sim:
         if len(self.unexpected) < 20:
             self.unexpected.append(f"{type(exc).__name__}: {exc}")
 
+    # -- traffic workers ---------------------------------------------------------------------
+    def start_workers(self) -> None:
+        self.runners = [_Remote(self.home) if self.workers else _Local(self.home)
+                        for _ in range(max(1, self.workers))]
+
+    def stop_workers(self) -> None:
+        runners, self.runners = self.runners, []
+        for r in runners:
+            r.close()
+
+    def traffic(self, ops: list[_Stream], qs: list[int], j: int, j2: int, day_start: datetime,
+                floor: datetime) -> None:
+        """Run ops[j:j2] (at day_start + quantile offsets, never before ``floor``) in the
+        workers, each the calls on its keys, and take back what the calls changed."""
+        per: list[list[tuple[int, int]]] = [[] for _ in self.runners]
+        for i in range(j, j2):
+            s = ops[i]
+            per[s.k.worker].append((s.sid, qs[i]))
+        busy = []
+        for w, runner in enumerate(self.runners):
+            if not per[w]:
+                continue
+            updates = []
+            for k in self._worker_keys[w]:
+                sent = self._sent.get(k.name)
+                now = (tuple(getattr(k, f) for f in MAIN_FIELDS), k.pool_rev)
+                if sent != now:
+                    pool = (list(k.pool), k.pool_i) if sent is None or sent[1] != k.pool_rev \
+                        else None
+                    updates.append((k.name, now[0], pool))
+                    self._sent[k.name] = now
+            runner.send((self._new_keys[w], self._new_streams[w], updates, day_start, floor,
+                         per[w]))
+            self._worker_keys[w] += self._new_keys[w]
+            self._new_keys[w], self._new_streams[w] = [], []
+            busy.append(w)
+        for w in busy:
+            changed, samples, unexpected, n_unexpected = self.runners[w].recv()
+            for name, values in changed:
+                k = self.by_name[name]
+                for f, v in zip(WORKER_FIELDS, values, strict=True):
+                    setattr(k, f, v)
+            self.samples += samples
+            self.unexpected_count += n_unexpected
+            self.unexpected += unexpected[:max(0, 20 - len(self.unexpected))]
+        self.calls += j2 - j
+
     def close(self) -> None:
+        self.stop_workers()
         for led in reversed(list(self.leds.values())):
             led.close()
         self.leds.clear()
@@ -951,7 +1186,7 @@ def _from_file(home: Path, doc: dict) -> DemoResult:
 
 def seed_demo(home: str | os.PathLike, *, keys: int = 150, months: int = 18, seed: int = 7,
               progress: bool = True, force: bool = False, end: datetime | None = None,
-              echo: Callable[[str], object] | None = print) -> DemoResult:
+              echo: Callable[[str], object] | None = print, workers: int = 2) -> DemoResult:
     """Seed a demo estate into ``home`` (a new or empty folder) and return what was built.
 
     ``keys`` (20..2000) across eight teams, ``months`` (2..60) of history ending at ``end``
@@ -988,7 +1223,9 @@ def seed_demo(home: str | os.PathLike, *, keys: int = 150, months: int = 18, see
         if backups.is_dir():
             shutil.rmtree(backups)
     started = time.perf_counter()
-    sim = _Sim(path, keys, months, seed, end, progress)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 8:
+        raise InvalidInput(f"workers must be a whole number from 0 to 8, not {workers!r}")
+    sim = _Sim(path, keys, months, seed, end, progress, workers)
     path.mkdir(parents=True, exist_ok=True)
     try:
         sim.run()

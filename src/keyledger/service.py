@@ -225,7 +225,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
             state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
             creator_is_user = self._rt.creator_is_user
-            with self._rt.db.write() as tx:  # 1. intent, so a crash after step 2 is rolled back
+            # 1. intent, so a crash after step 2 is rolled back (intents are not in catalog.json:
+            # no snapshot export)
+            with self._rt.db.write(export=False) as tx:
                 if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
                               "WHERE alias = ?", [name, name]).fetchone():
                     raise KeyExists(f"a key or alias named {name!r} already exists")
@@ -288,7 +290,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             key = self._key(rec, name)
             now = naive(self._now())
             handle = uuid.uuid4().bytes
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 key = cat.load_key(tx, key.name)
                 rec.key = key
                 if expect_version is not None and key.latest_version != expect_version:
@@ -379,7 +381,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             if not approved:
                 self._require_quorum(key, "destroy", f"destroy {key.name!r}")
             now = naive(self._now())
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 key = cat.load_key(tx, key.name)
                 rec.key = key
                 next_state("destroy", key.state, key.name)

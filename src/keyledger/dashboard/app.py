@@ -147,7 +147,10 @@ class Dashboard(Viewer):
     def template(self) -> pn.template.BootstrapTemplate:
         return pn.template.BootstrapTemplate(
             title=TITLE, sidebar=[self.sidebar], main=[self.tabs],
-            header_background=HEADER_COLOR, sidebar_width=320)
+            header_background=HEADER_COLOR, sidebar_width=320,
+            # the 1 s live poll would make the header spinner flicker forever; the sidebar's
+            # "Live - updated" line says when data last changed instead
+            busy_indicator=None)
 
     def __panel__(self) -> pn.Row:
         return pn.Row(self.sidebar, self.tabs)

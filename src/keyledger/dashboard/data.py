@@ -38,6 +38,7 @@ import pandas as pd
 from .. import analytics as kla
 from ..errors import AccessDenied, KeyLedgerError
 from ..runtime import naive
+from ..store.journal import has_changes
 
 if TYPE_CHECKING:
     from ..service import KeyLedger
@@ -97,6 +98,7 @@ class ChangeDetector:
         self._token: Token | None = None
         self._catalog_stamp: tuple | None = None
         self._catalog_digest = ""
+        self._journals: dict[str, tuple[int, int]] = {}  # name -> (bytes seen, changes seen)
 
     def raw(self) -> tuple:
         return kla.data_version(self.home)
@@ -117,7 +119,16 @@ class ChangeDetector:
                 m = _JOURNAL_RE.match(name)
                 if m and int(m.group(1)) == self.pid:
                     continue  # this process's own audit journal (its reads are audited too)
-                activity.append((name, size))
+                # Only growth holding a non-read counts: another dashboard's or notebook's
+                # reads are audited too, and two dashboards would otherwise wake each other.
+                # Journals seen at the first look are the baseline; later ones count whole.
+                start = (size or 0) if self._token is None else 0
+                seen, changes = self._journals.get(name, (start, 0))
+                if (size or 0) != seen and has_changes(self.home / "journal" / name, seen,
+                                                       size or 0):
+                    changes += 1
+                self._journals[name] = (size or 0, changes)
+                activity.append((name, changes))
         self._raw = raw
         self._token = Token(catalog, tuple(activity), local)
         return self._token

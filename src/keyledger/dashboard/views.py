@@ -566,7 +566,7 @@ class ActionPanel(Viewer):
         }
         label, fn = runs[action]
         ok, text = self.state.run_action(label, fn)
-        self.result.object = ("✅ " if ok else "⛔ ") + text
+        self.result.object = ("✓ " if ok else "✗ ") + text
         return ok, text
 
     def __panel__(self) -> pn.Column:
@@ -798,7 +798,7 @@ class AuditView(View):
             return
         ok, text = self.state.run_action("verify audit", lambda: _verified(
             self.state.ledger.verify_audit()))
-        self.verify_text.object = ("✅ " if ok else "⛔ ") + text
+        self.verify_text.object = ("✓ " if ok else "✗ ") + text
 
     def _update(self) -> None:
         st, data = self.state, self.state.data
@@ -829,8 +829,8 @@ class AuditView(View):
         if ver is None:
             self.verify_text.object = "The audit ledger has **never been verified**."
         else:
-            state = ("✅ **verified OK**" if ver["ok"] else
-                     f"⛔ **BROKEN** at record {ver['first_bad_seq']}: {ver['problem']}")
+            state = ("✓ **verified OK**" if ver["ok"] else
+                     f"✗ **BROKEN** at record {ver['first_bad_seq']}: {ver['problem']}")
             self.verify_text.object = (f"{state} · {int(ver['records'] or 0):,} records · "
                                        f"{pd.Timestamp(ver['time']):%Y-%m-%d %H:%M} UTC")
 

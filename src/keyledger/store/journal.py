@@ -20,6 +20,7 @@ U+001F, then ``prev``), see ``record_hash``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -31,15 +32,37 @@ from pathlib import Path
 from ..errors import AuditError
 
 SEP = "\x1f"
-# Audited calls that change nothing: a read need not wait for their records to be ingested.
-READ_ACTIONS = frozenset({"query", "list_keys", "get_key", "audit", "findings", "requests",
-                          "compliance_trend", "compliance_rules", "compliance_exceptions",
-                          "public_key_pem", "capabilities", "version_usage"})
+# Audited calls that change nothing shown anywhere: a read need not wait for their records to
+# be ingested, and a live view need not refresh for another process's reads.
+READ_ACTIONS = frozenset({"open", "query", "list_keys", "get_key", "audit", "findings",
+                          "requests", "compliance_trend", "compliance_rules",
+                          "compliance_exceptions", "public_key_pem", "capabilities",
+                          "version_usage"})
 SUFFIX = ".jsonl"
 LINE_FIELDS = ("jseq", "time_us", "principal", "action", "key", "key_id", "version", "outcome",
                "error", "detail", "context", "hash")
 _NAME_RE = re.compile(r"^.+-([0-9]{1,9})-[0-9a-f]{12}$")
 _sha256 = hashlib.sha256
+
+
+def has_changes(path: Path, start: int, end: int) -> bool:
+    """Whether the bytes ``start:end`` of a journal hold a record of a call that is not a read
+    (unreadable or unexpected bytes count as a change)."""
+    if end < start:
+        return True
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            chunk = f.read(end - start)
+    except OSError:
+        return True
+    for line in chunk.splitlines():
+        try:
+            if json.loads(line)[3] not in READ_ACTIONS:  # [jseq, time_us, principal, action, ...]
+                return True
+        except (ValueError, IndexError, TypeError):
+            return True
+    return False
 
 
 def genesis(journal: str) -> str:
