@@ -321,6 +321,19 @@ def audit_count(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: 
     return int(df.iloc[0, 0])
 
 
+def audit_window(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
+                 principal: str | None = None, action: str | None = None,
+                 outcome: str | None = None, max_seq: int | None = None
+                 ) -> tuple[int, int | None]:
+    """(matching records, the highest ``seq`` among them), at or below ``max_seq``: one query
+    that both counts a view and pins it for paging."""
+    cond, args = _audit_where(filters, principal, action, outcome, max_seq)
+    df = ledger.query(f"SELECT count(*) AS n, max(seq) AS top FROM audit_log WHERE {cond}", args,
+                      label="analytics.audit_window")
+    top = df.iloc[0]["top"]
+    return int(df.iloc[0]["n"]), (None if pd.isna(top) else int(top))
+
+
 def audit_page(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: str | None = None,
                action: str | None = None, outcome: str | None = None, offset: int = 0,
                limit: int = 50, newest_first: bool = True, max_seq: int | None = None
@@ -431,7 +444,7 @@ def data_version(home: str | os.PathLike) -> tuple:
 __all__ = [
     "CRYPTO_ACTIONS", "DECRYPT_ACTIONS", "ENCRYPT_ACTIONS", "EVERYTHING", "GROUPINGS",
     "ROTATION_STATUSES", "SEVERITY_ORDER", "STATES", "Filters", "activity_24h", "audit_count",
-    "audit_facets", "audit_max_seq", "audit_page", "compliance_matrix", "data_version", "key_status",
-    "keys_by_state", "last_verification", "ops_per_period", "top_keys", "unusual_activity",
-    "upcoming", "version_timeline", "version_usage",
+    "audit_facets", "audit_max_seq", "audit_page", "audit_window", "compliance_matrix",
+    "data_version", "key_status", "keys_by_state", "last_verification", "ops_per_period",
+    "top_keys", "unusual_activity", "upcoming", "version_timeline", "version_usage",
 ]

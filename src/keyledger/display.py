@@ -52,15 +52,20 @@ _TH = ("text-align:left;padding:3px 8px;border-bottom:2px solid #d0d7de;font-wei
 _TD = "text-align:left;padding:3px 8px;border-bottom:1px solid #eaeef2;vertical-align:top"
 
 
+def _missing(value: object) -> bool:
+    """None, NaN or NaT (and not a list or array, whose isna is elementwise)."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def esc(value: object) -> str:
     """Escaped text for any value (None, NaN and NaT become an em dash)."""
-    if value is None:
+    if _missing(value):
         return "&mdash;"
-    try:
-        if pd.isna(value):
-            return "&mdash;"
-    except (TypeError, ValueError):
-        pass
     return html.escape(str(value), quote=True)
 
 
@@ -78,13 +83,8 @@ def badge(text: object, color: str) -> str:
 
 
 def _when(value: object) -> str:
-    if value is None:
+    if _missing(value):
         return "&mdash;"
-    try:
-        if pd.isna(value):
-            return "&mdash;"
-    except (TypeError, ValueError):
-        pass
     if isinstance(value, (datetime, pd.Timestamp)):
         if value.tzinfo is not None:
             value = value.astimezone(UTC)

@@ -308,14 +308,10 @@ class Data:
                      anchor: int | None = None) -> tuple[int, int | None]:
         """(matching records, highest ``seq`` among them) up to ``anchor`` (a ``seq``; None:
         everything ingested). Paging below a fixed anchor stays stable while the ledger grows
-        (``analytics.audit_page`` pages by offset over a live ledger, whose newest records
-        shift every page)."""
+        (pages by offset over a live ledger would shift with every new record)."""
         def compute() -> tuple[int, int | None]:
-            cond, args = _audit_where(filters, principal, action, outcome, anchor)
-            df = self.ledger.query(f"SELECT count(*) AS n, max(seq) AS top FROM audit_log "
-                                   f"WHERE {cond}", args, label="dashboard.audit_window")
-            top = df.iloc[0]["top"]
-            return int(df.iloc[0]["n"]), (None if pd.isna(top) else int(top))
+            return kla.audit_window(self.ledger, filters, principal=principal, action=action,
+                                    outcome=outcome, max_seq=anchor)
         return self._cached("audit_window", compute, filters, principal, action, outcome, anchor)
 
     def audit_page(self, filters: kla.Filters, principal: str | None = None,
@@ -323,11 +319,9 @@ class Data:
                    anchor: int | None = None, offset: int = 0, limit: int = 50) -> pd.DataFrame:
         """One page, newest first, of the records at or below ``anchor``."""
         def compute() -> pd.DataFrame:
-            cond, args = _audit_where(filters, principal, action, outcome, anchor)
-            return self.ledger.query(
-                f"SELECT seq, time, principal, action, key, version, outcome, error, detail "
-                f"FROM audit_log WHERE {cond} ORDER BY time DESC, seq DESC "
-                f"LIMIT {int(limit)} OFFSET {int(offset)}", args, label="dashboard.audit_page")
+            return kla.audit_page(self.ledger, filters, principal=principal, action=action,
+                                  outcome=outcome, offset=int(offset), limit=int(limit),
+                                  max_seq=anchor)
         return self._cached("audit_page", compute, filters, principal, action, outcome, anchor,
                             offset, limit)
 
@@ -373,19 +367,6 @@ class _KeysOnly:
 
     def list_keys(self) -> pd.DataFrame:
         return self._keys.copy()
-
-
-def _audit_where(filters: kla.Filters, principal: str | None, action: str | None,
-                 outcome: str | None, anchor: int | None) -> tuple[str, list[Any]]:
-    cond, args = filters.audit_sql()
-    for column, value in (("principal", principal), ("action", action), ("outcome", outcome)):
-        if value:
-            cond += f" AND {column} = ?"
-            args.append(value)
-    if anchor is not None:
-        cond += " AND seq <= ?"
-        args.append(int(anchor))
-    return cond, args
 
 
 def range_filters(filters: kla.Filters, time_range: str, now: datetime) -> kla.Filters:
