@@ -5,6 +5,10 @@
         ledger.create_key("orders", spec="AES_256")
         blob = ledger.encrypt("orders", b"card 4111", context={"tenant": "acme"})
         assert ledger.decrypt(blob, context={"tenant": "acme"}) == b"card 4111"
+
+Views over the same ledger are imported explicitly, so ``import keyledger`` stays light:
+``keyledger.analytics`` (aggregated DataFrames), ``keyledger.charts`` (Altair),
+``keyledger.widgets`` (ipywidgets) and ``keyledger.dashboard`` (Panel).
 """
 
 from .backup import BackupInfo, RestoreTestReport, restore
