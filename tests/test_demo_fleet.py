@@ -177,7 +177,7 @@ def test_deletions_requests_grants_backups_and_usage_limit(demo):
     limit = near.policy["usage_limit"]
     used = int(usage.loc[usage["version"] == near.latest_version, "encryptions"].iloc[0])
     assert 0.8 * limit <= used < limit
-    # compliance evaluated weekly across the history (the trend has points over the months)
+    # compliance evaluated by run_due across the history (the trend has points over the months)
     times = trend["time"].drop_duplicates()
     assert len(times) >= 10 and times.max() - times.min() >= timedelta(days=70)
 
@@ -232,7 +232,8 @@ def test_only_new_or_demo_homes_are_seeded(tmp_path, clock):
     (unfinished / DEMO_FILE).write_text('{"status": "seeding"}')
     with pytest.raises(kl.ConfigError, match="--force"):
         seed_demo(unfinished, echo=None)
-    for bad in ({"keys": 5}, {"months": 0}, {"keys": "20"}, {"seed": 1.5}):
+    for bad in ({"keys": 5}, {"months": 0}, {"keys": "20"}, {"seed": 1.5}, {"workers": -1},
+                {"workers": True}):
         with pytest.raises(kl.InvalidInput):
             seed_demo(tmp_path / "x", **{"echo": None, **bad})
     assert not (tmp_path / "x").exists()

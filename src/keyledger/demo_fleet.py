@@ -503,7 +503,12 @@ class _Traffic:
             self.samples.append(Sample(blob, ctx, "", who, k.name, version))
 
     def batch(self, new_keys: list[_Key], new_streams: list[tuple], updates: list[tuple],
-              day_start: datetime, floor: datetime, ops: list[tuple[int, int]]) -> tuple:
+              day_start: datetime, floor: datetime, ops: list[tuple[int, int]],
+              refresh: bool) -> tuple:
+        if refresh and self.leds:
+            # the main process changed the catalog since the last batch: see it now, not up to
+            # catalog_refresh_ms later (these calls happen after that change in simulated time)
+            next(iter(self.leds.values()))._rt.catalog.refresh(force=True)
         for k in new_keys:
             self.keys[k.name] = k
         for sid, name, op, who, rate, fixed in new_streams:
@@ -557,18 +562,31 @@ def _traffic_worker(conn: Any, home: str) -> None:
             traffic.close()
 
 
+def _traffic_main(fd: int, home: str) -> None:
+    """Entry point of a worker process (``python -c``; see ``_Remote``)."""
+    from multiprocessing.connection import Connection
+
+    _traffic_worker(Connection(fd), home)
+
+
 class _Remote:
-    """A worker process for usage calls (spawned: a fresh interpreter with its own HSM login)."""
+    """A worker process for usage calls: a fresh interpreter (its own HSM login), started with
+    ``python -c`` rather than multiprocessing's spawn, so the caller's main module is never
+    imported again there (a script calling seed_demo needs no ``__main__`` guard)."""
 
     def __init__(self, home: Path) -> None:
-        import multiprocessing
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
 
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_traffic_worker, args=(child, str(home)), daemon=True,
-                                name="keyledger-demo-traffic")
-        self.proc.start()
-        child.close()
+        mine, theirs = socket.socketpair()
+        with theirs:
+            code = ("import sys; from keyledger.demo_fleet import _traffic_main; "
+                    "_traffic_main(int(sys.argv[1]), sys.argv[2])")
+            self.proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()),
+                                          str(home)], pass_fds=(theirs.fileno(),),
+                                         stdin=subprocess.DEVNULL)
+        self.conn = Connection(mine.detach())
 
     def send(self, msg: tuple) -> None:
         try:
@@ -586,22 +604,28 @@ class _Remote:
         return payload
 
     def _died(self) -> NoReturn:
-        self.proc.join(5)
+        try:
+            code = self.proc.wait(5)
+        except Exception:  # still running but not answering
+            code = None
         raise KeyLedgerError(f"a demo traffic worker (pid {self.proc.pid}) stopped "
-                             f"unexpectedly (exit code {self.proc.exitcode})")
+                             f"unexpectedly (exit code {code})")
 
     def close(self) -> None:
+        import subprocess
+
         try:
-            if self.proc.is_alive():
+            if self.proc.poll() is None:
                 self.conn.send(None)
                 if self.conn.poll(60):
                     self.conn.recv()
         except (OSError, EOFError):
             pass
-        self.proc.join(30)
-        if self.proc.is_alive():
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.join(5)
+            self.proc.wait(5)
         self.conn.close()
 
 
@@ -656,6 +680,7 @@ class _Sim:
         self._new_streams: list[list[tuple]] = [[] for _ in range(n)]
         self._worker_keys: list[list[_Key]] = [[] for _ in range(n)]
         self._sent: dict[str, tuple] = {}
+        self._stamps: list[tuple | None] = [None] * n  # catalog.json as each worker last saw it
 
     # -- plumbing ----------------------------------------------------------------------------
     def ledger(self, who: str) -> KeyLedger:
@@ -1105,6 +1130,11 @@ class _Sim:
         """Run ops[j:j2] (at day_start + quantile offsets, never before ``floor``) in the
         workers, each the calls on its keys, and take back what the calls changed."""
         per: list[list[tuple[int, int]]] = [[] for _ in self.runners]
+        try:
+            st = (self.home / "catalog.json").stat()
+            stamp: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
         for i in range(j, j2):
             s = ops[i]
             per[s.k.worker].append((s.sid, qs[i]))
@@ -1122,7 +1152,8 @@ class _Sim:
                     updates.append((k.name, now[0], pool))
                     self._sent[k.name] = now
             runner.send((self._new_keys[w], self._new_streams[w], updates, day_start, floor,
-                         per[w]))
+                         per[w], stamp != self._stamps[w]))
+            self._stamps[w] = stamp
             self._worker_keys[w] += self._new_keys[w]
             self._new_keys[w], self._new_streams[w] = [], []
             busy.append(w)
@@ -1192,12 +1223,16 @@ def seed_demo(home: str | os.PathLike, *, keys: int = 150, months: int = 18, see
     ``keys`` (20..2000) across eight teams, ``months`` (2..60) of history ending at ``end``
     (default: now, UTC), ``seed`` for ``random.Random``. A progress bar goes to stderr when it
     is a terminal and ``progress`` is true; ``echo`` prints the summary (``None``: silent).
+    ``workers`` processes make the usage calls (0: this process); lifecycle events always run
+    here, between their batches of calls.
 
     A home seeded before (its ``demo.json`` says so) is not seeded again: the result describes
     it, with ``already_seeded=True``. ``force=True`` deletes a demo home (one with
     ``demo.json``; never another folder) and its ``<home>-backups`` folder and seeds anew.
     """
     _check_args(keys, months, seed)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 8:
+        raise InvalidInput(f"workers must be a whole number from 0 to 8, not {workers!r}")
     path = Path(home).expanduser().absolute()
     doc = _read_demo_file(path) if path.is_dir() else None
     if doc is not None and not force:
@@ -1223,8 +1258,6 @@ def seed_demo(home: str | os.PathLike, *, keys: int = 150, months: int = 18, see
         if backups.is_dir():
             shutil.rmtree(backups)
     started = time.perf_counter()
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 8:
-        raise InvalidInput(f"workers must be a whole number from 0 to 8, not {workers!r}")
     sim = _Sim(path, keys, months, seed, end, progress, workers)
     path.mkdir(parents=True, exist_ok=True)
     try:
@@ -1265,7 +1298,8 @@ def _finish(sim: _Sim, started: float) -> DemoResult:
     sim.clock.now = sim.end
     by_name = {r.name: r for r in df.itertuples()}
     samples: list[Sample] = []
-    for i, s in enumerate(sim.samples):
+    # in (key, version) order: the same whichever worker made which ciphertext when
+    for i, s in enumerate(sorted(sim.samples, key=lambda s: (s.key, s.version))):
         row = by_name[s.key]
         if row.state == "destroyed":
             why = "key destroyed"

@@ -242,7 +242,7 @@ class HomeRuntime:
     def take_lease(self, name: str, seconds: float) -> int | None:
         """Take a named lease; returns None on success or the pid of the live holder."""
         now = time.time()
-        with self.db.write() as tx:
+        with self.db.write(export=False) as tx:  # a lease row is not in the catalog snapshot
             row = tx.execute("SELECT value FROM meta WHERE name = ?", [f"lease:{name}"]).fetchone()
             if row:
                 held = json.loads(row[0])
@@ -255,7 +255,7 @@ class HomeRuntime:
         return None
 
     def release_lease(self, name: str) -> None:
-        with self.db.write() as tx:
+        with self.db.write(export=False) as tx:
             tx.execute("DELETE FROM meta WHERE name = ?", [f"lease:{name}"])
 
     def _pid_alive(self, pid: int) -> bool:

@@ -942,7 +942,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 self._rt.ingest()
             except AuditError:  # a ledger that no longer matches its checkpoint: report it
                 pass
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 report = verify_ledger(tx, self._rt.verify_checkpoint, self._rt.audit_head(tx))
                 tx.execute("INSERT INTO verifications VALUES (?, ?, ?, ?, ?)",
                            [naive(self._now()), report.ok, report.records,

@@ -68,7 +68,7 @@ class ComplianceMixin:
             self._rt.ingest()
         except AuditError:  # a ledger that fails its checkpoint: evaluate what is there
             pass
-        with self._rt.db.write() as tx:
+        with self._rt.db.write(export=False) as tx:
             ev = engine.evaluate(tx, ruleset, now=when, frameworks=frameworks,
                                  principal=self.principal)
             if collect is not None:
@@ -90,7 +90,7 @@ class ComplianceMixin:
             self._authorize(rec, "compliance", None)
             names = (load_rules(self.home).resolve_frameworks(frameworks)
                      if frameworks is not None else None)
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 return engine.trend(tx, names)
 
     def findings(self: KeyLedger, frameworks: str | list[str] | None = None, *,
@@ -105,7 +105,7 @@ class ComplianceMixin:
             self._authorize(rec, "compliance", None)
             ruleset = load_rules(self.home)
             names = (ruleset.resolve_frameworks(frameworks) if frameworks is not None else None)
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 df = engine.stored_findings(tx, engine.rules_table(list(ruleset.rules.values())),
                                             self._now(), names)
             if not include_accepted:
@@ -143,7 +143,7 @@ class ComplianceMixin:
             now = self._now()
             expires = self._expiry(until, now)
             exception_id = uuid.uuid4().hex[:12]
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 engine.ensure_tables(tx)
                 tx.execute("INSERT INTO compliance_exceptions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            [exception_id, rule.id, rule.framework, name, reason.strip()[:4000],
@@ -175,7 +175,7 @@ class ComplianceMixin:
         """Every accepted exception, with ``active`` true until it expires."""
         with self._audited("compliance_exceptions", None) as rec:
             self._authorize(rec, "compliance", None)
-            with self._rt.db.write() as tx:
+            with self._rt.db.write(export=False) as tx:
                 return engine.exceptions(tx, self._now())
 
     # -- report ----------------------------------------------------------------------------------
