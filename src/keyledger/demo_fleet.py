@@ -1362,7 +1362,7 @@ def _demo_doc(sim: _Sim, r: DemoResult, status: str) -> dict:
         "principals": [{"name": n, "roles": roles.split(", ")} for n, roles in
                        r.principals.items()],
         "states": r.states, "findings": r.findings, "overdue": r.overdue,
-        "highlights": r.highlights, "backup_passphrase": DEMO_PASSPHRASE,
+        "highlights": r.highlights,
         "timings": {k: round(v, 1) for k, v in r.timings.items()},
         "unexpected": r.unexpected,
     }
