@@ -132,6 +132,12 @@ def test_audit_paging_and_count(estate, clock):
     last = an.audit_page(estate, flt, limit=50, offset=total - 3)
     assert len(last) == 3
     assert an.audit_count(estate, flt, principal="svc-pay", action="decrypt") == 5
+    # a reader's own looks (list_keys, query, ...) can be left out of the explorer
+    everything = an.audit_count(estate)
+    changes = an.audit_count(estate, include_reads=False)
+    assert 0 < changes < everything
+    page = an.audit_page(estate, include_reads=False, limit=200)
+    assert not set(page["action"]) & {"query", "list_keys", "open"}
     facets = an.audit_facets(estate)
     assert {"alice", "svc-pay"} <= set(facets["principal"]) and "rotate" in facets["action"]
     with pytest.raises(kl.InvalidInput, match="limit"):

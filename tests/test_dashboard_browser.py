@@ -252,7 +252,8 @@ def test_owner_and_key_filters_change_the_tables_on_every_page(admin):
     admin.visible(".kl-audit-table .tabulator-row").first.wait_for()
     wait_until(lambda: set(admin.cells(".kl-audit-table", "key")) <= IDENTITY_KEYS,
                what="the audit table shows only identity's keys")
-    assert set(admin.cells(".kl-audit-table", "key")) == IDENTITY_KEYS
+    shown = set(admin.cells(".kl-audit-table", "key"))
+    assert shown and shown <= IDENTITY_KEYS  # the newest page: whichever identity keys were busy
     # and a key filter narrows it to one key
     choose(admin, ".kl-filter-key", "session-mac")
     wait_until(lambda: set(admin.cells(".kl-audit-table", "key")) == {"session-mac"},

@@ -312,10 +312,11 @@ def _named_args(sql: str, named: dict[str, Any]) -> list[Any]:
 # -- audit -----------------------------------------------------------------------------------
 def audit_count(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: str | None = None,
                 action: str | None = None, outcome: str | None = None,
-                max_seq: int | None = None) -> int:
+                max_seq: int | None = None, include_reads: bool = True) -> int:
     """How many audit records match (for paging without loading them). ``max_seq`` (from
-    ``audit_max_seq``) pins the view, so records added while paging do not shift pages."""
-    cond, args = _audit_where(filters, principal, action, outcome, max_seq)
+    ``audit_max_seq``) pins the view, so records added while paging do not shift pages;
+    ``include_reads=False`` leaves out reads of the catalog and ledger (``READ_ACTIONS``)."""
+    cond, args = _audit_where(filters, principal, action, outcome, max_seq, include_reads)
     df = ledger.query(f"SELECT count(*) AS n FROM audit_log WHERE {cond}", args,
                       label="analytics.audit_count")
     return int(df.iloc[0, 0])
@@ -323,11 +324,11 @@ def audit_count(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: 
 
 def audit_window(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
                  principal: str | None = None, action: str | None = None,
-                 outcome: str | None = None, max_seq: int | None = None
-                 ) -> tuple[int, int | None]:
+                 outcome: str | None = None, max_seq: int | None = None,
+                 include_reads: bool = True) -> tuple[int, int | None]:
     """(matching records, the highest ``seq`` among them), at or below ``max_seq``: one query
     that both counts a view and pins it for paging."""
-    cond, args = _audit_where(filters, principal, action, outcome, max_seq)
+    cond, args = _audit_where(filters, principal, action, outcome, max_seq, include_reads)
     df = ledger.query(f"SELECT count(*) AS n, max(seq) AS top FROM audit_log WHERE {cond}", args,
                       label="analytics.audit_window")
     top = df.iloc[0]["top"]
@@ -336,14 +337,14 @@ def audit_window(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
 
 def audit_page(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: str | None = None,
                action: str | None = None, outcome: str | None = None, offset: int = 0,
-               limit: int = 50, newest_first: bool = True, max_seq: int | None = None
-               ) -> pd.DataFrame:
+               limit: int = 50, newest_first: bool = True, max_seq: int | None = None,
+               include_reads: bool = True) -> pd.DataFrame:
     """One page of audit records matching the filters (newest first by default)."""
     if not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise InvalidInput("limit must be between 1 and 10000")
     if not isinstance(offset, int) or offset < 0:
         raise InvalidInput("offset must be a whole number >= 0")
-    cond, args = _audit_where(filters, principal, action, outcome, max_seq)
+    cond, args = _audit_where(filters, principal, action, outcome, max_seq, include_reads)
     order = "DESC" if newest_first else "ASC"
     sql = (f"SELECT seq, time, principal, action, key, version, outcome, error, detail "
            f"FROM audit_log WHERE {cond} ORDER BY time {order}, seq {order} "
@@ -352,8 +353,9 @@ def audit_page(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: s
 
 
 def _audit_where(filters: Filters, principal: str | None, action: str | None,
-                 outcome: str | None, max_seq: int | None) -> tuple[str, list[Any]]:
-    cond, args = filters.audit_sql()
+                 outcome: str | None, max_seq: int | None,
+                 include_reads: bool = True) -> tuple[str, list[Any]]:
+    cond, args = _without_reads(*filters.audit_sql(), include_reads)
     for column, value in (("principal", principal), ("action", action), ("outcome", outcome)):
         if value:
             cond += f" AND {column} = ?"

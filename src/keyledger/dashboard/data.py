@@ -305,25 +305,29 @@ class Data:
 
     def audit_window(self, filters: kla.Filters, principal: str | None = None,
                      action: str | None = None, outcome: str | None = None,
-                     anchor: int | None = None) -> tuple[int, int | None]:
+                     anchor: int | None = None, include_reads: bool = True
+                     ) -> tuple[int, int | None]:
         """(matching records, highest ``seq`` among them) up to ``anchor`` (a ``seq``; None:
         everything ingested). Paging below a fixed anchor stays stable while the ledger grows
         (pages by offset over a live ledger would shift with every new record)."""
         def compute() -> tuple[int, int | None]:
             return kla.audit_window(self.ledger, filters, principal=principal, action=action,
-                                    outcome=outcome, max_seq=anchor)
-        return self._cached("audit_window", compute, filters, principal, action, outcome, anchor)
+                                    outcome=outcome, max_seq=anchor,
+                                    include_reads=include_reads)
+        return self._cached("audit_window", compute, filters, principal, action, outcome, anchor,
+                            include_reads)
 
     def audit_page(self, filters: kla.Filters, principal: str | None = None,
                    action: str | None = None, outcome: str | None = None,
-                   anchor: int | None = None, offset: int = 0, limit: int = 50) -> pd.DataFrame:
+                   anchor: int | None = None, offset: int = 0, limit: int = 50,
+                   include_reads: bool = True) -> pd.DataFrame:
         """One page, newest first, of the records at or below ``anchor``."""
         def compute() -> pd.DataFrame:
             return kla.audit_page(self.ledger, filters, principal=principal, action=action,
                                   outcome=outcome, offset=int(offset), limit=int(limit),
-                                  max_seq=anchor)
+                                  max_seq=anchor, include_reads=include_reads)
         return self._cached("audit_page", compute, filters, principal, action, outcome, anchor,
-                            offset, limit)
+                            offset, limit, include_reads)
 
     def audit_facets(self) -> dict[str, list[str]]:
         return self._cached("audit_facets", lambda: kla.audit_facets(self.ledger))

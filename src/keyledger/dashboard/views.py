@@ -704,7 +704,11 @@ class ComplianceView(View):
         rank = {s: i for i, s in enumerate(kla.SEVERITY_ORDER)}
         shown = shown.sort_values(["severity", "framework", "rule_id"],
                                   key=lambda s: s.map(rank) if s.name == "severity" else s)
-        self.findings_table.value = shown.reset_index(drop=True)
+        # a plain frame with plain Python values: Tabulator has been seen to drop every row of
+        # the FindingsFrame subclass with pandas' nullable Int64 versions
+        shown = pd.DataFrame(shown).reset_index(drop=True)
+        shown["version"] = shown["version"].astype(object).where(shown["version"].notna(), None)
+        self.findings_table.value = shown
         self.findings_title.object = (f"#### Findings ({len(findings):,} open; click a row's "
                                       "arrow for its evidence)")
         self.note.object = ("" if len(trend) else
@@ -727,9 +731,14 @@ class AuditView(View):
     outcome = param.String(default=None, allow_None=True)
     offset = param.Integer(default=0, bounds=(0, None))
     page_size = param.Integer(default=50, bounds=(1, 1000))
+    include_reads = param.Boolean(default=False, doc="show reads (list_keys, query, ...) too")
 
     def _build(self) -> list[Any]:
         self.anchor: int | None = None
+        self.reads_switch = pn.widgets.Checkbox(
+            name="show reads (list keys, queries, ...)", value=False,
+            css_classes=["kl-audit-reads"])
+        self.reads_switch.link(self, value="include_reads")
         self.principal_select = pn.widgets.Select(label="Principal", options=[ALL],
                                                   css_classes=["kl-audit-principal"])
         self.action_select = pn.widgets.Select(label="Action", options=[ALL],
@@ -747,7 +756,8 @@ class AuditView(View):
         self.next_button.on_click(lambda e: self.page(+1))
         self.range_text = pn.pane.Markdown("", css_classes=["kl-audit-range"])
         self.audit_table = table("kl-audit-table", page_size=None, height=560)
-        self.param.watch(self._changed, ["principal", "action", "outcome", "offset"])
+        self.param.watch(self._changed, ["principal", "action", "outcome", "offset",
+                                         "include_reads"])
         self.verify_text = pn.pane.Markdown("", css_classes=["kl-verify-status"])
         self.verify_button = pn.widgets.Button(label="Verify the audit ledger now",
                                                color="primary", css_classes=["kl-verify"])
@@ -759,6 +769,7 @@ class AuditView(View):
             card("Audit verification", self.verify_box, css="kl-verification"),
             card("Audit explorer (newest first, times UTC)",
                  pn.Row(self.principal_select, self.action_select, self.outcome_select),
+                 self.reads_switch,
                  pn.Row(self.first_button, self.prev_button, self.next_button, self.range_text),
                  self.audit_table),
         ]
@@ -772,7 +783,8 @@ class AuditView(View):
 
     def _changed(self, *events: param.parameterized.Event) -> None:
         names = {e.name for e in events}
-        if names & {"owner", "tag", "key", "time_range", "principal", "action", "outcome"}:
+        if names & {"owner", "tag", "key", "time_range", "principal", "action", "outcome",
+                    "include_reads"}:
             self.anchor = None  # new filters: back to the live first page
             if self.offset:
                 self.offset = 0  # (this triggers the reload)
@@ -811,7 +823,8 @@ class AuditView(View):
             options = [ALL, *facets.get(name, [])]
             if widget.options != options:
                 widget.options = options
-        args = dict(principal=self.principal, action=self.action, outcome=self.outcome)
+        args = dict(principal=self.principal, action=self.action, outcome=self.outcome,
+                    include_reads=self.include_reads or self.action is not None)
         if self.offset == 0:
             self.anchor = None  # the first page is live
         total, top = data.audit_window(f, **args, anchor=self.anchor)
