@@ -300,12 +300,12 @@ with kl.open({str(home)!r}, principal="other") as led:
         db = led._rt.db
         real_write = db.write
 
-        def other_process_checkpoints_first():
+        def other_process_checkpoints_first(**kwargs):
             monkeypatch.setattr(db, "write", real_write)
             done = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True,
                                   timeout=60)
             assert done.returncode == 0, done.stderr
-            return real_write()
+            return real_write(**kwargs)
 
         monkeypatch.setattr(db, "write", other_process_checkpoints_first)
         report = led.verify_audit()

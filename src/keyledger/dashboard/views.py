@@ -736,7 +736,7 @@ class AuditView(View):
     def _build(self) -> list[Any]:
         self.anchor: int | None = None
         self.reads_switch = pn.widgets.Checkbox(
-            name="show reads (list keys, queries, ...)", value=False,
+            label="show reads (list keys, queries, ...)", value=False,
             css_classes=["kl-audit-reads"])
         self.reads_switch.link(self, value="include_reads")
         self.principal_select = pn.widgets.Select(label="Principal", options=[ALL],
