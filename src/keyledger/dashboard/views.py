@@ -116,9 +116,13 @@ def table(css: str, *, page_size: int | None = 15, columns: list[str] | None = N
           color_column: str | None = None, colors: dict[str, str] | None = None,
           **kwargs: Any) -> pn.widgets.Tabulator:
     """A read-only Tabulator; ``color_column`` values are coloured with ``colors``."""
+    # "basic" vertical rendering: Tabulator's virtual renderer sizes itself from the element,
+    # which is 0 while a tab is hidden, and then intermittently showed no rows at all; pages
+    # here are small (at most 50 rows), so rendering every row of a page costs nothing.
     opts: dict[str, Any] = dict(disabled=True, show_index=False, sizing_mode="stretch_width",
                                 css_classes=["kl-table", css], layout="fit_data_stretch",
-                                titles=TITLES, theme_classes=["table-sm"])
+                                titles=TITLES, theme_classes=["table-sm"],
+                                configuration={"renderVertical": "basic"})
     if page_size:
         opts.update(pagination="local", page_size=page_size)
     opts.update(kwargs)
