@@ -125,6 +125,10 @@ def table(css: str, *, page_size: int | None = 15, columns: list[str] | None = N
                                 configuration={"renderVertical": "basic"})
     if page_size:
         opts.update(pagination="local", page_size=page_size)
+    if kwargs.pop("full_pages", False) and page_size:
+        # A fixed height: a paginated table laid out while its tab is hidden otherwise keeps
+        # a zero-height body when shown (rows present but invisible; seen intermittently).
+        opts["height"] = 95 + 35 * page_size
     opts.update(kwargs)
     widget = pn.widgets.Tabulator(pd.DataFrame(columns=columns or []), **opts)
     if color_column and colors:  # registered once; Tabulator re-applies it to every new value
@@ -371,7 +375,8 @@ class RotationView(View):
 
     def _build(self) -> list[Any]:
         rot = palette("ROTATION_COLORS")
-        self.keys_table = table("kl-keys-table", page_size=15, selectable=1, columns=KEY_COLUMNS,
+        self.keys_table = table("kl-keys-table", page_size=15, full_pages=True, selectable=1,
+                                columns=KEY_COLUMNS,
                                 color_column="rotation_status",
                                 colors={s: rot[s] for s in ("overdue", "due soon") if s in rot})
         self.keys_table.param.watch(self._selected, "selection")
@@ -658,7 +663,8 @@ class ComplianceView(View):
         self.heatmap = ChartPane("compliance_heatmap", "kl-chart-heatmap")
         self.trend_chart = ChartPane("finding_trend", "kl-chart-trend")
         self.findings_table = table(
-            "kl-findings-table", page_size=12, row_content=self._evidence, embed_content=False,
+            "kl-findings-table", page_size=12, full_pages=True, row_content=self._evidence,
+            embed_content=False,
             hidden_columns=["evidence", "remediation"], columns=FINDING_COLUMNS,
             color_column="severity", colors=palette("SEVERITY_COLORS"))
         self.findings_title = pn.pane.Markdown("#### Findings", margin=(0, 5))
