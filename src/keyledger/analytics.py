@@ -313,13 +313,9 @@ def _named_args(sql: str, named: dict[str, Any]) -> list[Any]:
 def audit_count(ledger: KeyLedger, filters: Filters = EVERYTHING, *, principal: str | None = None,
                 action: str | None = None, outcome: str | None = None,
                 max_seq: int | None = None, include_reads: bool = True) -> int:
-    """How many audit records match (for paging without loading them). ``max_seq`` (from
-    ``audit_max_seq``) pins the view, so records added while paging do not shift pages;
-    ``include_reads=False`` leaves out reads of the catalog and ledger (``READ_ACTIONS``)."""
-    cond, args = _audit_where(filters, principal, action, outcome, max_seq, include_reads)
-    df = ledger.query(f"SELECT count(*) AS n FROM audit_log WHERE {cond}", args,
-                      label="analytics.audit_count")
-    return int(df.iloc[0, 0])
+    """How many audit records match (for paging without loading them); see ``audit_window``."""
+    return audit_window(ledger, filters, principal=principal, action=action, outcome=outcome,
+                        max_seq=max_seq, include_reads=include_reads)[0]
 
 
 def audit_window(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
@@ -327,7 +323,8 @@ def audit_window(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
                  outcome: str | None = None, max_seq: int | None = None,
                  include_reads: bool = True) -> tuple[int, int | None]:
     """(matching records, the highest ``seq`` among them), at or below ``max_seq``: one query
-    that both counts a view and pins it for paging."""
+    that both counts a view and pins it for paging, so records added while paging do not shift
+    pages; ``include_reads=False`` leaves out reads of the catalog and ledger (``READ_ACTIONS``)."""
     cond, args = _audit_where(filters, principal, action, outcome, max_seq, include_reads)
     df = ledger.query(f"SELECT count(*) AS n, max(seq) AS top FROM audit_log WHERE {cond}", args,
                       label="analytics.audit_window")
@@ -364,13 +361,6 @@ def _audit_where(filters: Filters, principal: str | None, action: str | None,
         cond += " AND seq <= ?"
         args.append(int(max_seq))
     return cond, args
-
-
-def audit_max_seq(ledger: KeyLedger) -> int:
-    """The newest ingested record's ``seq``: pin a paging session to it."""
-    df = ledger.query("SELECT coalesce(max(seq), 0) FROM audit_log",
-                      label="analytics.audit_max_seq")
-    return int(df.iloc[0, 0])
 
 
 def audit_facets(ledger: KeyLedger) -> dict[str, list[str]]:
@@ -446,7 +436,7 @@ def data_version(home: str | os.PathLike) -> tuple:
 __all__ = [
     "CRYPTO_ACTIONS", "DECRYPT_ACTIONS", "ENCRYPT_ACTIONS", "EVERYTHING", "GROUPINGS",
     "ROTATION_STATUSES", "SEVERITY_ORDER", "STATES", "Filters", "activity_24h", "audit_count",
-    "audit_facets", "audit_max_seq", "audit_page", "audit_window", "compliance_matrix",
+    "audit_facets", "audit_page", "audit_window", "compliance_matrix",
     "data_version", "key_status", "keys_by_state", "last_verification", "ops_per_period",
     "top_keys", "unusual_activity", "upcoming", "version_timeline", "version_usage",
 ]

@@ -300,9 +300,6 @@ class Data:
         return self._cached("overview_numbers", compute, filters, _minute(now))
 
     # -- audit -----------------------------------------------------------------------------------
-    def audit_count(self, filters: kla.Filters) -> int:
-        return self._cached("audit_count", lambda: kla.audit_count(self.ledger, filters), filters)
-
     def audit_window(self, filters: kla.Filters, principal: str | None = None,
                      action: str | None = None, outcome: str | None = None,
                      anchor: int | None = None, include_reads: bool = True

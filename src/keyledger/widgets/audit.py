@@ -46,7 +46,7 @@ def _day_start(value: date | datetime | None) -> datetime | None:
 
 class AuditBrowser(WidgetView):
     """Pages of audit records matching filters (key, principal, action, outcome, date range),
-    newest first by default. Counting and paging run in DuckDB (``analytics.audit_count`` and
+    newest first by default. Counting and paging run in DuckDB (``analytics.audit_window`` and
     ``audit_page``), so a ledger of millions of records is never loaded whole.
 
     ``verify_button`` runs ``verify_audit()`` and shows OK or the first broken record.
@@ -160,20 +160,19 @@ class AuditBrowser(WidgetView):
             self._apply(reset=True)
 
     def _apply(self, *, reset: bool) -> None:
-        # Pin the view to the records present now: browsing is itself audited, and new
-        # records must not shift the pages under the reader.
-        ok, newest = attempt(self.status, ka.audit_max_seq, self.ledger, what="counting records")
-        if not ok:
-            return
-        self.max_seq = newest
+        # Count and pin in one query: browsing is itself audited, and records added later
+        # must not shift the pages under the reader.
+        self.max_seq = None
         ok, parsed = attempt(self.status, self.current_filters, what="filters")
         if not ok:
             return
         filters, extra = parsed
-        ok, total = attempt(self.status, ka.audit_count, self.ledger, filters, **extra,
-                            what="counting records")
+        ok, window = attempt(self.status, ka.audit_window, self.ledger, filters, **extra,
+                             what="counting records")
         if not ok:
             return
+        total, self.max_seq = window
+        extra["max_seq"] = self.max_seq
         set_status(self.status, "")
         if reset:
             self.pager.reset()
