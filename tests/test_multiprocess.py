@@ -339,7 +339,7 @@ def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path
 _PEER = """
 import json, sys, time
 import keyledger as kl
-led = kl.open(sys.argv[1], principal="peer")
+led = kl.open(sys.argv[1], principal="alice")
 led.encrypt("shared", b"x")
 print("ready", flush=True)
 
@@ -438,3 +438,120 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
     assert list(busy["action"]) == ["create_key", "rotate", "audit"]
     assert (df["action"] == "encrypt").sum() == 21
     assert report.ok, str(report)
+
+
+# -- keep_store_open: bulk admin work in one process, the store held for the block -------------
+
+_PEER = """
+import sys, keyledger as kl
+led = kl.open(sys.argv[1], principal="alice")
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        if line.strip() == "encrypt":
+            led.decrypt(led.encrypt("k", b"while held"))
+        elif line.strip() == "audit":
+            led.audit()
+        else:
+            break
+        print("ok", flush=True)
+    except kl.KeyLedgerError as exc:
+        print(type(exc).__name__, flush=True)
+led.close()
+"""
+
+_OPENER = """
+import sys, keyledger as kl
+try:
+    kl.open(sys.argv[1], principal="other").close()
+    print("opened", flush=True)
+except kl.KeyLedgerError as exc:
+    print(type(exc).__name__, str(exc), flush=True)
+"""
+
+
+def _ask(proc: subprocess.Popen, command: str) -> str:
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+@pytest.mark.slow
+def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    _settings(home, "store", busy_timeout_s=1)
+    peer = _spawn(_PEER, str(home), stdin=True)
+    try:
+        _readline(peer, "ready")
+        with kl.open(home, principal="admin") as led, kl.open(home, principal="auditor") as aud:
+            with led.keep_store_open() as same:
+                assert same is led
+                with led.keep_store_open():  # nests
+                    for i in range(5):
+                        led.create_key(f"bulk-{i}", spec="AES_256")
+                        led.grant(f"bulk-{i}", "peer", "user")
+                # still held after the inner block: another process cannot open the home
+                opener = _spawn(_OPENER, str(home))
+                out, _ = opener.communicate(timeout=60)
+                assert out.startswith("StoreBusy"), out
+                assert "keyledger.duckdb" in out
+                # a process that opened before keeps doing crypto; its store reads wait
+                assert _ask(peer, "encrypt") == "ok"
+                assert _ask(peer, "audit") == "StoreBusy"
+                # this process's other ledgers and its ingest use the held store
+                led.rotate("bulk-0")
+                assert aud.flush_audit() > 0
+                assert len(aud.audit(action="create_key")) == 6
+            # released: everyone gets the store again
+            assert _ask(peer, "audit") == "ok"
+            opener = _spawn(_OPENER, str(home))
+            out, _ = opener.communicate(timeout=60)
+            assert out.startswith("opened"), out
+            assert led.get_key("bulk-0").latest_version == 2
+            report = aud.verify_audit()
+            assert report.ok, str(report)
+            df = aud.audit(principal="alice")
+        assert (df["error"] == "StoreBusy").sum() == 1
+    finally:
+        peer.stdin.write("stop\n")
+        peer.stdin.flush()
+        peer.communicate(timeout=30)
+
+
+_BULK = """
+import sys, keyledger as kl
+led = kl.open(sys.argv[1], principal="admin")
+with led.keep_store_open():
+    led.create_key("made-while-held", spec="AES_256")
+    print("created", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_inside_keep_store_open_keeps_committed_work_and_frees_the_store(tmp_path):
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    proc = _spawn(_BULK, str(home), stdin=True)
+    try:
+        _readline(proc, "created")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with kl.open(home, principal="admin") as led:  # the kernel released the file lock
+        assert led.last_reconcile.clean, str(led.last_reconcile)
+        key = led.get_key("made-while-held")
+        assert key.state.value == "active"
+        assert led.decrypt(led.encrypt("made-while-held", b"x")) == b"x"
+        report = led.verify_audit()
+    assert report.ok, str(report)
+
+
+def test_keep_store_open_on_a_closed_ledger_is_refused(tmp_path):
+    led = kl.open(tmp_path / "home", principal="admin")
+    led.close()
+    with pytest.raises(kl.KeyStateError, match="closed"), led.keep_store_open():
+        pass

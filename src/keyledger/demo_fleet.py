@@ -26,6 +26,7 @@ specs, states and counts (``end`` defaults to now; the weekly rhythm follows the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import math
@@ -511,8 +512,10 @@ class _Traffic:
             next(iter(self.leds.values()))._rt.catalog.refresh(force=True)
         for k in new_keys:
             self.keys[k.name] = k
+        self.clock.now = floor
         for sid, name, op, who, rate, fixed in new_streams:
             self.streams[sid] = _Stream(self, self.keys[name], op, who, rate, fixed, sid)
+            self.ledger(who)  # now, while the main process leaves the store to us
         for name, values, pool in updates:
             k = self.keys[name]
             for f, v in zip(MAIN_FIELDS, values, strict=True):
@@ -681,6 +684,8 @@ class _Sim:
         self._worker_keys: list[list[_Key]] = [[] for _ in range(n)]
         self._sent: dict[str, tuple] = {}
         self._stamps: list[tuple | None] = [None] * n  # catalog.json as each worker last saw it
+        self._opened: list[set[str]] = [set() for _ in range(n)]  # principals each worker opened
+        self._hold: contextlib.ExitStack | None = None  # keep_store_open(), while it lasts
 
     # -- plumbing ----------------------------------------------------------------------------
     def ledger(self, who: str) -> KeyLedger:
@@ -1066,6 +1071,7 @@ class _Sim:
         clock = self.clock
         try:
             self.start_workers()
+            self.hold_store()
             for d in range(self.days + 1):
                 u0 = time.perf_counter()
                 day_start = self.day0 + timedelta(days=d)
@@ -1099,15 +1105,17 @@ class _Sim:
                 if d % 7 == 0:
                     bar.set_postfix_str(f"{self.calls:,} calls")
         finally:
+            self.release_store()
             bar.close()
         self.stop_workers()  # their journals are on disk; any ledger's ingest takes them
         # remaining events (none normally) and the closing sequence, in the last 30 minutes
         t0 = time.perf_counter()
-        for when, _, fn, _ in self.events[ev:]:
-            clock.now = max(when, clock.now)
-            fn()
-        clock.now = self.end - timedelta(minutes=20)
-        self.run_due()
+        with self.ledger(SECURITY_LEAD).keep_store_open():
+            for when, _, fn, _ in self.events[ev:]:
+                clock.now = max(when, clock.now)
+                fn()
+            clock.now = self.end - timedelta(minutes=20)
+            self.run_due()
         self.timings["run due"] += time.perf_counter() - t0
 
     def _unexpected(self, exc: KeyLedgerError) -> None:
@@ -1116,6 +1124,19 @@ class _Sim:
             self.unexpected.append(f"{type(exc).__name__}: {exc}")
 
     # -- traffic workers ---------------------------------------------------------------------
+    def hold_store(self) -> None:
+        """Keep the store open in this process (~20x cheaper lifecycle transactions). The
+        workers' usage calls only journal; a worker needs the store only to open a ledger for a
+        principal new to it, and ``traffic`` releases the store for those batches."""
+        if self._hold is None:
+            self._hold = contextlib.ExitStack()
+            self._hold.enter_context(self.ledger(SECURITY_LEAD).keep_store_open())
+
+    def release_store(self) -> None:
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.close()
+
     def start_workers(self) -> None:
         self.runners = [_Remote(self.home) if self.workers else _Local(self.home)
                         for _ in range(max(1, self.workers))]
@@ -1138,6 +1159,11 @@ class _Sim:
         for i in range(j, j2):
             s = ops[i]
             per[s.k.worker].append((s.sid, qs[i]))
+        opening = [{spec[3] for spec in self._new_streams[w]} - self._opened[w] if per[w]
+                   else set() for w in range(len(self.runners))]
+        held = self._hold is not None
+        if held and any(opening):  # workers open ledgers for principals new to them
+            self.release_store()
         busy = []
         for w, runner in enumerate(self.runners):
             if not per[w]:
@@ -1166,6 +1192,9 @@ class _Sim:
             self.samples += samples
             self.unexpected_count += n_unexpected
             self.unexpected += unexpected[:max(0, 20 - len(self.unexpected))]
+            self._opened[w] |= opening[w]
+        if held:
+            self.hold_store()
         self.calls += j2 - j
 
     def close(self) -> None:

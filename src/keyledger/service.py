@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
 import signal
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -153,6 +154,22 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         if not self._closed:
             self._closed = True
             self._rt.release()
+
+    @contextlib.contextmanager
+    def keep_store_open(self) -> Iterator[KeyLedger]:
+        """Keep the DuckDB store open across the calls in this block, for bulk admin work.
+
+        Each call that writes the store then costs ~1 ms of store time instead of ~20 ms
+        (opening and closing the file), e.g. creating or granting hundreds of keys. The file
+        stays locked until the block ends: other processes' key operations go on (they only
+        journal), but their reads and admin calls wait, and fail with ``StoreBusy`` after
+        ``store_busy_timeout_s``. Keep blocks for scripts that run while nothing else needs
+        the store. Not audited: it changes no key, grant or record.
+        """
+        if self._closed:
+            raise KeyStateError("this KeyLedger is closed; open the home again")
+        with self._rt.db.hold():
+            yield self
 
     # -- plumbing --------------------------------------------------------------------------------
     def _now(self) -> datetime:
