@@ -555,3 +555,22 @@ def test_keep_store_open_on_a_closed_ledger_is_refused(tmp_path):
     led.close()
     with pytest.raises(kl.KeyStateError, match="closed"), led.keep_store_open():
         pass
+
+
+@pytest.mark.slow
+def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path):
+    # fcntl(2) drops a process's lock on a file when it closes any descriptor of it: the
+    # backup's own descriptors of the database must outlive the held store, or a second
+    # process could open the file while this one still writes it
+    home = tmp_path / "home"
+    _init_home(home, "k")
+    _settings(home, "store", busy_timeout_s=1)
+    with kl.open(home, principal="admin") as led, led.keep_store_open():
+        led.backup(tmp_path / "b.klbk", passphrase="correct horse battery")
+        opener = _spawn(_OPENER, str(home))
+        out, _ = opener.communicate(timeout=60)
+        assert out.startswith("StoreBusy"), out
+        led.create_key("after-backup", spec="AES_256")
+    opener = _spawn(_OPENER, str(home))
+    out, _ = opener.communicate(timeout=60)
+    assert out.startswith("opened"), out

@@ -44,6 +44,7 @@ from .hsm.softhsm import softhsm_conf_text
 from .model import Family, parse_spec, validate_name
 from .runtime import naive
 from .store.catalog import SNAPSHOT_NAME
+from .store.db import Database
 from .store.db import _process_lock as _store_lock
 from .store.journal import SUFFIX as JOURNAL_SUFFIX
 from .store.ledger import verify as verify_ledger
@@ -503,7 +504,7 @@ def _write_archive(led: KeyLedger, layout: _Layout, dest: Path, secret: bytes,
                 while True:
                     # The store's file lock: no process changes the catalog, the ledger or the
                     # HSM-held audit head until the snapshot is complete.
-                    with _StoreFiles() as store_files, led._rt.db.write() as tx:
+                    with _StoreFiles(led._rt.db) as store_files, led._rt.db.write() as tx:
                         busy = sum(led._rt._owner_running(pid, intent_id) for intent_id, pid in
                                    tx.execute("SELECT intent_id, pid FROM intents").fetchall())
                         wait = bool(busy) and time.monotonic() < deadline
@@ -533,10 +534,12 @@ class _StoreFiles:
     a file as soon as the process closes *any* descriptor of it: closing our copy of the
     database while the backup's connection is still open would let another process in. So the
     descriptors are closed after the connection, with the process-wide store lock held, so no
-    other thread of this process has opened a connection meanwhile.
+    other thread of this process has opened a connection meanwhile, and inside
+    ``keep_store_open()`` only when that block ends (``Database.close_file``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, db: Database) -> None:
+        self._db = db
         self._files: list[BinaryIO] = []
 
     def __enter__(self) -> _StoreFiles:
@@ -551,7 +554,7 @@ class _StoreFiles:
     def __exit__(self, *exc: object) -> None:
         try:
             for fh in self._files:
-                fh.close()
+                self._db.close_file(fh)  # later, if the store is held open (keep_store_open)
         finally:
             _store_lock.release()
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
 
@@ -41,6 +42,7 @@ class Database:
         self._on_commit = on_commit
         self._keeper: duckdb.DuckDBPyConnection | None = None
         self._holds = 0
+        self._close_after_hold: list[BinaryIO] = []
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.busy_timeout
@@ -83,14 +85,25 @@ class Database:
                 self._holds -= 1
                 if self._holds == 0:
                     keeper, self._keeper = self._keeper, None
+                    files, self._close_after_hold = self._close_after_hold, []
                     try:
                         keeper.close()  # the last connection: DuckDB checkpoints the file
                     except duckdb.Error as exc:
                         raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
+                    finally:
+                        for fh in files:
+                            fh.close()
 
-    @property
-    def held(self) -> bool:
-        return self._holds > 0
+    def close_file(self, fh: BinaryIO) -> None:
+        """Close a descriptor this process opened on the database file, once DuckDB no longer
+        has the file open here. fcntl(2) drops all of a process's locks on a file when it
+        closes *any* descriptor of it: closed during a hold, another process could open the
+        file while this one still writes it. Call with no connection of this process open."""
+        with _process_lock:
+            if self._holds:
+                self._close_after_hold.append(fh)
+                return
+            fh.close()
 
     @contextlib.contextmanager
     def connect(self, *, write: bool, keep: bool = True, export: bool = True) -> Iterator[Tx]:
