@@ -490,6 +490,9 @@ class _Traffic:
         led = self.leds.get(who)
         if led is None:
             led = self.leds[who] = open_ledger(self.home, principal=who, clock=self.clock)
+            # the seeding process ingests every journal; retrying the store it holds would
+            # only cost this worker CPU (~4 ms a failed attempt)
+            led._rt.stop_background_ingest()
         return led
 
     def keep(self, k: _Key, blob: bytes, ctx: dict[str, str], who: str) -> None:

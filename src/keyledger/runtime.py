@@ -204,6 +204,11 @@ class HomeRuntime:
                 return head
         return None
 
+    def stop_background_ingest(self) -> None:
+        """Leave this process's journal to other processes' ingest (and to reads, flush_audit
+        and close here): for a helper process while another one holds the store."""
+        self._stop.set()
+
     def _ingest_loop(self) -> None:
         interval = self.settings.audit.ingest_interval_ms / 1000
         while not self._stop.wait(interval):
