@@ -339,7 +339,7 @@ def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path
 _PEER = """
 import json, sys, time
 import keyledger as kl
-led = kl.open(sys.argv[1], principal="alice")
+led = kl.open(sys.argv[1], principal="peer")
 led.encrypt("shared", b"x")
 print("ready", flush=True)
 
@@ -442,7 +442,7 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
 
 # -- keep_store_open: bulk admin work in one process, the store held for the block -------------
 
-_PEER = """
+_STORE_PEER = """
 import sys, keyledger as kl
 led = kl.open(sys.argv[1], principal="alice")
 print("ready", flush=True)
@@ -481,7 +481,7 @@ def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
     home = tmp_path / "home"
     _init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
-    peer = _spawn(_PEER, str(home), stdin=True)
+    peer = _spawn(_STORE_PEER, str(home), stdin=True)
     try:
         _readline(peer, "ready")
         with kl.open(home, principal="admin") as led, kl.open(home, principal="auditor") as aud:

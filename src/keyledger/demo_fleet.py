@@ -475,8 +475,9 @@ class _Traffic:
     and sends the keys' new states with the next batch.
     """
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, worker: bool) -> None:
         self.home = home
+        self.worker = worker  # a process of its own (else the seeding process, workers=0)
         self.clock = _Clock(datetime.now(UTC))
         self.leds: dict[str, KeyLedger] = {}
         self.keys: dict[str, _Key] = {}
@@ -490,9 +491,8 @@ class _Traffic:
         led = self.leds.get(who)
         if led is None:
             led = self.leds[who] = open_ledger(self.home, principal=who, clock=self.clock)
-            # the seeding process ingests every journal; retrying the store it holds would
-            # only cost this worker CPU (~4 ms a failed attempt)
-            led._rt.stop_background_ingest()
+            if self.worker:  # the seeding process, which holds the store, ingests our journal
+                led._rt.stop_background_ingest()  # (each failed try to get in costs ~4 ms)
         return led
 
     def keep(self, k: _Key, blob: bytes, ctx: dict[str, str], who: str) -> None:
@@ -551,7 +551,7 @@ def _traffic_worker(conn: Any, home: str) -> None:
     """A worker process: run batches of usage calls until told to stop (``None``)."""
     traffic = None
     try:
-        traffic = _Traffic(Path(home))
+        traffic = _Traffic(Path(home), worker=True)
         while (msg := conn.recv()) is not None:
             conn.send(("ok", traffic.batch(*msg)))
         traffic.close()
@@ -639,7 +639,7 @@ class _Local:
     """Usage calls in the seeding process itself (``workers=0``)."""
 
     def __init__(self, home: Path) -> None:
-        self.traffic = _Traffic(home)
+        self.traffic = _Traffic(home, worker=False)
         self._out: Any = None
 
     def send(self, msg: tuple) -> None:
