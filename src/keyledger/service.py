@@ -159,7 +159,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def keep_store_open(self) -> Iterator[KeyLedger]:
         """Keep the DuckDB store open across the calls in this block, for bulk admin work.
 
-        Each call that writes the store then costs ~1 ms of store time instead of ~20 ms
+        Each call that writes the store then costs ~1 ms of store time instead of ~24 ms
         (opening and closing the file), e.g. creating or granting hundreds of keys. The file
         stays locked until the block ends: other processes' key operations go on (they only
         journal), but their reads and admin calls wait, and fail with ``StoreBusy`` after

@@ -5,7 +5,7 @@ writer holds it). keyledger therefore never keeps the file open: every read or w
 connection, does its work in one transaction, and closes it. A busy file is retried with
 exponential backoff; only after ``busy_timeout`` does the caller see ``StoreBusy``.
 
-Opening the file is most of a small transaction's cost (~20 ms: the instance starts, and the
+Opening the file is most of a small transaction's cost (~24 ms: the instance starts, and the
 last close checkpoints). ``Database.hold()`` keeps one connection open for a block of bulk
 work, so each transaction reuses the open instance (~1 ms); other processes wait meanwhile.
 """
