@@ -86,6 +86,9 @@ def chart_spec(builder: str, df: pd.DataFrame, **kwargs: Any) -> dict | None:
     # fit the width only: heights are the builders' own (often a step per bar, which "fit"
     # would drop with a console warning)
     spec["autosize"] = {"type": "fit-x", "contains": "padding"}
+    # room on the left: the browser draws axis labels a little wider than Vega measured them,
+    # which clipped their first letter ("SO/IEC 27001" for "ISO/IEC 27001")
+    spec["padding"] = {"left": 20, "top": 5, "right": 5, "bottom": 5}
     return spec
 
 
