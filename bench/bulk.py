@@ -36,11 +36,7 @@ import keyledger as kl
 from keyledger.hsm.pkcs11_backend import _CALL_LOCK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import machine_info  # noqa: E402  (bench/run.py: CPU, versions, commit)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from run import log, machine_info  # noqa: E402  (bench/run.py: CPU, versions, commit)
 
 
 def timed(fn: Callable[[], None], n: int) -> float:

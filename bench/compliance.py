@@ -33,7 +33,7 @@ from pathlib import Path
 import duckdb
 
 from keyledger.compliance import engine, load_rules
-from keyledger.store.catalog import export_snapshot
+from keyledger.store.catalog import SnapshotExporter
 from keyledger.store.schema import migrate
 
 NOW = datetime(2026, 1, 1)
@@ -244,7 +244,7 @@ def evaluate_once(path: Path) -> dict:
         t_eval = time.perf_counter() - t0
         snap_dir = Path(tempfile.mkdtemp(prefix="kl-snap-"))
         t1 = time.perf_counter()
-        export_snapshot(con, snap_dir)  # what the store's commit hook adds in the service
+        SnapshotExporter(snap_dir)(con)  # what the store's commit hook adds in the service
         t_snap = time.perf_counter() - t1
         shutil.rmtree(snap_dir)
         con.execute("COMMIT")

@@ -7,9 +7,8 @@ Serves ``dashboards/keyledger_dashboard.py`` on 127.0.0.1 (as ``keyledger dashbo
 opens it in Debian's Chromium (/usr/bin/chromium, headless, driven by Playwright; never
 ``playwright install``) at 1400x900, and saves one PNG per page: Overview, Rotation, Usage,
 Compliance, Audit. Without ``--home`` it seeds ``keyledger.demo_fleet.seed_demo`` (40 keys,
-6 months: about a minute) into a temporary folder, or the small test home of
-tests/browser_support.py when the demo fleet is not available. Exits 1 if the browser reported
-console errors (the PNGs are still written).
+6 months: about 20 s) into a temporary folder. Exits 1 if the browser reported console errors
+(the PNGs are still written).
 """
 
 from __future__ import annotations
@@ -31,25 +30,19 @@ from browser_support import (  # noqa: E402  (tests/ holds the shared harness)
     PageErrors,
     chromium_available,
     launch_chromium,
-    run_seed,
 )
+
+from keyledger.demo_fleet import DEMO_FILE, SECURITY_LEAD, seed_demo  # noqa: E402
 
 CHART = "svg.marks, canvas.marks"
 PAGES_WITH_CHARTS = ("Overview", "Rotation", "Usage", "Compliance")
-DEMO_ADMIN = "security-lead"
 
 
 def seed(home: Path, keys: int, months: int) -> str:
     """Seed ``home``; returns the principal to take the screenshots as."""
-    try:
-        from keyledger.demo_fleet import seed_demo
-    except ImportError:
-        print("keyledger.demo_fleet is not available: seeding the small test home", flush=True)
-        run_seed(home)
-        return ADMIN
     print(f"seeding a demo fleet ({keys} keys, {months} months) into {home} ...", flush=True)
     seed_demo(home, keys=keys, months=months, progress=False)
-    return DEMO_ADMIN
+    return SECURITY_LEAD
 
 
 def settle(page, title: str) -> None:
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             home = tmp / "demo-home"
             principal = principal or seed(home, args.keys, args.months)
         elif principal is None:
-            principal = DEMO_ADMIN if (home / "demo.json").exists() else ADMIN
+            principal = SECURITY_LEAD if (home / DEMO_FILE).exists() else ADMIN
         log = (tmp or Path(tempfile.gettempdir())) / "kl-screenshots-server.log"
         started = time.monotonic()
         with DashboardServer(home.absolute(), principal, log) as server:

@@ -153,22 +153,23 @@ class Dashboard:
         assert problems == [], "\n".join(problems)
 
 
-@pytest.fixture
-def admin(browser_context, servers):
+def _signed_in(browser_context, server):
+    """A page on ``server``'s dashboard, closed when the test ends."""
     page = browser_context.new_page()
     try:
-        yield Dashboard(page, servers[ADMIN]).open()
+        yield Dashboard(page, server).open()
     finally:
         page.close()
+
+
+@pytest.fixture
+def admin(browser_context, servers):
+    yield from _signed_in(browser_context, servers[ADMIN])
 
 
 @pytest.fixture
 def auditor(browser_context, servers):
-    page = browser_context.new_page()
-    try:
-        yield Dashboard(page, servers[AUDITOR]).open()
-    finally:
-        page.close()
+    yield from _signed_in(browser_context, servers[AUDITOR])
 
 
 # tornado's noise when a test closes its page while the server still sends: not the app's fault

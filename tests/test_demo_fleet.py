@@ -22,6 +22,7 @@ import pytest
 import keyledger as kl
 from keyledger.demo_fleet import (
     AUDITOR,
+    DAYS_PER_MONTH,
     DEMO_FILE,
     EXPECTED,
     SECURITY_LEAD,
@@ -273,7 +274,7 @@ def test_same_seed_same_estate(demo):
     assert twin["sample"] == sorted(s.expected for s in demo.sample)
     assert twin["unexpected"] == []
     # another seed gives another estate (the plan is pure: compared without seeding)
-    days = round(MONTHS * 30.44)
+    days = round(MONTHS * DAYS_PER_MONTH)
     names = [sorted(k.name for k in _Plan(KEYS, days, random.Random(s)).keys)
              for s in (SEED, SEED + 1)]
     assert names[0] == sorted(df["name"]) and names[1] != names[0]

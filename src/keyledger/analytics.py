@@ -401,7 +401,15 @@ def activity_24h(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
                  now: datetime | None = None, include_reads: bool = False) -> dict[str, int]:
     """Operations, denied and failed calls in the last 24 h and in the 24 h before (reads
     left out unless ``include_reads``, as in ``ops_per_period``)."""
-    now = _now(ledger, now)
+    sql, args = activity_24h_sql(filters, _now(ledger, now), include_reads)
+    df = ledger.query(sql, args, label="analytics.activity_24h")
+    return {k: int(v) for k, v in df.iloc[0].items()}
+
+
+def activity_24h_sql(filters: Filters, now: datetime,
+                     include_reads: bool = False) -> tuple[str, list[Any]]:
+    """The one-row query of ``activity_24h`` (ops, ops_before, denied, failed), for callers
+    that combine it with other aggregates in one query."""
     cond, args = _without_reads(*filters.key_sql(), include_reads)
     sql = f"""SELECT count(*) FILTER (time >= ?)::BIGINT AS ops,
                      count(*) FILTER (time < ?)::BIGINT AS ops_before,
@@ -409,9 +417,7 @@ def activity_24h(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
                      count(*) FILTER (time >= ? AND outcome = 'failed')::BIGINT AS failed
               FROM audit_log WHERE time >= ? AND time < ? AND {cond}"""
     day, two = _naive(now - timedelta(days=1)), _naive(now - timedelta(days=2))
-    df = ledger.query(sql, [day, day, day, day, two, _naive(now), *args],
-                      label="analytics.activity_24h")
-    return {k: int(v) for k, v in df.iloc[0].items()}
+    return sql, [day, day, day, day, two, _naive(now), *args]
 
 
 def data_version(home: str | os.PathLike) -> tuple:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from . import ciphertext as ct
 from .demo import format_table, run_tour, when
+from .demo_fleet import DEMO_FILE, MAX_KEYS, MAX_MONTHS, MIN_KEYS, MIN_MONTHS, seed_demo
 from .errors import ConfigError, InvalidCiphertext, KeyLedgerError
 from .model import SPECS, Key, Purpose
 from .service import KeyLedger
@@ -633,7 +634,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             result = run_tour(led, echo=print)
         return 0 if result.audit_ok else 1
     from .config import default_home
-    from .demo_fleet import seed_demo
 
     if args.principal:
         raise UsageError("the demo estate has fixed principals; --principal applies to --tour")
@@ -664,13 +664,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def _print_demo_principals(home: Path, principal: str | None) -> None:
     """A seeded demo home names its principals: say who the dashboard acts as."""
     try:
-        doc = json.loads((home / "demo.json").read_text())
+        doc = json.loads((home / DEMO_FILE).read_text())
     except (OSError, ValueError):
         return
     people = [p for p in doc.get("principals", []) if isinstance(p, dict)]
     if people:
         print(f"demo principals: {', '.join(p['name'] for p in people[:6])}, ... "
-              f"({len(people)} in {home / 'demo.json'})")
+              f"({len(people)} in {home / DEMO_FILE})")
     if principal:
         roles = next((p.get("roles") for p in people if p.get("name") == principal), None)
         print(f"signed in as {principal}" + (f" ({', '.join(roles)})" if roles else ""))
@@ -867,9 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(sub, "demo", cmd_demo, "seed a demo estate: ~150 keys, 8 teams, 18 months of history "
             "(once per home; --tour: the short scripted lifecycle tour)")
-    p.add_argument("--keys", type=_bounded_int(20, 2000), default=150, metavar="N",
+    p.add_argument("--keys", type=_bounded_int(MIN_KEYS, MAX_KEYS), default=150, metavar="N",
                    help="keys in the estate (default 150)")
-    p.add_argument("--months", type=_bounded_int(2, 60), default=18, metavar="M",
+    p.add_argument("--months", type=_bounded_int(MIN_MONTHS, MAX_MONTHS), default=18, metavar="M",
                    help="months of simulated history, ending now (default 18)")
     p.add_argument("--seed", type=int, default=7, metavar="S",
                    help="random seed: the same seed gives the same estate (default 7)")

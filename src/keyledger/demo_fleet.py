@@ -507,11 +507,10 @@ class _Traffic:
             self.samples.append(Sample(blob, ctx, "", who, k.name, version))
 
     def batch(self, new_keys: list[_Key], new_streams: list[tuple], updates: list[tuple],
-              day_start: datetime, floor: datetime, ops: list[tuple[int, int]],
-              refresh: bool) -> tuple:
-        if refresh and self.leds:
-            # the main process changed the catalog since the last batch: see it now, not up to
-            # catalog_refresh_ms later (these calls happen after that change in simulated time)
+              day_start: datetime, floor: datetime, ops: list[tuple[int, int]]) -> tuple:
+        if self.leds:
+            # what the main process changed in the catalog since the last batch counts now, not
+            # up to catalog_refresh_ms later (these calls come after it in simulated time)
             next(iter(self.leds.values()))._rt.catalog.refresh(force=True)
         for k in new_keys:
             self.keys[k.name] = k
@@ -686,7 +685,6 @@ class _Sim:
         self._new_streams: list[list[tuple]] = [[] for _ in range(n)]
         self._worker_keys: list[list[_Key]] = [[] for _ in range(n)]
         self._sent: dict[str, tuple] = {}
-        self._stamps: list[tuple | None] = [None] * n  # catalog.json as each worker last saw it
         self._opened: list[set[str]] = [set() for _ in range(n)]  # principals each worker opened
         self._hold: contextlib.ExitStack | None = None  # keep_store_open(), while it lasts
 
@@ -718,9 +716,9 @@ class _Sim:
     def schedule(self) -> None:
         p, rng, days = self.plan, self.rng, self.days
         self.at(self.start, self.setup_home)
-        for k in p.keys:
+        for i, k in enumerate(p.keys):
             when = (self.day_at(k.created_day, 9 + rng.random() * 6) if k.created_day
-                    else self.start + timedelta(minutes=5 + 2 * p.keys.index(k)))
+                    else self.start + timedelta(minutes=5 + 2 * i))
             self.at(when, lambda k=k: self.create(k), "create keys, grants, policies")
         # weekly due work (Monday 02:00), audit verification, backups
         # (quarterly at first, weekly in the last weeks: the SOC 2 finding gets resolved)
@@ -1043,7 +1041,7 @@ class _Sim:
         for s in self.streams:
             if s.k.created_day >= d:
                 continue
-            if s.k.state not in ("active", "compromised", "deactivated"):
+            if not s.k.process_ok:
                 continue
             mean = s.rate * (factor if not s.fixed else factor / WEEKDAY_FACTOR[0])
             n = int(mean * (0.75 + 0.5 * rng.random()) + rng.random())
@@ -1121,11 +1119,6 @@ class _Sim:
             self.run_due()
         self.timings["run due"] += time.perf_counter() - t0
 
-    def _unexpected(self, exc: KeyLedgerError) -> None:
-        self.unexpected_count += 1
-        if len(self.unexpected) < 20:
-            self.unexpected.append(f"{type(exc).__name__}: {exc}")
-
     # -- traffic workers ---------------------------------------------------------------------
     def hold_store(self) -> None:
         """Keep the store open in this process (~20x cheaper lifecycle transactions). The
@@ -1154,11 +1147,6 @@ class _Sim:
         """Run ops[j:j2] (at day_start + quantile offsets, never before ``floor``) in the
         workers, each the calls on its keys, and take back what the calls changed."""
         per: list[list[tuple[int, int]]] = [[] for _ in self.runners]
-        try:
-            st = (self.home / "catalog.json").stat()
-            stamp: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
         for i in range(j, j2):
             s = ops[i]
             per[s.k.worker].append((s.sid, qs[i]))
@@ -1181,8 +1169,7 @@ class _Sim:
                     updates.append((k.name, now[0], pool))
                     self._sent[k.name] = now
             runner.send((self._new_keys[w], self._new_streams[w], updates, day_start, floor,
-                         per[w], stamp != self._stamps[w]))
-            self._stamps[w] = stamp
+                         per[w]))
             self._worker_keys[w] += self._new_keys[w]
             self._new_keys[w], self._new_streams[w] = [], []
             busy.append(w)
@@ -1294,19 +1281,19 @@ def seed_demo(home: str | os.PathLike, *, keys: int = 150, months: int = 18, see
     path.mkdir(parents=True, exist_ok=True)
     try:
         sim.run()
-        result = _finish(sim, started)
+        result = _finish(sim)
     finally:
         sim.close()
     if sim.backups_dir.is_dir() and not any(sim.backups_dir.iterdir()):
         sim.backups_dir.rmdir()
     result.seconds = time.perf_counter() - started
-    _write_demo_file(path, _demo_doc(sim, result, "complete"))
+    _write_demo_file(path, _demo_doc(result))
     if echo is not None:
         echo("\n".join(summary_lines(result)))
     return result
 
 
-def _finish(sim: _Sim, started: float) -> DemoResult:
+def _finish(sim: _Sim) -> DemoResult:
     """Read back what the estate looks like (as the auditor), verify the ledger, label samples."""
     t0 = time.perf_counter()
     sim.clock.now = sim.end - timedelta(minutes=5)
@@ -1362,7 +1349,7 @@ def _finish(sim: _Sim, started: float) -> DemoResult:
     })
     sim.timings["read back and verify"] += time.perf_counter() - t0
     return DemoResult(home=sim.home, keys=len(df), records=report.records, timings=dict(sim.timings),
-                      seconds=time.perf_counter() - started, principals=_principals(sim),
+                      seconds=0.0, principals=_principals(sim),  # seed_demo sets it last
                       sample=samples, seed=sim.seed, months=sim.months, start=sim.start,
                       generated_at=sim.end, states=dict(states), findings=findings,
                       overdue=overdue, highlights=sim.highlights,
@@ -1385,9 +1372,9 @@ def _principals(sim: _Sim) -> dict[str, str]:
                                                     kv[0])))
 
 
-def _demo_doc(sim: _Sim, r: DemoResult, status: str) -> dict:
+def _demo_doc(r: DemoResult) -> dict:
     return {
-        "status": status, "seed": r.seed, "keys": r.keys, "months": r.months,
+        "status": "complete", "seed": r.seed, "keys": r.keys, "months": r.months,
         "start": r.start.isoformat() if r.start else None,
         "generated_at": r.generated_at.isoformat() if r.generated_at else None,
         "records": r.records, "seconds": round(r.seconds, 1),

@@ -30,7 +30,7 @@ from .hsm.pkcs11_backend import Pkcs11Backend
 from .hsm.softhsm import provision_embedded
 from .model import SPECS, KeyState
 from .store import ledger
-from .store.catalog import CatalogCache, export_snapshot
+from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter
 from .store.schema import migrate
@@ -100,7 +100,7 @@ class HomeRuntime:
         self.backend: Pkcs11Backend = pkcs11_backend.connect(settings.hsm)
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
-                               on_commit=lambda con: export_snapshot(con, home))
+                               on_commit=SnapshotExporter(home))
             with self.db.write() as tx:
                 migrate(tx)
                 self.home_id = self._meta(tx, "home_id", lambda: str(uuid.uuid4()))

@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import panel as pn
@@ -60,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     --principal P]``; the home and principal may also come from KEYLEDGER_HOME and
     KEYLEDGER_PRINCIPAL."""
     parser = argparse.ArgumentParser(prog=APP_SCRIPT)
-    parser.add_argument("--home", default=os.environ.get("KEYLEDGER_HOME"))
-    parser.add_argument("--principal", default=os.environ.get("KEYLEDGER_PRINCIPAL"))
+    parser.add_argument("--home")  # None: kl.open's default ($KEYLEDGER_HOME or ./.keyledger)
+    parser.add_argument("--principal")  # None: session_principal's default
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     build_app(args.home, args.principal).servable(title=TITLE)
 
@@ -168,9 +167,7 @@ def build_app(home: str | os.PathLike | None = None, principal: str | None = Non
 
     configure()
     if ledger is None:
-        home = home if home is not None else os.environ.get("KEYLEDGER_HOME")
-        ledger = kl.open(Path(home) if home is not None else None,
-                         principal=session_principal(principal), clock=clock)
+        ledger = kl.open(home, principal=session_principal(principal), clock=clock)
         owned = True
     else:
         owned = False

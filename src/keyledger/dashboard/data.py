@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -37,8 +36,8 @@ import pandas as pd
 
 from .. import analytics as kla
 from ..errors import AccessDenied, KeyLedgerError
-from ..runtime import naive
-from ..store.journal import has_changes
+from ..store.journal import SUFFIX as JOURNAL_SUFFIX
+from ..store.journal import has_changes, journal_pid
 
 if TYPE_CHECKING:
     from ..service import KeyLedger
@@ -53,7 +52,6 @@ TIME_RANGES: dict[str, timedelta | None] = {
     "All time": None,
 }
 DEFAULT_RANGE = "Last 30 days"
-_JOURNAL_RE = re.compile(r"^.+-([0-9]{1,9})-[0-9a-f]{12}\.jsonl$")
 CACHE_SIZE = 256
 
 
@@ -116,8 +114,7 @@ class ChangeDetector:
             elif name.startswith("keyledger.duckdb"):
                 continue  # moved by every ingest, including of this process's own reads
             else:
-                m = _JOURNAL_RE.match(name)
-                if m and int(m.group(1)) == self.pid:
+                if journal_pid(name.removesuffix(JOURNAL_SUFFIX)) == self.pid:
                     continue  # this process's own audit journal (its reads are audited too)
                 # Only growth holding a non-read counts: another dashboard's or notebook's
                 # reads are audited too, and two dashboards would otherwise wake each other.
@@ -152,18 +149,14 @@ class FrameCache:
         self.size = size
         self._data: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
-                self.hits += 1
                 return self._data[key]
         value = compute()  # outside the lock: a slow query must not block other sessions
         with self._lock:
-            self.misses += 1
             self._data[key] = value
             self._data.move_to_end(key)
             while len(self._data) > self.size:
@@ -173,7 +166,6 @@ class FrameCache:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
-            self.hits = self.misses = 0
 
 
 CACHE = FrameCache()
@@ -257,12 +249,6 @@ class Data:
                                                                     days=days),
                             filters, days, _minute(now))
 
-    def activity_24h(self, filters: kla.Filters) -> dict[str, int]:
-        now = self.now()
-        return self._cached("activity_24h", lambda: kla.activity_24h(self.ledger, filters,
-                                                                     now=now),
-                            filters, _minute(now))
-
     def overview_numbers(self, filters: kla.Filters) -> dict[str, Any]:
         """``analytics.activity_24h`` (ops, ops_before, denied, failed), every audit record
         (``total``) and ``last_verification`` (``verification``: None or a dict) in ONE query.
@@ -273,21 +259,15 @@ class Data:
         now = self.now()
 
         def compute() -> dict[str, Any]:
-            cond, args = filters.key_sql()
-            day, two = now - timedelta(days=1), now - timedelta(days=2)
+            activity, args = kla.activity_24h_sql(filters, now)
             sql = f"""
                 SELECT a.*, (SELECT count(*) FROM audit_log)::BIGINT AS total,
                        v.time AS v_time, v.ok AS v_ok, v.records AS v_records,
                        v.first_bad_seq AS v_first_bad_seq, v.problem AS v_problem
-                FROM (SELECT count(*) FILTER (time >= ?)::BIGINT AS ops,
-                             count(*) FILTER (time < ?)::BIGINT AS ops_before,
-                             count(*) FILTER (time >= ? AND outcome = 'denied')::BIGINT AS denied,
-                             count(*) FILTER (time >= ? AND outcome = 'failed')::BIGINT AS failed
-                      FROM audit_log WHERE time >= ? AND time < ? AND {cond}) a
+                FROM ({activity}) a
                 LEFT JOIN (SELECT * FROM verifications ORDER BY time DESC, records DESC
                            LIMIT 1) v ON TRUE"""
-            marks = [naive(t) for t in (day, day, day, day, two, now)]
-            row = self.ledger.query(sql, [*marks, *args], label="dashboard.overview").iloc[0]
+            row = self.ledger.query(sql, args, label="dashboard.overview").iloc[0]
             out: dict[str, Any] = {k: int(row[k]) for k in ("ops", "ops_before", "denied",
                                                              "failed", "total")}
             out["verification"] = None if pd.isna(row["v_time"]) else {

@@ -85,7 +85,6 @@ class DashboardState(param.Parameterized):
     status = param.String(default="", doc="One line for the status area.")
     status_level = param.Selector(default="info", objects=["info", "success", "warning",
                                                             "danger"])
-    updated_at = param.Date(default=None, allow_None=True)
 
     def __init__(self, ledger: KeyLedger, *, detector: ChangeDetector | None = None,
                  data: Data | None = None, **params: Any) -> None:
@@ -98,7 +97,6 @@ class DashboardState(param.Parameterized):
         self._token: Token | None = None
         self._retry = False
         self._last_refresh = 0.0
-        self.refreshes = 0
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -110,10 +108,6 @@ class DashboardState(param.Parameterized):
     def can_read_audit(self) -> bool:
         """Admin or auditor home-wide: analytics, audit and compliance are readable."""
         return bool({"admin", "auditor"} & set(self.roles))
-
-    @property
-    def can_verify(self) -> bool:
-        return self.can_read_audit
 
     def now(self) -> datetime:
         return self.ledger._now()
@@ -139,12 +133,13 @@ class DashboardState(param.Parameterized):
         if (not self._retry and not token.catalog_changed(self._token)
                 and time.monotonic() - self._last_refresh < ACTIVITY_REFRESH_S):
             return False  # only audit activity elsewhere: batched, at most every few seconds
-        return self.refresh()
+        return self.refresh(token=token)
 
-    def refresh(self, force: bool = False) -> bool:
-        """Reload keys, grants and roles for the current token and move ``version`` so the
-        views reload. On a busy store keep everything as it was and say so in ``status``."""
-        token = self.detector.token()
+    def refresh(self, force: bool = False, token: Token | None = None) -> bool:
+        """Reload keys, grants and roles for the current token (``poll`` passes the one it just
+        read) and move ``version`` so the views reload. On a busy store keep everything as it
+        was and say so in ``status``."""
+        token = token if token is not None else self.detector.token()
         if token == self._token and not force and not self._retry:
             return False
         old = self.data.token
@@ -176,8 +171,6 @@ class DashboardState(param.Parameterized):
         self._token = token
         self._retry = False
         self._last_refresh = time.monotonic()
-        self.refreshes += 1
-        self.updated_at = self.now()
         self.version += 1
         if not self._retry:  # a view that hit a busy store during the update asks again
             self.set_status(f"Live · updated {datetime.now():%H:%M:%S}", "success")

@@ -21,6 +21,8 @@ import param
 from panel.viewable import Viewer
 
 from .. import analytics as kla
+from .. import charts as klc
+from ..display import GREEN, RED, ROTATION_COLORS, SEVERITY_COLORS
 from ..errors import KeyLedgerError, StoreBusy
 from .data import bucket_for, message
 from .state import DashboardState
@@ -41,44 +43,8 @@ CARD_CSS = """
 }
 """
 
-# Used only until keyledger.charts provides its palettes (the same hues: overdue/critical red).
-_FALLBACK_COLORS = {
-    "ROTATION_COLORS": {"overdue": "#d62728", "due soon": "#ff7f0e", "ok": "#2ca02c",
-                        "not scheduled": "#7f7f7f", "inactive": "#bcbd22"},
-    "SEVERITY_COLORS": {"critical": "#d62728", "high": "#ff7f0e", "medium": "#ffbf00",
-                        "low": "#1f77b4", "info": "#7f7f7f"},
-    "STATE_COLORS": {}, "OUTCOME_COLORS": {"ok": "#2ca02c", "denied": "#d62728",
-                                           "failed": "#ff7f0e"},
-}
-
-
-def charts() -> Any:
-    """``keyledger.charts`` if it is installed (imported lazily), else None."""
-    try:
-        import keyledger.charts as klc
-    except ImportError:
-        return None
-    return klc
-
-
-def palette(name: str) -> dict[str, str]:
-    klc = charts()
-    return dict(getattr(klc, name, None) or _FALLBACK_COLORS[name])
-
-
-def RED() -> str:  # noqa: N802 - a constant, computed lazily
-    return palette("ROTATION_COLORS")["overdue"]
-
-
-def GREEN() -> str:  # noqa: N802
-    return palette("ROTATION_COLORS")["ok"]
-
-
-def chart_spec(builder: str, df: pd.DataFrame, **kwargs: Any) -> dict | None:
-    """A Vega-Lite dict from ``keyledger.charts.<builder>``; None when charts are missing."""
-    klc = charts()
-    if klc is None or not hasattr(klc, builder):
-        return None
+def chart_spec(builder: str, df: pd.DataFrame, **kwargs: Any) -> dict:
+    """A Vega-Lite dict from ``keyledger.charts.<builder>``, sized for a dashboard card."""
     # charts.py builds valid specs (its tests validate them); skipping Altair's schema
     # validation here saves ~0.1 s per chart on every refresh.
     spec = getattr(klc, builder)(df, width="container", **kwargs).to_dict(validate=False)
@@ -150,20 +116,12 @@ class ChartPane(Viewer):
         super().__init__(builder=builder)
         self._kwargs = kwargs
         self.pane = pn.pane.Vega(None, sizing_mode="stretch_width", css_classes=["kl-chart", css])
-        self.note = pn.pane.Markdown("", visible=False, css_classes=["kl-chart-note"])
-        self._layout = pn.Column(self.pane, self.note, sizing_mode="stretch_width")
 
     def update(self, df: pd.DataFrame, **kwargs: Any) -> None:
-        spec = chart_spec(self.builder, df, **{**self._kwargs, **kwargs})
-        if spec is None:
-            self.note.object = f"*chart unavailable ({len(df):,} rows)*"
-            self.note.visible, self.pane.visible = True, False
-        else:
-            self.pane.object = spec
-            self.note.visible, self.pane.visible = False, True
+        self.pane.object = chart_spec(self.builder, df, **{**self._kwargs, **kwargs})
 
-    def __panel__(self) -> pn.Column:
-        return self._layout
+    def __panel__(self) -> pn.pane.Vega:
+        return self.pane
 
 
 class KPI(Viewer):
@@ -196,7 +154,7 @@ def arrow(change: float, *, higher_is_worse: bool = True) -> str:
     if change == 0:
         return "<span style='color:#7f7f7f'>■ no change</span>"
     worse = (change > 0) == higher_is_worse
-    color = RED() if worse else GREEN()
+    color = RED if worse else GREEN
     sign = "▲" if change > 0 else "▼"
     return f"<span style='color:{color}'>{sign} {abs(change):,.0f}</span>"
 
@@ -323,7 +281,7 @@ class OverviewView(View):
         soon = int((status["rotation_status"] == "due soon").sum())
         self.kpi_overdue.set(overdue, f"{arrow(soon)} more due within 30 days" if soon else
                              "none more due within 30 days",
-                             RED() if overdue else GREEN())
+                             RED if overdue else GREEN)
         self.frames.update(overdue=overdue, due_soon=soon)
         self.states_chart.update(by_state)
         self.rotation_chart.update(status)
@@ -338,7 +296,7 @@ class OverviewView(View):
         new = int((severe["status"] == "new").sum())
         self.kpi_findings.set(len(severe), f"{arrow(new)} new in the last evaluation" if new
                               else "none new in the last evaluation",
-                              palette("SEVERITY_COLORS")["critical"] if len(severe) else GREEN())
+                              SEVERITY_COLORS["critical"] if len(severe) else GREEN)
         self.frames.update(findings=findings, severe=len(severe))
         # operations
         numbers = data.overview_numbers(kf)
@@ -355,14 +313,14 @@ class OverviewView(View):
         ver, total = numbers["verification"], numbers["total"]
         self.frames.update(verification=ver, audit_records=total)
         if ver is None:
-            self.kpi_audit.set("never", f"{total:,} records not yet verified", RED())
+            self.kpi_audit.set("never", f"{total:,} records not yet verified", RED)
         else:
             when = pd.Timestamp(ver["time"]).strftime("%Y-%m-%d %H:%M")
             since = max(total - ver["records"], 0)
             ok = ver["ok"]
             self.kpi_audit.set("OK" if ok else "BROKEN",
                                f"{ver['records']:,} records at {when} UTC · "
-                               f"{arrow(since)} since", GREEN() if ok else RED())
+                               f"{arrow(since)} since", GREEN if ok else RED)
 
 
 # -- Rotation ------------------------------------------------------------------------------------
@@ -377,7 +335,7 @@ class RotationView(View):
         return [*FILTER_PARAMS, "selected_key"]
 
     def _build(self) -> list[Any]:
-        rot = palette("ROTATION_COLORS")
+        rot = ROTATION_COLORS
         self.keys_table = table("kl-keys-table", page_size=15, full_pages=True, selectable=1,
                                 columns=KEY_COLUMNS,
                                 color_column="rotation_status",
@@ -601,9 +559,6 @@ class UsageView(View):
     group_by = param.Selector(default="action", objects=["action", "key", "principal",
                                                          "outcome"])
 
-    def _watched(self) -> list[str]:
-        return list(FILTER_PARAMS)
-
     def _build(self) -> list[Any]:
         self.by = pn.widgets.RadioButtonGroup.from_param(self.param.group_by, label="Group by",
                                                           css_classes=["kl-usage-by"])
@@ -669,7 +624,7 @@ class ComplianceView(View):
             "kl-findings-table", page_size=12, full_pages=True, row_content=self._evidence,
             embed_content=False,
             hidden_columns=["evidence", "remediation"], columns=FINDING_COLUMNS,
-            color_column="severity", colors=palette("SEVERITY_COLORS"))
+            color_column="severity", colors=SEVERITY_COLORS)
         self.findings_title = pn.pane.Markdown("#### Findings", margin=(0, 5))
         self.note = pn.pane.Markdown("", css_classes=["kl-compliance-note"])
         self.download = pn.widgets.FileDownload(
@@ -789,7 +744,7 @@ class AuditView(View):
 
     def _sync_verify(self) -> None:
         """The Verify button exists for admins and auditors only."""
-        want = [self.verify_text, self.verify_button] if self.state.can_verify else [
+        want = [self.verify_text, self.verify_button] if self.state.can_read_audit else [
             self.verify_text]
         if list(self.verify_box.objects) != want:
             self.verify_box.objects = want
@@ -819,7 +774,7 @@ class AuditView(View):
             self.offset = new
 
     def verify(self) -> None:
-        if not self.state.can_verify:
+        if not self.state.can_read_audit:
             return
         ok, text = self.state.run_action("verify audit", lambda: _verified(
             self.state.ledger.verify_audit()))

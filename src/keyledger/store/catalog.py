@@ -74,30 +74,51 @@ def key_docs(con: duckdb.DuckDBPyConnection, key_id: str | None = None) -> list[
     return [_key_doc(rows) for rows in _key_rows(con, key_id)]
 
 
-# Per home: key_id -> (its rows, their JSON) as last exported by this process. A change touches
-# a key or two; re-encoding only those keeps an export at 1,000 keys from costing ~40 ms.
-_exported: dict[Path, dict[str, tuple[KeyRows, str]]] = {}
 _JSON = {"separators": (",", ":")}
 
 
-def export_snapshot(con: duckdb.DuckDBPyConnection, home: Path) -> None:
-    """Write catalog.json from the committed catalog (called with the store lock held)."""
-    before, now, parts = _exported.get(home, {}), {}, []
-    for rows in _key_rows(con):
-        kid = rows[0][0]
-        done = before.get(kid)
-        if done is None or done[0] != rows:
-            done = (rows, json.dumps(_key_doc(rows), **_JSON))
-        now[kid] = done
-        parts.append(done[1])
-    grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
-    text = (f'{{"keys":[{",".join(parts)}],'
-            f'"grants":{json.dumps([list(g) for g in grants], **_JSON)},'
-            f'"home_policy":{json.dumps(read_home_policy(con), **_JSON)}}}')
-    tmp = home / f".{SNAPSHOT_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, home / SNAPSHOT_NAME)
-    _exported[home] = now
+class SnapshotExporter:
+    """Writes catalog.json from the committed catalog (called with the store lock held).
+
+    It remembers what it wrote last: a change touches a key or two, and re-encoding only those
+    keeps an export at 1,000 keys from costing ~40 ms; a commit that changed no catalog row
+    (say, a request or a process opening the home) leaves the file alone, so other processes
+    do not reload it, unless another process replaced the file meanwhile."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / SNAPSHOT_NAME
+        self._keys: dict[str, tuple[KeyRows, str]] = {}  # key_id -> (its rows, their JSON)
+        self._written: tuple[str, tuple[int, int, int] | None] | None = None  # (text, stamp)
+
+    def __call__(self, con: duckdb.DuckDBPyConnection) -> None:
+        keys, parts = {}, []
+        for rows in _key_rows(con):
+            kid = rows[0][0]
+            done = self._keys.get(kid)
+            if done is None or done[0] != rows:
+                done = (rows, json.dumps(_key_doc(rows), **_JSON))
+            keys[kid] = done
+            parts.append(done[1])
+        self._keys = keys
+        grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
+        text = (f'{{"keys":[{",".join(parts)}],'
+                f'"grants":{json.dumps([list(g) for g in grants], **_JSON)},'
+                f'"home_policy":{json.dumps(read_home_policy(con), **_JSON)}}}')
+        if self._written is not None and self._written == (text, file_stamp(self.path)):
+            return
+        tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+        self._written = (text, file_stamp(self.path))
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size): files replaced by rename always get a new one."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def read_home_policy(con: duckdb.DuckDBPyConnection) -> dict:
@@ -168,21 +189,17 @@ class CatalogCache:
         self._lock = threading.Lock()
         self._view = _EMPTY
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
     def refresh(self, force: bool = False) -> None:
+        """Reload catalog.json if it changed; ``force`` checks now instead of at most every
+        ``refresh_ms``. (Writers replace the file by rename, so a changed file always has a
+        new stamp: an unchanged one is never parsed again.)"""
         now = time.monotonic()
         if not force and now - self._checked < self._refresh_s:
             return
         with self._lock:
             self._checked = now
-            stamp = self._stat()
-            if stamp == self._stamp and not force:
+            stamp = file_stamp(self._path)
+            if stamp == self._stamp:
                 return
             if stamp is None:
                 self._view, self._stamp = _EMPTY, None

@@ -80,19 +80,26 @@ class Database:
             self._holds += 1
         try:
             yield
-        finally:
-            with _process_lock:
-                self._holds -= 1
-                if self._holds == 0:
-                    keeper, self._keeper = self._keeper, None
-                    files, self._close_after_hold = self._close_after_hold, []
-                    try:
-                        keeper.close()  # the last connection: DuckDB checkpoints the file
-                    except duckdb.Error as exc:
-                        raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
-                    finally:
-                        for fh in files:
-                            fh.close()
+        except BaseException:
+            self._release()
+            raise  # the block's own error wins over one closing the store
+        self._release(raise_errors=True)
+
+    def _release(self, raise_errors: bool = False) -> None:
+        with _process_lock:
+            self._holds -= 1
+            if self._holds:
+                return
+            keeper, self._keeper = self._keeper, None
+            files, self._close_after_hold = self._close_after_hold, []
+            try:
+                keeper.close()  # the last connection: DuckDB checkpoints the file
+            except duckdb.Error as exc:
+                if raise_errors:
+                    raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
+            finally:
+                for fh in files:
+                    fh.close()
 
     def close_file(self, fh: BinaryIO) -> None:
         """Close a descriptor this process opened on the database file, once DuckDB no longer
