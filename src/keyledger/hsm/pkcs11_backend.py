@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,7 +77,8 @@ def connect(cfg: HsmConfig) -> Pkcs11Backend:
                 "first or use it from another process"
             )
         lib = _load(cfg, conf)
-        backend = Pkcs11Backend(cfg, lib)
+        alone = not any(k[0] == cfg.module for k in _Process.backends)
+        backend = Pkcs11Backend(cfg, *_log_in(cfg, lib, may_reinitialize=alone))
         _Process.backends[ident] = (backend, 1)
         return backend
 
@@ -102,6 +104,62 @@ def _load(cfg: HsmConfig, conf: str | None) -> Any:
     return lib
 
 
+# SoftHSM2 rewrites token.object on every login, and a process that starts (C_Initialize) or
+# asks for the token while another process logs in can read it half-written: it then reports
+# GeneralError, NoSuchToken or UserPinNotInitialized, and keeps that broken view until it is
+# re-initialised (measured: ~4% of opens with four processes starting at once). Such failures
+# are retried after a pause, re-initialising the library when no other token of it is in use.
+_TRANSIENT_OPEN_ERRORS = (px.GeneralError, px.NoSuchToken, px.UserPinNotInitialized,
+                          px.TokenNotRecognised, px.DeviceError)
+_OPEN_ATTEMPTS = 5
+_OPEN_PAUSE = 0.02  # seconds before the first retry; doubled each time
+
+
+def _log_in(cfg: HsmConfig, lib: Any, *, may_reinitialize: bool) -> tuple[Any, Any]:
+    """Find the token and log in: ``(token, logged-in rw session)``; transient failures retried."""
+    pin = cfg.read_pin()
+    try:
+        for attempt in range(_OPEN_ATTEMPTS):
+            doing = "opening the HSM"
+            try:
+                token = lib.get_token(token_label=cfg.token_label)
+                doing = "logging in to the HSM"
+                try:
+                    return token, token.open(rw=True, user_pin=pin)
+                except px.UserAlreadyLoggedIn:
+                    return token, token.open(rw=True)
+            except (px.PinIncorrect, px.PinInvalid, px.PinLenRange):
+                source = f"${cfg.pin_env}" if cfg.pin_env else str(cfg.pin_file)
+                raise ConfigError(
+                    f"the HSM rejected the PIN read from {source}; put the token's user PIN there"
+                ) from None  # never retried: each wrong try counts towards locking the PIN
+            except _TRANSIENT_OPEN_ERRORS as exc:
+                if attempt + 1 == _OPEN_ATTEMPTS:
+                    raise _open_error(cfg, exc, doing) from None
+                time.sleep(_OPEN_PAUSE * 2**attempt)
+                if may_reinitialize:
+                    _reinitialize(lib, doing)
+            except px.PKCS11Error as exc:
+                raise _open_error(cfg, exc, doing) from None
+        raise HsmError(doing)  # pragma: no cover
+    finally:
+        del pin
+
+
+def _reinitialize(lib: Any, doing: str) -> None:
+    with mapped(doing):
+        lib.reinitialize()
+
+
+def _open_error(cfg: HsmConfig, exc: Exception, doing: str) -> Exception:
+    if isinstance(exc, (px.NoSuchToken, px.MultipleTokensReturned)):
+        return ConfigError(
+            f"no single token labelled {cfg.token_label!r} in {cfg.module}; check token_label "
+            "(list tokens with `pkcs11-tool --module <module> --list-slots`)"
+        )
+    return translate(exc, doing)
+
+
 def release(backend: Pkcs11Backend) -> None:
     with _Process.lock:
         for ident, (b, refs) in list(_Process.backends.items()):
@@ -114,34 +172,13 @@ def release(backend: Pkcs11Backend) -> None:
 
 
 class Pkcs11Backend:
-    def __init__(self, cfg: HsmConfig, lib: Any) -> None:
+    def __init__(self, cfg: HsmConfig, token: Any, login_session: Any) -> None:
         self._cfg = cfg
         self._local = threading.local()
         self._sessions: list[Any] = []
         self._lock = threading.Lock()
-        try:
-            self._token = lib.get_token(token_label=cfg.token_label)
-        except (px.NoSuchToken, px.MultipleTokensReturned):
-            raise ConfigError(
-                f"no single token labelled {cfg.token_label!r} in {cfg.module}; check token_label "
-                "(list tokens with `pkcs11-tool --module <module> --list-slots`)"
-            ) from None
-        except px.PKCS11Error as exc:
-            raise translate(exc, "opening the HSM") from None
-        pin = cfg.read_pin()
-        try:
-            self._login_session = self._token.open(rw=True, user_pin=pin)
-        except px.UserAlreadyLoggedIn:
-            self._login_session = self._token.open(rw=True)
-        except (px.PinIncorrect, px.PinInvalid, px.PinLenRange):
-            source = f"${cfg.pin_env}" if cfg.pin_env else str(cfg.pin_file)
-            raise ConfigError(
-                f"the HSM rejected the PIN read from {source}; put the token's user PIN there"
-            ) from None
-        except px.PKCS11Error as exc:
-            raise translate(exc, "logging in to the HSM") from None
-        finally:
-            del pin
+        self._token = token
+        self._login_session = login_session
         self._sessions.append(self._login_session)
         self._local.session = self._login_session
         self._local.keys = {}
