@@ -106,13 +106,20 @@ def tagged(nb: nbformat.NotebookNode, tag: str) -> nbformat.NotebookNode:
 
 
 def text(cell: nbformat.NotebookNode) -> str:
-    """Everything a reader sees of a cell, as text (streams, text/plain, text/html)."""
-    parts = []
+    """Everything a reader sees of a cell, as text (streams, text/plain, text/html). A stream
+    may arrive in several outputs split mid-line (the kernel flushes on a timer), so consecutive
+    outputs of one stream are joined as they were printed."""
+    parts: list[str] = []
+    previous = None
     for out in cell.get("outputs", []):
         if out["output_type"] == "stream":
-            parts.append(out["text"])
+            if previous == ("stream", out["name"]):
+                parts[-1] += out["text"]
+            else:
+                parts.append(out["text"])
         elif "data" in out:
             parts.extend(str(out["data"].get(m, "")) for m in ("text/plain", "text/html"))
+        previous = (out["output_type"], out.get("name"))
     return "\n".join(parts)
 
 
