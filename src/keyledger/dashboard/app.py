@@ -74,7 +74,13 @@ class Dashboard(Viewer):
         super().__init__(**params)
         st = self.state
         self.views: list[View] = [page(state=st) for page in PAGES]
-        self.tabs = pn.Tabs(*[(v.title, v) for v in self.views], dynamic=True,
+        # Each tab starts as an empty slot and gets its page only once the page holds its data,
+        # so the browser builds every table with its rows. (With Panel's dynamic tabs the page
+        # was drawn first and its rows followed as a patch, which Tabulator drops while it is
+        # still being built: an empty table, about one page in ten.)
+        self.slots = [pn.Column(sizing_mode="stretch_width") for _ in self.views]
+        self.tabs = pn.Tabs(*[(v.title, slot) for v, slot in zip(self.views, self.slots,
+                                                                  strict=True)],
                             css_classes=["kl-tabs"], sizing_mode="stretch_width")
         self.tabs.param.watch(self._tab, "active")
         self.filters = self._filters()
@@ -135,13 +141,20 @@ class Dashboard(Viewer):
 
     # -- pages -----------------------------------------------------------------------------------
     def _tab(self, event: param.parameterized.Event) -> None:
+        self._show(event.new)
+
+    def _show(self, index: int) -> None:
+        """Activate page ``index`` (a stale page reloads) and then put it in its slot."""
         for i, view in enumerate(self.views):
-            view.activate(i == event.new)
+            view.activate(i == index)
+        slot = self.slots[index]
+        if not slot.objects:
+            slot.objects = [self.views[index]]
 
     def start(self) -> None:
         """First load: roles and options, then the visible page."""
         self.state.refresh(force=True)
-        self.views[self.tabs.active].activate(True)
+        self._show(self.tabs.active)
 
     def template(self) -> pn.template.BootstrapTemplate:
         return pn.template.BootstrapTemplate(

@@ -324,6 +324,7 @@ class OverviewView(View):
 
 
 # -- Rotation ------------------------------------------------------------------------------------
+NO_KEY = "(choose a key)"  # the action panel's first choice
 KEY_COLUMNS = ["name", "state", "rotation_status", "days_to_due", "latest_version", "owner",
                "team", "spec", "next_rotation_due", "deletion_due"]
 
@@ -425,7 +426,10 @@ class ActionPanel(Viewer):
     def __init__(self, *, requests_table: pn.widgets.Tabulator, **params: Any) -> None:
         super().__init__(**params)
         self.requests_table = requests_table
-        self.key_select = pn.widgets.Select(label="Key", options=[], css_classes=["kl-action-key"])
+        # a first "no key" choice: without it Panel picks the first key while it draws the
+        # select, which selected that key for the whole page in the middle of drawing it
+        self.key_select = pn.widgets.Select(label="Key", options={NO_KEY: ""}, value="",
+                                            css_classes=["kl-action-key"])
         self.key_select.param.watch(self._key_chosen, "value")
         self.days = pn.widgets.IntInput(label="Deletion waiting period (days, 7-30)", value=30,
                                         start=7, end=30, css_classes=["kl-action-days"])
@@ -461,10 +465,17 @@ class ActionPanel(Viewer):
         button.on_click(lambda e, a=action: self.ask(a))
         return button
 
+    def keys(self) -> list[str]:
+        """The keys this panel acts on (the principal's admin keys)."""
+        return [v for v in self.key_select.values if v]
+
     def sync_options(self) -> None:
         keys = list(self.state.admin_keys)
-        if self.key_select.options != keys:
-            self.key_select.options = keys
+        if self.keys() != keys:
+            chosen = self.key_select.value
+            self.key_select.options = {NO_KEY: "", **{k: k for k in keys}}
+            if chosen not in keys:
+                self.key_select.value = ""
         if self.state.selected_key in keys:
             self.key_select.value = self.state.selected_key
 
@@ -473,7 +484,7 @@ class ActionPanel(Viewer):
             self.state.selected_key = event.new
 
     def _state_key(self, event: param.parameterized.Event) -> None:
-        if event.new in self.key_select.options:
+        if event.new in self.keys():
             self.key_select.value = event.new
 
     def selected_request(self) -> str | None:
