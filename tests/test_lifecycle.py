@@ -3,6 +3,7 @@ sides (the service, and the token itself through `pkcs11-tool` in another proces
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -213,6 +214,21 @@ def test_cancel_deletion_restores_suspended_state(ledger):
         ledger.decrypt(blob)
     ledger.enable("k")
     assert ledger.decrypt(blob) == b"x"
+
+
+def test_a_returned_key_is_a_snapshot_that_cannot_change_the_catalog(ledger):
+    """get_key hands out a copy: a caller editing it (or its tags) changes nothing the ledger
+    sees, and reassigning a field is refused outright."""
+    ledger.create_key("k", spec="AES_256", tags={"team": "pay"})
+    key = ledger.get_key("k")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        key.state = kl.KeyState.DESTROYED
+    key.tags["team"] = "mallory"
+    key.versions.clear()
+    again = ledger.get_key("k")
+    assert again.tags == {"team": "pay"} and list(again.versions) == [1]
+    assert ledger.list_keys().set_index("name").loc["k", "tags"] == {"team": "pay"}
+    assert ledger.decrypt(ledger.encrypt("k", b"x")) == b"x"
 
 
 def test_deletion_due_follows_the_injected_clock(ledger, clock):

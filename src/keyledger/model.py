@@ -258,7 +258,7 @@ def usage_limit(key_policy: dict, home_policy: dict) -> int:
                or DEFAULT_USAGE_LIMIT)
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeyVersion:
     version: int
     handle: bytes  # CKA_ID of the HSM object (private key for pairs)
@@ -267,9 +267,11 @@ class KeyVersion:
     destroyed_at: datetime | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Key:
-    """A catalog entry. Material stays in the HSM; this holds only metadata."""
+    """A catalog entry. Material stays in the HSM; this holds only metadata.
+
+    Frozen: a ``Key`` is a snapshot of the catalog; change a key through ``KeyLedger``."""
 
     key_id: str
     name: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import getpass
 import json
 import os
@@ -268,8 +269,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return key
 
     def get_key(self, name: str) -> Key:
+        """The key's current metadata: a copy, so changing it changes nothing else."""
         with self._audited("get_key", name) as rec:
-            return self._key(rec, name)
+            return copy.deepcopy(self._key(rec, name))
 
     def list_keys(self) -> pd.DataFrame:
         """One row per key: name, spec, purpose, state, latest_version, owner, created_at, ..."""
