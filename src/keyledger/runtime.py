@@ -164,12 +164,14 @@ class HomeRuntime:
         except InvalidSignature:
             return False
 
-    def ingest(self, force: bool = False, *, for_read: bool = False) -> ledger.IngestResult:
+    def ingest(self, force: bool = False, *, for_read: bool = False,
+               wait: bool = True) -> ledger.IngestResult:
         """Move pending journal lines of every process into DuckDB and checkpoint them.
 
         ``for_read``: a read only needs what changed the store; when this process's own
         pending lines are all reads (e.g. the previous query's audit record) and no other
-        journal grew, skip (the background ingest takes them within a second)."""
+        journal grew, skip (the background ingest takes them within a second).
+        ``wait=False``: give up at once (StoreBusy) while another process holds the store."""
         with self._ingest_lock:
             skip = None
             if for_read and self.journal.changed_upto <= self._known_offsets.get(
@@ -178,7 +180,7 @@ class HomeRuntime:
             if not force and not ledger.pending_bytes(self.settings.journal_dir,
                                                       self._known_offsets, skip):
                 return ledger.IngestResult()
-            with self.db.write(export=False) as tx:
+            with self.db.write(export=False, wait=wait) as tx:
                 ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
                                        self.clock(), self._known_offsets)
@@ -212,8 +214,8 @@ class HomeRuntime:
     def _ingest_loop(self) -> None:
         interval = self.settings.audit.ingest_interval_ms / 1000
         while not self._stop.wait(interval):
-            try:
-                self.ingest()
+            try:  # no waiting: a held store would block this process's own store calls
+                self.ingest(wait=False)
             except KeyLedgerError as exc:  # busy store: the next round or a reader will do it
                 log.debug("background ingest skipped: %s", exc)
             except Exception:  # never let a background thread kill the process

@@ -44,8 +44,10 @@ class Database:
         self._holds = 0
         self._close_after_hold: list[BinaryIO] = []
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.busy_timeout
+    def _connect(self, wait: bool = True) -> duckdb.DuckDBPyConnection:
+        """Open the file; while another process holds it, retry until the busy timeout (or
+        try once when ``wait`` is False)."""
+        deadline = time.monotonic() + (self.busy_timeout if wait else 0)
         delay = 0.002
         while True:
             try:
@@ -57,9 +59,10 @@ class Database:
                 if time.monotonic() >= deadline:
                     m = _PID_RE.search(str(exc))
                     holder = f"process {m.group(1)}" if m else "another process"
+                    held = (f"has been held by {holder} for more than {self.busy_timeout:.0f} s"
+                            if wait else f"is held by {holder}")
                     raise StoreBusy(
-                        f"the store {self.path} has been held by {holder} for more than "
-                        f"{self.busy_timeout:.0f} s; wait for it to finish or stop it"
+                        f"the store {self.path} {held}; wait for it to finish or stop it"
                     ) from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.1)
@@ -113,11 +116,14 @@ class Database:
             fh.close()
 
     @contextlib.contextmanager
-    def connect(self, *, write: bool, keep: bool = True, export: bool = True) -> Iterator[Tx]:
+    def connect(self, *, write: bool, keep: bool = True, export: bool = True,
+                wait: bool = True) -> Iterator[Tx]:
         """A connection inside one transaction; committed on success (rolled back instead when
-        ``keep`` is False), rolled back on error."""
+        ``keep`` is False), rolled back on error. ``wait=False``: StoreBusy at once if another
+        process holds the file, instead of retrying (and blocking this process's other store
+        calls) for the busy timeout."""
         with _process_lock:
-            con = self._connect()
+            con = self._connect(wait)
             try:
                 con.execute("BEGIN TRANSACTION")
                 tx = Tx(con)
@@ -140,10 +146,11 @@ class Database:
             finally:
                 con.close()
 
-    def write(self, *, export: bool = True) -> contextlib.AbstractContextManager[Tx]:
+    def write(self, *, export: bool = True,
+              wait: bool = True) -> contextlib.AbstractContextManager[Tx]:
         """A write transaction; ``export=False`` for writes that leave the catalog (keys,
         versions, grants, policies) alone, e.g. audit ingest: no catalog.json rewrite."""
-        return self.connect(write=True, export=export)
+        return self.connect(write=True, export=export, wait=wait)
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         return self.connect(write=False)
