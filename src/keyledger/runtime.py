@@ -37,6 +37,9 @@ from .store.schema import migrate
 
 log = logging.getLogger("keyledger")
 AUDIT_SPEC = SPECS["EC_P256"]
+# how long a background ingest round waits for a store another process holds: long enough for
+# a short transaction (~25 ms), short enough not to hold up this process's own store calls
+BACKGROUND_INGEST_WAIT_S = 0.2
 
 
 def naive(dt: datetime) -> datetime:
@@ -165,13 +168,14 @@ class HomeRuntime:
             return False
 
     def ingest(self, force: bool = False, *, for_read: bool = False,
-               wait: bool = True) -> ledger.IngestResult:
+               busy_timeout: float | None = None) -> ledger.IngestResult:
         """Move pending journal lines of every process into DuckDB and checkpoint them.
 
         ``for_read``: a read only needs what changed the store; when this process's own
         pending lines are all reads (e.g. the previous query's audit record) and no other
         journal grew, skip (the background ingest takes them within a second).
-        ``wait=False``: give up at once (StoreBusy) while another process holds the store."""
+        ``busy_timeout``: how long to wait for a store another process holds (default: the
+        store's busy timeout)."""
         with self._ingest_lock:
             skip = None
             if for_read and self.journal.changed_upto <= self._known_offsets.get(
@@ -180,7 +184,7 @@ class HomeRuntime:
             if not force and not ledger.pending_bytes(self.settings.journal_dir,
                                                       self._known_offsets, skip):
                 return ledger.IngestResult()
-            with self.db.write(export=False, wait=wait) as tx:
+            with self.db.write(export=False, timeout=busy_timeout) as tx:
                 ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
                                        self.clock(), self._known_offsets)
@@ -214,8 +218,8 @@ class HomeRuntime:
     def _ingest_loop(self) -> None:
         interval = self.settings.audit.ingest_interval_ms / 1000
         while not self._stop.wait(interval):
-            try:  # no waiting: a held store would block this process's own store calls
-                self.ingest(wait=False)
+            try:  # a short wait: a long one would block this process's own store calls
+                self.ingest(busy_timeout=BACKGROUND_INGEST_WAIT_S)
             except KeyLedgerError as exc:  # busy store: the next round or a reader will do it
                 log.debug("background ingest skipped: %s", exc)
             except Exception:  # never let a background thread kill the process

@@ -44,10 +44,11 @@ class Database:
         self._holds = 0
         self._close_after_hold: list[BinaryIO] = []
 
-    def _connect(self, wait: bool = True) -> duckdb.DuckDBPyConnection:
-        """Open the file; while another process holds it, retry until the busy timeout (or
-        try once when ``wait`` is False)."""
-        deadline = time.monotonic() + (self.busy_timeout if wait else 0)
+    def _connect(self, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
+        """Open the file; while another process holds it, retry for ``timeout`` seconds
+        (default: the busy timeout)."""
+        timeout = self.busy_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         delay = 0.002
         while True:
             try:
@@ -59,10 +60,9 @@ class Database:
                 if time.monotonic() >= deadline:
                     m = _PID_RE.search(str(exc))
                     holder = f"process {m.group(1)}" if m else "another process"
-                    held = (f"has been held by {holder} for more than {self.busy_timeout:.0f} s"
-                            if wait else f"is held by {holder}")
                     raise StoreBusy(
-                        f"the store {self.path} {held}; wait for it to finish or stop it"
+                        f"the store {self.path} has been held by {holder} for more than "
+                        f"{timeout:g} s; wait for it to finish or stop it"
                     ) from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.1)
@@ -117,13 +117,13 @@ class Database:
 
     @contextlib.contextmanager
     def connect(self, *, write: bool, keep: bool = True, export: bool = True,
-                wait: bool = True) -> Iterator[Tx]:
+                timeout: float | None = None) -> Iterator[Tx]:
         """A connection inside one transaction; committed on success (rolled back instead when
-        ``keep`` is False), rolled back on error. ``wait=False``: StoreBusy at once if another
-        process holds the file, instead of retrying (and blocking this process's other store
-        calls) for the busy timeout."""
+        ``keep`` is False), rolled back on error. ``timeout``: how long to retry a file another
+        process holds (default: the busy timeout); this process's other store calls wait
+        meanwhile."""
         with _process_lock:
-            con = self._connect(wait)
+            con = self._connect(timeout)
             try:
                 con.execute("BEGIN TRANSACTION")
                 tx = Tx(con)
@@ -147,10 +147,10 @@ class Database:
                 con.close()
 
     def write(self, *, export: bool = True,
-              wait: bool = True) -> contextlib.AbstractContextManager[Tx]:
+              timeout: float | None = None) -> contextlib.AbstractContextManager[Tx]:
         """A write transaction; ``export=False`` for writes that leave the catalog (keys,
         versions, grants, policies) alone, e.g. audit ingest: no catalog.json rewrite."""
-        return self.connect(write=True, export=export, wait=wait)
+        return self.connect(write=True, export=export, timeout=timeout)
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         return self.connect(write=False)
