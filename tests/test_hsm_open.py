@@ -86,7 +86,8 @@ def test_a_lasting_failure_still_ends_in_a_clear_error(hsm_config, monkeypatch):
     with pytest.raises(HsmError, match="opening the HSM: the HSM reported GeneralError"):
         pkcs11_backend.connect(hsm_config)
     assert made[0].get_token_calls == pkcs11_backend._OPEN_ATTEMPTS
-    assert not pkcs11_backend._Process.backends  # nothing half-open is kept
+    ident = (hsm_config.module, str(hsm_config.softhsm2_conf), hsm_config.token_label)
+    assert ident not in pkcs11_backend._Process.backends  # nothing half-open is kept
 
 
 def test_a_wrong_pin_is_never_retried(hsm_config, monkeypatch):
