@@ -6,6 +6,7 @@ login, its own audit journal and its own short-lived DuckDB connections.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -404,6 +406,19 @@ con.close()
 """
 
 
+@contextlib.contextmanager
+def _store_held_elsewhere(home: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the home's DuckDB file for the block."""
+    holder = _spawn(_HOLDER, str(home / "keyledger.duckdb"), stdin=True)
+    try:
+        _readline(holder, "held")
+        yield holder
+    finally:
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        holder.communicate(timeout=30)
+
+
 @pytest.mark.slow
 def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working(tmp_path):
     home = tmp_path / "home"
@@ -411,9 +426,7 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="alice") as led:
         blob = led.encrypt("k", b"before")
-        holder = _spawn(_HOLDER, str(home / "keyledger.duckdb"), stdin=True)
-        try:
-            _readline(holder, "held")
+        with _store_held_elsewhere(home) as holder:
             with pytest.raises(kl.StoreBusy) as info:
                 led.create_key("k2", spec="AES_256")
             message = str(info.value)
@@ -428,10 +441,6 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
             assert "k" in set(led.list_keys()["name"])
             with pytest.raises(kl.StoreBusy):
                 led.audit()  # reading the ledger needs the store
-        finally:
-            holder.stdin.write("release\n")
-            holder.stdin.flush()
-            holder.communicate(timeout=30)
         led.create_key("k2", spec="AES_256")  # works again once the holder is gone
         df = led.audit(principal="alice")
         report = led.verify_audit()
@@ -451,18 +460,12 @@ def test_background_ingest_waits_briefly_for_a_held_store(tmp_path):
     with kl.open(home, principal="alice") as led:
         led._rt.stop_background_ingest()  # this test makes the attempts itself
         led.encrypt("k", b"x")  # a journal line waiting to be ingested
-        holder = _spawn(_HOLDER, str(home / "keyledger.duckdb"), stdin=True)
-        try:
-            _readline(holder, "held")
+        with _store_held_elsewhere(home) as holder:
             with pytest.raises(kl.StoreBusy, match=f"held by process {holder.pid} for more "
                                                    "than 0.2 s"):
                 led._rt.ingest(busy_timeout=BACKGROUND_INGEST_WAIT_S)
             with pytest.raises(kl.StoreBusy, match="for more than 1 s"):
                 led._rt.ingest()  # a caller that needs the records waits its busy timeout
-        finally:
-            holder.stdin.write("release\n")
-            holder.stdin.flush()
-            holder.communicate(timeout=30)
         assert led._rt.ingest(busy_timeout=0).records >= 1  # free again: the line goes in
 
 
@@ -496,6 +499,12 @@ except kl.KeyLedgerError as exc:
 """
 
 
+def _open_elsewhere(home: Path) -> str:
+    """What another process says when it opens the home: "opened" or the error it got."""
+    out, _ = _spawn(_OPENER, str(home)).communicate(timeout=60)
+    return out
+
+
 def _ask(proc: subprocess.Popen, command: str) -> str:
     proc.stdin.write(command + "\n")
     proc.stdin.flush()
@@ -519,8 +528,7 @@ def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
                         led.create_key(f"bulk-{i}", spec="AES_256")
                         led.grant(f"bulk-{i}", "peer", "user")
                 # still held after the inner block: another process cannot open the home
-                opener = _spawn(_OPENER, str(home))
-                out, _ = opener.communicate(timeout=60)
+                out = _open_elsewhere(home)
                 assert out.startswith("StoreBusy"), out
                 assert "keyledger.duckdb" in out
                 # a process that opened before keeps doing crypto; its store reads wait
@@ -532,8 +540,7 @@ def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
                 assert len(aud.audit(action="create_key")) == 6
             # released: everyone gets the store again
             assert _ask(peer, "audit") == "ok"
-            opener = _spawn(_OPENER, str(home))
-            out, _ = opener.communicate(timeout=60)
+            out = _open_elsewhere(home)
             assert out.startswith("opened"), out
             assert led.get_key("bulk-0").latest_version == 2
             report = aud.verify_audit()
@@ -594,10 +601,8 @@ def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path):
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="admin") as led, led.keep_store_open():
         led.backup(tmp_path / "b.klbk", passphrase="correct horse battery")
-        opener = _spawn(_OPENER, str(home))
-        out, _ = opener.communicate(timeout=60)
+        out = _open_elsewhere(home)
         assert out.startswith("StoreBusy"), out
         led.create_key("after-backup", spec="AES_256")
-    opener = _spawn(_OPENER, str(home))
-    out, _ = opener.communicate(timeout=60)
+    out = _open_elsewhere(home)
     assert out.startswith("opened"), out

@@ -492,7 +492,7 @@ class _Traffic:
         if led is None:
             led = self.leds[who] = open_ledger(self.home, principal=who, clock=self.clock)
             if self.worker:  # the seeding process, which holds the store, ingests our journal
-                led._rt.stop_background_ingest()  # (each failed try to get in costs ~4 ms)
+                led._rt.stop_background_ingest()  # its rounds would only find the store held
         return led
 
     def keep(self, k: _Key, blob: bytes, ctx: dict[str, str], who: str) -> None:

@@ -118,32 +118,34 @@ _OPEN_PAUSE = 0.02  # seconds before the first retry; doubled each time
 def _log_in(cfg: HsmConfig, lib: Any, *, may_reinitialize: bool) -> tuple[Any, Any]:
     """Find the token and log in: ``(token, logged-in rw session)``; transient failures retried."""
     pin = cfg.read_pin()
+    doing, failure = "opening the HSM", None
+    for attempt in range(_OPEN_ATTEMPTS):
+        if attempt:
+            time.sleep(_OPEN_PAUSE * 2 ** (attempt - 1))
+            if may_reinitialize:
+                _reinitialize(lib, doing)
+        doing = "opening the HSM"
+        try:
+            token = lib.get_token(token_label=cfg.token_label)
+            doing = "logging in to the HSM"
+            return token, _logged_in_session(token, pin)
+        except (px.PinIncorrect, px.PinInvalid, px.PinLenRange):
+            source = f"${cfg.pin_env}" if cfg.pin_env else str(cfg.pin_file)
+            raise ConfigError(
+                f"the HSM rejected the PIN read from {source}; put the token's user PIN there"
+            ) from None  # never retried: each wrong try counts towards locking the PIN
+        except _TRANSIENT_OPEN_ERRORS as exc:
+            failure = exc
+        except px.PKCS11Error as exc:
+            raise _open_error(cfg, exc, doing) from None
+    raise _open_error(cfg, failure, doing) from None
+
+
+def _logged_in_session(token: Any, pin: str) -> Any:
     try:
-        for attempt in range(_OPEN_ATTEMPTS):
-            doing = "opening the HSM"
-            try:
-                token = lib.get_token(token_label=cfg.token_label)
-                doing = "logging in to the HSM"
-                try:
-                    return token, token.open(rw=True, user_pin=pin)
-                except px.UserAlreadyLoggedIn:
-                    return token, token.open(rw=True)
-            except (px.PinIncorrect, px.PinInvalid, px.PinLenRange):
-                source = f"${cfg.pin_env}" if cfg.pin_env else str(cfg.pin_file)
-                raise ConfigError(
-                    f"the HSM rejected the PIN read from {source}; put the token's user PIN there"
-                ) from None  # never retried: each wrong try counts towards locking the PIN
-            except _TRANSIENT_OPEN_ERRORS as exc:
-                if attempt + 1 == _OPEN_ATTEMPTS:
-                    raise _open_error(cfg, exc, doing) from None
-                time.sleep(_OPEN_PAUSE * 2**attempt)
-                if may_reinitialize:
-                    _reinitialize(lib, doing)
-            except px.PKCS11Error as exc:
-                raise _open_error(cfg, exc, doing) from None
-        raise HsmError(doing)  # pragma: no cover
-    finally:
-        del pin
+        return token.open(rw=True, user_pin=pin)
+    except px.UserAlreadyLoggedIn:  # another session of this process logged the token in
+        return token.open(rw=True)
 
 
 def _reinitialize(lib: Any, doing: str) -> None:

@@ -149,8 +149,8 @@ def _key_from_doc(d: dict, home_policy: dict) -> Key:
         min_decryption_version=d["min_decryption_version"],
         min_encryption_version=d["min_encryption_version"],
         prior_state=KeyState(d["prior_state"]) if d["prior_state"] else None,
-        deletion_due=_dt(d["deletion_due"]), aliases=tuple(d["aliases"]), tags=dict(d["tags"]),
-        policy=dict(d.get("policy", {})),
+        deletion_due=_dt(d["deletion_due"]), aliases=tuple(d["aliases"]), tags=d["tags"],
+        policy=d.get("policy", {}),
     )
     for version, handle, state, created, destroyed in d["versions"]:
         key.versions[version] = KeyVersion(version, bytes.fromhex(handle), state, _dt(created),
