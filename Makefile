@@ -38,9 +38,12 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
 
+# The whole suite on 3 workers (2 cores: many tests wait on subprocesses, HSM files or a browser),
+# one module per worker at a time; TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.
 demo: setup

@@ -83,3 +83,19 @@ def hsm_objects(home: Path) -> list[dict[str, str]]:
 def hsm_labels(home: Path, prefix: str = "kl:") -> list[str]:
     """Sorted labels of the token's objects that start with ``prefix`` (keyledger key versions)."""
     return sorted(o["label"] for o in hsm_objects(home) if o.get("label", "").startswith(prefix))
+
+
+# -- scheduling: `make test` runs the suite on several workers, one test module per worker at a
+# time (pytest-xdist --dist loadfile). Modules are handed out in collection order, so the long
+# real-component ones go first and the many short ones fill the gaps at the end.
+SLOW_FIRST = (
+    "test_demo_fleet.py", "test_dashboard_browser.py", "test_rotation.py", "test_notebooks.py",
+    "test_concurrent_rotation.py", "test_multiprocess.py", "test_crash.py", "test_cli.py",
+    "test_compliance.py", "test_hostile.py", "test_due_multiprocess.py",
+    "test_access_multiprocess.py", "test_backup.py", "test_audit.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable sort
