@@ -149,11 +149,7 @@ def _write_output(target: Path | None, data: bytes, *, overwrite: bool,
         out.write(data)
         out.flush()
         return
-    try:
-        outputs.write_file(target, data, overwrite=overwrite, private=private)
-    except OSError as exc:
-        raise KeyLedgerError(f"cannot write output file {str(target)!r}: {exc.strerror}"
-                             ) from None
+    outputs.write_file(target, data, overwrite=overwrite, private=private)
 
 
 def _open(args: argparse.Namespace) -> KeyLedger:
@@ -651,10 +647,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .config import default_home
     from .dashboard.serve import serve
 
-    home = Path(args.home).expanduser().absolute() if args.home else default_home()
+    home = _home_of(args)
     if not (home / "keyledger.toml").exists():
         raise ConfigError(f"{home} is not a keyledger home yet; create one with `keyledger init` "
                           f"or seed a demo with `keyledger demo --home {home}`")

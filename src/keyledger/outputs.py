@@ -25,9 +25,9 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
-from .errors import InvalidInput
+from .errors import InvalidInput, KeyLedgerError
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -59,7 +59,7 @@ def check_target(path: object, protected: Iterable[Path], *, overwrite: bool,
     if raw.name in ("", ".", ".."):
         raise InvalidInput(f"{path} names no {what}; give a new name, e.g. {raw}/out")
     target = raw.absolute().parent.resolve() / raw.name
-    _refuse_protected(path, target, protected, what)
+    _refuse_protected(path, target, protected, what, folder)
     if target.is_symlink():
         raise InvalidInput(f"{target} is a symbolic link (to {os.readlink(target)}); keyledger "
                            f"does not write through links - give the real path of the {what}")
@@ -88,8 +88,8 @@ def check_source(path: object, what: str = "file") -> Path:
     return src
 
 
-def _refuse_protected(given: object, target: Path, protected: Iterable[Path], what: str
-                      ) -> None:
+def _refuse_protected(given: object, target: Path, protected: Iterable[Path], what: str,
+                      folder: bool) -> None:
     real = target.resolve()  # through a final link too
     for place in protected:
         place = Path(place).absolute().resolve()
@@ -99,7 +99,7 @@ def _refuse_protected(given: object, target: Path, protected: Iterable[Path], wh
                     f"{given} is inside the keyledger home or its secrets ({place}); writing "
                     f"there could destroy its keys, PINs or ledger - choose a path outside the "
                     f"home for the {what}")
-            if place.is_relative_to(candidate):
+            if folder and place.is_relative_to(candidate):  # (a file there is a directory)
                 raise InvalidInput(
                     f"{given} contains the keyledger home or its secrets ({place}); choose a "
                     f"path outside the home for the {what}")
@@ -141,9 +141,9 @@ def atomic_file(target: Path, *, overwrite: bool, private: bool = True) -> Itera
         if not private:
             os.chmod(tmp, 0o666 & ~_umask())
         _place(tmp, target, overwrite)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        _raise_write_error(exc, target)
     _fsync_dir(target.parent)
 
 
@@ -166,6 +166,8 @@ def staged_file(target: Path, *, overwrite: bool) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o600)
         _place(tmp, target, overwrite)
+    except BaseException as exc:
+        _raise_write_error(exc, target)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     _fsync_dir(target.parent)
@@ -181,10 +183,18 @@ def atomic_folder(target: Path, *, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         _place_folder(tmp, target, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _raise_write_error(exc, target)
     _fsync_dir(target.parent)
+
+
+def _raise_write_error(exc: BaseException, target: Path) -> NoReturn:
+    """Re-raise ``exc``, an ``OSError`` as a ``KeyLedgerError`` a person can act on."""
+    if isinstance(exc, OSError):
+        raise KeyLedgerError(f"writing {target} failed: {exc.strerror or exc}; check the folder "
+                             "is writable and has free space (nothing was written)") from None
+    raise exc
 
 
 def _open_new(tmp: Path, target: Path) -> int:

@@ -206,11 +206,7 @@ class ComplianceMixin:
 
             ev = self._evaluate_compliance(frameworks, now, collect)
             text = report.render(box["data"], format)
-            try:
-                outputs.write_file(out, text.encode("utf-8"), overwrite=overwrite)
-            except OSError as exc:
-                raise InvalidInput(f"cannot write the report to {out}: "
-                                   f"{exc.strerror or exc}") from None
+            outputs.write_file(out, text.encode("utf-8"), overwrite=overwrite)
             rec.detail = (f"{format} report of run {ev.run_id} to {out}: "
                           f"{len(ev.visible())} findings")[:500]
             return out
