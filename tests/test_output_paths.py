@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 import keyledger as kl
-from keyledger import outputs
 from keyledger.backup import restore
 
 PASS = "correct horse battery staple"
@@ -156,13 +155,13 @@ def test_a_failed_write_leaves_nothing_behind(auditor, tmp_path, monkeypatch):
 
     report = tmp_path / "report.md"
     report.write_bytes(b"keep me")
-    monkeypatch.setattr(outputs, "_place", full)
+    monkeypatch.setattr("keyledger.outputs._place", full)
     with pytest.raises(kl.KeyLedgerError, match="No space left") as err:
         auditor.compliance_report(report, "md", overwrite=True)
     assert str(report.resolve()) in str(err.value)
     with pytest.raises(kl.KeyLedgerError, match="No space left"):
         auditor.export_audit(tmp_path / "audit.jsonl", "jsonl")
-    monkeypatch.setattr(outputs, "os", _FailingRename())
+    monkeypatch.setattr("keyledger.outputs.os", _FailingRename())
     with pytest.raises(kl.KeyLedgerError, match="No space left"):
         auditor.export_audit(tmp_path / "audit", "parquet")
     assert report.read_bytes() == b"keep me"

@@ -134,10 +134,16 @@ def _home_of(args: argparse.Namespace) -> Path:
 
 
 def _output_target(args: argparse.Namespace) -> Path | None:
-    """Check ``--out`` before the operation runs: outside the home, new unless ``--force``."""
+    """Check ``--out`` before the operation runs: outside the home (and the PIN file it may
+    keep elsewhere), new unless ``--force``."""
+    from .config import load_settings
+
     if args.outfile in (None, "-"):
         return None
-    return outputs.check_target(args.outfile, [_home_of(args)], overwrite=args.force,
+    home = _home_of(args)
+    settings = load_settings(home)
+    protected = outputs.protected_paths(settings) if settings is not None else [home]
+    return outputs.check_target(args.outfile, protected, overwrite=args.force,
                                 what="output file")
 
 
