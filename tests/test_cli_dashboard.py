@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import keyledger as kl
-from keyledger.dashboard.serve import PanelOptions, check_exposure, panel_options, serve_command
+from keyledger.dashboard import serve as dashboard_serve
+from keyledger.dashboard.serve import serve_command
 from keyledger.errors import ConfigError, InvalidInput
 
 KEYLEDGER = [sys.executable, "-m", "keyledger.cli"]
@@ -121,7 +122,7 @@ def test_pass_through_options_cannot_expose_the_dashboard_without_a_login(tmp_pa
 def test_loopback_pass_through_options_are_served_as_panel_reads_them(tmp_path, extra, address,
                                                                       port):
     cmd = serve_command(tmp_path, principal="alice", panel_args=extra)
-    opts = panel_options(cmd.argv[4:], cmd.env)
+    opts = dashboard_serve.panel_options(cmd.argv[4:], cmd.env)
     assert (opts.address, opts.port, cmd.auth) == (address, port, "none")
     assert f":{port}/" in cmd.url and cmd.env["KEYLEDGER_PRINCIPAL"] == "alice"
     assert opts.origins and all(o.endswith(f":{port}") for o in opts.origins)
@@ -144,13 +145,13 @@ def test_options_panel_would_refuse_are_refused(tmp_path):
 
 
 def test_check_exposure_without_a_server():
-    local = PanelOptions("127.0.0.1", 5006, ("127.0.0.1:5006", "localhost:5006", "[::1]:5006"),
-                         basic=False, oauth=False)
-    check_exposure(local)
+    options, check = dashboard_serve.PanelOptions, dashboard_serve.check_exposure
+    check(options("127.0.0.1", 5006, ("127.0.0.1:5006", "localhost:5006", "[::1]:5006"),
+                  basic=False, oauth=False))
     for origins in (("127.0.0.*:5006",), ("*",), ("example.com",)):
         with pytest.raises(ConfigError, match="websocket connections"):
-            check_exposure(PanelOptions("127.0.0.1", 5006, origins, basic=False, oauth=False))
-    check_exposure(PanelOptions("0.0.0.0", 5006, ("*",), basic=True, oauth=False))
+            check(options("127.0.0.1", 5006, origins, basic=False, oauth=False))
+    check(options("0.0.0.0", 5006, ("*",), basic=True, oauth=False))
 
 
 def test_cli_refuses_a_public_address_passed_through_to_panel(small_home: Path):

@@ -118,6 +118,21 @@ def test_a_symlinked_parent_folder_into_the_home_is_refused(auditor, home, tmp_p
     assert not (home / "new-report.md").exists() and not (home / "journal" / "audit").exists()
 
 
+def test_a_pin_file_kept_outside_the_home_is_protected_too(home, tmp_path, clock):
+    kl.open(home, principal="alice", clock=clock).close()
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (home / "user.pin").rename(secrets / "user.pin")
+    config = home / "keyledger.toml"
+    config.write_text(config.read_text().replace('pin_file = "user.pin"',
+                                                 f'pin_file = "{secrets / "user.pin"}"'))
+    pin = (secrets / "user.pin").read_bytes()
+    with kl.open(home, principal="alice", clock=clock) as led, \
+            pytest.raises(kl.InvalidInput, match="outside the home"):
+        led.compliance_report(secrets / "user.pin", "md", overwrite=True)
+    assert (secrets / "user.pin").read_bytes() == pin
+
+
 # -- existing files ------------------------------------------------------------------------------
 def test_an_existing_file_is_refused_then_replaced_with_overwrite(auditor, tmp_path):
     report = tmp_path / "report.md"
