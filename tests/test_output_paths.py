@@ -101,6 +101,10 @@ def test_a_link_to_a_file_elsewhere_is_not_written_through(auditor, tmp_path):
     with pytest.raises(kl.InvalidInput, match="symbolic link"):
         auditor.compliance_report(link, "md", overwrite=True)
     assert elsewhere.read_bytes() == b"keep me" and link.is_symlink()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(kl.InvalidInput, match="symbolic links"):
+        auditor.compliance_report(loop / "report.md", "md")
 
 
 def test_a_symlinked_parent_folder_into_the_home_is_refused(auditor, home, tmp_path):

@@ -58,7 +58,7 @@ def check_target(path: object, protected: Iterable[Path], *, overwrite: bool,
     raw = Path(path).expanduser()
     if raw.name in ("", ".", ".."):
         raise InvalidInput(f"{path} names no {what}; give a new name, e.g. {raw}/out")
-    target = raw.absolute().parent.resolve() / raw.name
+    target = _resolve(raw.absolute().parent) / raw.name
     _refuse_protected(path, target, protected, what, folder)
     if target.is_symlink():
         raise InvalidInput(f"{target} is a symbolic link (to {os.readlink(target)}); keyledger "
@@ -81,18 +81,27 @@ def check_source(path: object, what: str = "file") -> Path:
     """A file to read, resolved through links; ``InvalidInput`` unless it is a regular file."""
     if not isinstance(path, str | os.PathLike):
         raise InvalidInput(f"the {what} path must be a file path, not {type(path).__name__}")
-    src = Path(path).expanduser().resolve()
+    src = _resolve(Path(path).expanduser())
     if not src.is_file():
         raise InvalidInput(f"no {what} at {src}" + (f" (given as {path})"
                                                    if str(path) != str(src) else ""))
     return src
 
 
+def _resolve(path: Path) -> Path:
+    """``path`` with every link followed (``InvalidInput`` for a link loop)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # 3.11 raises RuntimeError for a loop
+        raise InvalidInput(f"cannot resolve {path}: {getattr(exc, 'strerror', None) or exc}; "
+                           "check its symbolic links") from None
+
+
 def _refuse_protected(given: object, target: Path, protected: Iterable[Path], what: str,
                       folder: bool) -> None:
-    real = target.resolve()  # through a final link too
+    real = _resolve(target)  # through a final link too
     for place in protected:
-        place = Path(place).absolute().resolve()
+        place = _resolve(Path(place).absolute())
         for candidate in {target, real}:
             if candidate == place or candidate.is_relative_to(place):
                 raise InvalidInput(
