@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import keyledger as kl
-from keyledger.dashboard import serve as dashboard_serve
 from keyledger.dashboard.serve import serve_command
 from keyledger.errors import ConfigError, InvalidInput
 
@@ -121,8 +120,10 @@ def test_pass_through_options_cannot_expose_the_dashboard_without_a_login(tmp_pa
 ], ids=["port", "last-wins", "ipv6-loopback", "app-args"])
 def test_loopback_pass_through_options_are_served_as_panel_reads_them(tmp_path, extra, address,
                                                                       port):
+    from keyledger.dashboard.serve import panel_options
+
     cmd = serve_command(tmp_path, principal="alice", panel_args=extra)
-    opts = dashboard_serve.panel_options(cmd.argv[4:], cmd.env)
+    opts = panel_options(cmd.argv[4:], cmd.env)
     assert (opts.address, opts.port, cmd.auth) == (address, port, "none")
     assert f":{port}/" in cmd.url and cmd.env["KEYLEDGER_PRINCIPAL"] == "alice"
     assert opts.origins and all(o.endswith(f":{port}") for o in opts.origins)
@@ -145,13 +146,15 @@ def test_options_panel_would_refuse_are_refused(tmp_path):
 
 
 def test_check_exposure_without_a_server():
-    options, check = dashboard_serve.PanelOptions, dashboard_serve.check_exposure
-    check(options("127.0.0.1", 5006, ("127.0.0.1:5006", "localhost:5006", "[::1]:5006"),
-                  basic=False, oauth=False))
+    from keyledger.dashboard.serve import PanelOptions, check_exposure
+
+    check_exposure(PanelOptions("127.0.0.1", 5006,
+                                ("127.0.0.1:5006", "localhost:5006", "[::1]:5006"),
+                                basic=False, oauth=False))
     for origins in (("127.0.0.*:5006",), ("*",), ("example.com",)):
         with pytest.raises(ConfigError, match="websocket connections"):
-            check(options("127.0.0.1", 5006, origins, basic=False, oauth=False))
-    check(options("0.0.0.0", 5006, ("*",), basic=True, oauth=False))
+            check_exposure(PanelOptions("127.0.0.1", 5006, origins, basic=False, oauth=False))
+    check_exposure(PanelOptions("0.0.0.0", 5006, ("*",), basic=True, oauth=False))
 
 
 def test_cli_refuses_a_public_address_passed_through_to_panel(small_home: Path):
