@@ -23,7 +23,6 @@ import tarfile
 import tempfile
 import time
 import tomllib
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -36,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from . import outputs
 from .config import CONFIG_NAME, DB_NAME, find_softhsm_module, write_config
 from .errors import AuditError, ConfigError, InvalidCiphertext, InvalidInput, KeyLedgerError
 from .hsm import pkcs11_backend
@@ -394,27 +394,30 @@ def record_event(led: KeyLedger, kind: str, path: Path | str, digest: str | None
 class BackupMixin:
     """Mixed into KeyLedger: ``backup``, ``restore_test`` and ``backups``."""
 
-    def backup(self: KeyLedger, path: str | os.PathLike, *, passphrase: str | bytes
-               ) -> BackupInfo:
+    def backup(self: KeyLedger, path: str | os.PathLike, *, passphrase: str | bytes,
+               overwrite: bool = False) -> BackupInfo:
         """Write an encrypted, consistent snapshot of this (embedded SoftHSM2) home to ``path``.
 
         The archive holds the store, the token, the settings, pending journals and the PIN
         files, sealed with AES-256-GCM under a key derived from ``passphrase`` (scrypt). Keep
         the passphrase apart from the backups: with both, anyone can use every key. Other
         processes keep working; their store writes wait while the snapshot is taken.
+        ``path`` must lie outside the home and not exist yet (``overwrite=True`` replaces an
+        existing file, once the new backup is complete).
         """
         with self._audited("backup", None) as rec:
             self._authorize(rec, "backup", None)
             layout = _Layout.of(self.home, self._rt.settings)
             secret = _passphrase(passphrase)
-            dest = _archive_path(path, self.home)
+            dest = outputs.check_target(path, outputs.protected_paths(self._rt.settings),
+                                        overwrite=overwrite, what="backup")
             started, t0 = self._now(), time.monotonic()
             try:
                 try:  # journals into the store first, so the archive needs few of them
                     self._rt.ingest()
                 except AuditError:  # a ledger that fails its checkpoint: back it up as it is
                     pass  # (the journals are archived too; verify_audit names the problem)
-                info = _write_archive(self, layout, dest, secret, started, t0)
+                info = _write_archive(self, layout, dest, secret, started, t0, overwrite)
             except (KeyLedgerError, OSError, tarfile.TarError) as exc:
                 err = _as_error(exc, f"writing the backup {dest}")
                 try:
@@ -442,11 +445,7 @@ class BackupMixin:
         """
         with self._audited("restore_test", None) as rec:
             self._authorize(rec, "restore_test", None)
-            if not isinstance(path, str | os.PathLike):
-                raise InvalidInput("path must be the backup's file path")
-            src = Path(path).expanduser().absolute()
-            if not src.is_file():
-                raise InvalidInput(f"no backup file at {src}")
+            src = outputs.check_source(path, "backup file")
             secret = _passphrase(passphrase)
             if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
                 raise InvalidInput("sample must be a positive whole number of key versions")
@@ -478,51 +477,27 @@ def _as_error(exc: BaseException, doing: str) -> KeyLedgerError:
     return KeyLedgerError(f"{doing} failed: {exc}")
 
 
-def _archive_path(path: object, home: Path) -> Path:
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidInput("path must be a file path")
-    dest = Path(path).expanduser().absolute()
-    if dest.exists():
-        raise InvalidInput(f"{dest} already exists; backups never overwrite a file - choose "
-                           "a new name")
-    if not dest.parent.is_dir():
-        raise InvalidInput(f"the folder {dest.parent} does not exist")
-    if dest.is_relative_to(home):
-        raise InvalidInput("write backups outside the home: a backup inside it is lost with it")
-    return dest
-
-
 def _write_archive(led: KeyLedger, layout: _Layout, dest: Path, secret: bytes,
-                   started: datetime, t0: float) -> BackupInfo:
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            writer = _SealedWriter(out, secret)
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                deadline = time.monotonic() + INTENT_WAIT_S
-                while True:
-                    # The store's file lock: no process changes the catalog, the ledger or the
-                    # HSM-held audit head until the snapshot is complete.
-                    with _StoreFiles(led._rt.db) as store_files, led._rt.db.write() as tx:
-                        busy = sum(led._rt._owner_running(pid, intent_id) for intent_id, pid in
-                                   tx.execute("SELECT intent_id, pid FROM intents").fetchall())
-                        wait = bool(busy) and time.monotonic() < deadline
-                        if not wait:  # else a create/rotate/destroy is in flight: let it end
-                            tx.execute("CHECKPOINT")
-                            manifest = _manifest(led, tx, layout, started, busy)
-                            files = _snapshot(tar, layout, manifest, store_files)
-                    if not wait:
-                        break
-                    time.sleep(0.05)
-            digest = writer.finish()
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                   started: datetime, t0: float, overwrite: bool) -> BackupInfo:
+    with outputs.atomic_file(dest, overwrite=overwrite) as out:
+        writer = _SealedWriter(out, secret)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            deadline = time.monotonic() + INTENT_WAIT_S
+            while True:
+                # The store's file lock: no process changes the catalog, the ledger or the
+                # HSM-held audit head until the snapshot is complete.
+                with _StoreFiles(led._rt.db) as store_files, led._rt.db.write() as tx:
+                    busy = sum(led._rt._owner_running(pid, intent_id) for intent_id, pid in
+                               tx.execute("SELECT intent_id, pid FROM intents").fetchall())
+                    wait = bool(busy) and time.monotonic() < deadline
+                    if not wait:  # else a create/rotate/destroy is in flight: let it end
+                        tx.execute("CHECKPOINT")
+                        manifest = _manifest(led, tx, layout, started, busy)
+                        files = _snapshot(tar, layout, manifest, store_files)
+                if not wait:
+                    break
+                time.sleep(0.05)
+        digest = writer.finish()
     return BackupInfo(dest, writer.bytes, digest, started, files, manifest["audit_records"],
                       manifest["keys"], time.monotonic() - t0)
 
@@ -620,19 +595,6 @@ def _snapshot(tar: tarfile.TarFile, layout: _Layout, manifest: dict,
     return len(manifest["files"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # -- restore -----------------------------------------------------------------------------------
 @dataclass
 class _Restored:
@@ -658,7 +620,7 @@ def restore(path: str | os.PathLike, home: str | os.PathLike, *, passphrase: str
     restored = _restore_files(path, home, passphrase)
     led = _open_restored(restored, principal, clock)
     try:
-        src = Path(path).expanduser().absolute()
+        src = outputs.check_source(path, "backup file")
         m = restored.manifest
         with led._audited("restore", None) as rec:
             record_event(led, "restore", src, restored.sha256, restored.bytes, True, json.dumps({
@@ -687,15 +649,14 @@ def _open_restored(restored: _Restored, principal: str | None,
 
 def _restore_files(path: str | os.PathLike, home: str | os.PathLike,
                    passphrase: str | bytes) -> _Restored:
-    if not isinstance(path, str | os.PathLike) or not isinstance(home, str | os.PathLike):
+    if not isinstance(home, str | os.PathLike):
         raise InvalidInput("path and home must be file paths")
-    src = Path(path).expanduser().absolute()
-    target = Path(home).expanduser().absolute()
-    if not src.is_file():
-        raise InvalidInput(f"no backup file at {src}")
+    src = outputs.check_source(path, "backup file")
+    target = Path(home).expanduser().absolute().resolve()  # through links, as it is written
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} is not empty; restore into a new, empty folder (a restore "
                           "never overwrites a home)")
+    _refuse_inside_a_home(target)
     secret = _passphrase(passphrase)
     _check_process_free()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -716,6 +677,14 @@ def _restore_files(path: str | os.PathLike, home: str | os.PathLike,
             raise _as_error(exc, f"restoring into {target}") from None
         raise
     return _Restored(target, manifest, reader.sha256, reader.bytes)
+
+
+def _refuse_inside_a_home(target: Path) -> None:
+    """A restore never writes into an existing home (its folders are the home's business)."""
+    for folder in target.parents:
+        if (folder / CONFIG_NAME).is_file():
+            raise InvalidInput(f"{target} is inside the keyledger home {folder}; restore into a "
+                               "new, empty folder outside any home")
 
 
 def _check_process_free() -> None:

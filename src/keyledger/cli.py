@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
@@ -21,6 +20,7 @@ from typing import Any, BinaryIO
 import pandas as pd
 
 from . import ciphertext as ct
+from . import outputs
 from .demo import format_table, run_tour, when
 from .demo_fleet import DEMO_FILE, MAX_KEYS, MAX_MONTHS, MIN_KEYS, MIN_MONTHS, seed_demo
 from .errors import ConfigError, InvalidCiphertext, KeyLedgerError
@@ -126,32 +126,36 @@ def _check_binary_out(path: str | None, what: str) -> None:
                          "use --out FILE or redirect stdout")
 
 
-def _write_output(path: str | None, data: bytes, *, private: bool = False) -> None:
-    """Write to stdout (``-``) or atomically to a file (mode 0600 when ``private``)."""
-    if path is None or path == "-":
+def _home_of(args: argparse.Namespace) -> Path:
+    """The home ``_open`` opens (its files are never an output)."""
+    from .config import default_home
+
+    return Path(args.home).expanduser().absolute() if args.home else default_home()
+
+
+def _output_target(args: argparse.Namespace) -> Path | None:
+    """Check ``--out`` before the operation runs: outside the home (and the PIN file it may
+    keep elsewhere), new unless ``--force``."""
+    from .config import load_settings
+
+    if args.outfile in (None, "-"):
+        return None
+    home = _home_of(args)
+    settings = load_settings(home)
+    protected = outputs.protected_paths(settings) if settings is not None else [home]
+    return outputs.check_target(args.outfile, protected, overwrite=args.force,
+                                what="output file")
+
+
+def _write_output(target: Path | None, data: bytes, *, overwrite: bool,
+                  private: bool = False) -> None:
+    """Write to stdout (``None``) or atomically to a file (mode 0600 when ``private``)."""
+    if target is None:
         out: BinaryIO = sys.stdout.buffer
         out.write(data)
         out.flush()
         return
-    target = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
-    except OSError as exc:
-        raise KeyLedgerError(f"cannot write output file {path!r}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        if not private:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise KeyLedgerError(f"cannot write output file {path!r}: {exc.strerror}") from None
+    outputs.write_file(target, data, overwrite=overwrite, private=private)
 
 
 def _open(args: argparse.Namespace) -> KeyLedger:
@@ -313,15 +317,17 @@ def cmd_key_compromised(args: argparse.Namespace) -> int:
 def cmd_encrypt(args: argparse.Namespace) -> int:
     context = _pairs(args.context, "context key")
     _check_binary_out(args.outfile, "ciphertext")
+    target = _output_target(args)
     data = _read_input(args.infile)
     with _open(args) as led:
         blob = led.encrypt(args.name, data, context=context)
-    _write_output(args.outfile, blob)
+    _write_output(target, blob, overwrite=args.force)
     return 0
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
     context = _pairs(args.context, "context key")
+    target = _output_target(args)
     blob = _read_input(args.infile, "ciphertext")
     with _open(args) as led:
         if args.name is not None:
@@ -333,16 +339,17 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             if header is not None and header.key_id != expected.key_id:
                 raise InvalidCiphertext(f"the ciphertext was not made with key {expected.name!r}")
         plaintext = led.decrypt(blob, context=context)
-    _write_output(args.outfile, plaintext, private=True)
+    _write_output(target, plaintext, overwrite=args.force, private=True)
     return 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
     _check_binary_out(args.outfile, "signature")
+    target = _output_target(args)
     data = _read_input(args.infile)
     with _open(args) as led:
         signature = led.sign(args.name, data)
-    _write_output(args.outfile, signature)
+    _write_output(target, signature, overwrite=args.force)
     return 0
 
 
@@ -364,13 +371,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_public_key(args: argparse.Namespace) -> int:
+    target = _output_target(args)
     with _open(args) as led:
         pem = led.public_key_pem(args.name, version=args.version)
-    if args.outfile in (None, "-"):
+    if target is None:
         sys.stdout.write(pem)
         sys.stdout.flush()
     else:
-        _write_output(args.outfile, pem.encode())
+        _write_output(target, pem.encode(), overwrite=args.force)
     return 0
 
 
@@ -419,7 +427,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         fmt = "jsonl" if Path(args.path).suffix.lower() in (".jsonl", ".json", ".ndjson") \
             else "parquet"
     with _open(args) as led:
-        out = led.export_audit(args.path, format=fmt)
+        out = led.export_audit(args.path, format=fmt, overwrite=args.force)
     if args.json:
         _print_json({"path": str(out), "format": fmt})
     else:
@@ -435,7 +443,8 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
     suffix = Path(args.path).suffix.lower()
     fmt = args.format or ("md" if suffix in (".md", ".markdown") else "html")
     with _open(args) as led:
-        out = led.compliance_report(args.path, format=fmt, frameworks=args.framework or None)
+        out = led.compliance_report(args.path, format=fmt, frameworks=args.framework or None,
+                                    overwrite=args.force)
     if args.json:
         _print_json({"path": str(out), "format": fmt})
     else:
@@ -600,7 +609,7 @@ def _passphrase(confirm: bool) -> str:
 def cmd_backup(args: argparse.Namespace) -> int:
     passphrase = _passphrase(confirm=True)
     with _open(args) as led:
-        info = led.backup(args.path, passphrase=passphrase)
+        info = led.backup(args.path, passphrase=passphrase, overwrite=args.force)
     if args.json:
         _print_json({k: getattr(info, k) for k in ("path", "bytes", "sha256", "created_at",
                                                    "files", "audit_records", "keys")})
@@ -644,10 +653,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .config import default_home
     from .dashboard.serve import serve
 
-    home = Path(args.home).expanduser().absolute() if args.home else default_home()
+    home = _home_of(args)
     if not (home / "keyledger.toml").exists():
         raise ConfigError(f"{home} is not a keyledger home yet; create one with `keyledger init` "
                           f"or seed a demo with `keyledger demo --home {home}`")
@@ -796,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--version", type=int, help="key version (default: latest)")
     p.add_argument("--out", dest="outfile", metavar="FILE", help="write to FILE (default: stdout)")
+    _force(p, "an existing --out file")
 
     audit = sub.add_parser("audit", help="verify, read and export the audit ledger",
                            description="verify, read and export the audit ledger")
@@ -813,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", choices=["parquet", "jsonl"],
                    help="default: jsonl for *.jsonl/*.json paths, parquet otherwise")
+    _force(p, "an existing file (or a folder holding an earlier Parquet export)")
 
     comp = sub.add_parser("compliance", help="evaluate compliance rules, report, accept findings",
                           description="evaluate compliance rules, report, accept findings")
@@ -822,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", choices=["html", "md"])
     p.add_argument("--framework", action="append", metavar="NAME")
+    _force(p, "an existing file")
     p = add(csub, "list", cmd_compliance_list, "evaluate and list open findings", json_flag=True)
     p.add_argument("--framework", action="append", metavar="NAME")
     p.add_argument("--severity", choices=SEVERITY_ORDER, help="this severity and worse")
@@ -858,8 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "acknowledge", cmd_acknowledge,
         "record that you accept the key custodian's responsibilities (PCI DSS 3.7.8)")
 
-    add(sub, "backup", cmd_backup, "write an encrypted snapshot of the home (passphrase from "
-        "$KEYLEDGER_BACKUP_PASSPHRASE or asked)", json_flag=True).add_argument("path")
+    p = add(sub, "backup", cmd_backup, "write an encrypted snapshot of the home (passphrase "
+            "from $KEYLEDGER_BACKUP_PASSPHRASE or asked)", json_flag=True)
+    p.add_argument("path")
+    _force(p, "an existing file, once the new backup is complete")
     add(sub, "restore", cmd_restore, "restore a backup into a new empty --home").add_argument(
         "path")
     add(sub, "restore-test", cmd_restore_test, "restore a backup in a scratch home, check it "
@@ -901,6 +914,12 @@ def _io(p: argparse.ArgumentParser, out_help: str = "output file (default: stdou
     p.add_argument("--in", dest="infile", metavar="FILE", help="input file, or - for stdin "
                    "(default: stdin)")
     p.add_argument("--out", dest="outfile", metavar="FILE", help=out_help)
+    _force(p, "an existing --out file")
+
+
+def _force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} (outputs are never "
+                   "written inside the home)")
 
 
 def _command_name(args: argparse.Namespace) -> str:

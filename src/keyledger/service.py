@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import ciphertext as ct
+from . import outputs
 from .access import WILDCARD, Role, check, roles_of
 from .backup import BackupMixin
 from .byok import ImportExportMixin
@@ -970,22 +971,34 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             rec.detail = "ok" if report.ok else "; ".join(report.problems)[:500]
             return report
 
-    def export_audit(self, path: str | os.PathLike, format: str = "parquet") -> Path:
-        """JSONL file, or Parquet partitioned by day (Hive layout: day=YYYY-MM-DD/)."""
+    def export_audit(self, path: str | os.PathLike, format: str = "parquet", *,
+                     overwrite: bool = False) -> Path:
+        """JSONL file, or Parquet partitioned by day (Hive layout: day=YYYY-MM-DD/).
+
+        ``path`` must lie outside the home and not exist yet (``overwrite=True`` replaces a
+        file, or a folder holding a previous Parquet export); see ``keyledger.outputs``.
+        """
         with self._audited("export_audit", None) as rec:
             self._authorize(rec, "export_audit", None)
             if format not in ("parquet", "jsonl"):
                 raise InvalidInput("format must be 'parquet' or 'jsonl'")
-            out = Path(path)
+            out = outputs.check_target(path, outputs.protected_paths(self._rt.settings),
+                                       overwrite=overwrite, folder=format == "parquet",
+                                       replaceable=_is_parquet_export, what="audit export")
             self._rt.ingest()
             query = ("SELECT seq, time, principal, action, key, key_id, version, outcome, error, "
                      "detail, context, pid, journal, jseq, prev, hash, "
                      "strftime(time, '%Y-%m-%d') AS day FROM audit_log ORDER BY seq")
-            with self._rt.db.read() as tx:
-                if format == "jsonl":
-                    tx.execute(f"COPY ({query}) TO '{_sql_path(out)}' (FORMAT json)")
-                else:
-                    tx.execute(f"COPY ({query}) TO '{_sql_path(out)}' "
+            # DuckDB's COPY writes the files itself: into a fresh private folder next to the
+            # target, renamed into place afterwards (a failure leaves nothing behind).
+            if format == "jsonl":
+                with outputs.staged_file(out, overwrite=overwrite) as tmp, \
+                        self._rt.db.read() as tx:
+                    tx.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT json)")
+            else:
+                with outputs.atomic_folder(out, overwrite=overwrite) as tmp, \
+                        self._rt.db.read() as tx:
+                    tx.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' "
                                "(FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE true)")
             rec.detail = f"{format} to {out}"
             return out
@@ -1026,6 +1039,17 @@ def _check_read_only(sql: str) -> None:
 
 def _sql_path(path: Path) -> str:
     return str(path.absolute()).replace("'", "''")
+
+
+def _is_parquet_export(folder: Path) -> bool:
+    """Whether ``folder`` holds only an earlier Parquet export (day=.../*.parquet)."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_dir() or not entry.name.startswith("day="):
+            return False
+        if not all(f.is_file() and not f.is_symlink() and f.suffix == ".parquet"
+                   for f in entry.iterdir()):
+            return False
+    return True
 
 
 def open(home: str | os.PathLike | None = None, *, principal: str | None = None,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from .. import outputs
 from ..display import FindingsFrame
 from ..errors import AuditError, InvalidInput, PolicyViolation
 from ..model import parse_period
@@ -181,10 +182,13 @@ class ComplianceMixin:
     # -- report ----------------------------------------------------------------------------------
     def compliance_report(self: KeyLedger, path: str | os.PathLike, format: str = "html", *,
                           frameworks: str | list[str] | None = None,
-                          now: datetime | None = None) -> Path:
+                          now: datetime | None = None, overwrite: bool = False) -> Path:
         """Evaluate and write a self-contained report (``html`` with an inline SVG chart, or
         ``md``) for an auditor: scope, summary by framework and severity, every finding with
-        its evidence and remediation, and the accepted exceptions with their expiry."""
+        its evidence and remediation, and the accepted exceptions with their expiry.
+
+        ``path`` must lie outside the home and not exist yet (``overwrite=True`` replaces an
+        existing file); the report is written privately (0600) and atomically."""
         from . import report
 
         with self._audited("compliance_report", None) as rec:
@@ -192,14 +196,8 @@ class ComplianceMixin:
             if format not in REPORT_FORMATS:
                 raise InvalidInput(f"format must be one of {', '.join(REPORT_FORMATS)}, "
                                    f"not {format!r}")
-            if not isinstance(path, str | os.PathLike):
-                raise InvalidInput("path must be a file path")
-            out = Path(path).expanduser()
-            if out.is_dir():
-                raise InvalidInput(f"{out} is a directory; give a file name, e.g. {out}/report."
-                                   f"{format}")
-            if not out.parent.is_dir():
-                raise InvalidInput(f"the folder {out.parent} does not exist")
+            out = outputs.check_target(path, outputs.protected_paths(self._rt.settings),
+                                       overwrite=overwrite, what="report")
             box: dict[str, Any] = {}
 
             def collect(tx: Any, ev: Evaluation, ruleset: RuleSet) -> None:
@@ -208,11 +206,7 @@ class ComplianceMixin:
 
             ev = self._evaluate_compliance(frameworks, now, collect)
             text = report.render(box["data"], format)
-            try:
-                out.write_text(text, encoding="utf-8")
-            except OSError as exc:
-                raise InvalidInput(f"cannot write the report to {out}: "
-                                   f"{exc.strerror or exc}") from None
+            outputs.write_file(out, text.encode("utf-8"), overwrite=overwrite)
             rec.detail = (f"{format} report of run {ev.run_id} to {out}: "
                           f"{len(ev.visible())} findings")[:500]
             return out

@@ -9,6 +9,7 @@ environment variables). With a login, the principal is the logged-in user.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import os
@@ -17,9 +18,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import ConfigError, InvalidInput
 
@@ -27,6 +29,7 @@ APP_NAME = "keyledger_dashboard"
 # Login and logout pages without CDN resources (Panel's own load its logo from a CDN).
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 OAUTH_ENV = "PANEL_OAUTH_PROVIDER"
+BASIC_AUTH_ENV = "PANEL_BASIC_AUTH"
 
 
 def dashboard_script() -> Path:
@@ -67,7 +70,10 @@ def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.
                   basic_auth: str | os.PathLike | None = None, cookie_secret: str | None = None,
                   allow_origin: Sequence[str] | None = None, show: bool = False,
                   panel_args: Sequence[str] = ()) -> ServeCommand:
-    """Build (and check) the command without running it."""
+    """Build (and check) the command without running it.
+
+    The checks look at what Panel will make of the whole command line, pass-through
+    ``panel_args`` included (they come last, so their ``--address`` or ``--port`` wins)."""
     if not isinstance(port, int) or not 0 < port < 65536:
         raise InvalidInput(f"port must be 1-65535, not {port!r}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOKEH_")}
@@ -76,22 +82,17 @@ def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.
         env["KEYLEDGER_HOME"] = str(home_path)
     argv = [sys.executable, "-m", "panel", "serve", str(dashboard_script()),
             "--address", address, "--port", str(port)]
-    oauth = any(a.startswith("--oauth-provider") for a in panel_args) or bool(
-        os.environ.get(OAUTH_ENV))
     notes: list[str] = []
-    if basic_auth is not None and oauth:
-        raise InvalidInput("choose basic auth or OAuth, not both")
     if basic_auth is not None:
         path = Path(basic_auth).expanduser().absolute()
         _check_basic_auth_file(path)
         argv += ["--basic-auth", str(path), "--basic-login-template",
                  str(TEMPLATES / "login.html")]
-        auth = "basic"
-    elif oauth:
-        auth = "oauth"
-    else:
-        auth = "none"
-    if auth != "none":
+    # what Panel makes of it so far: the address, port and login it will really use
+    opts = panel_options([*argv[4:], *panel_args], env)
+    if opts.basic and opts.oauth:
+        raise InvalidInput("choose basic auth or OAuth, not both")
+    if opts.auth != "none":
         if not any(a.startswith("--logout-template") for a in panel_args):
             argv += ["--logout-template", str(TEMPLATES / "logout.html")]
         # Panel signs its login cookies with this; passed in the environment, not on the
@@ -103,28 +104,101 @@ def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.
                          "(pass --cookie-secret to keep them)")
         if principal:
             notes.append("--principal is ignored with a login: the principal is the "
-                          "logged-in user")
-    elif not is_loopback(address):
-        raise ConfigError(
-            f"refusing to serve the dashboard on {address} without a login: anyone who can "
-            "reach it would act as the dashboard's principal. Use 127.0.0.1, or turn on "
-            "authentication: --basic-auth users.json (and --cookie-secret), or OAuth "
-            "(--oauth-provider ... or PANEL_OAUTH_* variables); see docs/dashboard.md")
+                         "logged-in user")
+        env.pop("KEYLEDGER_PRINCIPAL", None)  # with a login only the logged-in user counts
     elif principal:
         env["KEYLEDGER_PRINCIPAL"] = principal
-    if auth != "none":
-        env.pop("KEYLEDGER_PRINCIPAL", None)  # with a login only the logged-in user counts
-    host = "127.0.0.1" if address in ("", "0.0.0.0", "::") else address
+    host = "127.0.0.1" if opts.address in ("", "0.0.0.0", "::") else opts.address
+    shown = f"[{host}]" if ":" in host else host
     if allow_origin is None:
-        allow_origin = [f"{host}:{port}"] + ([f"localhost:{port}"] if is_loopback(address)
-                                             else [])
+        allow_origin = [f"{shown}:{opts.port}"] + (
+            [f"localhost:{opts.port}"] if is_loopback(opts.address) else [])
     for origin in allow_origin:
         argv += ["--allow-websocket-origin", origin]
     if show:
         argv.append("--show")
     argv += list(panel_args)
-    shown = f"[{host}]" if ":" in host else host
-    return ServeCommand(argv, env, f"http://{shown}:{port}/{APP_NAME}", auth, notes)
+    check_exposure(panel_options(argv[4:], env))  # the final command line, as Panel reads it
+    return ServeCommand(argv, env, f"http://{shown}:{opts.port}/{APP_NAME}", opts.auth, notes)
+
+
+@dataclass(frozen=True)
+class PanelOptions:
+    """What ``panel serve`` makes of its command line and environment (the parts that decide
+    who can reach the dashboard)."""
+
+    address: str  # "" = every interface
+    port: int
+    origins: tuple[str, ...]  # --allow-websocket-origin values (Bokeh's default if empty)
+    basic: bool
+    oauth: bool
+
+    @property
+    def auth(self) -> str:
+        return "basic" if self.basic else "oauth" if self.oauth else "none"
+
+
+class _ParseError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Panel's parser, but raising instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ParseError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _ParseError(message or f"exit {status}")
+
+
+def panel_options(args: Sequence[str], env: Mapping[str, str]) -> PanelOptions:
+    """Parse ``panel serve`` arguments (those after ``serve``) with Panel's own parser, as
+    ``python -m panel`` does: ``--address=x`` and ``--address x``, abbreviations such as
+    ``--addr``, the last of a repeated option, anaconda-project aliases and everything after
+    ``--args`` (the app's, not Panel's) all count as they will when it runs. Starts nothing."""
+    from panel.command import transform_cmds
+    from panel.command.serve import Serve
+
+    parser = _Parser(prog="panel serve", add_help=False)
+    Serve(parser=parser)
+    try:
+        ns = parser.parse_args(transform_cmds(list(args)))
+    except _ParseError as exc:
+        raise InvalidInput(f"`panel serve` would not accept these options: {exc} (see "
+                           "`panel serve --help`)") from None
+    return PanelOptions(
+        address="" if ns.address is None else ns.address, port=ns.port,
+        origins=tuple(ns.allow_websocket_origin or ()),
+        basic=bool(ns.basic_auth or env.get(BASIC_AUTH_ENV)),
+        oauth=bool(ns.oauth_provider or env.get(OAUTH_ENV)))
+
+
+def check_exposure(opts: PanelOptions) -> None:
+    """Refuse a dashboard that others could reach without a login: bound to a non-loopback
+    address, or accepting websocket connections from pages of a non-loopback origin."""
+    if opts.auth != "none":
+        return
+    login = ("turn on authentication: --basic-auth users.json (and --cookie-secret), or "
+             "OAuth (--oauth-provider ... or PANEL_OAUTH_* variables); see docs/dashboard.md")
+    if not is_loopback(opts.address):
+        where = opts.address or "every interface"
+        raise ConfigError(
+            f"refusing to serve the dashboard on {where} without a login: anyone who can "
+            f"reach it would act as the dashboard's principal. Use 127.0.0.1, or {login}")
+    public = [o for o in opts.origins if not is_loopback(_origin_host(o))]
+    if public:
+        raise ConfigError(
+            f"refusing to accept websocket connections from {', '.join(public)} without a "
+            "login: a page from there could act as the dashboard's principal. Allow only "
+            f"loopback origins (127.0.0.1:PORT, localhost:PORT), or {login}")
+
+
+def _origin_host(origin: str) -> str:
+    """The host of a ``HOST[:PORT]`` origin, split as Bokeh splits it (``[::1]:5006`` is the
+    IPv6 loopback; ``*`` and ``*:PORT`` match any host)."""
+    host = origin.rsplit(":", 1)[0] if ":" in origin else origin
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _check_basic_auth_file(path: Path) -> None:
@@ -178,5 +252,5 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-__all__ = ["APP_NAME", "ServeCommand", "dashboard_script", "is_loopback", "serve",
-           "serve_command"]
+__all__ = ["APP_NAME", "PanelOptions", "ServeCommand", "check_exposure", "dashboard_script",
+           "is_loopback", "panel_options", "serve", "serve_command"]
