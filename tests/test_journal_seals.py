@@ -112,13 +112,17 @@ def test_forged_journal_in_the_published_format_is_reported(home, ledger):
     assert list(forged["action"]) == ["destroy"] and not forged["proven"].any()
 
 
-def test_cli_audit_verify_exits_1_on_a_forged_journal(home, ledger, capsys):
-    ledger.create_key("k", spec="AES_256")
+def test_cli_audit_verify_exits_1_on_a_forged_journal(home, capsys):
+    _closed_journal(home)
     journal = f"{socket.gethostname()}-{DEAD_PID}-{'cd' * 6}"
     line, _ = _forged_line(journal, 1, genesis(journal), "bob", "destroy", "k", 1)
     (home / "journal" / f"{journal}.jsonl").write_text(line)
-    assert cli_main(["--home", str(home), "--principal", "alice", "audit", "verify"]) == 1
+    cli = ["--home", str(home), "--principal", "alice", "audit"]
+    assert cli_main([*cli, "verify"]) == 1
     assert journal in capsys.readouterr().out
+    assert cli_main([*cli, "accept-unproven", journal, "1", "--reason", "INC-9: red team"]) == 0
+    assert cli_main([*cli, "verify"]) == 0
+    assert "accepted by an admin" in capsys.readouterr().out
 
 
 def test_line_appended_to_a_dead_journal_is_unproven_until_accepted(home):

@@ -219,7 +219,26 @@ class JournalWriter:
                 if time_us < self._last_us <= time_us + CLOCK_SLACK_US:
                     retry_at = self._last_us  # rebuilt below, outside the lock
                 else:
-                    return self._write(time_us, action, text, body)
+                    seq = self._seq + 1
+                    # (this encode fails, before anything changed, on a lone surrogate)
+                    h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
+                                ).hexdigest()
+                    try:
+                        line = f'[{seq}{body}{h}"]\n'.encode()
+                        os.write(self._fd, line)
+                        if self._strict:
+                            os.fsync(self._fd)
+                    except OSError as exc:
+                        raise AuditError(
+                            f"cannot append to the audit journal {self.path}: {exc.strerror}; "
+                            "the operation was done but its record may be missing - free disk space"
+                        ) from None
+                    self._seq, self._prev, self._dirty = seq, h, True
+                    self._last_us = time_us
+                    self.size += len(line)
+                    if action not in READ_ACTIONS:
+                        self.changed_upto = self.size
+                    return seq
             return self.append(retry_at, principal, action, key, key_id, version, outcome,
                                error, detail, context)
         except UnicodeEncodeError:  # a string no UTF-8 can hold: record it backslash-escaped
@@ -227,29 +246,6 @@ class JournalWriter:
                 v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
                 for v in (principal, action, key, key_id, version, outcome, error, detail,
                           context)))
-
-    def _write(self, time_us: int, action: str, text: str, body: str) -> int:
-        """Chain, hash and write one record line; the caller holds the lock."""
-        seq = self._seq + 1
-        # (this encode fails, before anything changed, on a lone surrogate)
-        h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
-                    ).hexdigest()
-        try:
-            line = f'[{seq}{body}{h}"]\n'.encode()
-            os.write(self._fd, line)
-            if self._strict:
-                os.fsync(self._fd)
-        except OSError as exc:
-            raise AuditError(
-                f"cannot append to the audit journal {self.path}: {exc.strerror}; "
-                "the operation was done but its record may be missing - free disk space"
-            ) from None
-        self._seq, self._prev, self._dirty = seq, h, True
-        self._last_us = time_us
-        self.size += len(line)
-        if action not in READ_ACTIONS:
-            self.changed_upto = self.size
-        return seq
 
     def flush(self) -> None:
         """fsync outside the lock, so appends never wait for the disk."""
