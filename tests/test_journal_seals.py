@@ -316,3 +316,24 @@ def test_sigkill_leaves_an_unsealed_tail_unproven_not_lost(home):
         led.accept_unproven(journal, last, "worker SIGKILLed by the test; 30 calls it made")
         report = led.verify_audit()
         assert report.ok, str(report)
+
+
+def test_a_home_from_before_seals_verifies_after_the_upgrade(home):
+    """The first open after the upgrade makes the seal key and seals what the ledger holds."""
+    _closed_journal(home)
+    # what a home written by the version before seals looks like: no seal key, no seals
+    _query(home, "DELETE FROM meta WHERE name = 'seal_key'")
+    _query(home, "UPDATE journal_offsets SET seal_jseq = NULL, seal_hash = NULL, "
+                 "seal_mac = NULL")
+    with kl.open(home, principal="alice") as led:
+        assert _query_key(led) is not None
+        led.encrypt("k", b"x")
+        report = led.verify_audit()
+        assert report.ok, str(report)
+        assert led.audit()["proven"].all()
+
+
+def _query_key(led: kl.KeyLedger) -> str | None:
+    with led._rt.db.read() as tx:
+        row = tx.execute("SELECT value FROM meta WHERE name = 'seal_key'").fetchone()
+    return row[0] if row else None

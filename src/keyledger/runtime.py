@@ -195,7 +195,6 @@ class HomeRuntime:
         unsealed there after the wait is a finding; newer records are pending. A writer seals
         every ``fsync_interval_ms``, so the wait is short and only happens while one is busy.
         """
-        self.journal.seal()
         self.ingest()
         interval = self.settings.audit.fsync_interval_ms / 1000
         deadline = time.monotonic() + max(2.0, 20 * interval)
@@ -245,7 +244,9 @@ class HomeRuntime:
         pending lines are all reads (e.g. the previous query's audit record) and no other
         journal grew, skip (the background ingest takes them within a second).
         ``busy_timeout``: how long to wait for a store another process holds (default: the
-        store's busy timeout)."""
+        store's busy timeout). This process's own records are sealed first, so what it ingests
+        of them is proven."""
+        self.journal.seal()
         with self._ingest_lock:
             skip = None
             if for_read and self.journal.changed_upto <= self._known_offsets.get(
