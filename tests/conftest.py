@@ -92,8 +92,9 @@ _UNPROVEN = re.compile(r"^journal (\S+): records (\d+)-(\d+) are unproven")
 
 
 def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
-    """``verify_audit()`` after SIGKILLing ``killed_pids``: their records of the last seal
-    interval before the kill are present but unproven (docs/audit.md, "Seals"). Asserts that
+    """``verify_audit()`` after SIGKILLing ``killed_pids`` (or restoring a backup taken while
+    they ran): their records of the last seal interval before the kill (the backup) are
+    present but unproven (docs/audit.md, "Seals"). Asserts that
     this is all that is wrong, accepts exactly those ranges (``led`` needs the admin role) and
     returns the verification that follows, which must be OK."""
     report = led.verify_audit()
