@@ -221,7 +221,8 @@ def audit_bench(led: kl.KeyLedger, records: int, rounds: int) -> dict:
     rt._ingester.join()
     led.flush_audit()
     staging = rt.home / "bench-staging"
-    writers = [JournalWriter(staging, strict=False, fsync_interval_ms=60_000) for _ in range(4)]
+    writers = [JournalWriter(staging, strict=False, fsync_interval_ms=60_000, seal=rt.seal_mac)
+               for _ in range(4)]  # sealed on close, as the ledger's own writer would be
     per = [records // len(writers) + (i < records % len(writers)) for i in range(len(writers))]
     t_us = int(time.time() * 1_000_000)
     log(f"  writing {records:,} journal records ({len(writers)} journals) ...")

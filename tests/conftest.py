@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 import keyledger as kl
 from keyledger.config import find_softhsm_module
+from keyledger.store.journal import journal_pid
 
 
 class FakeClock:
@@ -83,6 +85,28 @@ def hsm_objects(home: Path) -> list[dict[str, str]]:
 def hsm_labels(home: Path, prefix: str = "kl:") -> list[str]:
     """Sorted labels of the token's objects that start with ``prefix`` (keyledger key versions)."""
     return sorted(o["label"] for o in hsm_objects(home) if o.get("label", "").startswith(prefix))
+
+
+# -- after a SIGKILL ---------------------------------------------------------------------------------
+_UNPROVEN = re.compile(r"^journal (\S+): records (\d+)-(\d+) are unproven")
+
+
+def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
+    """``verify_audit()`` after SIGKILLing ``killed_pids`` (or restoring a backup taken while
+    they ran): their records of the last seal interval before the kill (the backup) are
+    present but unproven (docs/audit.md, "Seals"). Asserts that
+    this is all that is wrong, accepts exactly those ranges (``led`` needs the admin role) and
+    returns the verification that follows, which must be OK."""
+    report = led.verify_audit()
+    if report.ok:
+        return report
+    for problem in report.problems:
+        m = _UNPROVEN.match(problem)
+        assert m and journal_pid(m.group(1)) in killed_pids, str(report)
+        led.accept_unproven(m.group(1), int(m.group(3)), "its process was SIGKILLed by the test")
+    report = led.verify_audit()
+    assert report.ok and report.accepted, str(report)
+    return report
 
 
 # -- scheduling: `make test` runs the suite on several workers, one test module per worker at a

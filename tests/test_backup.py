@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import verify_after_kill
 
 import keyledger as kl
 from keyledger import backup as bk
@@ -329,8 +330,9 @@ def test_backup_while_another_process_encrypts(tmp_path):
 
     shutil.rmtree(home)
     with restore(archive, tmp_path / "restored", passphrase=PASS, principal="alice") as led:
-        report = led.verify_audit()
-        assert report.ok, report
+        # the worker's records of its last seal interval before the backup are in the archive
+        # but unsealed (docs/backup.md): unproven until accepted, then the ledger verifies
+        verify_after_kill(led, proc.pid)
         assert led.last_reconcile.clean
         blob = bytes.fromhex(result["last"])  # same key material: any ciphertext of v1 decrypts
         n = result["n_last"]

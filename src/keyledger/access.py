@@ -34,6 +34,7 @@ REQUIRED: dict[str, frozenset[Role]] = {
         "grant", "revoke", "request", "approve", "key_attributes", "reconcile",
         "acknowledge_custody", "run_due", "trim", "backup", "restore_test", "export_key",
         "import_parameters", "import_key", "accept_finding")},
+    "accept_unproven": frozenset({A}),
     **{a: frozenset({U}) for a in (
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
         "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},

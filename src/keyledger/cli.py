@@ -394,6 +394,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_audit_accept_unproven(args: argparse.Namespace) -> int:
+    with _open(args) as led:
+        led.accept_unproven(args.journal, args.through_jseq, args.reason)
+    print(f"accepted the unproven records of {args.journal} through {args.through_jseq}")
+    return 0
+
+
 _TAIL_COLUMNS = ["seq", "time", "principal", "action", "key", "version", "outcome", "error",
                  "detail", "context"]
 
@@ -810,8 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="verify, read and export the audit ledger")
     asub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     add(asub, "verify", cmd_audit_verify,
-        "check the hash chain, signed checkpoints and HSM-held head (exit 1 if broken)",
-        json_flag=True)
+        "check the hash chain, signed checkpoints, HSM-held head and journal seals "
+        "(exit 1 if broken or unproven)", json_flag=True)
+    p = add(asub, "accept-unproven", cmd_audit_accept_unproven,
+            "after investigating, accept a journal's unproven records that verify names")
+    p.add_argument("journal")
+    p.add_argument("through_jseq", type=int)
+    p.add_argument("--reason", required=True, help="what the investigation found")
     p = add(asub, "tail", cmd_audit_tail, "show the newest audit records", json_flag=True)
     p.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
     p.add_argument("--key", help="only records for this key")

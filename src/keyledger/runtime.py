@@ -32,11 +32,12 @@ from .model import SPECS, KeyState
 from .store import ledger
 from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
-from .store.journal import JournalWriter
+from .store.journal import JournalWriter, journal_pid, seal_message
 from .store.schema import migrate
 
 log = logging.getLogger("keyledger")
 AUDIT_SPEC = SPECS["EC_P256"]
+SEAL_SPEC = SPECS["HMAC_SHA256"]
 # how long a background ingest round waits for a store another process holds: long enough for
 # a short transaction (~25 ms), short enough not to hold up this process's own store calls
 BACKGROUND_INGEST_WAIT_S = 0.2
@@ -108,9 +109,13 @@ class HomeRuntime:
                 migrate(tx)
                 self.home_id = self._meta(tx, "home_id", lambda: str(uuid.uuid4()))
                 self.audit_handle = bytes.fromhex(self._meta(tx, "audit_key", self._new_audit_key))
+                self.seal_handle = bytes.fromhex(self._meta(tx, "seal_key", self._new_seal_key))
+                if self._seal_key_is_new:
+                    self._seal_ingested(tx)
             self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
             self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
-                                         fsync_interval_ms=settings.audit.fsync_interval_ms)
+                                         fsync_interval_ms=settings.audit.fsync_interval_ms,
+                                         seal=self.seal_mac)
         except BaseException:
             pkcs11_backend.release(self.backend)
             raise
@@ -147,6 +152,70 @@ class HomeRuntime:
         self.backend.generate(AUDIT_SPEC, handle, f"keyledger-audit:{self.home}", exportable=False)
         return handle.hex()
 
+    _seal_key_is_new = False
+
+    def _new_seal_key(self) -> str:
+        """The HMAC key that seals journals (non-extractable): made with the home, or on the
+        first open of a home made before seals existed."""
+        handle = uuid.uuid4().bytes
+        self.backend.generate(SEAL_SPEC, handle, f"keyledger-seal:{self.home}", exportable=False)
+        self._seal_key_is_new = True
+        return handle.hex()
+
+    def _seal_ingested(self, tx: Tx) -> None:
+        """On the upgrade of a home made before seals existed: seal what is already in the
+        ledger (under its signed checkpoints), so that only later records need journal seals."""
+        rows = tx.execute("SELECT journal, tip_jseq, tip_hash FROM journal_offsets "
+                          "WHERE seal_jseq IS NULL").fetchall()
+        for journal, jseq, tip in rows:
+            mac = self.seal_mac(seal_message(journal, jseq, tip)).hex()
+            tx.execute("UPDATE journal_offsets SET seal_jseq = ?, seal_hash = ?, seal_mac = ? "
+                       "WHERE journal = ?", [jseq, tip, mac, journal])
+
+    def seal_mac(self, message: bytes) -> bytes:
+        return self.backend.mac(self.seal_handle, message)
+
+    def check_seal(self, journal: str, jseq: int, tip: str, mac: bytes) -> bool:
+        """Whether a seal's MAC was made by the home's HSM seal key."""
+        return self.backend.verify_mac(self.seal_handle, seal_message(journal, jseq, tip), mac)
+
+    def writer_alive(self, journal: str) -> bool:
+        """Whether the journal's writer still runs (and so will seal what it wrote)."""
+        if journal == self.journal.journal:
+            return not self._closed
+        pid = journal_pid(journal)
+        if pid is None or pid == os.getpid():  # an earlier journal of this process: closed
+            return False
+        return self._owner_running(pid, "")
+
+    def await_seals(self) -> dict[str, int]:
+        """Give the running writers one seal round for the unsealed records ingested so far.
+
+        Returns, per live journal, the jseq through which a seal is now due: what is still
+        unsealed there after the wait is a finding; newer records are pending. A writer seals
+        every ``fsync_interval_ms``, so the wait is short and only happens while one is busy.
+        """
+        self.ingest()
+        interval = self.settings.audit.fsync_interval_ms / 1000
+        deadline = time.monotonic() + max(2.0, 20 * interval)
+        due: dict[str, int] | None = None
+        while True:
+            with self.db.read() as tx:
+                rows = tx.execute("SELECT journal, tip_jseq, coalesce(seal_jseq, 0) "
+                                  "FROM journal_offsets WHERE tip_jseq > coalesce(seal_jseq, 0)"
+                                  ).fetchall()
+            if due is None:
+                due = {j: tip for j, tip, _ in rows if self.writer_alive(j)}
+            if not any(j in due and sealed < due[j] for j, _, sealed in rows) \
+                    or time.monotonic() > deadline:
+                return due
+            time.sleep(interval)
+            self.ingest()
+
+    def journal_check(self, due: dict[str, int]) -> ledger.JournalCheck:
+        return ledger.JournalCheck(self.settings.journal_dir, self.check_seal, self.writer_alive,
+                                   due)
+
     @property
     def head_label(self) -> str:
         return ledger.HEAD_LABEL_PREFIX + self.home_id
@@ -175,7 +244,9 @@ class HomeRuntime:
         pending lines are all reads (e.g. the previous query's audit record) and no other
         journal grew, skip (the background ingest takes them within a second).
         ``busy_timeout``: how long to wait for a store another process holds (default: the
-        store's busy timeout)."""
+        store's busy timeout). This process's own records are sealed first, so what it ingests
+        of them is proven."""
+        self.journal.seal()
         with self._ingest_lock:
             skip = None
             if for_read and self.journal.changed_upto <= self._known_offsets.get(
@@ -187,7 +258,7 @@ class HomeRuntime:
             with self.db.write(export=False, timeout=busy_timeout) as tx:
                 ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
-                                       self.clock(), self._known_offsets)
+                                       self.clock(), self._known_offsets, self.check_seal)
                 if result.checkpoint is not None:
                     h = tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?",
                                    [result.checkpoint]).fetchone()[0]

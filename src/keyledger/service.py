@@ -57,7 +57,7 @@ from .model import (
 from .model import usage_limit as key_usage_limit
 from .runtime import HomeRuntime, ReconcileReport, naive
 from .store import catalog as cat
-from .store.ledger import VerifyReport
+from .store.ledger import ACCEPT_ACTION, VerifyReport, accept_detail
 from .store.ledger import verify as verify_ledger
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -909,8 +909,11 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             if until is not None:
                 where.append("time < ?")
                 args.append(naive(until))
+            # proven: covered by a journal seal made in the HSM (docs/audit.md "Seals")
             sql = ("SELECT seq, time, principal, action, key, version, outcome, error, detail, "
-                   "context, key_id, pid, journal, jseq FROM audit_log")
+                   "context, key_id, pid, journal, jseq, "
+                   "jseq <= coalesce(o.seal_jseq, 0) AS proven "
+                   "FROM audit_log LEFT JOIN journal_offsets o USING (journal)")
             if where:
                 sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY time DESC, seq DESC" if newest_first else " ORDER BY time, seq"
@@ -955,21 +958,46 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return df
 
     def verify_audit(self) -> VerifyReport:
-        """Check the chain, the checkpoints and the HSM-held head; name the first bad record."""
+        """Check the chain, the checkpoints, the HSM-held head, the journals and their seals;
+        name the first bad record. Not ok while any record is unproven (not accepted)."""
         with self._audited("verify_audit", None) as rec:
             self._authorize(rec, "verify_audit", None)
             try:
-                self._rt.ingest()
+                due = self._rt.await_seals()  # seals and ingests first
             except AuditError:  # a ledger that no longer matches its checkpoint: report it
-                pass
+                due = {}
             with self._rt.db.write(export=False) as tx:
-                report = verify_ledger(tx, self._rt.verify_checkpoint, self._rt.audit_head(tx))
+                report = verify_ledger(tx, self._rt.verify_checkpoint, self._rt.audit_head(tx),
+                                       self._rt.journal_check(due))
                 tx.execute("INSERT INTO verifications VALUES (?, ?, ?, ?, ?)",
                            [naive(self._now()), report.ok, report.records,
                             (report.first_bad or {}).get("seq"),
                             "; ".join(report.problems)[:1000] or None])
             rec.detail = "ok" if report.ok else "; ".join(report.problems)[:500]
             return report
+
+    def accept_unproven(self, journal: str, through_jseq: int, reason: str) -> None:
+        """Accept, after investigating, the unproven records of ``journal`` up to
+        ``through_jseq`` (see ``verify_audit()``): verification then lists them as accepted
+        instead of failing. Needs the admin role; the acceptance is itself an audit record."""
+        with self._audited(ACCEPT_ACTION, None) as rec:
+            self._authorize(rec, ACCEPT_ACTION, None)
+            if not isinstance(reason, str) or not reason.strip():
+                raise InvalidInput("say what the investigation found (reason=...); auditors "
+                                   "read it")
+            if not isinstance(journal, str) or type(through_jseq) is not int:
+                raise InvalidInput("journal must be a journal name and through_jseq an int, "
+                                   "as verify_audit() names them")
+            self._rt.ingest()
+            with self._rt.db.read() as tx:
+                row = tx.execute("SELECT coalesce(seal_jseq, 0), tip_jseq FROM journal_offsets "
+                                 "WHERE journal = ?", [journal]).fetchone()
+            if row is None or not row[0] < through_jseq <= row[1]:
+                have = (f"its unproven records are {row[0] + 1}-{row[1]}" if row and row[0] <
+                        row[1] else "it has no unproven records")
+                raise InvalidInput(f"journal {journal!r}: cannot accept records through "
+                                   f"{through_jseq}; {have if row else 'no such journal'}")
+            rec.detail = accept_detail(journal, through_jseq, " ".join(reason.split()))[:500]
 
     def export_audit(self, path: str | os.PathLike, format: str = "parquet", *,
                      overwrite: bool = False) -> Path:

@@ -15,22 +15,35 @@ a file, and ``prev`` is the ``hash`` of the line before (``genesis(journal)`` fo
 the lines leave them out and the ingester adds them (``ledger.ingest``). Record ``n`` hashes
 ``prev`` = hash of record ``n-1`` of the same journal: ``hash`` = sha256(content fields joined by
 U+001F, then ``prev``), see ``record_hash``.
+
+Seal lines prove that keyledger wrote the records, with the HSM's help: every
+``fsync_interval_ms`` (when records were added) and on close, the writer appends::
+
+    ["seal",jseq,"<hash of record jseq>","<HMAC-SHA256 in hex>"]
+
+where the MAC is made in the HSM with the home's non-extractable seal key over
+``seal_message(journal, jseq, hash)``. Because every record hashes its predecessor, one valid
+seal proves every record of the journal up to ``jseq``. ``append`` (the hot path) never calls
+the HSM; a record written after the newest seal is *unproven* until the next one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from json.encoder import encode_basestring as _q  # C-accelerated
 from pathlib import Path
 
 from ..errors import AuditError
 
+log = logging.getLogger("keyledger")
 SEP = "\x1f"
 # Audited calls that change nothing shown anywhere: a read need not wait for their records to
 # be ingested, and a live view need not refresh for another process's reads.
@@ -43,6 +56,62 @@ LINE_FIELDS = ("jseq", "time_us", "principal", "action", "key", "key_id", "versi
                "error", "detail", "context", "hash")
 _NAME_RE = re.compile(r"^.+-([0-9]{1,9})-[0-9a-f]{12}$")
 _sha256 = hashlib.sha256
+# A record dated up to this much before its predecessor (two threads racing between reading
+# the clock and appending, a small clock step) takes the predecessor's time, so time never
+# goes backwards within a journal; a larger step is recorded as it is (verification reports it).
+CLOCK_SLACK_US = 1_000_000
+SEAL_PREFIX = b'["'  # a record line starts with "[<digit>", a seal line with '["seal"'
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+Sealer = Callable[[bytes], bytes]
+
+
+def seal_message(journal: str, jseq: int, tip_hash: str) -> bytes:
+    """What a seal's MAC covers: the journal's name, the sealed record's jseq and hash."""
+    return SEP.join((journal, str(jseq), tip_hash)).encode()
+
+
+def parse_seal(line: bytes) -> tuple[int, str, bytes]:
+    """``(jseq, hash, mac)`` of a seal line; ValueError if it is not one."""
+    try:
+        value = json.loads(line)
+        tag, jseq, tip, mac = value
+        if (tag != "seal" or type(jseq) is not int or jseq < 1 or not isinstance(tip, str)
+                or not _HEX64.match(tip) or not isinstance(mac, str) or len(mac) != 64):
+            raise ValueError
+        return jseq, tip, bytes.fromhex(mac)
+    except (ValueError, TypeError):
+        raise ValueError("not a valid seal line") from None
+
+
+_RECORD_TYPES = (int, int, str, str, (str, type(None)), (str, type(None)), (int, type(None)),
+                 str, (str, type(None)), (str, type(None)), (str, type(None)), str)
+
+
+def line_problem(line: bytes) -> str | None:
+    """Why a complete journal line is neither a record nor a seal (None: it is one).
+
+    The slow, exact check behind ingest's fast parser: used to name the line that stopped a
+    journal's ingest and by verification for the bytes no ingest took.
+    """
+    if line.startswith(SEAL_PREFIX):
+        try:
+            parse_seal(line)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return "not a JSON line"
+    if not isinstance(value, list) or len(value) != len(LINE_FIELDS):
+        return f"not a record of {len(LINE_FIELDS)} fields"
+    for name, v, kind in zip(LINE_FIELDS, value, _RECORD_TYPES, strict=True):
+        if not isinstance(v, kind) or isinstance(v, bool):
+            return f"field {name} has the wrong type"
+    if value[0] < 1 or not _HEX64.match(value[-1]):
+        return "bad jseq or hash"
+    return None
 
 
 def has_changes(path: Path, start: int, end: int) -> bool:
@@ -57,6 +126,8 @@ def has_changes(path: Path, start: int, end: int) -> bool:
     except OSError:
         return True
     for line in chunk.splitlines():
+        if line.startswith(SEAL_PREFIX):
+            continue  # a seal changes nothing
         try:
             if json.loads(line)[3] not in READ_ACTIONS:  # [jseq, time_us, principal, action, ...]
                 return True
@@ -93,7 +164,11 @@ def record_hash(
 
 
 class JournalWriter:
-    def __init__(self, directory: Path, *, strict: bool, fsync_interval_ms: int) -> None:
+    """One process's journal. ``seal``: the HSM MAC of a seal message (None: no seals, every
+    record stays unproven; only for tools that write journals without a home's HSM)."""
+
+    def __init__(self, directory: Path, *, strict: bool, fsync_interval_ms: int,
+                 seal: Sealer | None = None) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.pid = os.getpid()
         self.journal = f"{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex[:12]}"
@@ -104,6 +179,7 @@ class JournalWriter:
             raise AuditError(f"cannot create the audit journal {self.path}: {exc.strerror}") from None
         self._lock = threading.Lock()
         self._seq = 0
+        self._last_us = 0  # time_us of the newest record
         self.size = 0  # bytes this writer appended
         self.changed_upto = 0  # end of its last record that was not a read
         self._head = self.journal + SEP  # record_hash's text starts with these ...
@@ -112,6 +188,9 @@ class JournalWriter:
         self._strict = strict
         self._dirty = False
         self._closed = False
+        self._seal = seal
+        self._seal_lock = threading.Lock()  # one seal at a time (fsync thread, close, verify)
+        self.sealed = 0  # jseq of the newest seal written
         self._interval = max(fsync_interval_ms, 1) / 1000
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="keyledger-fsync",
@@ -137,25 +216,31 @@ class JournalWriter:
             with self._lock:
                 if self._closed:
                     raise AuditError("the audit journal is closed; open the ledger again")
-                seq = self._seq + 1
-                # (this encode fails, before anything changed, on a lone surrogate)
-                h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
-                            ).hexdigest()
-                try:
-                    line = f'[{seq}{body}{h}"]\n'.encode()
-                    os.write(self._fd, line)
-                    if self._strict:
-                        os.fsync(self._fd)
-                except OSError as exc:
-                    raise AuditError(
-                        f"cannot append to the audit journal {self.path}: {exc.strerror}; "
-                        "the operation was done but its record may be missing - free disk space"
-                    ) from None
-                self._seq, self._prev, self._dirty = seq, h, True
-                self.size += len(line)
-                if action not in READ_ACTIONS:
-                    self.changed_upto = self.size
-                return seq
+                if time_us < self._last_us <= time_us + CLOCK_SLACK_US:
+                    retry_at = self._last_us  # rebuilt below, outside the lock
+                else:
+                    seq = self._seq + 1
+                    # (this encode fails, before anything changed, on a lone surrogate)
+                    h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
+                                ).hexdigest()
+                    try:
+                        line = f'[{seq}{body}{h}"]\n'.encode()
+                        os.write(self._fd, line)
+                        if self._strict:
+                            os.fsync(self._fd)
+                    except OSError as exc:
+                        raise AuditError(
+                            f"cannot append to the audit journal {self.path}: {exc.strerror}; "
+                            "the operation was done but its record may be missing - free disk space"
+                        ) from None
+                    self._seq, self._prev, self._dirty = seq, h, True
+                    self._last_us = time_us
+                    self.size += len(line)
+                    if action not in READ_ACTIONS:
+                        self.changed_upto = self.size
+                    return seq
+            return self.append(retry_at, principal, action, key, key_id, version, outcome,
+                               error, detail, context)
         except UnicodeEncodeError:  # a string no UTF-8 can hold: record it backslash-escaped
             return self.append(time_us, *(
                 v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
@@ -171,17 +256,48 @@ class JournalWriter:
             fd = self._fd
         os.fdatasync(fd)
 
+    def seal(self) -> None:
+        """Append a seal over the newest record, if it is not sealed yet.
+
+        The MAC is made in the HSM outside the append lock, so calls never wait for the HSM;
+        records appended meanwhile are covered by the next seal.
+        """
+        if self._seal is None:
+            return
+        with self._seal_lock:
+            with self._lock:
+                if self._closed or self._seq <= self.sealed:
+                    return
+                seq, tip = self._seq, self._prev
+            mac = self._seal(seal_message(self.journal, seq, tip))
+            line = f'["seal",{seq},"{tip}","{mac.hex()}"]\n'.encode()
+            with self._lock:
+                if self._closed:
+                    return
+                os.write(self._fd, line)
+                self.size += len(line)
+                self.sealed, self._dirty = seq, True
+
     def _flush_loop(self) -> None:
         while not self._stop.wait(self._interval):
             try:
                 self.flush()
+                self.seal()
             except OSError:  # reported on the next append
                 pass
+            except Exception:  # an HSM hiccup: the next round seals again
+                log.warning("could not seal the audit journal %s; retrying", self.journal,
+                            exc_info=True)
 
     def close(self) -> None:
         self._stop.set()
         if self._flusher.is_alive() and self._flusher is not threading.current_thread():
             self._flusher.join()
+        try:
+            self.seal()
+        except Exception:  # the tail stays unproven; verify_audit names it
+            log.warning("could not seal the audit journal %s on close", self.journal,
+                        exc_info=True)
         self.flush()
         with self._lock:
             if not self._closed:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..errors import AuditError
-from .journal import LINE_FIELDS, SEP, SUFFIX, genesis, journal_pid
+from .journal import LINE_FIELDS, SEAL_PREFIX, SEP, SUFFIX, genesis, journal_pid, line_problem, parse_seal
 
 _STRING_FIELDS = ("principal", "action", "key", "key_id", "outcome", "error", "detail",
                   "context")
@@ -75,6 +75,8 @@ ZERO = "0" * 64
 HEAD_LABEL_PREFIX = "keyledger-audit-head:"
 
 Signer = Callable[[bytes], bytes]
+# (journal, jseq, tip hash, mac) -> whether the MAC was made with the home's HSM seal key
+SealCheck = Callable[[str, int, str, bytes], bool]
 
 
 def checkpoint_hash(cp_seq: int, last_seq: int, n_records: int, tips: str, prev: str) -> str:
@@ -147,6 +149,28 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
 
 
 @dataclass
+class _Offset:
+    """A journal's ingest bookkeeping (a row of journal_offsets)."""
+
+    file_offset: int
+    tip_jseq: int
+    tip_hash: str
+    seal_jseq: int | None = None
+    seal_hash: str | None = None
+    seal_mac: str | None = None
+    bad_seal_jseq: int | None = None
+
+
+_OFFSET_COLUMNS = ("file_offset", "tip_jseq", "tip_hash", "seal_jseq", "seal_hash", "seal_mac",
+                   "bad_seal_jseq")
+
+
+def read_offsets(con: duckdb.DuckDBPyConnection) -> dict[str, _Offset]:
+    return {j: _Offset(*rest) for j, *rest in con.execute(
+        f"SELECT journal, {', '.join(_OFFSET_COLUMNS)} FROM journal_offsets").fetchall()}
+
+
+@dataclass
 class _Pending:
     journal: str
     pid: int
@@ -161,38 +185,124 @@ class _Chunk:
     journal: str
     pid: int
     begin: int  # position in the batch buffer
-    end: int  # just past its last complete line
-    file_end: int  # file offset just past that line
+    end: int  # just past its last complete record line (seal lines removed)
+    file_start: int  # file offset of its first byte
+    file_end: int  # file offset just past its last complete line
     prev: str  # hash of the journal's record before the chunk's first
+    path: Path
+    seals: list[tuple[int, str, bytes]] = field(default_factory=list)  # (jseq, hash, mac)
 
 
-def _pending(journal_dir: Path, offsets: dict[str, tuple[int, int, str]],
-             known: dict[str, int]) -> list[_Pending]:
-    """The journals that grew since their offsets, in journal (name) order."""
+def journal_files(journal_dir: Path) -> tuple[list[str], list[str]]:
+    """(journal names, foreign entries) in ``journal_dir``, each sorted by name."""
     try:
-        entries = sorted(e for e in os.listdir(journal_dir) if e.endswith(SUFFIX))
+        entries = sorted(os.listdir(journal_dir))
     except FileNotFoundError:
-        return []
-    todo = []
+        return [], []
+    names, foreign = [], []
     for entry in entries:
         name = entry[:-len(SUFFIX)]
-        start = offsets[name][0] if name in offsets else 0
+        if entry.endswith(SUFFIX) and journal_pid(name) is not None \
+                and (journal_dir / entry).is_file():
+            names.append(name)
+        else:
+            foreign.append(entry)
+    return names, foreign
+
+
+def _pending(journal_dir: Path, offsets: dict[str, _Offset],
+             known: dict[str, int]) -> list[_Pending]:
+    """The journals that grew since their offsets, in journal (name) order.
+
+    Foreign files and journals shorter than what was ingested from them (truncated) are left
+    alone: verification reports them (``check_journals``); they never block other journals.
+    """
+    names, foreign = journal_files(journal_dir)
+    for entry in foreign:  # pending_bytes need not look at them again until they grow
         try:
-            size = os.stat(journal_dir / entry).st_size
+            known[entry[:-len(SUFFIX)]] = os.stat(journal_dir / entry).st_size
+        except OSError:
+            pass
+    todo = []
+    for name in names:
+        path = journal_dir / f"{name}{SUFFIX}"
+        start = offsets[name].file_offset if name in offsets else 0
+        try:
+            size = os.stat(path).st_size
         except FileNotFoundError:
             continue
-        if size <= start:
+        if size <= start or not tail_intact(path, offsets.get(name)):
             known[name] = size
             continue
-        pid = journal_pid(name)
-        if pid is None:
-            raise AuditError(f"{journal_dir / entry} is not a keyledger journal (its name is not "
-                             "<host>-<pid>-<12 hex>.jsonl); move it out of the journal folder")
-        todo.append(_Pending(name, pid, journal_dir / entry, start, size))
+        todo.append(_Pending(name, journal_pid(name) or 0, path, start, size))
     return todo
 
 
-def _read_batch(todo: list[_Pending], offsets: dict[str, tuple[int, int, str]]
+def tail_intact(path: Path, off: _Offset | None) -> bool:
+    """Whether the journal still ends its ingested part with the line ingest last took: the
+    tip record (``<tip hash>"]``) or a seal. False: it was truncated or rewritten, and reading
+    on from the stored offset would take the wrong bytes."""
+    if off is None or off.file_offset == 0:
+        return True
+    n = min(off.file_offset, 256)
+    try:
+        with path.open("rb") as fh:
+            fh.seek(off.file_offset - n)
+            tail = fh.read(n)
+    except OSError:
+        return False
+    if len(tail) != n or not tail.endswith(b'"]\n'):
+        return False
+    if tail.endswith(off.tip_hash.encode() + b'"]\n'):
+        return True
+    line_start = tail.rfind(b"\n", 0, n - 1) + 1
+    return (line_start > 0 or n == off.file_offset) and tail.startswith(SEAL_PREFIX, line_start)
+
+
+def _take_seals(buf: bytearray, begin: int, end: int) -> tuple[int, list[tuple[int, str, bytes]]]:
+    """Move the seal lines out of the complete lines ``buf[begin:end]`` (in place); returns the
+    new end of the record lines and the seals. Raises ValueError for a malformed seal line."""
+    starts = [begin] if buf.startswith(SEAL_PREFIX, begin, end) else []
+    i = buf.find(b"\n" + SEAL_PREFIX, begin, end)
+    while i != -1:
+        starts.append(i + 1)
+        i = buf.find(b"\n" + SEAL_PREFIX, i + 1, end)
+    if not starts:
+        return end, []
+    seals, write = [], starts[0]
+    for k, start in enumerate(starts):
+        stop = buf.index(b"\n", start, end) + 1
+        seals.append(parse_seal(bytes(buf[start:stop])))
+        upto = starts[k + 1] if k + 1 < len(starts) else end
+        buf[write:write + upto - stop] = buf[stop:upto]
+        write += upto - stop
+    return write, seals
+
+
+_MALFORMED = (0, "", b"")
+
+
+class _Unreadable(ValueError):
+    """Journal lines the fast parser cannot take: ingest salvages the good lines before them."""
+
+
+def _good_prefix(path: Path, start: int, end: int) -> int:
+    """File offset just past the complete lines of ``start:end`` before the first bad one."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(start)
+            data = fh.read(end - start)
+    except OSError:
+        return start
+    pos = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n") or line_problem(line) is not None:
+            break
+        pos += len(line)
+    return start + pos
+
+
+def _read_batch(todo: list[_Pending], offsets: dict[str, _Offset]
                 ) -> tuple[bytearray, list[_Chunk], list[_Pending]]:
     """Complete lines of the pending journals, back to back in one buffer of about
     ``_BATCH_BYTES`` at most; returns the buffer, its chunks and what is left to read."""
@@ -221,11 +331,16 @@ def _read_batch(todo: list[_Pending], offsets: dict[str, tuple[int, int, str]]
                 left.append(_Pending(p.journal, p.pid, p.path, p.start, p.size, capped=False))
             continue
         file_end = p.start + end - pos
-        prev = offsets[p.journal][2] if p.journal in offsets else genesis(p.journal)
-        chunks.append(_Chunk(p.journal, p.pid, pos, end, file_end, prev))
+        prev = offsets[p.journal].tip_hash if p.journal in offsets else genesis(p.journal)
+        chunk = _Chunk(p.journal, p.pid, pos, end, p.start, file_end, prev, p.path)
+        try:
+            chunk.end, chunk.seals = _take_seals(buf, pos, end)
+        except ValueError:
+            chunk.seals = [_MALFORMED]  # ingest salvages the lines before it
+        chunks.append(chunk)
         if got == length < p.size - p.start:  # capped: the rest goes into a later batch
             left.append(_Pending(p.journal, p.pid, p.path, file_end, p.size))
-        pos = end
+        pos = chunk.end
     view.release()
     del buf[pos:]
     return buf, chunks, left
@@ -337,10 +452,7 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
         hashes, prevs = _hash_columns(raw.column("hash"), [c.prev for c in chunks],
                                       ends - counts)
     except (pa.ArrowException, ValueError) as exc:
-        raise AuditError(f"cannot read the audit journal lines of "
-                         f"{', '.join(c.journal for c in chunks)}: "
-                         f"{str(exc).splitlines()[0][:200]}; the ingest stops until the "
-                         "journal is repaired or moved away") from None
+        raise _Unreadable(str(exc).splitlines()[0][:200]) from None
     journal_index = pa.array(np.repeat(np.arange(k, dtype=np.int32), counts))
     columns.update(
         seq=pa.array(np.arange(base + 1, base + 1 + n, dtype=np.int64)),
@@ -373,49 +485,124 @@ def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
         con.unregister("kl_batch")
 
 
+class _Ingest:
+    """One ingest transaction: batches in, bookkeeping and seals updated per journal."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, offsets: dict[str, _Offset],
+                 check_seal: SealCheck) -> None:
+        self.con, self.offsets, self.check_seal = con, offsets, check_seal
+        self.base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0]
+        self.records = 0
+        self.moved: set[str] = set()
+
+    def run(self, todo: list[_Pending]) -> None:
+        while todo:
+            buf, chunks, todo = _read_batch(todo, self.offsets)
+            if not chunks:
+                continue
+            try:
+                self.batch(buf, chunks)
+            except _Unreadable:  # take each journal's good lines alone; the rest stays put
+                del buf
+                for chunk in chunks:
+                    self.salvage(chunk)
+                # what a capped journal had left continues only where its ingest stopped
+                todo = [p for p in todo if p.start == self.offset_of(p.journal)]
+
+    def offset_of(self, journal: str) -> int:
+        off = self.offsets.get(journal)
+        return off.file_offset if off else 0
+
+    def salvage(self, chunk: _Chunk) -> None:
+        """Ingest the lines of ``chunk`` before its first bad one (verification names that)."""
+        good = _good_prefix(chunk.path, chunk.file_start, chunk.file_end)
+        if good <= chunk.file_start:
+            return
+        buf, chunks, _ = _read_batch([_Pending(chunk.journal, chunk.pid, chunk.path,
+                                               chunk.file_start, good, capped=False)],
+                                     self.offsets)
+        try:
+            if chunks:
+                self.batch(buf, chunks)
+        except _Unreadable:  # the exact check and the fast parser disagree: leave it all
+            pass
+
+    def batch(self, buf: bytearray, chunks: list[_Chunk]) -> None:
+        if any(_MALFORMED in c.seals for c in chunks):
+            raise _Unreadable("a malformed seal line")
+        records = [c for c in chunks if c.end > c.begin]
+        if records:
+            # Journals in name order, lines in jseq order: seq numbers the batch in
+            # (journal, jseq) order without sorting it.
+            batch, last_rows = _parse(buf, records, self.base)
+            _insert(self.con, batch)
+            jseq, hashes = batch.column("jseq"), batch.column("hash")
+            for chunk, row in zip(records, last_rows, strict=True):
+                off = self.offsets.setdefault(chunk.journal, _Offset(0, 0, ""))
+                off.tip_jseq, off.tip_hash = jseq[row].as_py(), hashes[row].as_py()
+            self.base += batch.num_rows
+            self.records += batch.num_rows
+        for chunk in chunks:
+            off = self.offsets.get(chunk.journal)
+            if off is None:  # seal lines without any record: verification reports them
+                continue
+            off.file_offset = chunk.file_end
+            self.take_seals(chunk, off)
+            self.moved.add(chunk.journal)
+
+    def take_seals(self, chunk: _Chunk, off: _Offset) -> None:
+        """Keep the newest seal whose MAC the HSM confirms; note the first one it refutes.
+        One valid seal proves every record before it, so older seals need no HSM call."""
+        for jseq, tip, mac in reversed(chunk.seals):
+            if off.seal_jseq is not None and jseq <= off.seal_jseq:
+                return
+            if self.check_seal(chunk.journal, jseq, tip, mac):
+                off.seal_jseq, off.seal_hash, off.seal_mac = jseq, tip, mac.hex()
+                return
+            off.bad_seal_jseq = min(jseq, off.bad_seal_jseq or jseq)
+
+    def store_offsets(self) -> None:
+        names = sorted(self.moved)
+        columns = {name: [getattr(self.offsets[j], name) for j in names]
+                   for name in _OFFSET_COLUMNS}
+        self.con.register("kl_offsets", pa.table({
+            "journal": names, **columns}, schema=pa.schema(
+                [("journal", pa.string()), ("file_offset", pa.int64()), ("tip_jseq", pa.int64()),
+                 ("tip_hash", pa.string()), ("seal_jseq", pa.int64()), ("seal_hash", pa.string()),
+                 ("seal_mac", pa.string()), ("bad_seal_jseq", pa.int64())])))
+        cols = ", ".join(("journal",) + _OFFSET_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _OFFSET_COLUMNS)
+        try:
+            self.con.execute(f"INSERT INTO journal_offsets ({cols}) SELECT {cols} FROM kl_offsets "
+                             f"ON CONFLICT DO UPDATE SET {updates}")
+        finally:
+            self.con.unregister("kl_offsets")
+
+
 def ingest(con: duckdb.DuckDBPyConnection, journal_dir: Path, sign: Signer,
-           now: datetime, known: dict[str, int]) -> IngestResult:
-    """Move new complete journal lines into audit_log; runs inside the caller's transaction."""
-    offsets = {j: (o, s, h) for j, o, s, h in con.execute(
-        "SELECT journal, file_offset, tip_jseq, tip_hash FROM journal_offsets").fetchall()}
+           now: datetime, known: dict[str, int], check_seal: SealCheck) -> IngestResult:
+    """Move new complete journal lines into audit_log; runs inside the caller's transaction.
+
+    Seal lines are taken out before parsing; the newest valid seal of each journal is kept in
+    journal_offsets. Lines that do not parse stop only their own journal (its lines before
+    them are ingested); verification names them.
+    """
+    offsets = read_offsets(con)
     todo = _pending(journal_dir, offsets, known)
     result = IngestResult()
     if not todo:
         return result
-    base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0]
-    moved: dict[str, tuple[int, int, str]] = {}
-    while todo:
-        buf, chunks, todo = _read_batch(todo, offsets)
-        if not chunks:
-            continue
-        # Journals in name order, lines in jseq order: seq numbers the batch in
-        # (journal, jseq) order without sorting it.
-        batch, last_rows = _parse(buf, chunks, base)
-        del buf
-        _insert(con, batch)
-        jseq, hashes = batch.column("jseq"), batch.column("hash")
-        for chunk, row in zip(chunks, last_rows, strict=True):
-            moved[chunk.journal] = offsets[chunk.journal] = (
-                chunk.file_end, jseq[row].as_py(), hashes[row].as_py())
-        base += batch.num_rows
-        result.records += batch.num_rows
-    if not moved:
+    run = _Ingest(con, offsets, check_seal)
+    run.run(todo)
+    result.records = run.records
+    if not run.moved:
         return result
-    names = sorted(moved)
-    con.register("kl_offsets", pa.table({
-        "journal": names, "file_offset": [moved[j][0] for j in names],
-        "tip_jseq": [moved[j][1] for j in names], "tip_hash": [moved[j][2] for j in names]}))
-    try:
-        con.execute(
-            """INSERT INTO journal_offsets SELECT * FROM kl_offsets ON CONFLICT DO UPDATE SET
-               file_offset = excluded.file_offset, tip_jseq = excluded.tip_jseq,
-               tip_hash = excluded.tip_hash""")
-    finally:
-        con.unregister("kl_offsets")
-    for journal in names:
-        known[journal] = moved[journal][0]
-    result.journals = len(names)
-    result.checkpoint = write_checkpoint(con, sign, now)
+    run.store_offsets()
+    for journal in run.moved:
+        known[journal] = offsets[journal].file_offset
+    result.journals = len(run.moved)
+    if run.records:
+        result.checkpoint = write_checkpoint(con, sign, now)
     return result
 
 
@@ -452,13 +639,17 @@ class VerifyReport:
     checkpoints: int
     problems: list[str] = field(default_factory=list)
     first_bad: dict | None = None
+    # unproven records an admin accepted (accept_unproven): not problems, but worth knowing
+    accepted: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __str__(self) -> str:
         if self.ok:
-            return f"audit ledger OK: {self.records} records, {self.checkpoints} checkpoints verified"
+            note = f" ({'; '.join(self.accepted)})" if self.accepted else ""
+            return (f"audit ledger OK: {self.records} records, {self.checkpoints} checkpoints "
+                    f"verified{note}")
         where = ""
         if self.first_bad:
             fb = self.first_bad
@@ -478,11 +669,18 @@ _MODIFIED_SQL = f"SELECT seq FROM audit_log WHERE NOT coalesce({ROW_HASH_SQL} = 
 # rows that do not continue the row stored just before them (same journal, next jseq, prev =
 # its hash, higher seq). In an intact ledger those are the first row of each journal's run in
 # each ingest batch; anything else is moved, removed or inserted rows.
-_RUN_STARTS_SQL = """SELECT seq, journal, jseq, prev, ls, lj, ljs, lh FROM (
-    SELECT seq, journal, jseq, prev, lag(seq) OVER () AS ls, lag(journal) OVER () AS lj,
-           lag(jseq) OVER () AS ljs, lag(hash) OVER () AS lh
+# A row dated before the row it continues is a run start too, so that _run_links sees it.
+_RUN_STARTS_SQL = """SELECT seq, journal, jseq, prev, ls, lj, ljs, lh, time, lt FROM (
+    SELECT seq, journal, jseq, prev, time, lag(seq) OVER () AS ls, lag(journal) OVER () AS lj,
+           lag(jseq) OVER () AS ljs, lag(hash) OVER () AS lh, lag(time) OVER () AS lt
     FROM audit_log)
-    WHERE NOT coalesce(seq > ls AND journal = lj AND jseq = ljs + 1 AND prev = lh, false)"""
+    WHERE NOT coalesce(seq > ls AND journal = lj AND jseq = ljs + 1 AND prev = lh
+                       AND time >= lt, false)"""
+
+# The exact check of time within each journal (a sort); only when _run_links is not conclusive.
+_BACKWARDS_SQL = """SELECT seq FROM (
+    SELECT seq, time, lag(time) OVER (PARTITION BY journal ORDER BY jseq) AS lt FROM audit_log)
+    WHERE time < lt ORDER BY seq"""
 
 # The exact link check (a sort per journal); run only when the fast one above is not conclusive.
 _LINKS_SQL = """SELECT min(seq), count(*) FROM (
@@ -493,30 +691,33 @@ _LINKS_SQL = """SELECT min(seq), count(*) FROM (
        OR (lj IS NOT NULL AND (jseq <> lj + 1 OR prev <> lh OR seq < ls))"""
 
 
-def _run_links(starts: list[tuple], last: tuple | None) -> dict[str, tuple[int, str]] | None:
+def _run_links(starts: list[tuple], last: tuple | None
+               ) -> tuple[dict[str, tuple[int, str]], list[int]] | None:
     """Check that the runs of consecutive rows found by ``_RUN_STARTS_SQL`` chain up per journal.
 
-    ``starts`` are (seq, journal, jseq, prev, ls, lj, ljs, lh) of the rows that do not continue
-    the row stored before them (whose seq, journal, jseq, hash are ls, lj, ljs, lh: a run's
-    end); ``last`` is (seq, journal, jseq, hash) of the last row. Sound on its own: every row
-    continues its predecessor in storage order or starts a run; each run start links to
-    the end of another run of its journal (jseq - 1, its hash, a lower seq) that nothing else
-    links to, or is its journal's only jseq 1 with prev = sha256(journal); seq rises in
-    storage order. So every journal is one unbroken chain 1..n with rising seq, as the exact
-    window check demands. Returns each journal's (jseq, hash) tip, or None when this check
-    cannot vouch for the ledger (the exact check decides then).
+    ``starts`` are (seq, journal, jseq, prev, ls, lj, ljs, lh, time, lt) of the rows that do
+    not continue the row stored before them (whose seq, journal, jseq, hash, time are ls, lj,
+    ljs, lh, lt: a run's end); ``last`` is (seq, journal, jseq, hash, time) of the last row.
+    Sound on its own: every row continues its predecessor in storage order or starts a run;
+    each run start links to the end of another run of its journal (jseq - 1, its hash, a
+    lower seq) that nothing else links to, or is its journal's only jseq 1 with prev =
+    sha256(journal); seq rises in storage order. So every journal is one unbroken chain 1..n
+    with rising seq, as the exact window check demands. Returns each journal's (jseq, hash)
+    tip and the seqs of the rows dated before their predecessor in the journal, or None when
+    this check cannot vouch for the ledger (the exact checks decide then).
     """
-    ends: dict[tuple[str, int], tuple[str, int]] = {}
-    pairs = [(lj, ljs, lh, ls) for _, _, _, _, ls, lj, ljs, lh in starts if ls is not None]
+    ends: dict[tuple[str, int], tuple[str, int, datetime]] = {}
+    pairs = [(lj, ljs, lh, ls, lt) for *_, ls, lj, ljs, lh, _, lt in starts if ls is not None]
     if last is not None:
-        pairs.append((last[1], last[2], last[3], last[0]))
-    for journal, jseq, h, seq in pairs:
+        pairs.append((last[1], last[2], last[3], last[0], last[4]))
+    for journal, jseq, h, seq, time in pairs:
         if (journal, jseq) in ends:
             return None
-        ends[(journal, jseq)] = (h, seq)
+        ends[(journal, jseq)] = (h, seq, time)
     first_seen: set[str] = set()
     used: set[tuple[str, int]] = set()
-    for seq, journal, jseq, prev, ls, *_ in starts:
+    backwards: list[int] = []
+    for seq, journal, jseq, prev, ls, _, _, _, time, _ in starts:
         if seq is None or journal is None or jseq is None or (ls is not None and seq <= ls):
             return None  # storage order is not seq order
         if jseq == 1:
@@ -528,16 +729,154 @@ def _run_links(starts: list[tuple], last: tuple | None) -> dict[str, tuple[int, 
         if end is None or (journal, jseq - 1) in used or end[0] != prev or end[1] >= seq:
             return None
         used.add((journal, jseq - 1))
+        if time < end[2]:
+            backwards.append(seq)
     tips: dict[str, tuple[int, str]] = {}
-    for (journal, jseq), (h, _) in ends.items():
+    for (journal, jseq), (h, _, _) in ends.items():
         if journal not in tips or jseq > tips[journal][0]:
             tips[journal] = (jseq, h)
-    return tips
+    return tips, backwards
+
+
+@dataclass
+class JournalCheck:
+    """What verification needs to check the journals and their seals (see ``check_journals``).
+
+    ``alive(journal)``: whether the journal's writer still runs (it seals what it writes).
+    ``due``: per live journal, the jseq through which a seal was waited for; a live writer's
+    newer records are still pending (sealed within ``fsync_interval_ms``), not a finding.
+    """
+
+    journal_dir: Path
+    check_seal: SealCheck
+    alive: Callable[[str], bool]
+    due: dict[str, int] = field(default_factory=dict)
+
+
+ACCEPT_ACTION = "accept_unproven"
+_ACCEPT_RE = re.compile(r"^accepted unproven records of (\S+) through (\d+): ")
+
+
+def accept_detail(journal: str, through: int, reason: str) -> str:
+    """The detail of an accept_unproven record; verification reads acceptances from it."""
+    return f"accepted unproven records of {journal} through {through}: {reason}"
+
+
+def _accepted(con: duckdb.DuckDBPyConnection, proven: dict[str, int]) -> dict[str, int]:
+    """journal -> jseq through which an admin accepted unproven records, from acceptance
+    records that are themselves proven (a forged acceptance would be unproven)."""
+    out: dict[str, int] = {}
+    for journal, jseq, detail in con.execute(
+            "SELECT journal, jseq, detail FROM audit_log WHERE action = ? AND outcome = 'ok'",
+            [ACCEPT_ACTION]).fetchall():
+        m = _ACCEPT_RE.match(detail or "")
+        if m and jseq <= proven.get(journal, 0):
+            out[m.group(1)] = max(out.get(m.group(1), 0), int(m.group(2)))
+    return out
+
+
+def _unread_problem(path: Path, start: int, alive: bool) -> str | None:
+    """What is wrong with the bytes of a journal that no ingest took (None: only a live
+    writer's fresh lines)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(start)
+            data = fh.read(1 << 16)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not data:
+        return None
+    for i, line in enumerate(data.splitlines(keepends=True), start=1):
+        if not line.endswith(b"\n"):
+            break
+        problem = line_problem(line)
+        if problem:
+            return f"line {i} after the ingested part cannot be ingested ({problem})"
+    return None if alive else f"{len(data)} byte(s) after the ingested part were not ingested"
+
+
+def check_journals(con: duckdb.DuckDBPyConnection, check: JournalCheck,
+                   fail: Callable[[str, int | None], None], report: VerifyReport) -> None:
+    """The journals against the ledger: foreign files, truncated or unreadable journals, seals
+    (again in the HSM), and records no valid seal covers (unproven)."""
+    names, foreign = journal_files(check.journal_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        fail(f"{len(foreign)} foreign file(s) in {check.journal_dir} ({shown}): not keyledger "
+             "journals (name <host>-<pid>-<12 hex>.jsonl); nothing in them is ingested - "
+             "investigate and move them away", None)
+    offsets = read_offsets(con)
+
+    def seq_of(journal: str, jseq: int) -> int | None:
+        return con.execute("SELECT min(seq) FROM audit_log WHERE journal = ? AND jseq = ?",
+                           [journal, jseq]).fetchone()[0]
+
+    for name in names:
+        path = check.journal_dir / f"{name}{SUFFIX}"
+        off = offsets.get(name)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if off is not None and (size < off.file_offset or not tail_intact(path, off)):
+            fail(f"journal {name} no longer holds what was ingested from it (through record "
+                 f"{off.tip_jseq}, {off.file_offset} bytes; the file has {size}): it was "
+                 "truncated or rewritten, and records written after that are not ingested",
+                 seq_of(name, off.tip_jseq))
+            continue
+        problem = _unread_problem(path, off.file_offset if off else 0, check.alive(name))
+        if problem:
+            fail(f"journal {name}: {problem}; its records after record "
+                 f"{off.tip_jseq if off else 0} are not in the ledger", None)
+    proven: dict[str, int] = {}
+    # the hashes of the sealed records, all journals in one join (no scan per journal)
+    sealed_rows: dict[str, list[str]] = {}
+    for journal, h in con.execute(
+            """SELECT o.journal, a.hash FROM journal_offsets o JOIN audit_log a
+               ON a.journal = o.journal AND a.jseq = o.seal_jseq""").fetchall():
+        sealed_rows.setdefault(journal, []).append(h)
+    for name, off in offsets.items():
+        if off.bad_seal_jseq is not None:
+            fail(f"journal {name}: the seal of record {off.bad_seal_jseq} does not verify with "
+                 "the HSM seal key (the seal line was altered or forged)",
+                 seq_of(name, off.bad_seal_jseq))
+        if off.seal_jseq is None:
+            continue
+        try:
+            mac = bytes.fromhex(off.seal_mac or "")
+        except ValueError:  # not even hex: altered in the store
+            mac = b""
+        if not check.check_seal(name, off.seal_jseq, off.seal_hash or "", mac):
+            fail(f"journal {name}: its stored seal (record {off.seal_jseq}) does not verify "
+                 "with the HSM seal key (journal_offsets was altered)", None)
+        elif sealed_rows.get(name) != [off.seal_hash]:
+            fail(f"journal {name}: record {off.seal_jseq} is not the record its seal covers "
+                 "(records were rewritten before ingest)", seq_of(name, off.seal_jseq))
+        else:
+            proven[name] = off.seal_jseq
+    accepted = _accepted(con, proven)
+    for name, off in sorted(offsets.items()):
+        first = proven.get(name, 0) + 1
+        due = off.tip_jseq if not check.alive(name) else min(off.tip_jseq,
+                                                               check.due.get(name, 0))
+        if due < first:
+            continue
+        if accepted.get(name, 0) >= due:
+            report.accepted.append(f"records {first}-{due} of journal {name} are unproven "
+                                   "and were accepted by an admin")
+            continue
+        first = max(first, accepted.get(name, 0) + 1)
+        fail(f"journal {name}: records {first}-{due} are unproven (no valid HSM seal covers "
+             "them): either its process stopped before sealing them (e.g. it was killed) or "
+             "the lines were not written by keyledger (forged); after investigating, an admin "
+             f"can accept them with accept_unproven({name!r}, {due}, reason)",
+             seq_of(name, first))
 
 
 def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, bytes], bool],
-           head: tuple[int, str] | None) -> VerifyReport:
-    """Vectorised checks in SQL: row hashes, chain links per journal, checkpoint chain, tips."""
+           head: tuple[int, str] | None, journals: JournalCheck | None = None) -> VerifyReport:
+    """Vectorised checks in SQL: row hashes, chain links per journal, checkpoint chain, tips;
+    with ``journals``, also the journal files and seals (``check_journals``)."""
     n, max_seq = con.execute("SELECT count(*), max(seq) FROM audit_log").fetchone()
     ncp = con.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
     report = VerifyReport(True, n, ncp)
@@ -575,11 +914,19 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
         seqs = [s for s in modified if s is not None]
         fail(f"{len(modified)} record(s) do not match their hash (modified)",
              min(seqs) if seqs else None)
-    lasts = con.execute("SELECT seq, journal, jseq, hash FROM audit_log WHERE seq = ?",
+    lasts = con.execute("SELECT seq, journal, jseq, hash, time FROM audit_log WHERE seq = ?",
                         [max_seq]).fetchall() if max_seq is not None else []
-    tips = None
+    tips = linked = None
     if len(lasts) <= 1 and (n == 0) == (not lasts):  # else seq repeats or is missing
-        tips = _run_links(starts, lasts[0] if lasts else None)
+        linked = _run_links(starts, lasts[0] if lasts else None)
+    if linked is not None:
+        tips, backwards = linked
+    else:
+        backwards = [seq for (seq,) in con.execute(_BACKWARDS_SQL).fetchall()]
+    if backwards:
+        fail(f"{len(backwards)} record(s) dated before the record before them in their journal "
+             "(time went backwards: a clock set back by more than a second, or lines that its "
+             "writer did not write)", backwards[0])
     if tips is None:  # not conclusive: the exact checks decide and name the first bad row
         row = con.execute(_LINKS_SQL).fetchone()
         if row[1]:
@@ -652,6 +999,8 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
                     break
     elif cps:
         fail("the HSM holds no audit head although checkpoints exist", None)
+    if journals is not None:
+        check_journals(con, journals, fail, report)
     if bad and report.first_bad is None:
         first = min(bad)
         rec = con.execute("SELECT seq, journal, jseq, time, action, key FROM audit_log "

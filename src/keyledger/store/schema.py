@@ -69,6 +69,15 @@ MIGRATIONS: list[str] = [
     CREATE TABLE acknowledgements (principal VARCHAR NOT NULL, time TIMESTAMP NOT NULL,
         statement VARCHAR NOT NULL);
     """,
+    # 3: journal seals (docs/audit.md "Seals"): per journal the newest seal whose HSM MAC
+    # verified at ingest (it proves every record up to seal_jseq) and the first seal that did
+    # not verify; verification checks them again in the HSM.
+    """
+    ALTER TABLE journal_offsets ADD COLUMN seal_jseq BIGINT;
+    ALTER TABLE journal_offsets ADD COLUMN seal_hash VARCHAR;
+    ALTER TABLE journal_offsets ADD COLUMN seal_mac VARCHAR;
+    ALTER TABLE journal_offsets ADD COLUMN bad_seal_jseq BIGINT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
