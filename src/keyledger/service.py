@@ -509,12 +509,12 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                 rotation_by_purpose=rotation_by_purpose,
                                 rotation_by_tag=rotation_by_tag)
 
-    def _require_quorum(self, key: Key | None, action: str, what: str) -> None:
+    def _require_quorum(self, key: Key | None, action: str, what: str, args: str = "") -> None:
         needed = self._quorum(key)
         if needed > 1:
             raise PolicyViolation(
-                f"{what} needs {needed} distinct admins: run request({action!r}, name, reason) "
-                f"and ask {needed - 1} other admin(s) to approve it")
+                f"{what} needs {needed} distinct admins: run request({action!r}, name, reason"
+                f"{args}) and ask {needed - 1} other admin(s) to approve it")
 
     def _set_policy(self, name: str, *, approved: bool, rotation_period=None,
                     min_decryption_version=None, min_encryption_version=None, owner=None,

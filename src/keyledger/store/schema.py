@@ -69,6 +69,11 @@ MIGRATIONS: list[str] = [
     CREATE TABLE acknowledgements (principal VARCHAR NOT NULL, time TIMESTAMP NOT NULL,
         statement VARCHAR NOT NULL);
     """,
+    # 3: who held admin on a request's scope when it was filed (JSON list): only their
+    # approvals count, so an admin made after the request cannot help pass it
+    """
+    ALTER TABLE requests ADD COLUMN admins VARCHAR;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
