@@ -218,6 +218,9 @@ def cmd_key_create(args: argparse.Namespace) -> int:
 def cmd_key_list(args: argparse.Namespace) -> int:
     with _open(args) as led:
         df = led.list_keys()
+    if "note" in df.attrs:  # a simulation home: said on stderr, so --json stays parseable
+        print(f"note: {df.attrs['note']} (this home was created as a simulation)",
+              file=sys.stderr)
     if args.json:
         _print_json(df.to_dict("records"))
         return 0

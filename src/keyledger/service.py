@@ -55,7 +55,7 @@ from .model import (
     validate_name,
 )
 from .model import usage_limit as key_usage_limit
-from .runtime import HomeRuntime, ReconcileReport, naive
+from .runtime import SIMULATION_LABEL, HomeRuntime, ReconcileReport, naive
 from .store import catalog as cat
 from .store.ledger import VerifyReport
 from .store.ledger import verify as verify_ledger
@@ -326,6 +326,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             df = pd.DataFrame(rows, columns=columns)
             for col in ("created_at", "rotated_at", "next_rotation_due", "deletion_due"):
                 df[col] = pd.to_datetime(df[col], utc=True)
+            if self.simulation:  # the times above may come from a simulated clock
+                df.attrs["note"] = SIMULATION_LABEL
             return df
 
     def rotate(self, name: str, *, reason: str = "rotation") -> Key:
