@@ -516,6 +516,13 @@ def cmd_request(args: argparse.Namespace) -> int:
             if args.min_version is None:
                 raise UsageError("request trim needs --min-version N")
             params["min_version"] = args.min_version
+        elif args.action in ("grant", "revoke"):
+            if args.who is None:
+                raise UsageError(f"request {args.action} needs --who PRINCIPAL")
+            params["principal"] = args.who
+            role = args.role or ("admin" if args.action == "grant" else None)
+            if role is not None:
+                params["role"] = role
         request_id = led.request(args.action, args.name, args.reason, **params)
         status = led.requests().set_index("request_id").loc[request_id]
     if args.json:
@@ -848,11 +855,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "grants", cmd_grants, "who holds which role where",
         json_flag=True).add_argument("name", nargs="?")
     p = add(sub, "request", cmd_request,
-            "ask for a quorum-guarded action (destroy, set_policy)", json_flag=True)
-    p.add_argument("action", choices=["destroy", "trim"])
+            "ask for a quorum-guarded action (destroy, trim, grant or revoke admin)",
+            json_flag=True)
+    p.add_argument("action", choices=["destroy", "trim", "grant", "revoke"])
     p.add_argument("name")
     p.add_argument("--reason", required=True, help="why; approvers read it")
     p.add_argument("--min-version", type=int, help="for trim: the lowest version to keep")
+    p.add_argument("--who", help="for grant/revoke: the principal whose role changes")
+    p.add_argument("--role", choices=["admin", "user", "auditor"],
+                   help="for grant (default admin) / revoke (default: all roles)")
     add(sub, "approve", cmd_approve, "approve a pending request (the last approval executes it)",
         json_flag=True).add_argument("request_id")
     add(sub, "requests", cmd_requests, "list approval requests",
