@@ -20,7 +20,9 @@ import pytest
 from conftest import FakeClock, hsm_objects
 
 import keyledger as kl
-from keyledger.runtime import MODE_LABEL_PREFIX, SIMULATION_LABEL
+
+SIMULATION_LABEL = "SIMULATION \u2014 simulated clock"  # what a person sees
+MODE_LABEL_PREFIX = "keyledger-home-mode:"  # the HSM data object keeping the home's mode
 
 needs_pkcs11_tool = pytest.mark.skipif(shutil.which("pkcs11-tool") is None,
                                        reason="needs pkcs11-tool (opensc)")
