@@ -214,7 +214,7 @@ def test_every_sampled_ciphertext_decrypts_or_is_refused_by_design(demo):
 
 
 def test_the_demo_home_is_a_simulation_home(demo):
-    """Seeded with a simulated clock, so labelled as such; a real clock is refused nowhere."""
+    """Seeded with a simulated clock: the home is a simulation home and says so."""
     with auditor(demo) as led:
         assert led.simulation
         assert "SIMULATION" in led.list_keys().attrs["note"]
