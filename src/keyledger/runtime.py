@@ -163,8 +163,8 @@ class HomeRuntime:
         check the store's copy against the HSM's. The HSM's copy wins: a missing store row is
         written back from it; a store row without the HSM object, or differing, is refused."""
         label = MODE_LABEL_PREFIX + self.home_id
-        in_hsm = {v.decode(errors="replace") for v in self.backend.get_data(label)}
         row = tx.execute("SELECT value FROM meta WHERE name = 'home_mode'").fetchone()
+        in_hsm = self._hsm_mode(label, expected=row is not None)
         if not in_hsm and row is None:
             mode = SIMULATION if new_home and simulate else REAL
             self.backend.put_data(label, mode.encode())  # first: the store row commits after
@@ -183,6 +183,16 @@ class HomeRuntime:
         if row is None:
             tx.execute("INSERT INTO meta VALUES ('home_mode', ?)", [mode])
         return mode
+
+    def _hsm_mode(self, label: str, *, expected: bool) -> set[str]:
+        """The mode values the HSM keeps under ``label``. When the store says there is one, an
+        empty answer is retried (as for the audit head) before the store is called changed."""
+        for delay in (0, 0.01, 0.05, 0.1) if expected else (0,):
+            time.sleep(delay)
+            found = {v.decode(errors="replace") for v in self.backend.get_data(label)}
+            if found:
+                return found
+        return set()
 
     def trusted_now(self) -> datetime:
         """The system clock (UTC), never earlier than a time this process already handed out, so
