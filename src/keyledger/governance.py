@@ -224,7 +224,7 @@ class GovernanceMixin:
                     tx.execute("INSERT INTO approvals VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                                [request_id, self.principal, now])
                 counted, dropped = _counted_approvers(tx, request_id, key_id, admins)
-                quorum = max(quorum, self._quorum(key))
+                quorum = self._approvals_needed(quorum, key_id)
             if expired:
                 raise PolicyViolation(f"request {request_id} expired at "
                                       f"{expires:%Y-%m-%d %H:%M} UTC; file a new request")
@@ -271,6 +271,10 @@ class GovernanceMixin:
             with self._rt.db.read() as tx:
                 return tx.execute(sql, args).df()
 
+    def _approvals_needed(self: KeyLedger, quorum_when_filed: int, key_id: str) -> int:
+        """The quorum of when the request was filed, or today's if it was raised since."""
+        return max(quorum_when_filed, self._quorum(self._rt.catalog.get_id(key_id)))
+
     def _execute_request(self: KeyLedger, request_id: str) -> bool:
         """Claim the request (pending -> executing) in one transaction, so it runs once.
 
@@ -283,7 +287,7 @@ class GovernanceMixin:
             if row is None or row[4] != "pending":
                 return False
             approvers, _ = _counted_approvers(tx, request_id, row[1], row[6])
-            if len(approvers) < max(row[5], self._quorum(self._rt.catalog.get_id(row[1]))):
+            if len(approvers) < self._approvals_needed(row[5], row[1]):
                 return False
             tx.execute("UPDATE requests SET status = 'executing' WHERE request_id = ?",
                        [request_id])
