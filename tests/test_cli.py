@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_python
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -368,3 +369,29 @@ def test_request_trim_executes_with_quorum_one_and_needs_min_version(cli):
     assert cli.json("key", "show", "t")["min_decryption_version"] == 2
     refused = cli("decrypt", input=old)
     assert refused.returncode == 1 and b"version 1" in refused.stderr
+
+
+def test_admin_grant_goes_through_a_request_when_the_quorum_is_two(cli):
+    cli.ok("grant", "*", "bea", "admin")  # quorum 1: direct
+    run_python(f"import keyledger as kl\nwith kl.open({str(cli.home)!r}) as led:\n"
+               "    led.set_policy('*', quorum=2)", check=True)
+    err = refused(cli("grant", "*", "erin", "admin"))
+    assert "request('grant'" in err and "2 distinct admins" in err
+    assert cli("request", "grant", "*", "--reason", "x").returncode == 2  # no --who
+    rid = cli.json("request", "grant", "*", "--who", "erin", "--reason", "new custodian")
+    assert rid["status"] == "pending"
+    cli.ok("--principal", "bea", "approve", rid["request_id"])
+    roles = {(g["principal"], g["role"]) for g in cli.json("grants")}
+    assert ("erin", "admin") in roles
+
+
+def test_key_list_notes_a_simulation_home_on_stderr(cli, tmp_path):
+    out = cli.ok("key", "list")
+    assert b"SIMULATION" not in out.stderr  # a real home
+    sim = tmp_path / "sim"
+    run_python("import keyledger as kl\nfrom datetime import UTC, datetime\n"
+               f"kl.open({str(sim)!r}, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))"
+               ".create_key('k', spec='AES_256')", check=True)
+    proc = cli.ok("--home", str(sim), "key", "list", "--json", home=False)
+    assert "SIMULATION \u2014 simulated clock" in proc.stderr.decode()
+    assert [k["name"] for k in json.loads(proc.stdout)] == ["k"]

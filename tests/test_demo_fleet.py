@@ -213,6 +213,15 @@ def test_every_sampled_ciphertext_decrypts_or_is_refused_by_design(demo):
                         led.decrypt(s.ciphertext, context=s.context)
 
 
+def test_the_demo_home_is_a_simulation_home(demo):
+    """Seeded with a simulated clock: the home is a simulation home and says so."""
+    with auditor(demo) as led:
+        assert led.simulation
+        assert "SIMULATION" in led.list_keys().attrs["note"]
+        first_open = led.audit(action="open", limit=1)["detail"].iloc[0]
+    assert "simulation home" in first_open
+
+
 def test_demo_json_names_the_principals_and_the_cli_does_not_reseed(demo):
     doc = json.loads((demo.home / DEMO_FILE).read_text())
     assert doc["status"] == "complete"

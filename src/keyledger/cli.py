@@ -222,6 +222,9 @@ def cmd_key_create(args: argparse.Namespace) -> int:
 def cmd_key_list(args: argparse.Namespace) -> int:
     with _open(args) as led:
         df = led.list_keys()
+    if "note" in df.attrs:  # a simulation home: said on stderr, so --json stays parseable
+        print(f"note: {df.attrs['note']} (this home was created as a simulation)",
+              file=sys.stderr)
     if args.json:
         _print_json(df.to_dict("records"))
         return 0
@@ -529,6 +532,13 @@ def cmd_request(args: argparse.Namespace) -> int:
             if args.min_version is None:
                 raise UsageError("request trim needs --min-version N")
             params["min_version"] = args.min_version
+        elif args.action in ("grant", "revoke"):
+            if args.who is None:
+                raise UsageError(f"request {args.action} needs --who PRINCIPAL")
+            params["principal"] = args.who
+            role = args.role or ("admin" if args.action == "grant" else None)
+            if role is not None:
+                params["role"] = role
         request_id = led.request(args.action, args.name, args.reason, **params)
         status = led.requests().set_index("request_id").loc[request_id]
     if args.json:
@@ -868,11 +878,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "grants", cmd_grants, "who holds which role where",
         json_flag=True).add_argument("name", nargs="?")
     p = add(sub, "request", cmd_request,
-            "ask for a quorum-guarded action (destroy, set_policy)", json_flag=True)
-    p.add_argument("action", choices=["destroy", "trim"])
+            "ask for a quorum-guarded action (destroy, trim, grant or revoke admin)",
+            json_flag=True)
+    p.add_argument("action", choices=["destroy", "trim", "grant", "revoke"])
     p.add_argument("name")
     p.add_argument("--reason", required=True, help="why; approvers read it")
     p.add_argument("--min-version", type=int, help="for trim: the lowest version to keep")
+    p.add_argument("--who", help="for grant/revoke: the principal whose role changes")
+    p.add_argument("--role", choices=["admin", "user", "auditor"],
+                   help="for grant (default admin) / revoke (default: all roles)")
     add(sub, "approve", cmd_approve, "approve a pending request (the last approval executes it)",
         json_flag=True).add_argument("request_id")
     add(sub, "requests", cmd_requests, "list approval requests",

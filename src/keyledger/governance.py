@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .access import WILDCARD, Role, parse_role
+from .access import WILDCARD, Role, index_grants, parse_role, roles_of
 from .errors import InvalidInput, KeyNotFound, KeyStateError, PolicyViolation
 from .model import validate_name
 from .runtime import naive
@@ -20,12 +20,17 @@ if TYPE_CHECKING:
 
 # Actions that need M distinct admins when the key's (or the home's) quorum is above 1.
 # Each has a ``_run_<action>(name, reason, params)`` method that executes it once approved.
-GUARDED_ACTIONS = ("destroy", "set_policy", "trim", "export_key", "import_key")
+# grant/revoke: only granting or revoking admin is guarded (else one admin could make a second
+# name an admin and approve with it, or remove the other approvers).
+GUARDED_ACTIONS = ("destroy", "set_policy", "trim", "export_key", "import_key", "grant",
+                   "revoke")
+HOME_SCOPED = ("set_policy", "grant", "revoke")  # with name "*": the home, not a key
 REQUEST_TTL = timedelta(hours=72)
 # Parameters each request may carry (set_policy: its keyword arguments); checked when asked.
 REQUEST_PARAMS: dict[str, tuple[str, ...]] = {
     "destroy": (), "trim": ("min_version",), "export_key": ("wrapping_key_pem", "version"),
-    "import_key": ("spec", "wrapped", "token", "purpose", "owner", "tags")}
+    "import_key": ("spec", "wrapped", "token", "purpose", "owner", "tags"),
+    "grant": ("principal", "role"), "revoke": ("principal", "role")}
 NEW_KEY = "new:"  # requests.key_id of an import: the key it will create does not exist yet
 CUSTODIAN_STATEMENT = (
     "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
@@ -38,11 +43,20 @@ class GovernanceMixin:
 
     # -- grants ----------------------------------------------------------------------------------
     def grant(self: KeyLedger, name: str, principal: str, role: str) -> None:
-        """Give ``principal`` (or ``*``) a role on key ``name`` or on every key (``*``)."""
+        """Give ``principal`` (or ``*``) a role on key ``name`` or on every key (``*``).
+
+        Granting admin needs ``request("grant", name, reason, principal=..., role="admin")``
+        and approvals when the quorum there is above 1."""
+        self._grant(name, principal, role, approved=False)
+
+    def _grant(self: KeyLedger, name: str, principal: str, role: str, *,
+               approved: bool) -> None:
         with self._audited("grant", None if name == WILDCARD else name) as rec:
             scope, label = self._scope(rec, name)
             who = self._principal_arg(principal)
             r = parse_role(role)
+            if r is Role.ADMIN and not approved:
+                self._require_admin_quorum(scope, f"granting admin on {label}", "grant", who)
             with self._rt.db.write() as tx:
                 tx.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            [scope, who, r.value, self.principal, naive(self._now())])
@@ -50,24 +64,44 @@ class GovernanceMixin:
             rec.detail = f"granted {r.value} on {label} to {who}"
 
     def revoke(self: KeyLedger, name: str, principal: str, role: str | None = None) -> int:
-        """Remove a role (or all roles) of ``principal`` on ``name``; returns how many."""
+        """Remove a role (or all roles) of ``principal`` on ``name``; returns how many.
+
+        Revoking an admin role needs ``request("revoke", name, reason, principal=...)`` and
+        approvals when the quorum there is above 1."""
+        return self._revoke(name, principal, role, approved=False)
+
+    def _revoke(self: KeyLedger, name: str, principal: str, role: str | None, *,
+                approved: bool) -> int:
         with self._audited("revoke", None if name == WILDCARD else name) as rec:
             scope, label = self._scope(rec, name)
             who = self._principal_arg(principal)
+            r = parse_role(role) if role is not None else None
             args = [scope, who]
             sql = "DELETE FROM grants WHERE scope = ? AND principal = ?"
-            if role is not None:
+            if r is not None:
                 sql += " AND role = ?"
-                args.append(parse_role(role).value)
+                args.append(r.value)
+            removes_admin = r in (None, Role.ADMIN) and \
+                Role.ADMIN in self._rt.catalog.grants_now().get((scope, who), ())
+            if removes_admin and not approved:
+                self._require_admin_quorum(scope, f"revoking admin on {label} from {who}",
+                                           "revoke", who)
             with self._rt.db.write() as tx:
                 before = tx.execute("SELECT count(*) FROM grants").fetchone()[0]
-                if role is None or parse_role(role) is Role.ADMIN:
+                if r in (None, Role.ADMIN):
                     self._keep_one_admin(tx, scope, who)
                 tx.execute(sql, args)
                 removed = before - tx.execute("SELECT count(*) FROM grants").fetchone()[0]
             self._rt.catalog.refresh(force=True)
             rec.detail = f"revoked {role or 'all roles'} on {label} from {who} ({removed})"
             return removed
+
+    def _require_admin_quorum(self: KeyLedger, scope: str, what: str, action: str,
+                              who: str) -> None:
+        """Who is admin decides who approves: changing it needs the quorum of its scope."""
+        key = None if scope == WILDCARD else self._rt.catalog.get_id(scope)
+        role = ', role="admin"' if action == "grant" else ""
+        self._require_quorum(key, action, what, f", principal={who!r}{role}")
 
     def grants(self: KeyLedger, name: str | None = None) -> pd.DataFrame:
         """Who holds which role where (``key`` is ``*`` for home-wide grants)."""
@@ -122,7 +156,7 @@ class GovernanceMixin:
             if not isinstance(reason, str) or not reason.strip():
                 raise InvalidInput("say why (reason=...): approvers read it")
             key_ref = WILDCARD
-            if action == "set_policy" and name == WILDCARD:  # the home's quorum
+            if action in HOME_SCOPED and name == WILDCARD:  # the home's policy or grants
                 key = None
                 self._authorize(rec, "request", None)
             elif action == "import_key":  # the key does not exist yet: a home-wide request
@@ -136,10 +170,11 @@ class GovernanceMixin:
             request_id = uuid.uuid4().hex[:12]
             quorum = self._quorum(key)
             with self._rt.db.write() as tx:
+                admins = json.dumps(_admins(tx, key.key_id if key else None))
                 tx.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
-                           "NULL, NULL)",
+                           "NULL, NULL, ?)",
                            [request_id, action, key.key_id if key else key_ref, reason, stored,
-                            self.principal, now, now + REQUEST_TTL, quorum])
+                            self.principal, now, now + REQUEST_TTL, quorum, admins])
                 tx.execute("INSERT INTO approvals VALUES (?, ?, ?)",
                            [request_id, self.principal, now])
             rec.detail = f"request {request_id}: {action} (1 of {quorum} approvals)"
@@ -158,6 +193,10 @@ class GovernanceMixin:
         if unknown:
             raise InvalidInput(f"{action} takes {', '.join(allowed) or 'no parameters'}; "
                                f"not {', '.join(unknown)}")
+        if action in ("grant", "revoke"):  # checked now, not when the last approval runs it
+            self._principal_arg(params.get("principal"))
+            if action == "grant" or params.get("role") is not None:
+                parse_role(params.get("role"))
         return json.dumps(params, default=_param_json)
 
     def approve(self: KeyLedger, request_id: str) -> dict[str, Any]:
@@ -167,11 +206,11 @@ class GovernanceMixin:
                 raise InvalidInput("request_id must be the id that request() returned")
             now = naive(self._now())
             with self._rt.db.write() as tx:
-                row = tx.execute("SELECT action, key_id, status, expires_at, quorum FROM requests"
-                                 " WHERE request_id = ?", [request_id]).fetchone()
+                row = tx.execute("SELECT action, key_id, status, expires_at, quorum, admins FROM "
+                                 "requests WHERE request_id = ?", [request_id]).fetchone()
                 if row is None:
                     raise KeyNotFound(f"no approval request {request_id!r}")
-                action, key_id, status, expires, quorum = row
+                action, key_id, status, expires, quorum, admins = row
                 key = self._rt.catalog.get_id(key_id)
                 rec.key = key
                 self._authorize(rec, "approve", key)
@@ -184,12 +223,16 @@ class GovernanceMixin:
                 else:
                     tx.execute("INSERT INTO approvals VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                                [request_id, self.principal, now])
-                count = tx.execute("SELECT count(*) FROM approvals WHERE request_id = ?",
-                                   [request_id]).fetchone()[0]
+                counted, dropped = _counted_approvers(tx, request_id, key_id, admins)
+                quorum = self._approvals_needed(quorum, key_id)
             if expired:
                 raise PolicyViolation(f"request {request_id} expired at "
                                       f"{expires:%Y-%m-%d %H:%M} UTC; file a new request")
+            count = len(counted)
             rec.detail = f"request {request_id}: {count} of {quorum} approvals"
+            if dropped:
+                rec.detail += (f"; not counted: {', '.join(dropped)} (not an admin here when the "
+                               "request was filed, or no longer)")
         executed = count >= quorum and self._execute_request(request_id)
         return {"request_id": request_id, "approvals": count, "quorum": quorum,
                 "executed": bool(executed)}
@@ -202,6 +245,12 @@ class GovernanceMixin:
 
     def _run_trim(self: KeyLedger, name: str, reason: str, params: dict) -> None:
         self._trim(name, int(params["min_version"]), approved=True)
+
+    def _run_grant(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+        self._grant(name or WILDCARD, params["principal"], params["role"], approved=True)
+
+    def _run_revoke(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+        self._revoke(name or WILDCARD, params["principal"], params.get("role"), approved=True)
 
     def requests(self: KeyLedger, status: str | None = None) -> pd.DataFrame:
         """Approval requests with their approvers."""
@@ -222,20 +271,27 @@ class GovernanceMixin:
             with self._rt.db.read() as tx:
                 return tx.execute(sql, args).df()
 
+    def _approvals_needed(self: KeyLedger, quorum_when_filed: int, key_id: str) -> int:
+        """The quorum of when the request was filed, or today's if it was raised since."""
+        return max(quorum_when_filed, self._quorum(self._rt.catalog.get_id(key_id)))
+
     def _execute_request(self: KeyLedger, request_id: str) -> bool:
-        """Claim the request (pending -> executing) in one transaction, so it runs once."""
+        """Claim the request (pending -> executing) in one transaction, so it runs once.
+
+        Only approvals of principals who held admin on the request's scope when it was filed
+        and still do now count; short of the quorum, the request stays pending."""
         now = naive(self._now())
         with self._rt.db.write() as tx:
-            row = tx.execute("SELECT action, key_id, reason, params, status FROM requests "
-                             "WHERE request_id = ?", [request_id]).fetchone()
+            row = tx.execute("SELECT action, key_id, reason, params, status, quorum, admins "
+                             "FROM requests WHERE request_id = ?", [request_id]).fetchone()
             if row is None or row[4] != "pending":
                 return False
-            approvers = [r[0] for r in tx.execute(
-                "SELECT principal FROM approvals WHERE request_id = ? ORDER BY time",
-                [request_id]).fetchall()]
+            approvers, _ = _counted_approvers(tx, request_id, row[1], row[6])
+            if len(approvers) < self._approvals_needed(row[5], row[1]):
+                return False
             tx.execute("UPDATE requests SET status = 'executing' WHERE request_id = ?",
                        [request_id])
-        action, key_id, reason, params, _ = row
+        action, key_id, reason, params = row[:4]
         key = self._rt.catalog.get_id(key_id)
         why = f"{reason} (request {request_id}, approved by {', '.join(approvers)})"
         try:
@@ -262,6 +318,35 @@ class GovernanceMixin:
             with self._rt.db.write() as tx:
                 tx.execute("INSERT INTO acknowledgements VALUES (?, ?, ?)",
                            [self.principal, naive(self._now()), statement])
+
+
+def _key_scope(key_id: str) -> str | None:
+    """The key a request is about, or None for a home-wide one (``*``, a key to import)."""
+    return None if key_id == WILDCARD or key_id.startswith(NEW_KEY) else key_id
+
+
+def _admins(tx: Any, key_id: str | None) -> list[str]:
+    """Principals (``*``: everyone) holding admin on the key, or on the home for None."""
+    return [r[0] for r in tx.execute(
+        "SELECT DISTINCT principal FROM grants WHERE role = 'admin' AND scope IN ('*', ?) "
+        "ORDER BY 1", [key_id or WILDCARD]).fetchall()]
+
+
+def _counted_approvers(tx: Any, request_id: str, key_id: str,
+                       admins_json: str | None) -> tuple[list[str], list[str]]:
+    """(approvals that count, approvals that don't): an approval counts while its principal
+    holds admin on the request's scope now and held it when the request was filed (requests
+    filed before that was recorded: now only)."""
+    scope = _key_scope(key_id)
+    grants = index_grants(tx.execute("SELECT scope, principal, role FROM grants").fetchall())
+    at_filing = set(json.loads(admins_json)) if admins_json else None
+    counted: list[str] = []
+    dropped: list[str] = []
+    for (who,) in tx.execute("SELECT principal FROM approvals WHERE request_id = ? ORDER BY time",
+                             [request_id]).fetchall():
+        was = at_filing is None or who in at_filing or WILDCARD in at_filing
+        (counted if was and Role.ADMIN in roles_of(grants, who, scope) else dropped).append(who)
+    return counted, dropped
 
 
 def _param_json(value: object) -> object:

@@ -41,6 +41,12 @@ SEAL_SPEC = SPECS["HMAC_SHA256"]
 # how long a background ingest round waits for a store another process holds: long enough for
 # a short transaction (~25 ms), short enough not to hold up this process's own store calls
 BACKGROUND_INGEST_WAIT_S = 0.2
+# A home is created real (waiting periods judged on the system clock) or as a simulation (an
+# injected clock is accepted). The mode is kept in the store's meta AND in a private HSM data
+# object, so someone who can write the home's files but lacks the PIN cannot flip it unnoticed.
+REAL, SIMULATION = "real", "simulation"
+MODE_LABEL_PREFIX = "keyledger-home-mode:"
+SIMULATION_LABEL = "SIMULATION \u2014 simulated clock"
 
 
 def naive(dt: datetime) -> datetime:
@@ -70,11 +76,13 @@ class HomeRuntime:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def acquire(cls, home: Path, clock: Callable[[], datetime]) -> HomeRuntime:
+    def acquire(cls, home: Path, *, simulate: bool = False) -> HomeRuntime:
+        """The process's runtime of ``home``; ``simulate`` only matters when it creates the home
+        (a new home becomes a simulation home), never for an existing one."""
         with cls._registry_lock:
             rt = cls._registry.get(home)
             if rt is None:
-                rt = cls(home, clock)
+                rt = cls(home, simulate=simulate)
                 cls._registry[home] = rt
             rt.refs += 1
             return rt
@@ -87,10 +95,12 @@ class HomeRuntime:
             self._registry.pop(self.home, None)
         self.shutdown()
 
-    def __init__(self, home: Path, clock: Callable[[], datetime]) -> None:
+    def __init__(self, home: Path, *, simulate: bool = False) -> None:
         self.home = home
-        self.clock = clock
         self.refs = 0
+        self._time_lock = threading.Lock()
+        self._last_time = datetime.min.replace(tzinfo=UTC)
+        self.mode_note: str | None = None  # said once, in the next open's audit record
         settings = load_settings(home)
         if settings is None:
             if home.exists() and any(home.iterdir()):
@@ -107,11 +117,13 @@ class HomeRuntime:
                                on_commit=SnapshotExporter(home))
             with self.db.write() as tx:
                 migrate(tx)
+                new_home = not self._has_meta(tx, "home_id")
                 self.home_id = self._meta(tx, "home_id", lambda: str(uuid.uuid4()))
                 self.audit_handle = bytes.fromhex(self._meta(tx, "audit_key", self._new_audit_key))
                 self.seal_handle = bytes.fromhex(self._meta(tx, "seal_key", self._new_seal_key))
                 if self._seal_key_is_new:
                     self._seal_ingested(tx)
+                self.simulation = self._home_mode(tx, new_home, simulate) == SIMULATION
             self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
             self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
                                          fsync_interval_ms=settings.audit.fsync_interval_ms,
@@ -146,6 +158,58 @@ class HomeRuntime:
         value = make()
         tx.execute("INSERT INTO meta VALUES (?, ?)", [name, value])
         return value
+
+    @staticmethod
+    def _has_meta(tx: Tx, name: str) -> bool:
+        return tx.execute("SELECT 1 FROM meta WHERE name = ?", [name]).fetchone() is not None
+
+    def _home_mode(self, tx: Tx, new_home: bool, simulate: bool) -> str:
+        """Record the mode of a new home (or of a home made before modes existed: real), or
+        check the store's copy against the HSM's. The HSM's copy wins: a missing store row is
+        written back from it; a store row without the HSM object, or differing, is refused."""
+        label = MODE_LABEL_PREFIX + self.home_id
+        row = tx.execute("SELECT value FROM meta WHERE name = 'home_mode'").fetchone()
+        in_hsm = self._hsm_mode(label, expected=row is not None)
+        if not in_hsm and row is None:
+            mode = SIMULATION if new_home and simulate else REAL
+            self.backend.put_data(label, mode.encode())  # first: the store row commits after
+            tx.execute("INSERT INTO meta VALUES ('home_mode', ?)", [mode])
+            self.mode_note = (f"created as a simulation home ({SIMULATION_LABEL})"
+                              if mode == SIMULATION else
+                              "a real home: waiting periods are judged on the system clock")
+            return mode
+        if len(in_hsm) != 1 or (row is not None and row[0] not in in_hsm):
+            raise ConfigError(
+                f"the home mode recorded in {self.settings.db_path.name} "
+                f"({row[0] if row else 'none'}) does not match the one kept in the HSM "
+                f"({', '.join(sorted(in_hsm)) or 'none'}): the store was changed outside "
+                "keyledger; restore the home from a backup")
+        mode = in_hsm.pop()
+        if row is None:
+            tx.execute("INSERT INTO meta VALUES ('home_mode', ?)", [mode])
+        return mode
+
+    def _hsm_mode(self, label: str, *, expected: bool) -> set[str]:
+        """The mode values the HSM keeps under ``label``. When the store says there is one, an
+        empty answer is retried (as for the audit head) before the store is called changed."""
+        for delay in (0, 0.01, 0.05, 0.1) if expected else (0,):
+            time.sleep(delay)
+            found = {v.decode(errors="replace") for v in self.backend.get_data(label)}
+            if found:
+                return found
+        return set()
+
+    def trusted_now(self) -> datetime:
+        """The system clock (UTC), never earlier than a time this process already handed out, so
+        a stepped-back system clock cannot make this process's audit times go backwards.
+        (Not floored by times read from the store: someone who can write the store could then
+        move trusted time forward.)"""
+        now = datetime.now(UTC)
+        with self._time_lock:
+            if now < self._last_time:
+                return self._last_time
+            self._last_time = now
+        return now
 
     def _new_audit_key(self) -> str:
         handle = uuid.uuid4().bytes
@@ -258,7 +322,7 @@ class HomeRuntime:
             with self.db.write(export=False, timeout=busy_timeout) as tx:
                 ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
-                                       self.clock(), self._known_offsets, self.check_seal)
+                                       self.trusted_now(), self._known_offsets, self.check_seal)
                 if result.checkpoint is not None:
                     h = tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?",
                                    [result.checkpoint]).fetchone()[0]
@@ -297,7 +361,7 @@ class HomeRuntime:
                 log.exception("background ingest failed")
 
     # -- access settings -------------------------------------------------------------------------
-    def bootstrap_admin(self, principal: str) -> bool:
+    def bootstrap_admin(self, principal: str, now: datetime) -> bool:
         """Make the first principal ever to open this home its admin (deny by default after)."""
         if self.catalog.grants_now():
             return False
@@ -305,7 +369,7 @@ class HomeRuntime:
             if tx.execute("SELECT count(*) FROM grants").fetchone()[0]:
                 return False
             tx.execute("INSERT INTO grants VALUES ('*', ?, 'admin', ?, ?)",
-                       [principal, principal, naive(self.clock())])
+                       [principal, principal, naive(now)])
         self.catalog.refresh(force=True)
         return True
 
@@ -360,14 +424,15 @@ class HomeRuntime:
             os.close(fd)
         return False
 
-    def reconcile(self, actor: str, full: bool = False) -> ReconcileReport:
+    def reconcile(self, actor: str, full: bool = False, *,
+                  now: datetime | None = None) -> ReconcileReport:
         """Finish or roll back what an interrupted create/rotate/destroy left behind.
 
         Uses the intents written before each HSM step (found by CKA_ID, never by listing the
         token). ``full`` also checks every live version's material still exists in the HSM.
         """
         report = ReconcileReport()
-        now = naive(self.clock())
+        now = naive(now or self.trusted_now())
         with self.db.write() as tx:
             intents = tx.execute(
                 "SELECT intent_id, kind, key_id, version, handles, pid FROM intents "

@@ -29,6 +29,7 @@ from .config import default_home
 from .errors import (
     AccessDenied,
     AuditError,
+    ConfigError,
     InvalidCiphertext,
     InvalidInput,
     KeyExists,
@@ -55,7 +56,7 @@ from .model import (
     validate_name,
 )
 from .model import usage_limit as key_usage_limit
-from .runtime import HomeRuntime, ReconcileReport, naive
+from .runtime import SIMULATION_LABEL, HomeRuntime, ReconcileReport, naive
 from .store import catalog as cat
 from .store.ledger import ACCEPT_ACTION, VerifyReport, accept_detail
 from .store.ledger import verify as verify_ledger
@@ -63,10 +64,6 @@ from .store.ledger import verify as verify_ledger
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _fault(point: str) -> None:
@@ -128,19 +125,48 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     the same home at once.
     """
 
-    def __init__(self, home: Path, *, principal: str, clock: Callable[[], datetime]) -> None:
+    def __init__(self, home: Path, *, principal: str,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.home = home
         self.principal = principal
-        self._clock = clock
-        self._rt = HomeRuntime.acquire(home, clock)
+        # trusted time, unless the home's mode lets an injected clock in (_accept_clock)
+        self._clock: Callable[[], datetime] | None = None
+        self._rt = HomeRuntime.acquire(home, simulate=clock is not None)
         self._closed = False
         self.last_reconcile: ReconcileReport = ReconcileReport()
-        with self._audited("open", None) as rec:
-            if self._rt.bootstrap_admin(principal):
-                rec.detail = f"{principal} initialised the home and is its first admin"
-            self.last_reconcile = self._rt.reconcile(principal)
-            if not self.last_reconcile.clean:
-                rec.detail = str(self.last_reconcile)[:500]
+        try:
+            with self._audited("open", None) as rec:
+                self._accept_clock(clock)
+                notes = [self._rt.mode_note] if self._rt.mode_note else []
+                self._rt.mode_note = None
+                if self._rt.bootstrap_admin(principal, self._now()):
+                    notes.insert(0, f"{principal} initialised the home and is its first admin")
+                self.last_reconcile = self._rt.reconcile(principal, now=self._now())
+                if not self.last_reconcile.clean:
+                    notes.append(str(self.last_reconcile))
+                rec.detail = "; ".join(notes)[:500] or None
+        except BaseException:
+            self.close()
+            raise
+
+    def _accept_clock(self, clock: Callable[[], datetime] | None) -> None:
+        """Use an injected clock only in a simulation home: a real home's waiting periods
+        (deletion windows, request expiry) are judged on trusted time, never a caller's."""
+        if clock is None:
+            return
+        if not self._rt.simulation:
+            raise ConfigError(
+                "this home was created with the real clock; an injected clock is only accepted "
+                "in a simulation home: create one with kl.open(new_home, clock=...)")
+        if not callable(clock):
+            raise InvalidInput("clock must be a callable returning a timezone-aware datetime")
+        self._clock = clock
+
+    @property
+    def simulation(self) -> bool:
+        """True in a home created as a simulation (``kl.open(new_home, clock=...)``): times may
+        come from a simulated clock, and views and reports say so."""
+        return self._rt.simulation
 
     def __repr__(self) -> str:
         return f"<KeyLedger home={str(self.home)!r} principal={self.principal!r}>"
@@ -175,6 +201,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
 
     # -- plumbing --------------------------------------------------------------------------------
     def _now(self) -> datetime:
+        """Trusted time, or in a simulation home the injected clock's time."""
+        if self._clock is None or not self._rt.simulation:
+            return self._rt.trusted_now()
         now = self._clock()
         if not isinstance(now, datetime) or now.tzinfo is None:
             raise InvalidInput("clock() must return a timezone-aware datetime")
@@ -298,6 +327,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             df = pd.DataFrame(rows, columns=columns)
             for col in ("created_at", "rotated_at", "next_rotation_due", "deletion_due"):
                 df[col] = pd.to_datetime(df[col], utc=True)
+            if self.simulation:  # the times above may come from a simulated clock
+                df.attrs["note"] = SIMULATION_LABEL
             return df
 
     def rotate(self, name: str, *, reason: str = "rotation") -> Key:
@@ -481,12 +512,12 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                 rotation_by_purpose=rotation_by_purpose,
                                 rotation_by_tag=rotation_by_tag)
 
-    def _require_quorum(self, key: Key | None, action: str, what: str) -> None:
+    def _require_quorum(self, key: Key | None, action: str, what: str, args: str = "") -> None:
         needed = self._quorum(key)
         if needed > 1:
             raise PolicyViolation(
-                f"{what} needs {needed} distinct admins: run request({action!r}, name, reason) "
-                f"and ask {needed - 1} other admin(s) to approve it")
+                f"{what} needs {needed} distinct admins: run request({action!r}, name, reason"
+                f"{args}) and ask {needed - 1} other admin(s) to approve it")
 
     def _set_policy(self, name: str, *, approved: bool, rotation_period=None,
                     min_decryption_version=None, min_encryption_version=None, owner=None,
@@ -870,7 +901,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Repair interrupted operations and (``full``) check every version's HSM material."""
         with self._audited("reconcile", None) as rec:
             self._authorize(rec, "reconcile", None)
-            report = self._rt.reconcile(self.principal, full=full)
+            report = self._rt.reconcile(self.principal, full=full, now=self._now())
             rec.detail = str(report)[:500]
             return report
 
@@ -1084,10 +1115,12 @@ def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
          clock: Callable[[], datetime] | None = None) -> KeyLedger:
     """Open (and on first use provision) a keyledger home.
 
-    ``home`` defaults to ``$KEYLEDGER_HOME`` or ``./.keyledger``; ``principal`` to the OS user;
-    ``clock`` to the real UTC clock (inject one to simulate time).
+    ``home`` defaults to ``$KEYLEDGER_HOME`` or ``./.keyledger``; ``principal`` to the OS user.
+    ``clock``: leave it out for real use (trusted time, the system clock). Passing one when the
+    home is created makes it a simulation home, labelled as such everywhere; an existing real
+    home refuses a clock (``ConfigError``).
     """
     path = Path(home).expanduser().absolute() if home is not None else default_home()
     who = principal if principal is not None else getpass.getuser()
     validate_name(who, "principal")
-    return KeyLedger(path, principal=who, clock=clock or _utc_now)
+    return KeyLedger(path, principal=who, clock=clock)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..runtime import SIMULATION, SIMULATION_LABEL
 from .engine import Evaluation, exceptions, naive
 from .rules import SEVERITIES, Framework, RuleSet
 
@@ -41,6 +42,9 @@ KMIP_STATES = [
      "Deactivated, destruction scheduled"),
     ("destroyed", "Destroyed (Destroyed Compromised if it was compromised)", "Destroyed"),
 ]
+SIMULATION_NOTE = (f"{SIMULATION_LABEL}: this home was created as a simulation; its times "
+                   "come from a simulated clock, so this report is not evidence of real key "
+                   "management.")
 ABOUT = (
     "keyledger is a key-management toolkit. It creates and uses cryptographic keys inside a "
     "hardware security module (HSM, through the PKCS#11 interface), so key material is "
@@ -69,6 +73,7 @@ class ReportData:
     scope: dict[str, Any] = field(default_factory=dict)
     trend: pd.DataFrame = field(default_factory=pd.DataFrame)
     rationale: dict[str, str] = field(default_factory=dict)
+    simulation: bool = False  # a simulation home: times may come from a simulated clock
 
 
 def _scalar(tx: Any, sql: str, params: Any = None) -> Any:
@@ -130,7 +135,8 @@ def collect(tx: Any, ev: Evaluation, ruleset: RuleSet, *, home: Path | str,
         home_id=_scalar(tx, "SELECT value FROM meta WHERE name = 'home_id'"),
         frameworks=[ruleset.frameworks[n] for n in ev.frameworks], findings=visible,
         accepted=accepted, rules=rules, exceptions=exc, scope={**scope, "version": __version__},
-        trend=trend.reset_index(drop=True), rationale={r.id: r.rationale for r in ev.rules})
+        trend=trend.reset_index(drop=True), rationale={r.id: r.rationale for r in ev.rules},
+        simulation=_scalar(tx, "SELECT value FROM meta WHERE name = 'home_mode'") == SIMULATION)
 
 
 def render(data: ReportData, fmt: str) -> str:
@@ -330,9 +336,12 @@ def render_html(data: ReportData) -> str:
     p: list[str] = [
         '<!doctype html><html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Key-management compliance report - {_ts(data.now)}</title>",
+        f"<title>{'SIMULATION - ' if data.simulation else ''}Key-management compliance report"
+        f" - {_ts(data.now)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<header><h1>Key-management compliance report</h1>",
+        *([f'<p class="simulation"><strong>{html.escape(SIMULATION_NOTE)}</strong></p>']
+          if data.simulation else []),
         f'<p class="muted">Evaluated {_ts(data.now)} &middot; keyledger {_e(data.scope["version"])}'
         f" &middot; {n_open} open findings &middot; {n_acc} covered by accepted exceptions</p>"
         "</header>",
@@ -444,6 +453,7 @@ def render_markdown(data: ReportData) -> str:
     table = summary_counts(data)
     n_open, n_acc = len(data.findings), len(data.accepted)
     out = ["# Key-management compliance report", "",
+           *([f"**{SIMULATION_NOTE}**", ""] if data.simulation else []),
            f"Evaluated {_ts(data.now)} - keyledger {data.scope['version']} - {n_open} open "
            f"findings - {n_acc} covered by accepted exceptions", "",
            "## About this report", "", ABOUT, "", "### Scope", ""]

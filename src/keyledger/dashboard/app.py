@@ -19,6 +19,7 @@ import param
 from panel.viewable import Viewer
 
 from ..errors import ConfigError
+from ..runtime import SIMULATION_LABEL
 from .data import TIME_RANGES
 from .state import DashboardState, local_principal
 from .views import PAGES, View
@@ -90,7 +91,11 @@ class Dashboard(Viewer):
         self.who = pn.pane.Markdown(self._who(), css_classes=["kl-principal"])
         st.param.watch(lambda *e: setattr(self.who, "object", self._who()), ["roles",
                                                                              "admin_keys"])
-        self.sidebar = pn.Column(self.who, *self.filters.values(), self.status,
+        self.banner = pn.pane.Alert(f"**{SIMULATION_LABEL}**: this home was created as a "
+                                    "simulation; its times may not be real.",
+                                    alert_type="warning", css_classes=["kl-simulation"],
+                                    visible=st.simulation, margin=(10, 5))
+        self.sidebar = pn.Column(self.banner, self.who, *self.filters.values(), self.status,
                                  pn.pane.Markdown(f"<small>home: {st.home}</small>",
                                                   css_classes=["kl-home"]),
                                  sizing_mode="stretch_width")
@@ -156,9 +161,16 @@ class Dashboard(Viewer):
         self.state.refresh(force=True)
         self._show(self.tabs.active)
 
+    @property
+    def title(self) -> str:
+        return f"{TITLE} \u2014 {SIMULATION_LABEL}" if self.state.simulation else TITLE
+
     def template(self) -> pn.template.BootstrapTemplate:
+        header = [pn.pane.HTML(f'<span class="kl-simulation-banner" style="color:#ffd54f;'
+                               f'font-weight:bold">{SIMULATION_LABEL}</span>')] \
+            if self.state.simulation else []
         return pn.template.BootstrapTemplate(
-            title=TITLE, sidebar=[self.sidebar], main=[self.tabs],
+            title=self.title, sidebar=[self.sidebar], main=[self.tabs], header=header,
             header_background=HEADER_COLOR, sidebar_width=320,
             # the 1 s live poll would make the header spinner flicker forever; the sidebar's
             # "Live - updated" line says when data last changed instead

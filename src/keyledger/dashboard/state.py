@@ -105,6 +105,11 @@ class DashboardState(param.Parameterized):
         return "admin" in self.roles or bool(self.admin_keys)
 
     @property
+    def simulation(self) -> bool:
+        """The home was created as a simulation: its times may come from a simulated clock."""
+        return bool(getattr(self.ledger, "simulation", False))
+
+    @property
     def can_read_audit(self) -> bool:
         """Admin or auditor home-wide: analytics, audit and compliance are readable."""
         return bool({"admin", "auditor"} & set(self.roles))

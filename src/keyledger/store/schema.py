@@ -78,6 +78,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE journal_offsets ADD COLUMN seal_mac VARCHAR;
     ALTER TABLE journal_offsets ADD COLUMN bad_seal_jseq BIGINT;
     """,
+    # 4: who held admin on a request's scope when it was filed (JSON list): only their
+    # approvals count, so an admin made after the request cannot help pass it
+    """
+    ALTER TABLE requests ADD COLUMN admins VARCHAR;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
