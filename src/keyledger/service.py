@@ -304,50 +304,63 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         return self._rotate(name, reason)
 
     def _rotate(self, name: str, reason: str, expect_version: int | None = None) -> Key:
-        """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once)."""
+        """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once).
+
+        Rotations of one key are serialised across processes and threads (the key's lock):
+        a second caller waits for the first to finish, then rotates on top of its version.
+        """
         with self._audited("rotate", name) as rec:
             key = self._key(rec, name)
-            now = naive(self._now())
-            handle = uuid.uuid4().bytes
-            with self._rt.db.write(export=False) as tx:
+            with self._rt.key_lock(key.key_id, key.name,
+                                   2 * self._rt.settings.store_busy_timeout_s):
+                return self._rotate_locked(rec, key, reason, expect_version)
+
+    def _rotate_locked(self, rec: _Audited, key: Key, reason: str,
+                       expect_version: int | None) -> Key:
+        """The rotation itself, under the key's lock (see ``_rotate``)."""
+        now = naive(self._now())
+        handle = uuid.uuid4().bytes
+        with self._rt.db.write(export=False) as tx:
+            key = cat.load_key(tx, key.name)
+            rec.key = key
+            if expect_version is not None and key.latest_version != expect_version:
+                raise KeyStateError(f"{key.name!r} was already rotated to "
+                                    f"v{key.latest_version} by another process")
+            next_state("rotate", key.state, key.name)
+            version = key.latest_version + 1
+            intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],
+                                  now)
+        try:
+            _fault("rotate:after_intent")
+            self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
+                                      exportable=key.exportable)
+            _fault("rotate:after_hsm")
+            with self._rt.db.write() as tx:
+                fresh = cat.load_key(tx, key.name)
+                if fresh.latest_version != key.latest_version or fresh.state != key.state:
+                    # a state change by another call meanwhile (rotations wait for each other)
+                    self._rt.backend.destroy(handle)
+                    tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
+                    raise KeyStateError(
+                        f"key {key.name!r} became {fresh.state.value} during the rotation; "
+                        "nothing changed: check its state and retry")
+                self._done(tx, intent)
+                old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
+                tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
+                           "AND state = 'active'", [old_state, key.key_id, key.latest_version])
+                tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
+                           [key.key_id, version, handle.hex(), now])
+                tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
+                           "WHERE key_id = ?",
+                           [version, now, KeyState.ACTIVE.value, key.key_id])
+                self._transition(tx, now, key.key_id, version, "rotate", key.state,
+                                 KeyState.ACTIVE, reason)
                 key = cat.load_key(tx, key.name)
-                rec.key = key
-                if expect_version is not None and key.latest_version != expect_version:
-                    raise KeyStateError(f"{key.name!r} was already rotated to "
-                                        f"v{key.latest_version} by another process")
-                next_state("rotate", key.state, key.name)
-                version = key.latest_version + 1
-                intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],
-                                      now)
-            try:
-                _fault("rotate:after_intent")
-                self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
-                                          exportable=key.exportable)
-                _fault("rotate:after_hsm")
-                with self._rt.db.write() as tx:
-                    fresh = cat.load_key(tx, key.name)
-                    if fresh.latest_version != key.latest_version or fresh.state != key.state:
-                        self._rt.backend.destroy(handle)
-                        tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
-                                   [key.key_id, version])
-                        raise KeyStateError(f"key {key.name!r} changed during rotation; retry")
-                    self._done(tx, intent)
-                    old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
-                    tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
-                               "AND state = 'active'", [old_state, key.key_id, key.latest_version])
-                    tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
-                               [key.key_id, version, handle.hex(), now])
-                    tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
-                               "WHERE key_id = ?",
-                               [version, now, KeyState.ACTIVE.value, key.key_id])
-                    self._transition(tx, now, key.key_id, version, "rotate", key.state,
-                                     KeyState.ACTIVE, reason)
-                    key = cat.load_key(tx, key.name)
-            finally:
-                self._rt.in_flight.discard(intent)
-            self._rt.catalog.refresh(force=True)
-            rec.key, rec.version = key, version
-            return key
+        finally:
+            self._rt.in_flight.discard(intent)
+        self._rt.catalog.refresh(force=True)
+        rec.key, rec.version = key, version
+        return key
 
     def enable(self, name: str, *, reason: str = "enabled") -> Key:
         return self._change_state("enable", name, reason)
