@@ -35,6 +35,7 @@ from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter
 from .store.schema import migrate
+from .store.usage import UsageCounters
 
 log = logging.getLogger("keyledger")
 AUDIT_SPEC = SPECS["EC_P256"]
@@ -110,6 +111,7 @@ class HomeRuntime:
                 self.home_id = self._meta(tx, "home_id", lambda: str(uuid.uuid4()))
                 self.audit_handle = bytes.fromhex(self._meta(tx, "audit_key", self._new_audit_key))
             self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
+            self.usage = UsageCounters(home / "usage")
             self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
                                          fsync_interval_ms=settings.audit.fsync_interval_ms)
         except BaseException:
@@ -383,6 +385,7 @@ class HomeRuntime:
         self._stop.set()
         if self._ingester.is_alive() and self._ingester is not threading.current_thread():
             self._ingester.join(timeout=5)
+        self.usage.release()
         self.journal.close()
         try:
             self.ingest()
