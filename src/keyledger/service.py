@@ -489,7 +489,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Change a key's policy, or with ``name="*"`` the home's.
 
         Per key: rotation_period, min_decryption_version, min_encryption_version, owner,
-        quorum, usage_limit (encryptions per version before run_due rotates), auto_rotate.
+        quorum, usage_limit (encryptions per version, 1 to 2**63-1, enforced in each call:
+        see docs/rotation.md), auto_rotate (rotate at the limit instead of refusing).
         Home (``"*"``): quorum, creator_is_user, usage_limit, rotation_by_purpose
         (e.g. ``{"encrypt": "30d"}``), rotation_by_tag (e.g. ``{"env=prod": "30d"}``).
         A key's own rotation_period beats a tag rule, which beats the home's purpose rule.
