@@ -316,63 +316,58 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         ``automatic``: the key's policy asks for it (a usage limit was reached during a call),
         so the caller needs no right to rotate; the audit record says so.
         """
-        with self._audited("rotate", name) as rec:
+        with self._audited("rotate", name) as rec, contextlib.ExitStack() as held:
             if automatic:
                 key = rec.key = self._rt.catalog.get(name)
                 rec.detail = f"automatic: {reason}"
             else:
                 key = self._key(rec, name)
-            with self._rt.key_lock(key.key_id, key.name,
-                                   2 * self._rt.settings.store_busy_timeout_s):
-                return self._rotate_locked(rec, key, reason, expect_version)
-
-    def _rotate_locked(self, rec: _Audited, key: Key, reason: str,
-                       expect_version: int | None) -> Key:
-        """The rotation itself, under the key's lock (see ``_rotate``)."""
-        now = naive(self._now())
-        handle = uuid.uuid4().bytes
-        with self._rt.db.write(export=False) as tx:
-            key = cat.load_key(tx, key.name)
-            rec.key = key
-            if expect_version is not None and key.latest_version != expect_version:
-                raise KeyStateError(f"{key.name!r} was already rotated to "
-                                    f"v{key.latest_version} by another process")
-            next_state("rotate", key.state, key.name)
-            version = key.latest_version + 1
-            intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],
-                                  now)
-        try:
-            _fault("rotate:after_intent")
-            self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
-                                      exportable=key.exportable)
-            _fault("rotate:after_hsm")
-            self._rt.usage.create(key.key_id, version)
-            with self._rt.db.write() as tx:
-                fresh = cat.load_key(tx, key.name)
-                if fresh.latest_version != key.latest_version or fresh.state != key.state:
-                    # a state change by another call meanwhile (rotations wait for each other)
-                    self._rt.backend.destroy(handle)
-                    tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
-                    raise KeyStateError(
-                        f"key {key.name!r} became {fresh.state.value} during the rotation; "
-                        "nothing changed: check its state and retry")
-                self._done(tx, intent)
-                old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
-                tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
-                           "AND state = 'active'", [old_state, key.key_id, key.latest_version])
-                tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
-                           [key.key_id, version, handle.hex(), now])
-                tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
-                           "WHERE key_id = ?",
-                           [version, now, KeyState.ACTIVE.value, key.key_id])
-                self._transition(tx, now, key.key_id, version, "rotate", key.state,
-                                 KeyState.ACTIVE, reason)
+            held.enter_context(self._rt.key_lock(key.key_id, key.name,
+                                                 2 * self._rt.settings.store_busy_timeout_s))
+            now = naive(self._now())
+            handle = uuid.uuid4().bytes
+            with self._rt.db.write(export=False) as tx:
                 key = cat.load_key(tx, key.name)
-        finally:
-            self._rt.in_flight.discard(intent)
-        self._rt.catalog.refresh(force=True)
-        rec.key, rec.version = key, version
-        return key
+                rec.key = key
+                if expect_version is not None and key.latest_version != expect_version:
+                    raise KeyStateError(f"{key.name!r} was already rotated to "
+                                        f"v{key.latest_version} by another process")
+                next_state("rotate", key.state, key.name)
+                version = key.latest_version + 1
+                intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],
+                                      now)
+            try:
+                _fault("rotate:after_intent")
+                self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
+                                          exportable=key.exportable)
+                _fault("rotate:after_hsm")
+                self._rt.usage.create(key.key_id, version)
+                with self._rt.db.write() as tx:
+                    fresh = cat.load_key(tx, key.name)
+                    if fresh.latest_version != key.latest_version or fresh.state != key.state:
+                        # a state change by another call meanwhile (rotations wait for each other)
+                        self._rt.backend.destroy(handle)
+                        tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
+                        raise KeyStateError(
+                            f"key {key.name!r} became {fresh.state.value} during the rotation; "
+                            "nothing changed: check its state and retry")
+                    self._done(tx, intent)
+                    old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
+                    tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
+                               "AND state = 'active'", [old_state, key.key_id, key.latest_version])
+                    tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
+                               [key.key_id, version, handle.hex(), now])
+                    tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
+                               "WHERE key_id = ?",
+                               [version, now, KeyState.ACTIVE.value, key.key_id])
+                    self._transition(tx, now, key.key_id, version, "rotate", key.state,
+                                     KeyState.ACTIVE, reason)
+                    key = cat.load_key(tx, key.name)
+            finally:
+                self._rt.in_flight.discard(intent)
+            self._rt.catalog.refresh(force=True)
+            rec.key, rec.version = key, version
+            return key
 
     def enable(self, name: str, *, reason: str = "enabled") -> Key:
         return self._change_state("enable", name, reason)
