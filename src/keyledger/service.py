@@ -720,14 +720,21 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         return header + body
 
     def _spend_use(self, rec: _Audited, key: Key) -> tuple[Key, KeyVersion]:
-        """The version to encrypt with, after spending one of its uses (``usage_limit``).
+        """The version to encrypt with, after spending one of its uses (``usage_limit``)."""
+        version = key.version_for_protect()
+        rec.version = version.version
+        if self._rt.usage.take(key.key_id, version.version, self._rt.catalog.usage_limit(key),
+                               self._recorded_encryptions):
+            return key, version
+        return self._at_usage_limit(rec, key)
 
-        At the limit the key rotates if its policy says so (``auto_rotate``, the default) and
-        the call goes on with the new version; otherwise the call is refused."""
+    def _at_usage_limit(self, rec: _Audited, key: Key) -> tuple[Key, KeyVersion]:
+        """The latest version has no use left: rotate if the key's policy says so
+        (``auto_rotate``, the default) and go on with the new version, else refuse."""
         for _ in range(_AUTO_ROTATIONS_PER_CALL):
             version = key.version_for_protect()
             rec.version = version.version
-            limit = key_usage_limit(key.policy, self._rt.home_policy())
+            limit = self._rt.catalog.usage_limit(key)
             if self._rt.usage.take(key.key_id, version.version, limit,
                                    self._recorded_encryptions):
                 return key, version
