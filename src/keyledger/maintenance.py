@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import ciphertext as ct
 from .errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
-from .rotation import PROTECT_ACTIONS, DueReport, plan
+from .rotation import PROTECT_ACTIONS, DueReport, invalid_usage_limits, plan
 from .runtime import naive
 from .store import catalog as cat
 
@@ -84,8 +84,9 @@ class MaintenanceMixin:
                 return report
             try:
                 self._rt.ingest()
-                items = plan(self._rt.catalog.all_keys(), self._encryptions(),
-                             self._rt.home_policy(), when)
+                keys = self._rt.catalog.all_keys()
+                items = plan(keys, self._encryptions(), self._rt.home_policy(), when)
+                report.skipped += invalid_usage_limits(keys, self._rt.home_policy())
                 for item in items:
                     self._do_due(item, report)
                 if compliance:

@@ -253,9 +253,36 @@ def resolve_rotation_period(explicit_s: int | None, spec: KeySpec, purpose: Purp
     return default_rotation_period(spec, purpose), "default"
 
 
+# The largest usage limit: DuckDB BIGINT and Arrow int64 hold nothing larger.
+MAX_USAGE_LIMIT = 2**63 - 1
+
+
+def valid_usage_limit(value: object) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 1 <= value <= MAX_USAGE_LIMIT)
+
+
+def configured_usage_limit(key_policy: dict, home_policy: dict) -> tuple[int | None, str | None]:
+    """The usage limit set for a key (its own, else the home's) and where it comes from.
+
+    A stored value that is no valid limit (say 2**64, which older releases accepted) is
+    ignored, so the next level applies; ``invalid_usage_limit`` names it for reports."""
+    for source, policy in (("key", key_policy), ("home", home_policy)):
+        value = policy.get("usage_limit")
+        if valid_usage_limit(value):
+            return value, source  # type: ignore[return-value]
+    return None, None
+
+
+def invalid_usage_limit(policy: dict) -> object | None:
+    """The stored usage_limit of a policy if it is set but invalid, else None."""
+    value = policy.get("usage_limit")
+    return None if value is None or valid_usage_limit(value) else value
+
+
 def usage_limit(key_policy: dict, home_policy: dict) -> int:
-    return int(key_policy.get("usage_limit") or home_policy.get("usage_limit")
-               or DEFAULT_USAGE_LIMIT)
+    """Encryptions one version may make: the key's limit, else the home's, else 2**32."""
+    return configured_usage_limit(key_policy, home_policy)[0] or DEFAULT_USAGE_LIMIT
 
 
 @dataclass(frozen=True)

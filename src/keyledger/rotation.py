@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 
-from .model import Key, KeyState, Purpose, usage_limit
+from .model import Key, KeyState, Purpose, invalid_usage_limit, usage_limit
 
 # Originator-usage period (NIST SP 800-57 Table 1): after it, a key that is not rotated
 # automatically stops applying protection (it is deactivated; it still decrypts/verifies).
@@ -58,6 +58,22 @@ def plan(keys: list[Key], encryptions: dict[tuple[str, int], int], home_policy: 
                                  f"v{key.latest_version} reached its usage limit "
                                  f"({used:,} of {limit:,} encryptions)"))
     return items
+
+
+def invalid_usage_limits(keys: list[Key], home_policy: dict) -> list[dict]:
+    """Report entries for stored usage limits that are no valid limit (e.g. 2**64 written by an
+    older release): they are ignored, and the home's limit or the 2**32 default applies."""
+    fix = ("set a limit from 1 to 2**63-1 with set_policy; until then the home's limit or the "
+           "default 2**32 applies")
+    out = []
+    if (bad := invalid_usage_limit(home_policy)) is not None:
+        out.append({"action": "usage_limit", "key": "*",
+                    "reason": f"the home's stored usage_limit {bad!r} is invalid; {fix}"})
+    for key in sorted(keys, key=lambda k: k.name):
+        if (bad := invalid_usage_limit(key.policy)) is not None:
+            out.append({"action": "usage_limit", "key": key.name,
+                        "reason": f"stored usage_limit {bad!r} is invalid; {fix}"})
+    return out
 
 
 def _days(period: timedelta | None) -> str:

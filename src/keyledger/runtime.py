@@ -7,6 +7,7 @@ PKCS#11 allows one login per process, and one journal per process keeps the chai
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .config import Settings, load_settings
-from .errors import ConfigError, KeyLedgerError
+from .errors import ConfigError, KeyLedgerError, KeyStateError
 from .hsm import pkcs11_backend
 from .hsm.pkcs11_backend import Pkcs11Backend
 from .hsm.softhsm import provision_embedded
@@ -34,6 +35,7 @@ from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter, journal_pid, seal_message
 from .store.schema import migrate
+from .store.usage import UsageCounters
 
 log = logging.getLogger("keyledger")
 AUDIT_SPEC = SPECS["EC_P256"]
@@ -125,6 +127,7 @@ class HomeRuntime:
                     self._seal_ingested(tx)
                 self.simulation = self._home_mode(tx, new_home, simulate) == SIMULATION
             self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
+            self.usage = UsageCounters(home / "usage")
             self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
                                          fsync_interval_ms=settings.audit.fsync_interval_ms,
                                          seal=self.seal_mac)
@@ -407,6 +410,34 @@ class HomeRuntime:
     def _pid_alive(self, pid: int) -> bool:
         return self._owner_running(pid, "")
 
+    # -- one rotation of a key at a time ----------------------------------------------------------
+    @contextlib.contextmanager
+    def key_lock(self, key_id: str, name: str, timeout: float) -> Iterator[None]:
+        """Hold the key's rotation lock for the block, across processes and threads.
+
+        An exclusive flock on ``run/key-<key_id>.lock``: each caller opens its own descriptor,
+        so threads of one process exclude each other too, and the kernel releases the lock of
+        a process that dies. Waits up to ``timeout`` seconds for another holder to finish.
+        """
+        fd = os.open(self._run_dir / f"key-{key_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            pause = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise KeyStateError(
+                            f"another rotation of {name!r} has been running for more than "
+                            f"{timeout:g} s; retry once it has finished") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+            yield
+        finally:
+            os.close(fd)  # drops the lock
+
     # -- crash reconciliation ------------------------------------------------------------------
     def _owner_running(self, pid: int, intent_id: str) -> bool:
         """True while the process that wrote the intent may still be working on it."""
@@ -490,6 +521,7 @@ class HomeRuntime:
         self._stop.set()
         if self._ingester.is_alive() and self._ingester is not threading.current_thread():
             self._ingester.join(timeout=5)
+        self.usage.release()
         self.journal.close()
         try:
             self.ingest()

@@ -53,9 +53,11 @@ from .model import (
     parse_period,
     parse_purpose,
     parse_spec,
+    valid_usage_limit,
     validate_name,
 )
 from .model import usage_limit as key_usage_limit
+from .rotation import PROTECT_ACTIONS
 from .runtime import SIMULATION_LABEL, HomeRuntime, ReconcileReport, naive
 from .store import catalog as cat
 from .store.ledger import ACCEPT_ACTION, VerifyReport, accept_detail
@@ -64,6 +66,7 @@ from .store.ledger import verify as verify_ledger
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
+_AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
 
 
 def _fault(point: str) -> None:
@@ -284,6 +287,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 _fault("create:after_intent")
                 self._rt.backend.generate(kspec, handle, f"kl:{name}:v1", exportable=exportable)
                 _fault("create:after_hsm")
+                self._rt.usage.create(key_id, 1)
                 with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
                     self._done(tx, intent)
                     self._catalog_new_key(
@@ -335,10 +339,23 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Add a new version; older versions keep decrypting and verifying."""
         return self._rotate(name, reason)
 
-    def _rotate(self, name: str, reason: str, expect_version: int | None = None) -> Key:
-        """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once)."""
-        with self._audited("rotate", name) as rec:
-            key = self._key(rec, name)
+    def _rotate(self, name: str, reason: str, expect_version: int | None = None, *,
+                automatic: bool = False) -> Key:
+        """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once).
+
+        Rotations of one key are serialised across processes and threads (the key's lock):
+        a second caller waits for the first to finish, then rotates on top of its version.
+        ``automatic``: the key's policy asks for it (a usage limit was reached during a call),
+        so the caller needs no right to rotate; the audit record says so.
+        """
+        with self._audited("rotate", name) as rec, contextlib.ExitStack() as held:
+            if automatic:
+                key = rec.key = self._rt.catalog.get(name)
+                rec.detail = f"automatic: {reason}"
+            else:
+                key = self._key(rec, name)
+            held.enter_context(self._rt.key_lock(key.key_id, key.name,
+                                                 2 * self._rt.settings.store_busy_timeout_s))
             now = naive(self._now())
             handle = uuid.uuid4().bytes
             with self._rt.db.write(export=False) as tx:
@@ -356,13 +373,16 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
                                           exportable=key.exportable)
                 _fault("rotate:after_hsm")
+                self._rt.usage.create(key.key_id, version)
                 with self._rt.db.write() as tx:
                     fresh = cat.load_key(tx, key.name)
                     if fresh.latest_version != key.latest_version or fresh.state != key.state:
+                        # a state change by another call meanwhile (rotations wait for each other)
                         self._rt.backend.destroy(handle)
-                        tx.execute("DELETE FROM intents WHERE key_id = ? AND version = ?",
-                                   [key.key_id, version])
-                        raise KeyStateError(f"key {key.name!r} changed during rotation; retry")
+                        tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
+                        raise KeyStateError(
+                            f"key {key.name!r} became {fresh.state.value} during the rotation; "
+                            "nothing changed: check its state and retry")
                     self._done(tx, intent)
                     old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
                     tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
@@ -496,7 +516,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Change a key's policy, or with ``name="*"`` the home's.
 
         Per key: rotation_period, min_decryption_version, min_encryption_version, owner,
-        quorum, usage_limit (encryptions per version before run_due rotates), auto_rotate.
+        quorum, usage_limit (encryptions per version, 1 to 2**63-1, enforced in each call:
+        see docs/rotation.md), auto_rotate (rotate at the limit instead of refusing).
         Home (``"*"``): quorum, creator_is_user, usage_limit, rotation_by_purpose
         (e.g. ``{"encrypt": "30d"}``), rotation_by_tag (e.g. ``{"env=prod": "30d"}``).
         A key's own rotation_period beats a tag rule, which beats the home's purpose rule.
@@ -527,10 +548,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             if quorum is not None and (isinstance(quorum, bool) or not isinstance(quorum, int)
                                        or not 1 <= quorum <= 10):
                 raise InvalidInput("quorum must be a whole number from 1 to 10")
-            if usage_limit is not None and (isinstance(usage_limit, bool)
-                                            or not isinstance(usage_limit, int)
-                                            or usage_limit < 1):
-                raise InvalidInput("usage_limit must be a positive whole number of operations")
+            if usage_limit is not None and not valid_usage_limit(usage_limit):
+                raise InvalidInput(
+                    "usage_limit must be a whole number of encryptions from 1 to 2**63-1 "
+                    f"(not {usage_limit!r}); AES-GCM's bound with random nonces is 2**32")
             if name == WILDCARD:
                 return self._set_home_policy(rec, approved, quorum, creator_is_user,
                                              usage_limit, rotation_by_purpose, rotation_by_tag)
@@ -724,12 +745,75 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def _encrypt_with(self, rec: _Audited, key: Key, data: bytes, ctx: bytes) -> bytes:
         self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
         check_use(key.state, Use.PROTECT, key.name)
-        version = key.version_for_protect()
-        rec.version = version.version
+        key, version = self._spend_use(rec, key)
         nonce = os.urandom(ct.NONCE_LEN)
         header = ct.pack_header(key.key_id_bytes, version.version, nonce)
         body = self._rt.backend.encrypt_gcm(version.handle, nonce, header + ctx, data)
         return header + body
+
+    def _spend_use(self, rec: _Audited, key: Key) -> tuple[Key, KeyVersion]:
+        """The version to encrypt with, after spending one of its uses (``usage_limit``)."""
+        version = key.version_for_protect()
+        rec.version = version.version
+        if self._rt.usage.take(key.key_id, version.version, self._rt.catalog.usage_limit(key),
+                               self._recorded_encryptions):
+            return key, version
+        return self._at_usage_limit(rec, key)
+
+    def _at_usage_limit(self, rec: _Audited, key: Key) -> tuple[Key, KeyVersion]:
+        """The latest version has no use left: rotate if the key's policy says so
+        (``auto_rotate``, the default) and go on with the new version, else refuse."""
+        for _ in range(_AUTO_ROTATIONS_PER_CALL):
+            version = key.version_for_protect()
+            rec.version = version.version
+            limit = self._rt.catalog.usage_limit(key)
+            if self._rt.usage.take(key.key_id, version.version, limit,
+                                   self._recorded_encryptions):
+                return key, version
+            if not key.policy.get("auto_rotate", True):
+                raise PolicyViolation(
+                    f"key {key.name!r} v{version.version} reached its usage limit of {limit:,} "
+                    f"encryptions and auto_rotate is off: rotate it (`keyledger key rotate "
+                    f"{key.name}`) or raise usage_limit with set_policy")
+            key = rec.key = self._rotate_at_limit(key, version.version, limit)
+        raise PolicyViolation(
+            f"key {key.name!r} reached its usage limit of {limit:,} encryptions again right "
+            f"after {_AUTO_ROTATIONS_PER_CALL} automatic rotations; raise usage_limit")
+
+    def _rotate_at_limit(self, key: Key, version: int, limit: int) -> Key:
+        """Rotate a key whose latest version used up its limit, once across processes (a
+        process that finds it rotated meanwhile goes on with the new version)."""
+        self._rt.catalog.refresh(force=True)
+        fresh = self._rt.catalog.get_id(key.key_id)
+        failure = None
+        if fresh is not None and fresh.latest_version == version:
+            try:
+                self._rotate(key.name, f"v{version} reached its usage limit of {limit:,} "
+                             "encryptions", expect_version=version, automatic=True)
+            except KeyStateError as exc:  # e.g. rotated by another process meanwhile
+                failure = exc
+            self._rt.catalog.refresh(force=True)
+            fresh = self._rt.catalog.get_id(key.key_id)
+        if fresh is None or fresh.latest_version == version:
+            raise PolicyViolation(
+                f"key {key.name!r} v{version} reached its usage limit of {limit:,} encryptions "
+                f"and rotating it failed ({failure}); rotate it or raise usage_limit")
+        check_use(fresh.state, Use.PROTECT, fresh.name)
+        return fresh
+
+    def _recorded_encryptions(self, key_id: str, version: int) -> int:
+        """Encryptions the ledger holds for a version: the start of a usage counter that did
+        not exist yet (versions made before call-time limits, restored homes)."""
+        try:
+            self._rt.ingest()
+        except KeyLedgerError:  # busy or tampered: count what is in the store already
+            pass
+        marks = ", ".join("?" for _ in PROTECT_ACTIONS)
+        with self._rt.db.read() as tx:
+            row = tx.execute(f"SELECT coalesce(sum(count), 0) FROM usage WHERE key_id = ? AND "
+                             f"version = ? AND action IN ({marks})",
+                             [key_id, version, *PROTECT_ACTIONS]).fetchone()
+        return int(row[0])
 
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt any keyledger ciphertext; the key and version come from its header."""

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConfigError, KeyLedgerError, StoreError
-from ..model import SPECS, Purpose, resolve_rotation_period
+from ..model import SPECS, Purpose, configured_usage_limit, resolve_rotation_period
 from .rules import SEVERITIES, Rule, RuleSet, referenced_parameters
 
 BACKUPS_DDL = ("CREATE TABLE IF NOT EXISTS backups (time TIMESTAMP, kind VARCHAR, path VARCHAR, "
@@ -110,7 +110,6 @@ def key_policy_table(con: Any) -> pa.Table:
                        "FROM keys").fetchall()
     meta = con.execute("SELECT value FROM meta WHERE name = 'home_policy'").fetchall()
     home_policy = json.loads(meta[0][0]) if meta else {}
-    home_limit = home_policy.get("usage_limit")
     cols: dict[str, list] = {c: [] for c in ("key_id", "rotation_period_s", "rotation_source",
                                              "due_at", "usage_limit", "usage_limit_source",
                                              "auto_rotate")}
@@ -127,13 +126,13 @@ def key_policy_table(con: Any) -> pa.Table:
             else:
                 days = 365 if purpose_name == "sign" else 90
                 period, source = timedelta(days=days), "default"
-        limit = policy.get("usage_limit")
+        limit, limit_source = configured_usage_limit(policy, home_policy)  # invalid: ignored
         cols["key_id"].append(key_id)
         cols["rotation_period_s"].append(int(period.total_seconds()))
         cols["rotation_source"].append(source)
         cols["due_at"].append(rotated_at + period if rotated_at is not None else None)
-        cols["usage_limit"].append(int(limit or home_limit) if (limit or home_limit) else None)
-        cols["usage_limit_source"].append("key" if limit else ("home" if home_limit else None))
+        cols["usage_limit"].append(limit)
+        cols["usage_limit_source"].append(limit_source)
         cols["auto_rotate"].append(bool(policy.get("auto_rotate", True)))
     return pa.table({
         "key_id": pa.array(cols["key_id"], pa.string()),

@@ -35,6 +35,10 @@ _PSS = (Mechanism.SHA256, MGF.SHA256, 32)
 _EC_HASH = {"secp256r1": hashlib.sha256, "secp384r1": hashlib.sha384}
 _CRYPTO_CURVES = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
 _CAP = MechanismFlag
+# How long a lookup by CKA_ID waits for an object to appear (see Pkcs11Backend._look_up);
+# it holds this process's PKCS#11 lock meanwhile, so only genuinely missing material pays it.
+_APPEAR_WAIT_S = 2.0
+_APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
 
 
 # python-pkcs11 calls C_Initialize(NULL), which tells the module the application is single
@@ -205,15 +209,36 @@ class Pkcs11Backend:
         keys: dict = self._local.__dict__.setdefault("keys", {})
         found = keys.get((handle, cls))
         if found is None:
-            try:
-                found = self._session().get_key(object_class=cls, id=handle)
-            except px.NoSuchKey:
-                raise KeyStateError(
-                    "the key material for this version is missing from the HSM; "
-                    "run `keyledger init` to reconcile the catalog with the HSM"
-                ) from None
-            keys[(handle, cls)] = found
+            found = keys[(handle, cls)] = self._look_up(handle, cls)
         return found
+
+    def _look_up(self, handle: bytes, cls: ObjectClass) -> Any:
+        """Find an object by CKA_ID, waiting a moment for one another process just made.
+
+        The catalog names a version only after its object exists, yet SoftHSM2 may not show
+        this process an object another process created for a while (measured: up to ~0.1 s
+        with three processes rotating and using one key; it re-reads the token only after
+        the token's generation changes, and may have read the new file half-written), and a
+        lookup during another process's token rewrite can fail with GeneralError. Both are
+        retried until ``_APPEAR_WAIT_S``; only then is the material reported missing.
+        """
+        deadline = time.monotonic() + _APPEAR_WAIT_S
+        pause = _APPEAR_PAUSE_S
+        while True:
+            try:
+                return self._session().get_key(object_class=cls, id=handle)
+            except (px.NoSuchKey, px.GeneralError) as exc:
+                if time.monotonic() >= deadline:
+                    if isinstance(exc, px.NoSuchKey):
+                        raise KeyStateError(
+                            "the key material for this version is missing from the HSM; "
+                            "run `keyledger init` to reconcile the catalog with the HSM"
+                        ) from None
+                    raise translate(exc, "looking up a key in the HSM") from None
+            except px.PKCS11Error as exc:
+                raise translate(exc, "looking up a key in the HSM") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _run(self, handle: bytes, cls: ObjectClass, doing: str, op: Callable[[Any], Any]) -> Any:
         """Run ``op(key)``; if a cached handle went stale (destroyed elsewhere), look it up once more."""

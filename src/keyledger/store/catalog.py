@@ -20,7 +20,15 @@ import duckdb
 
 from ..access import Grants, index_grants
 from ..errors import KeyNotFound
-from ..model import Key, KeyState, KeyVersion, Purpose, parse_spec, resolve_rotation_period
+from ..model import (
+    Key,
+    KeyState,
+    KeyVersion,
+    Purpose,
+    parse_spec,
+    resolve_rotation_period,
+    usage_limit,
+)
 
 SNAPSHOT_NAME = "catalog.json"
 
@@ -167,6 +175,7 @@ class _View(NamedTuple):
     built: dict[str, Key]  # key_id -> Key, filled on demand
     grants: Grants
     home_policy: dict
+    limits: dict[str, int]  # key_id -> usage limit, filled on demand (every encryption asks)
 
     def key(self, key_id: str | None) -> Key | None:
         key = self.built.get(key_id) if key_id is not None else None
@@ -175,7 +184,7 @@ class _View(NamedTuple):
         return key
 
 
-_EMPTY = _View({}, {}, {}, {}, {})
+_EMPTY = _View({}, {}, {}, {}, {}, {})
 
 
 class CatalogCache:
@@ -211,7 +220,7 @@ class CatalogCache:
                 for alias in d["aliases"]:
                     ids.setdefault(alias, kid)
             grants = index_grants(tuple(g) for g in doc.get("grants", []))
-            self._view = _View(docs, ids, {}, grants, doc.get("home_policy", {}))
+            self._view = _View(docs, ids, {}, grants, doc.get("home_policy", {}), {})
             self._stamp = stamp
 
     @property
@@ -233,6 +242,16 @@ class CatalogCache:
         if key is None:
             raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
         return key
+
+    def usage_limit(self, key: Key) -> int:
+        """Encryptions one version of ``key`` may make, as this snapshot says (see
+        ``model.usage_limit``); computed once per key and snapshot."""
+        view = self._view
+        limit = view.limits.get(key.key_id)
+        if limit is None:
+            current = view.key(key.key_id) or key
+            limit = view.limits[key.key_id] = usage_limit(current.policy, view.home_policy)
+        return limit
 
     def get_id(self, key_id: str) -> Key | None:
         self.refresh()

@@ -1,0 +1,135 @@
+"""Call-time usage limits: per key version, a counter that processes take blocks of uses from.
+
+Crypto calls never open DuckDB (docs/design.md, decision 1), so the uses of a version that have
+been handed out live in a small file per version, ``usage/<key_id>-v<version>``: one 8-byte
+count of the uses claimed by all processes, changed only under an exclusive flock and synced to
+disk. A process claims a block (never past the limit), spends it in memory under a lock, and
+gives back what it did not spend when it closes. A process that dies keeps its block: those
+uses count as made, so the total never passes the limit (a version may stop short of it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import StoreError
+
+MAX_BLOCK = 2**20  # uses one claim may take: one file update per ~a million encryptions
+_COUNT = struct.Struct("<Q")
+
+# (key_id, version) -> uses the version had before its counter existed (older homes, restores)
+Seed = Callable[[str, int], int]
+
+
+def block_size(remaining: int) -> int:
+    """Uses to claim when ``remaining`` are left: a quarter of them (so several processes
+    share what is left near the limit), at least one, at most ``MAX_BLOCK``."""
+    if remaining <= 0:
+        return 0
+    return min(MAX_BLOCK, max(1, remaining // 4))
+
+
+class UsageCounters:
+    """This process's view of the per-version usage counters of one home."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._lock = threading.Lock()
+        # (key_id, version) -> [uses left in this process's block, the limit it was taken under]
+        self._blocks: dict[tuple[str, int], list[int]] = {}
+
+    def _path(self, key_id: str, version: int) -> Path:
+        return self._dir / f"{key_id}-v{version}"
+
+    def create(self, key_id: str, version: int) -> None:
+        """Start the counter of a new version at zero (before the version is committed, so no
+        process ever needs the store to seed it)."""
+        with self._counter(key_id, version, _nothing):
+            pass
+
+    def take(self, key_id: str, version: int, limit: int, seed: Seed) -> bool:
+        """Spend one use of the version; False when no use is left under ``limit``."""
+        slot = (key_id, version)
+        with self._lock:
+            block = self._blocks.get(slot)
+            if block is not None and block[0] > 0 and block[1] == limit:
+                block[0] -= 1
+                return True
+            return self._claim(slot, limit, seed)
+
+    def _claim(self, slot: tuple[str, int], limit: int, seed: Seed) -> bool:
+        """Claim a new block from the shared counter (called with ``_lock`` held). A block taken
+        under another limit is given back first, so a lowered limit holds exactly."""
+        with self._counter(*slot, seed) as (fd, stored):
+            old = self._blocks.pop(slot, None)
+            claimed = stored - old[0] if old is not None and old[1] != limit else stored
+            n = block_size(limit - claimed)
+            if n:
+                self._blocks[slot] = [n - 1, limit]
+            if claimed + n != stored:
+                _write(fd, claimed + n)
+            return n > 0
+
+    def release(self) -> None:
+        """Give back the uses this process claimed but did not spend (at close)."""
+        with self._lock:
+            blocks, self._blocks = self._blocks, {}
+            for (key_id, version), (left, _) in blocks.items():
+                if left > 0:
+                    try:
+                        with self._counter(key_id, version, _nothing) as (fd, claimed):
+                            _write(fd, max(0, claimed - left))
+                    except (OSError, StoreError):  # kept: they count as used (never above)
+                        pass
+
+    def _counter(self, key_id: str, version: int, seed: Seed) -> _Locked:
+        return _Locked(self._dir, self._path(key_id, version), lambda: seed(key_id, version))
+
+
+class _Locked:
+    """The counter file, open and exclusively locked for a block: ``(fd, claimed)``."""
+
+    def __init__(self, directory: Path, path: Path, seed: Callable[[], int]) -> None:
+        self._dir, self._path, self._seed = directory, path, seed
+        self._fd = -1
+
+    def __enter__(self) -> tuple[int, int]:
+        try:
+            self._dir.mkdir(mode=0o700, exist_ok=True)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            raw = os.pread(self._fd, _COUNT.size, 0)
+        except OSError as exc:
+            self.__exit__()
+            raise StoreError(f"cannot read the usage counter {self._path}: {exc}") from None
+        if len(raw) == _COUNT.size:
+            return self._fd, _COUNT.unpack(raw)[0]
+        try:  # a version older than its counter: start from the uses the ledger knows
+            claimed = self._seed()
+            _write(self._fd, claimed)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self._fd, claimed
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # drops the lock
+            self._fd = -1
+
+
+def _nothing(key_id: str, version: int) -> int:
+    return 0
+
+
+def _write(fd: int, claimed: int) -> None:
+    try:
+        os.pwrite(fd, _COUNT.pack(claimed), 0)
+        os.fsync(fd)  # a claim must survive a power loss, or uses could be handed out twice
+    except OSError as exc:
+        raise StoreError(f"cannot update a usage counter: {exc}") from None

@@ -1,0 +1,150 @@
+"""Rotation and use of one key from several processes at once: no call fails.
+
+Two processes encrypt with ``k0`` and rotate it every ``ROTATE_EVERY`` calls; a third one
+encrypts and decrypts with it (so it keeps meeting versions another process just made) and
+reads its metadata. Each is a real interpreter with its own PKCS#11 login and journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import keyledger as kl
+
+SECONDS = float(os.environ.get("KEYLEDGER_TEST_ROTATION_S", "20"))
+ROTATE_EVERY = 200
+
+_WORKER = """
+import json, os, sys, time
+import keyledger as kl
+home, who, seconds, rotate_every, out = (sys.argv[1], sys.argv[2], float(sys.argv[3]),
+                                         int(sys.argv[4]), sys.argv[5])
+calls, errors, made, rotated = 0, [], [], []
+def call(fn, *args, **kwargs):
+    global calls
+    calls += 1
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        errors.append(f"{fn.__name__}: {type(exc).__name__}: {exc}")
+        return None
+calls += 1
+led = kl.open(home, principal=who)
+print("ready", flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + seconds
+i = 0
+while time.monotonic() < deadline:
+    i += 1
+    ctx = {"who": who, "i": str(i)}
+    blob = call(led.encrypt, "k0", b"secret %d" % i, context=ctx)
+    if blob is not None:
+        made.append([blob.hex(), i])
+    if rotate_every and i % rotate_every == 0:
+        key = call(led.rotate, "k0")
+        if key is not None:
+            rotated.append(key.latest_version)
+    if not rotate_every:  # the reader: decrypt what it just made, read the key now and then
+        if blob is not None and call(led.decrypt, blob, context=ctx) != b"secret %d" % i:
+            errors.append(f"round trip {i} failed")
+        if i % 50 == 0:
+            call(led.get_key, "k0")
+led.close()
+with open(out, "w") as fh:
+    json.dump(made, fh)
+print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "rotated": rotated,
+                  "encrypts": len(made)}))
+"""
+
+
+def _spawn(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _ready(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    if line != "ready\n":
+        proc.kill()
+        pytest.fail(f"child said {line!r}; stderr:\n{proc.communicate(timeout=30)[1]}")
+
+
+@pytest.fixture(scope="module")
+def rotation_run(tmp_path_factory):
+    """r1 and r2 encrypt and rotate k0, reader encrypts/decrypts/reads it, for SECONDS."""
+    base = tmp_path_factory.mktemp("rotation")
+    home = base / "home"
+    with kl.open(home, principal="setup") as led:
+        led.create_key("k0", spec="AES_256")
+        for who in ("r1", "r2"):
+            led.grant("*", who, "admin")
+            led.grant("*", who, "user")
+        led.grant("*", "reader", "user")
+        led.grant("*", "auditor", "auditor")
+        led.grant("*", "auditor", "user")
+    procs = {}
+    try:
+        for who, every in (("r1", ROTATE_EVERY), ("r2", ROTATE_EVERY), ("reader", 0)):
+            procs[who] = _spawn(_WORKER, str(home), who, str(SECONDS), str(every),
+                                str(base / f"{who}.json"))
+        for proc in procs.values():
+            _ready(proc)
+        for proc in procs.values():
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = {}
+        for who, proc in procs.items():
+            out, err = proc.communicate(timeout=SECONDS + 180)
+            assert proc.returncode == 0, f"{who} crashed:\n{err}"
+            results[who] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    made = {who: json.loads((base / f"{who}.json").read_text()) for who in procs}
+    return home, results, made
+
+
+@pytest.mark.slow
+def test_concurrent_rotation_and_use_make_no_errors(rotation_run):
+    _, results, _ = rotation_run
+    for who, res in results.items():
+        assert res["errors"] == [], f"{who}: {len(res['errors'])} errors, e.g. {res['errors'][:5]}"
+    assert results["r1"]["rotated"] and results["r2"]["rotated"]
+    assert results["reader"]["encrypts"] > 0
+
+
+@pytest.mark.slow
+def test_concurrent_rotation_audits_every_call_once(rotation_run):
+    home, results, _ = rotation_run
+    with kl.open(home, principal="auditor") as led:
+        df = led.audit()
+        report = led.verify_audit()
+        key = led.get_key("k0")
+    assert report.ok, str(report)
+    counts = df.groupby(["principal", "pid"]).size().to_dict()
+    for who, res in results.items():
+        assert counts.get((who, res["pid"]), 0) == res["calls"], who
+        assert set(df[df["principal"] == who]["outcome"]) == {"ok"}, who
+    # each rotate() made exactly one version: none lost, none made twice, none shared
+    returned = results["r1"]["rotated"] + results["r2"]["rotated"]
+    assert sorted(returned) == list(range(2, key.latest_version + 1))
+    rotations = df[df["action"] == "rotate"]
+    assert sorted(rotations["version"]) == sorted(returned)
+
+
+@pytest.mark.slow
+def test_every_returned_ciphertext_decrypts_afterwards(rotation_run):
+    home, _, made = rotation_run
+    with kl.open(home, principal="auditor") as led:
+        for who, items in made.items():
+            for blob, i in items:
+                got = led.decrypt(bytes.fromhex(blob), context={"who": who, "i": str(i)})
+                assert got == b"secret %d" % i, (who, i)
