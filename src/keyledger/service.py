@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .errors import (
     InvalidInput,
     KeyExists,
     KeyLedgerError,
+    KeyNotFound,
     KeyStateError,
     PolicyViolation,
 )
@@ -47,11 +49,16 @@ from .model import (
     Use,
     check_use,
     default_rotation_period,
+    is_valid_name,
+    name_digest,
     next_state,
     parse_period,
     parse_purpose,
     parse_spec,
+    validate_bool,
     validate_name,
+    validate_version,
+    validate_when,
 )
 from .model import usage_limit as key_usage_limit
 from .runtime import HomeRuntime, ReconcileReport, naive
@@ -62,6 +69,7 @@ from .store.ledger import verify as verify_ledger
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
+MAX_QUERY_TIMEOUT_S = 3600
 
 
 def _utc_now() -> datetime:
@@ -110,13 +118,36 @@ class _Audited:
             error = type(exc).__name__
             detail = self.detail or (str(exc)[:500] if isinstance(exc, KeyLedgerError) else None)
         key = self.key
+        name = key.name if key is not None else self.name
+        if key is None and name is not None and _refused_name(name, exc):
+            name, detail = _hide_name(name, detail)
         self.kl._rt.journal.append(
             self.kl._time_us(), self.kl.principal, self.action,
-            key.name if key is not None else self.name, key.key_id if key is not None else None,
+            name, key.key_id if key is not None else None,
             self.version, outcome, error, detail,
             self.context.decode() if self.context else None,
         )
         return False
+
+
+def _refused_name(name: str, exc: BaseException | None) -> bool:
+    """A name the call refused because it names no key or is no name at all: it may be a
+    secret passed in the wrong argument, so the ledger keeps only its hash."""
+    if name == WILDCARD:  # "every key" (set_policy, grant), not a name
+        return False
+    return not is_valid_name(name) or isinstance(exc, KeyNotFound)
+
+
+def _hide_name(name: str, detail: str | None) -> tuple[str, str | None]:
+    """The name's digest, and the detail (e.g. the error message quoting it) without it."""
+    label = name_digest(name)
+    if detail and name:
+        # messages quote names with !r (whole, or its first 130 characters); a longer name
+        # may also appear bare, a short one ("k") would match inside words, so it is left
+        forms = [repr(name), repr(name[:130]), *([name] if len(name) >= 6 else [])]
+        for form in forms:
+            detail = detail.replace(form, label)
+    return label, detail
 
 
 class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixin,
@@ -214,6 +245,13 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         raise InvalidInput(f"{what} must be bytes, not {type(value).__name__}")
 
     @staticmethod
+    def _reason(value: object) -> str:
+        """A reason is text; checked before anything changes (it is written last)."""
+        if not isinstance(value, str):
+            raise InvalidInput(f"reason must be text, not {type(value).__name__}")
+        return value
+
+    @staticmethod
     def _require_purpose(key: Key, *purposes: Purpose) -> None:
         if key.purpose not in purposes:
             want = " or ".join(p.value for p in purposes)
@@ -237,8 +275,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 validate_name(owner, "owner")
             tag_json = self._tags_json(tags)
             period = parse_period(rotation_period)  # None: inherit (tag, home, default)
-            if not isinstance(exportable, bool):
-                raise InvalidInput("exportable must be True or False")
+            validate_bool(exportable, "exportable")
+            validate_bool(activate, "activate")
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
             state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
@@ -307,6 +345,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Rotate; with ``expect_version``, only if nobody rotated since (due work runs once)."""
         with self._audited("rotate", name) as rec:
             key = self._key(rec, name)
+            self._reason(reason)
             now = naive(self._now())
             handle = uuid.uuid4().bytes
             with self._rt.db.write(export=False) as tx:
@@ -397,6 +436,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def _destroy(self, name: str, reason: str, *, approved: bool) -> Key:
         with self._audited("destroy", name) as rec:
             key = self._key(rec, name)
+            self._reason(reason)
             if not approved:
                 self._require_quorum(key, "destroy", f"destroy {key.name!r}")
             now = naive(self._now())
@@ -532,9 +572,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 policy["usage_limit"] = usage_limit
                 updates["policy"] = json.dumps(policy, sort_keys=True)
             if auto_rotate is not None:
-                if not isinstance(auto_rotate, bool):
-                    raise InvalidInput("auto_rotate must be True or False")
-                if not auto_rotate:
+                if not validate_bool(auto_rotate, "auto_rotate"):
                     weakens.append("no automatic rotation")
                 policy["auto_rotate"] = auto_rotate
                 updates["policy"] = json.dumps(policy, sort_keys=True)
@@ -590,7 +628,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 self._require_quorum(None, "set_policy", "lowering the home's quorum")
             policy["quorum"] = quorum
         if creator_is_user is not None:
-            policy["creator_is_user"] = bool(creator_is_user)
+            policy["creator_is_user"] = validate_bool(creator_is_user, "creator_is_user")
         with self._rt.db.write() as tx:
             tx.execute("INSERT INTO meta VALUES ('home_policy', ?) ON CONFLICT DO UPDATE "
                        "SET value = excluded.value", [json.dumps(policy, sort_keys=True)])
@@ -609,8 +647,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def _transition_key(self, rec: _Audited, action: str, name: str, reason: str,
                         extra: dict[str, object] | None = None) -> Key:
         key = self._key(rec, name)
-        if not isinstance(reason, str):
-            raise InvalidInput("reason must be text")
+        self._reason(reason)
         now = naive(self._now())
         with self._rt.db.write() as tx:
             key = cat.load_key(tx, key.name)
@@ -717,6 +754,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         rec.key = key
         self._authorize(rec, rec.action, key)
+        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
+            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         if header.version not in key.versions:
             rec.detail = f"unknown version {header.version}"
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
@@ -791,6 +831,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         with self._audited("verify", name) as rec:
             data = self._bytes(message, "message")
             sig = self._bytes(signature, "signature")
+            validate_version(version)
             key = self._for_process(rec, name, Purpose.SIGN)
             return self._check_any(rec, key, version,
                                    lambda h: self._rt.backend.verify(key.spec, h, data, sig))
@@ -807,6 +848,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         with self._audited("verify_mac", name) as rec:
             data = self._bytes(message, "message")
             mac = self._bytes(tag, "tag")
+            validate_version(version)
             key = self._for_process(rec, name, Purpose.MAC)
             return self._check_any(rec, key, version,
                                    lambda h: self._rt.backend.verify_mac(h, data, mac))
@@ -847,6 +889,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def public_key_pem(self, name: str, *, version: int | None = None) -> str:
         with self._audited("public_key_pem", name) as rec:
             key = self._key(rec, name)
+            validate_version(version)
             if key.spec.family in (Family.AES, Family.HMAC):
                 raise PolicyViolation(f"key {key.name!r} is symmetric; it has no public key")
             v = key.versions.get(version or key.latest_version)
@@ -869,7 +912,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Repair interrupted operations and (``full``) check every version's HSM material."""
         with self._audited("reconcile", None) as rec:
             self._authorize(rec, "reconcile", None)
-            report = self._rt.reconcile(self.principal, full=full)
+            report = self._rt.reconcile(self.principal, full=validate_bool(full, "full"))
             rec.detail = str(report)[:500]
             return report
 
@@ -877,7 +920,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """CKA_SENSITIVE / CKA_EXTRACTABLE of a version as the HSM reports them."""
         with self._audited("key_attributes", name) as rec:
             key = self._key(rec, name)
-            v = key.versions[version or key.latest_version]
+            v = key.versions.get(validate_version(version) or key.latest_version)
+            if v is None or v.state == "destroyed":
+                raise KeyStateError(f"version {version} of {key.name!r} is destroyed or unknown; "
+                                    f"its versions are 1 to {key.latest_version}")
             rec.version = v.version
             return self._rt.backend.attributes(v.handle)
 
@@ -892,12 +938,25 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
               limit: int | None = None, offset: int = 0, newest_first: bool = False
               ) -> pd.DataFrame:
         """Audit records (oldest first, or newest first) with time, principal, action, key,
-        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger."""
+        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger.
+
+        ``key`` also matches the records of refused calls that name no key, which keep only
+        the name's hash (``sha256:...``, docs/audit.md)."""
         with self._audited("audit", key) as rec:
             self._authorize(rec, "audit", None)
+            for what, value in (("key", key), ("principal", principal), ("action", action),
+                                ("outcome", outcome)):
+                if value is not None and not isinstance(value, str):
+                    raise InvalidInput(f"{what} must be text, not {type(value).__name__}")
+            validate_when(since, "since")
+            validate_when(until, "until")
+            validate_bool(newest_first, "newest_first")
             self._rt.ingest()
             where, args = [], []
-            for col, value in (("key", key), ("principal", principal), ("action", action),
+            if key is not None:
+                where.append("key IN (?, ?)")
+                args += [key, name_digest(key)]
+            for col, value in (("principal", principal), ("action", action),
                                ("outcome", outcome)):
                 if value is not None:
                     where.append(f"{col} = ?")
@@ -923,20 +982,28 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return df
 
     def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,
-              label: str | None = None) -> pd.DataFrame:
+              label: str | None = None, timeout_s: float | None = None) -> pd.DataFrame:
         """Run one read-only SQL query over the store and return a DataFrame (admin or auditor).
 
         Tables: keys, versions, transitions, audit_log, grants, requests, approvals, usage,
         compliance_findings, ... (docs/audit.md). The query runs in a transaction that is always
         rolled back, with file access disabled; timestamps come back as UTC. ``label`` names the
-        query in its audit record (default: its first 200 characters).
+        query in its audit record (default: its first 200 characters). A query still running
+        after ``timeout_s`` (default: ``[store] query_timeout_s`` of keyledger.toml, 10 s) is
+        stopped with ``InvalidInput``: while it runs, other processes cannot write the store.
         """
         with self._audited("query", None) as rec:
             self._authorize(rec, "query", None)
             if not isinstance(sql, str) or not sql.strip():
                 raise InvalidInput("sql must be a non-empty SQL text")
+            if label is not None and not isinstance(label, str):
+                raise InvalidInput(f"label must be text, not {type(label).__name__}")
+            limit = self._query_timeout(timeout_s)
             rec.detail = (label or " ".join(sql.split()))[:200]
             _check_read_only(sql)
+            if params is not None and not isinstance(params, Sequence | Mapping):
+                raise InvalidInput("params must be a list of values or a mapping of names to "
+                                   f"values, not {type(params).__name__}")
             try:
                 self._rt.ingest(for_read=True)
             except AuditError:  # a tampered ledger is still readable (verify_audit reports it)
@@ -944,14 +1011,29 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             with self._rt.db.snapshot() as tx:
                 tx.execute("SET enable_external_access = false")
                 try:
-                    df = tx.execute(sql, params if params is not None else []).df()
+                    with _interrupt_after(tx.con, limit) as timer:
+                        df = tx.execute(sql, params if params is not None else []).df()
                 except duckdb.Error as exc:
+                    if timer.fired:
+                        raise InvalidInput(
+                            f"the query was stopped after {limit:g} s; narrow it (a WHERE on "
+                            "time, fewer joins), or allow longer with query(..., timeout_s=...) "
+                            "or [store] query_timeout_s in keyledger.toml") from None
                     raise InvalidInput(f"the query failed: {str(exc).splitlines()[0][:300]}"
                                        ) from None
             for col in df.columns:
                 if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
                     df[col] = df[col].dt.tz_localize("UTC")
             return df
+
+    def _query_timeout(self, timeout_s: object) -> float:
+        if timeout_s is None:
+            return self._rt.settings.query_timeout_s
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or \
+                not 0 < timeout_s <= MAX_QUERY_TIMEOUT_S:
+            raise InvalidInput(f"timeout_s must be a number of seconds above 0 and at most "
+                               f"{MAX_QUERY_TIMEOUT_S}, not {timeout_s!r}")
+        return float(timeout_s)
 
     def verify_audit(self) -> VerifyReport:
         """Check the chain, the checkpoints and the HSM-held head; name the first bad record."""
@@ -973,6 +1055,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def export_audit(self, path: str | os.PathLike, format: str = "parquet") -> Path:
         """JSONL file, or Parquet partitioned by day (Hive layout: day=YYYY-MM-DD/)."""
         with self._audited("export_audit", None) as rec:
+            if not isinstance(path, str | os.PathLike):
+                raise InvalidInput(f"path must be a file path, not {type(path).__name__}")
             self._authorize(rec, "export_audit", None)
             if format not in ("parquet", "jsonl"):
                 raise InvalidInput("format must be 'parquet' or 'jsonl'")
@@ -1007,9 +1091,31 @@ def _home_weakenings(old: dict, new: dict) -> list[str]:
 
 
 def _count(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{what} must be a whole number >= 0, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInput(f"{what} must be a whole number >= 0, not {value!r}"[:200])
     return value
+
+
+class _Timer:
+    fired = False
+
+
+@contextlib.contextmanager
+def _interrupt_after(con: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[_Timer]:
+    """Interrupt ``con``'s running statement once ``seconds`` have passed (then ``fired``)."""
+    state = _Timer()
+
+    def fire() -> None:
+        state.fired = True
+        con.interrupt()
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield state
+    finally:
+        timer.cancel()
 
 
 def _check_read_only(sql: str) -> None:
@@ -1035,6 +1141,10 @@ def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
     ``home`` defaults to ``$KEYLEDGER_HOME`` or ``./.keyledger``; ``principal`` to the OS user;
     ``clock`` to the real UTC clock (inject one to simulate time).
     """
+    if home is not None and not isinstance(home, str | os.PathLike):
+        raise InvalidInput(f"home must be a folder path, not {type(home).__name__}")
+    if clock is not None and not callable(clock):
+        raise InvalidInput("clock must be a function returning a timezone-aware datetime")
     path = Path(home).expanduser().absolute() if home is not None else default_home()
     who = principal if principal is not None else getpass.getuser()
     validate_name(who, "principal")
