@@ -77,6 +77,7 @@ class GovernanceMixin:
         with self._audited("list_keys", name) as rec:
             if name is not None and not isinstance(name, str):
                 raise InvalidInput(f"name must be a key name or '*', not {type(name).__name__}")
+            self._record_filter(rec, name)
             self._require_some_role(rec, "list_keys")
             with self._rt.db.read() as tx:
                 df = tx.execute(

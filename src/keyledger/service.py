@@ -227,6 +227,16 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         self._authorize(rec, rec.action, key)
         return key
 
+    def _record_filter(self, rec: _Audited, name: str | None) -> None:
+        """A key name used as a filter is recorded as the key it names, or (naming no key: it
+        may be a secret searched for) as its hash, like a refused name."""
+        if name is None or name == WILDCARD:
+            return
+        try:
+            rec.key = self._rt.catalog.get(name)
+        except KeyNotFound:
+            rec.name = name_digest(name)
+
     def _authorize(self, rec: _Audited, action: str, key: Key | None, *,
                    any_scope: bool = False) -> None:
         grants = self._rt.catalog.grants_now()
@@ -951,6 +961,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             validate_when(since, "since")
             validate_when(until, "until")
             validate_bool(newest_first, "newest_first")
+            self._record_filter(rec, key)
             self._rt.ingest()
             where, args = [], []
             if key is not None:
