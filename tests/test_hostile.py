@@ -32,13 +32,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pkcs11 import Attribute, ObjectClass
 
 import keyledger as kl
 from keyledger import ciphertext as ct
 from keyledger.cli import main
 from keyledger.config import write_config
+from keyledger.hsm.pkcs11_backend import _CALL_LOCK
 from keyledger.service import KeyLedger
-from keyledger.store.ledger import HEAD_LABEL_PREFIX
 
 # Public methods not driven here, and why. Every other public method is (test_every_public_
 # method_is_driven checks that the list below is all that is left out).
@@ -122,19 +123,17 @@ class Estate:
     def catalog(self) -> bytes:
         return (self.home / "catalog.json").read_bytes()
 
-    def key_objects(self) -> list[str]:
-        """The token's key objects (file names; private objects keep their labels encrypted,
-        so the public audit-head object, replaced by every checkpoint, is told by its label)."""
-        names = []
-        for path in sorted(self.home.glob("tokens/*/*.object")):
-            if path.name == "token.object":
-                continue
-            try:
-                if HEAD_LABEL_PREFIX.encode() not in path.read_bytes():
-                    names.append(path.name)
-            except FileNotFoundError:  # replaced meanwhile: a head object
-                continue
-        return names
+    def key_objects(self) -> list[tuple[str, str, str]]:
+        """The token's key objects (class, label, CKA_ID), as this process's logged-in session
+        lists them; the audit head (a data object replaced by every checkpoint, which reads may
+        trigger) is not a key and not compared."""
+        backend = self.leds["alice"]._rt.backend
+        with _CALL_LOCK:
+            session = backend._session()
+            return sorted((cls.name, obj.label, obj[Attribute.ID].hex())
+                          for cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY,
+                                      ObjectClass.PUBLIC_KEY)
+                          for obj in session.get_objects({Attribute.CLASS: cls}))
 
     def journal(self) -> Path:
         return self.leds["alice"]._rt.journal.path

@@ -961,6 +961,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             validate_when(since, "since")
             validate_when(until, "until")
             validate_bool(newest_first, "newest_first")
+            if limit is not None:
+                _count(limit, "limit")
+            _count(offset, "offset")  # all checked before the ingest below does any work
             self._record_filter(rec, key)
             self._rt.ingest()
             where, args = [], []
