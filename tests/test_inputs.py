@@ -266,6 +266,9 @@ RAW_BEFORE = [
          kl.InvalidInput, ("reason must be text",), "destroy", "pend"),
     Case("reconcile-full-str", lambda s: s.led.reconcile(full="no"), kl.InvalidInput,
          ("full must be True or False",), "reconcile", None),
+    Case("backup-passphrase-lone-surrogate",  # found by tests/test_hostile.py
+         lambda s: s.led.backup(s.home.parent / "never.klbak", passphrase="\ud800" * 20),
+         kl.InvalidInput, ("passphrase must be valid Unicode",), "backup", None),
 ]
 
 BAD_CONTEXT = [
