@@ -828,3 +828,27 @@ def test_acknowledge_custody_is_stored_for_admins_only(home: Path, clock: FakeCl
     start = FakeClock().now.replace(tzinfo=None)
     assert rows == [("alice", start, CUSTODIAN_STATEMENT),
                     ("kadm", start + timedelta(hours=1), "I protect key k.")]
+
+
+def test_user_sees_only_grants_of_keys_it_may_list(home: Path, clock: FakeClock) -> None:
+    """A principal holding only `user` on one key sees that key's grants and its own home-wide
+    ones, never the names of keys it cannot list (nor who administers them); home-wide admins
+    and auditors see every grant."""
+    leds = open_as(home, clock, "alice", "ursula", "audrey")
+    try:
+        alice = leds["alice"]
+        for name in ("payments", "hr-salaries", "m-and-a-2027"):
+            alice.create_key(name, spec="AES_256")
+        alice.grant("payments", "ursula", "user")
+        alice.grant("hr-salaries", "bob", "admin")
+        alice.grant("*", "audrey", "auditor")
+        seen = grant_rows(leds["ursula"])
+        assert set(leds["ursula"].list_keys()["name"]) == {"payments"}
+        assert {k for k, _, _ in seen} == {"payments"}, seen
+        assert ("payments", "ursula", "user") in seen and ("payments", "alice", "user") in seen
+        assert leds["ursula"].grants("hr-salaries").empty
+        everything = grant_rows(alice)
+        assert {"hr-salaries", "m-and-a-2027", "*"} <= {k for k, _, _ in everything}
+        assert grant_rows(leds["audrey"]) == everything
+    finally:
+        close_all(leds)

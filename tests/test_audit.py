@@ -24,6 +24,7 @@ from conftest import FakeClock
 import keyledger as kl
 from keyledger.config import write_config
 from keyledger.hsm.softhsm import softhsm_conf_text
+from keyledger.model import name_digest
 from keyledger.store.ledger import ROW_HASH_SQL, TIPS_SQL, checkpoint_hash
 
 CTX = {"tenant": "acme", "app": "billing"}
@@ -83,8 +84,8 @@ def test_every_call_writes_exactly_one_record(ledger, clock):
     call(("decrypt", "ok", None, "orders", 1, CTX_JSON), ledger.decrypt, blob, context=CTX)
     call(("decrypt", "failed", "InvalidCiphertext", "orders", 1, '{"tenant":"evil"}'),
          ledger.decrypt, blob, context={"tenant": "evil"}, raises=kl.InvalidCiphertext)
-    call(("encrypt", "failed", "KeyNotFound", "nope", None, None), ledger.encrypt, "nope", b"x",
-         raises=kl.KeyNotFound)
+    call(("encrypt", "failed", "KeyNotFound", name_digest("nope"), None, None), ledger.encrypt,
+         "nope", b"x", raises=kl.KeyNotFound)  # a name of no key: only its hash is kept
     call(("rotate", "ok", None, "orders", 2, None), ledger.rotate, "orders")
     call(("encrypt", "ok", None, "orders", 2, None), ledger.encrypt, "orders", b"y")
     call(("decrypt", "failed", "InvalidCiphertext", None, None, None), ledger.decrypt,
@@ -535,7 +536,9 @@ def test_audit_filters(home, clock):
         enc = alice.audit(action="encrypt")
         assert len(enc) == 6 and set(enc["action"]) == {"encrypt"}
         failed = alice.audit(outcome="failed")
-        assert list(failed["key"]) == ["c"] and list(failed["error"]) == ["KeyNotFound"]
+        assert list(failed["key"]) == [name_digest("c")]  # names no key: hashed
+        assert list(failed["error"]) == ["KeyNotFound"]
+        assert list(alice.audit(key="c")["seq"]) == list(failed["seq"])  # found by its name
         assert len(alice.audit(action="encrypt", outcome="ok", principal="bob", key="a")) == 3
         # since is inclusive, until exclusive
         assert len(alice.audit(action="encrypt", since=t1, until=t2)) == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,8 @@ import pytest
 from conftest import hsm_objects
 
 import keyledger as kl
+from keyledger import ciphertext as ct
+from keyledger.model import name_digest
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PKCS11_TOOL = shutil.which("pkcs11-tool")
@@ -84,7 +87,9 @@ ALL_SPECS = tuple(kl.SPECS)
 
 CASES = [
     # unknown key, for every kind of call that takes a name
-    *[Case(f"unknown-{op}", call, kl.KeyNotFound, ("'nope'", "no key named"), op, "nope")
+    # (a name that names no key may be a secret in the wrong argument: only its hash is kept)
+    *[Case(f"unknown-{op}", call, kl.KeyNotFound, ("'nope'", "no key named"), op,
+           name_digest("nope"))
       for op, call in [
           ("get_key", lambda s: s.led.get_key("nope")),
           ("encrypt", lambda s: s.led.encrypt("nope", b"x")),
@@ -117,11 +122,11 @@ CASES = [
          kl.InvalidInput, ("EC_P256", "'encrypt'"), "create_key", "new"),
     # names
     Case("empty-name-create", lambda s: s.led.create_key("", spec="AES_256"), kl.InvalidInput,
-         ("must not be empty",), "create_key", ""),
+         ("must not be empty",), "create_key", name_digest("")),
     Case("empty-name-encrypt", lambda s: s.led.encrypt("", b"x"), kl.InvalidInput,
-         ("must not be empty",), "encrypt", ""),
+         ("must not be empty",), "encrypt", name_digest("")),
     Case("bad-chars-name", lambda s: s.led.create_key("a b", spec="AES_256"), kl.InvalidInput,
-         ("'a b'", "letters, digits"), "create_key", "a b"),
+         ("'a b'", "letters, digits"), "create_key", name_digest("a b")),
     Case("name-int-create", lambda s: s.led.create_key(42, spec="AES_256"), kl.InvalidInput,
          ("must be a string", "int"), "create_key", None),
     Case("name-int-encrypt", lambda s: s.led.encrypt(42, b"x"), kl.InvalidInput,
@@ -209,6 +214,63 @@ CASES = [
          ("'m'", "symmetric"), "public_key_pem", "m"),
 ]
 
+
+
+def forged_blob(s: Seeded, name: str) -> bytes:
+    """A well-formed ciphertext header naming key ``name`` (read via list_keys: not counted)."""
+    keys = s.led.list_keys().set_index("name")
+    return ct.pack_header(uuid.UUID(keys.loc[name, "key_id"]).bytes, 1, b"\0" * 12) + b"\0" * 32
+
+
+# Found by hand and by tests/test_hostile.py: each escaped as a raw Python exception, was
+# silently misread, or (reason) failed only after the HSM had made a new version.
+RAW_BEFORE = [
+    Case("decrypt-header-names-hmac-key", lambda s: s.led.decrypt(forged_blob(s, "m")),
+         kl.InvalidCiphertext, ("cannot be decrypted",), "decrypt", "m"),
+    Case("decrypt-header-names-ec-key", lambda s: s.led.decrypt(forged_blob(s, "s")),
+         kl.InvalidCiphertext, ("cannot be decrypted",), "decrypt", "s"),
+    Case("rotation-period-overflow",
+         lambda s: s.led.create_key("new", spec="AES_256", rotation_period="9999999999d"),
+         kl.InvalidInput, ("at most 100 years",), "create_key", "new"),
+    Case("rotation-period-overflow-policy",
+         lambda s: s.led.set_policy("k", rotation_period="9999999999d"),
+         kl.InvalidInput, ("at most 100 years",), "set_policy", "k"),
+    Case("key-attributes-unknown-version", lambda s: s.led.key_attributes("k", version=99),
+         kl.KeyStateError, ("version 99", "'k'"), "key_attributes", "k"),
+    Case("key-attributes-version-str", lambda s: s.led.key_attributes("k", version="1"),
+         kl.InvalidInput, ("version must be a positive whole number",), "key_attributes", "k"),
+    Case("export-audit-none", lambda s: s.led.export_audit(None), kl.InvalidInput,
+         ("path must be a file path",), "export_audit", None),
+    Case("grant-lookalike-principal", lambda s: s.led.grant("k", "alice\n", "admin"),
+         kl.InvalidInput, ("invalid principal",), "grant", "k"),
+    Case("alias-trailing-newline", lambda s: s.led.set_alias("k", "k2\n"), kl.InvalidInput,
+         ("invalid alias",), "set_alias", "k"),
+    Case("owner-trailing-newline",
+         lambda s: s.led.create_key("new", spec="AES_256", owner="ops\n"), kl.InvalidInput,
+         ("invalid owner",), "create_key", "new"),
+    Case("name-trailing-newline", lambda s: s.led.encrypt("k\n", b"x"), kl.InvalidInput,
+         ("invalid key name",), "encrypt", name_digest("k\n")),
+    Case("creator-is-user-str", lambda s: s.led.set_policy("*", creator_is_user="no"),
+         kl.InvalidInput, ("creator_is_user must be True or False",), "set_policy", "*"),
+    Case("activate-str", lambda s: s.led.create_key("new", spec="AES_256", activate="no"),
+         kl.InvalidInput, ("activate must be True or False",), "create_key", "new"),
+    Case("verify-version-str", lambda s: s.led.verify("s", b"payload", s.sig, version="1"),
+         kl.InvalidInput, ("version must be a positive whole number",), "verify", "s"),
+    Case("verify-mac-version-float", lambda s: s.led.verify_mac("m", b"x", b"t", version=1.0),
+         kl.InvalidInput, ("version must be a positive whole number",), "verify_mac", "m"),
+    Case("public-key-version-zero", lambda s: s.led.public_key_pem("s", version=0),
+         kl.InvalidInput, ("version must be a positive whole number",), "public_key_pem", "s"),
+    Case("rotate-reason-dict", lambda s: s.led.rotate("k", reason={"why": "x"}),
+         kl.InvalidInput, ("reason must be text",), "rotate", "k"),
+    Case("destroy-reason-int", lambda s: s.led.destroy("pend", reason=7),
+         kl.InvalidInput, ("reason must be text",), "destroy", "pend"),
+    Case("reconcile-full-str", lambda s: s.led.reconcile(full="no"), kl.InvalidInput,
+         ("full must be True or False",), "reconcile", None),
+    Case("backup-passphrase-lone-surrogate",  # found by tests/test_hostile.py
+         lambda s: s.led.backup(s.home.parent / "never.klbak", passphrase="\ud800" * 20),
+         kl.InvalidInput, ("passphrase must be valid Unicode",), "backup", None),
+]
+
 BAD_CONTEXT = [
     Case("context-int-value-encrypt",
          lambda s: s.led.encrypt("k", b"x", context={"tenant": 1}), kl.InvalidInput,
@@ -263,6 +325,58 @@ def assert_one_failed_record(new: pd.DataFrame, case: Case) -> None:
 def test_bad_input_refused_without_change_and_audited(seeded, case):
     new = run_refused(seeded, case)
     assert_one_failed_record(new, case)
+
+
+@pytest.mark.parametrize("case", RAW_BEFORE, ids=[c.id for c in RAW_BEFORE])
+def test_formerly_raw_errors_are_refused_without_change_and_audited(seeded, case):
+    new = run_refused(seeded, case)
+    assert_one_failed_record(new, case)
+
+
+def test_a_secret_passed_as_key_name_is_kept_only_as_a_hash(seeded):
+    """encrypt("4111-...", b"x"): the card number is a valid name that names no key. The
+    ledger keeps sha256:<12 hex> in key and detail, and audit(key=...) still finds it."""
+    s, card = seeded, "4111-1111-1111-1111"
+    with pytest.raises(kl.KeyNotFound):
+        s.led.encrypt(card, b"x")
+    s.led.flush_audit()
+    hits = s.led.audit(key=card)
+    assert list(hits["key"]) == [name_digest(card)] and list(hits["error"]) == ["KeyNotFound"]
+    assert name_digest(card) in hits.iloc[0]["detail"]
+    leaked = s.led.query("SELECT count(*) AS n FROM audit_log WHERE contains(CAST(COLUMNS(*) "
+                         "AS VARCHAR), ?)", [card[:9]])
+    assert leaked.iloc[0, 0] == 0
+    for journal in (s.home / "journal").iterdir():
+        assert card[:9].encode() not in journal.read_bytes()
+    s.last_seq = None
+
+
+def test_audit_refuses_malformed_filters(seeded):
+    s = seeded
+    for kwargs, says in [({"since": "yesterday"}, "since must be a timezone-aware datetime"),
+                         ({"until": datetime(2026, 1, 1)}, "until must be a timezone-aware"),
+                         ({"key": 42}, "key must be text"),
+                         ({"newest_first": "yes"}, "newest_first must be True or False"),
+                         ({"limit": 2**70}, "limit must be a whole number")]:
+        with pytest.raises(kl.InvalidInput, match=says):
+            s.led.audit(**kwargs)
+    s.led.flush_audit()
+    failed = s.led.audit(action="audit", outcome="failed")
+    assert len(failed) >= 5 and set(failed["error"]) == {"InvalidInput"}
+    s.last_seq = None
+
+
+def test_open_refuses_a_lookalike_principal_and_bad_arguments(seeded, tmp_path):
+    """"alice\n" is not "alice": before the fix it was accepted (and granted admin on a new
+    home, or read as a distinct principal here)."""
+    for kwargs, says in [({"principal": "alice\n"}, "invalid principal"),
+                         ({"principal": "alice\x00"}, "invalid principal"),
+                         ({"clock": 5}, "clock must be a function")]:
+        with pytest.raises(kl.InvalidInput, match=says):
+            kl.open(seeded.home, **kwargs)
+    with pytest.raises(kl.InvalidInput, match="home must be a folder path"):
+        kl.open(42, principal="alice")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("case", BAD_CONTEXT, ids=[c.id for c in BAD_CONTEXT])

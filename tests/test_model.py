@@ -164,7 +164,19 @@ def test_parse_period_rejects_non_positive(bad):
 @given(n=st.integers(min_value=1, max_value=10**6), unit=st.sampled_from("smhdwy"))
 def test_parse_period_units(n, unit):
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}[unit]
-    assert parse_period(f"{n}{unit}") == timedelta(seconds=n * seconds)
+    if n * seconds <= 100 * 365 * 86400:
+        assert parse_period(f"{n}{unit}") == timedelta(seconds=n * seconds)
+    else:  # longer than 100 years: a typo, refused before timedelta() could overflow
+        with pytest.raises(kl.InvalidInput, match="at most 100 years"):
+            parse_period(f"{n}{unit}")
+
+
+@pytest.mark.parametrize("bad", ["9999999999d", "1" * 40 + "d", "101y", "1" * 5000 + "s"])
+def test_parse_period_refuses_huge_periods_with_a_message(bad):
+    with pytest.raises(kl.InvalidInput, match="at most 100 years|cannot read period"):
+        parse_period(bad)
+    with pytest.raises(kl.InvalidInput, match="at most 100 years"):
+        parse_period(timedelta(days=999_999_999))
 
 
 # -- validate_name ---------------------------------------------------------------------------------
@@ -184,6 +196,8 @@ def test_validate_name_accepts(name):
     ("ключ", "invalid key name"),
     ("tab\t", "invalid key name"),
     ("new\nline", "invalid key name"),
+    ("alice\n", "invalid key name"),  # `$` would let a trailing newline through
+    ("alice\r\n", "invalid key name"),
 ])
 def test_validate_name_rejects(name, fragment):
     with pytest.raises(kl.InvalidInput) as err:

@@ -607,3 +607,84 @@ def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path):
         led.create_key("after-backup", spec="AES_256")
     out = _open_elsewhere(home)
     assert out.startswith("opened"), out
+
+
+_WRITER = """
+import json, sys
+import duckdb
+import keyledger as kl
+from keyledger.store import db
+
+real_connect, refused_opens = duckdb.connect, []
+
+def counting_connect(*args, **kwargs):  # count the opens the other process's lock refused
+    try:
+        return real_connect(*args, **kwargs)
+    except duckdb.IOException as exc:
+        if db._is_lock_error(exc):
+            refused_opens.append(1)
+        raise
+
+duckdb.connect = counting_connect
+led = kl.open(sys.argv[1], principal="admin")
+print("ready", flush=True)
+sys.stdin.readline()
+led.create_key("written-during-query", spec="AES_256")
+print(json.dumps({"created": True, "waited": len(refused_opens) > 0}), flush=True)
+led.close()
+"""
+
+LONG_QUERY = ("SELECT count(*) AS n FROM range(1000000000) a, range(1000000) b "
+              "WHERE a.range + b.range = 7")
+
+
+def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds(tmp_path,
+                                                                                 monkeypatch):
+    """A query holds the store file (DuckDB: one process at a time); a writer in another
+    process waits (busy timeout, 15 s) instead of failing, and gets the store once the query
+    is interrupted at ``[store] query_timeout_s`` (3 s here, below the busy timeout)."""
+    import threading
+
+    import keyledger.service as service
+
+    home = tmp_path / "home"
+    _init_home(home)
+    _settings(home, "store", query_timeout_s=3)
+    started = threading.Event()
+    real_interrupt_after = service._interrupt_after
+
+    def interrupt_after(con, seconds):  # the statement runs right after this is entered
+        started.set()
+        return real_interrupt_after(con, seconds)
+
+    monkeypatch.setattr(service, "_interrupt_after", interrupt_after)
+    writer = _spawn(_WRITER, str(home), stdin=True)
+    outcome: dict[str, BaseException] = {}
+    try:
+        _readline(writer, "ready")
+        with kl.open(home, principal="auditor") as led:
+            def run() -> None:
+                try:
+                    led.query(LONG_QUERY)
+                except BaseException as exc:  # noqa: BLE001 - checked below
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            assert started.wait(60)
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            done = json.loads(_readline(writer, "{"))
+            thread.join(60)
+            assert isinstance(outcome.get("error"), kl.InvalidInput), outcome
+            assert "stopped after 3 s" in str(outcome["error"])
+            assert "timeout_s" in str(outcome["error"])
+            assert done == {"created": True, "waited": True}
+            assert led.query("SELECT count(*) AS n FROM keys WHERE name = ?",
+                             ["written-during-query"]).iloc[0, 0] == 1
+            stopped = led.audit(action="query", outcome="failed")
+            assert list(stopped["error"]) == ["InvalidInput"]
+        writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()

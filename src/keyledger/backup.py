@@ -75,7 +75,10 @@ RESTORE_TEST_SAMPLE = 32
 
 def _passphrase(value: object) -> bytes:
     if isinstance(value, str):
-        value = value.encode()
+        try:
+            value = value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no bytes to derive a key from
+            raise InvalidInput("the passphrase must be valid Unicode text") from None
     if not isinstance(value, bytes | bytearray):
         raise InvalidInput("passphrase must be text (or bytes)")
     if len(value) < MIN_PASSPHRASE:

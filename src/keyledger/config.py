@@ -75,6 +75,8 @@ class Settings:
     hsm: HsmConfig
     audit: AuditConfig = field(default_factory=AuditConfig)
     store_busy_timeout_s: float = 15.0
+    # Below the busy timeout, so a writer in another process outlasts the longest query.
+    query_timeout_s: float = 10.0
 
     @property
     def db_path(self) -> Path:
@@ -161,7 +163,9 @@ def load_settings(home: Path) -> Settings | None:
         audit_cfg = AuditConfig(**audit)
     except TypeError as exc:
         raise ConfigError(f"unknown setting in [audit] of {path}: {exc}") from None
-    return Settings(home, hsm_cfg, audit_cfg, float(data.get("store", {}).get("busy_timeout_s", 15)))
+    store = data.get("store", {})
+    return Settings(home, hsm_cfg, audit_cfg, float(store.get("busy_timeout_s", 15)),
+                    float(store.get("query_timeout_s", 10)))
 
 
 def _resolve(home: Path, value: object) -> Path | None:

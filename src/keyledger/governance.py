@@ -104,15 +104,33 @@ class GovernanceMixin:
         self._require_quorum(key, action, what, f", principal={who!r}{role}")
 
     def grants(self: KeyLedger, name: str | None = None) -> pd.DataFrame:
-        """Who holds which role where (``key`` is ``*`` for home-wide grants)."""
+        """Who holds which role where (``key`` is ``*`` for home-wide grants).
+
+        Home-wide admins and auditors see every grant; anyone else only the grants on keys
+        it may list, and the home-wide grants to itself or to everyone."""
         with self._audited("list_keys", name) as rec:
+            if name is not None and not isinstance(name, str):
+                raise InvalidInput(f"name must be a key name or '*', not {type(name).__name__}")
+            self._record_filter(rec, name)
             self._require_some_role(rec, "list_keys")
             with self._rt.db.read() as tx:
                 df = tx.execute(
                     """SELECT coalesce(k.name, '*') AS key, g.principal, g.role, g.granted_by,
-                              g.granted_at FROM grants g LEFT JOIN keys k ON k.key_id = g.scope
+                              g.granted_at, g.scope FROM grants g
+                              LEFT JOIN keys k ON k.key_id = g.scope
                        ORDER BY 1, 2, 3""").df()
+            df = df[self._grant_rows_visible(df)].drop(columns="scope").reset_index(drop=True)
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
+
+    def _grant_rows_visible(self: KeyLedger, df: pd.DataFrame) -> pd.Series:
+        """Which grant rows this principal may see (the list_keys visibility rule)."""
+        grants = self._rt.catalog.grants_now()
+        if roles_of(grants, self.principal, None) & {Role.ADMIN, Role.AUDITOR}:
+            return pd.Series(True, index=df.index)
+        listable = {s for s in set(df["scope"]) - {WILDCARD}
+                    if roles_of(grants, self.principal, s)}
+        own = (df["scope"] == WILDCARD) & df["principal"].isin([self.principal, WILDCARD])
+        return df["scope"].isin(listable) | own
 
     def _require_some_role(self: KeyLedger, rec: _Audited, action: str) -> None:
         """Deny by default: reading grants or requests needs some role somewhere."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -184,23 +185,64 @@ def check_use(state: KeyState, use: Use, name: str) -> None:
         )
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}")
 
 
 def validate_name(name: object, what: str = "key name") -> str:
+    """The name itself, or ``InvalidInput``. The whole string must match: ``"alice\\n"`` is not
+    ``"alice"`` (a trailing newline would pass a ``$``-anchored pattern)."""
     if not isinstance(name, str):
         raise InvalidInput(f"{what} must be a string, not {type(name).__name__}")
     if not name:
         raise InvalidInput(f"{what} must not be empty")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidInput(
-            f"invalid {what} {name!r}: use 1-128 letters, digits and . _ : / @ - "
+            f"invalid {what} {name[:130]!r}: use 1-128 letters, digits and . _ : / @ - "
             "starting with a letter or digit"
         )
     return name
 
 
-_PERIOD_RE = re.compile(r"^\s*(\d+)\s*([smhdwy])\s*$")
+def is_valid_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
+def name_digest(name: str) -> str:
+    """How the audit ledger records a refused key name that names no key (it may be a secret
+    passed in the wrong argument): ``sha256:`` + the first 12 hex digits of the SHA-256 of its
+    UTF-8 bytes. Hash a suspected name the same way to find its records (docs/audit.md)."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest[:12]}"
+
+
+def validate_bool(value: object, what: str) -> bool:
+    """``True`` or ``False`` only: ``"no"`` or ``0`` would silently mean something else."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what} must be True or False, not {value!r}"[:200])
+    return value
+
+
+def validate_version(value: object, what: str = "version") -> int | None:
+    """None (the latest) or a key version number >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"{what} must be a positive whole number, not {value!r}"[:200])
+    return value
+
+
+def validate_when(value: object, what: str) -> datetime | None:
+    """None or a timezone-aware datetime (a naive one would be read in an unknown zone)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"{what} must be a timezone-aware datetime, e.g. "
+                           f"datetime(2026, 1, 1, tzinfo=UTC), not {value!r}"[:200])
+    return value
+
+
+_PERIOD_RE = re.compile(r"\s*([0-9]{1,30})\s*([smhdwy])\s*")
+MAX_PERIOD = timedelta(days=100 * 365)  # longer is a typo, and overflows date arithmetic
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 
 
@@ -211,16 +253,21 @@ def parse_period(value: object) -> timedelta | None:
     if isinstance(value, timedelta):
         period = value
     elif isinstance(value, str):
-        m = _PERIOD_RE.match(value.lower())
+        m = _PERIOD_RE.fullmatch(value.lower())
         if not m:
             raise InvalidInput(
-                f"cannot read period {value!r}: write a number and a unit, e.g. '90d', '12h', '1y'"
-            )
-        period = timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+                f"cannot read period {value[:40]!r}: write a number and a unit, e.g. '90d', "
+                "'12h', '1y'")
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+        if seconds > MAX_PERIOD.total_seconds():  # before timedelta(), which would overflow
+            raise InvalidInput(f"a period may be at most 100 years ('100y'), not {value!r}"[:200])
+        period = timedelta(seconds=seconds)
     else:
         raise InvalidInput(f"a period must be a timedelta or a string like '90d', not {value!r}")
     if period <= timedelta(0):
         raise InvalidInput("a rotation period must be positive")
+    if period > MAX_PERIOD:
+        raise InvalidInput(f"a period may be at most 100 years ('100y'), not {value!r}"[:200])
     return period
 
 

@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .errors import (
     InvalidInput,
     KeyExists,
     KeyLedgerError,
+    KeyNotFound,
     KeyStateError,
     PolicyViolation,
 )
@@ -49,12 +51,17 @@ from .model import (
     Use,
     check_use,
     default_rotation_period,
+    is_valid_name,
+    name_digest,
     next_state,
     parse_period,
     parse_purpose,
     parse_spec,
     valid_usage_limit,
+    validate_bool,
     validate_name,
+    validate_version,
+    validate_when,
 )
 from .model import usage_limit as key_usage_limit
 from .rotation import PROTECT_ACTIONS
@@ -67,6 +74,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
+MAX_QUERY_TIMEOUT_S = 3600
 
 
 def _fault(point: str) -> None:
@@ -111,13 +119,36 @@ class _Audited:
             error = type(exc).__name__
             detail = self.detail or (str(exc)[:500] if isinstance(exc, KeyLedgerError) else None)
         key = self.key
+        name = key.name if key is not None else self.name
+        if key is None and name is not None and _refused_name(name, exc):
+            name, detail = _hide_name(name, detail)
         self.kl._rt.journal.append(
             self.kl._time_us(), self.kl.principal, self.action,
-            key.name if key is not None else self.name, key.key_id if key is not None else None,
+            name, key.key_id if key is not None else None,
             self.version, outcome, error, detail,
             self.context.decode() if self.context else None,
         )
         return False
+
+
+def _refused_name(name: str, exc: BaseException | None) -> bool:
+    """A name the call refused because it names no key or is no name at all: it may be a
+    secret passed in the wrong argument, so the ledger keeps only its hash."""
+    if name == WILDCARD:  # "every key" (set_policy, grant), not a name
+        return False
+    return not is_valid_name(name) or isinstance(exc, KeyNotFound)
+
+
+def _hide_name(name: str, detail: str | None) -> tuple[str, str | None]:
+    """The name's digest, and the detail (e.g. the error message quoting it) without it."""
+    label = name_digest(name)
+    if detail and name:
+        # messages quote names with !r (whole, or its first 130 characters); a longer name
+        # may also appear bare, a short one ("k") would match inside words, so it is left
+        forms = [repr(name), repr(name[:130]), *([name] if len(name) >= 6 else [])]
+        for form in forms:
+            detail = detail.replace(form, label)
+    return label, detail
 
 
 class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixin,
@@ -229,6 +260,16 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         self._authorize(rec, rec.action, key)
         return key
 
+    def _record_filter(self, rec: _Audited, name: str | None) -> None:
+        """A key name used as a filter is recorded as the key it names, or (naming no key: it
+        may be a secret searched for) as its hash, like a refused name."""
+        if name is None or name == WILDCARD:
+            return
+        try:
+            rec.key = self._rt.catalog.get(name)
+        except KeyNotFound:
+            rec.name = name_digest(name)
+
     def _authorize(self, rec: _Audited, action: str, key: Key | None, *,
                    any_scope: bool = False) -> None:
         grants = self._rt.catalog.grants_now()
@@ -245,6 +286,13 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         if isinstance(value, str):
             raise InvalidInput(f"{what} must be bytes; encode text first, e.g. s.encode()")
         raise InvalidInput(f"{what} must be bytes, not {type(value).__name__}")
+
+    @staticmethod
+    def _reason(value: object) -> str:
+        """A reason is text; checked before anything changes (it is written last)."""
+        if not isinstance(value, str):
+            raise InvalidInput(f"reason must be text, not {type(value).__name__}")
+        return value
 
     @staticmethod
     def _require_purpose(key: Key, *purposes: Purpose) -> None:
@@ -270,8 +318,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 validate_name(owner, "owner")
             tag_json = self._tags_json(tags)
             period = parse_period(rotation_period)  # None: inherit (tag, home, default)
-            if not isinstance(exportable, bool):
-                raise InvalidInput("exportable must be True or False")
+            validate_bool(exportable, "exportable")
+            validate_bool(activate, "activate")
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
             state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
@@ -354,6 +402,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 rec.detail = f"automatic: {reason}"
             else:
                 key = self._key(rec, name)
+                self._reason(reason)
             held.enter_context(self._rt.key_lock(key.key_id, key.name,
                                                  2 * self._rt.settings.store_busy_timeout_s))
             now = naive(self._now())
@@ -449,6 +498,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def _destroy(self, name: str, reason: str, *, approved: bool) -> Key:
         with self._audited("destroy", name) as rec:
             key = self._key(rec, name)
+            self._reason(reason)
             if not approved:
                 self._require_quorum(key, "destroy", f"destroy {key.name!r}")
             now = naive(self._now())
@@ -585,9 +635,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 policy["usage_limit"] = usage_limit
                 updates["policy"] = json.dumps(policy, sort_keys=True)
             if auto_rotate is not None:
-                if not isinstance(auto_rotate, bool):
-                    raise InvalidInput("auto_rotate must be True or False")
-                if not auto_rotate:
+                if not validate_bool(auto_rotate, "auto_rotate"):
                     weakens.append("no automatic rotation")
                 policy["auto_rotate"] = auto_rotate
                 updates["policy"] = json.dumps(policy, sort_keys=True)
@@ -643,7 +691,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 self._require_quorum(None, "set_policy", "lowering the home's quorum")
             policy["quorum"] = quorum
         if creator_is_user is not None:
-            policy["creator_is_user"] = bool(creator_is_user)
+            policy["creator_is_user"] = validate_bool(creator_is_user, "creator_is_user")
         with self._rt.db.write() as tx:
             tx.execute("INSERT INTO meta VALUES ('home_policy', ?) ON CONFLICT DO UPDATE "
                        "SET value = excluded.value", [json.dumps(policy, sort_keys=True)])
@@ -662,8 +710,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def _transition_key(self, rec: _Audited, action: str, name: str, reason: str,
                         extra: dict[str, object] | None = None) -> Key:
         key = self._key(rec, name)
-        if not isinstance(reason, str):
-            raise InvalidInput("reason must be text")
+        self._reason(reason)
         now = naive(self._now())
         with self._rt.db.write() as tx:
             key = cat.load_key(tx, key.name)
@@ -833,6 +880,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         rec.key = key
         self._authorize(rec, rec.action, key)
+        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
+            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         if header.version not in key.versions:
             rec.detail = f"unknown version {header.version}"
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
@@ -907,6 +957,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         with self._audited("verify", name) as rec:
             data = self._bytes(message, "message")
             sig = self._bytes(signature, "signature")
+            validate_version(version)
             key = self._for_process(rec, name, Purpose.SIGN)
             return self._check_any(rec, key, version,
                                    lambda h: self._rt.backend.verify(key.spec, h, data, sig))
@@ -923,6 +974,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         with self._audited("verify_mac", name) as rec:
             data = self._bytes(message, "message")
             mac = self._bytes(tag, "tag")
+            validate_version(version)
             key = self._for_process(rec, name, Purpose.MAC)
             return self._check_any(rec, key, version,
                                    lambda h: self._rt.backend.verify_mac(h, data, mac))
@@ -963,6 +1015,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def public_key_pem(self, name: str, *, version: int | None = None) -> str:
         with self._audited("public_key_pem", name) as rec:
             key = self._key(rec, name)
+            validate_version(version)
             if key.spec.family in (Family.AES, Family.HMAC):
                 raise PolicyViolation(f"key {key.name!r} is symmetric; it has no public key")
             v = key.versions.get(version or key.latest_version)
@@ -985,7 +1038,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """Repair interrupted operations and (``full``) check every version's HSM material."""
         with self._audited("reconcile", None) as rec:
             self._authorize(rec, "reconcile", None)
-            report = self._rt.reconcile(self.principal, full=full, now=self._now())
+            report = self._rt.reconcile(self.principal, full=validate_bool(full, "full"),
+                                        now=self._now())
             rec.detail = str(report)[:500]
             return report
 
@@ -993,7 +1047,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         """CKA_SENSITIVE / CKA_EXTRACTABLE of a version as the HSM reports them."""
         with self._audited("key_attributes", name) as rec:
             key = self._key(rec, name)
-            v = key.versions[version or key.latest_version]
+            v = key.versions.get(validate_version(version) or key.latest_version)
+            if v is None or v.state == "destroyed":
+                raise KeyStateError(f"version {version} of {key.name!r} is destroyed or unknown; "
+                                    f"its versions are 1 to {key.latest_version}")
             rec.version = v.version
             return self._rt.backend.attributes(v.handle)
 
@@ -1008,12 +1065,29 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
               limit: int | None = None, offset: int = 0, newest_first: bool = False
               ) -> pd.DataFrame:
         """Audit records (oldest first, or newest first) with time, principal, action, key,
-        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger."""
+        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger.
+
+        ``key`` also matches the records of refused calls that name no key, which keep only
+        the name's hash (``sha256:...``, docs/audit.md)."""
         with self._audited("audit", key) as rec:
             self._authorize(rec, "audit", None)
+            for what, value in (("key", key), ("principal", principal), ("action", action),
+                                ("outcome", outcome)):
+                if value is not None and not isinstance(value, str):
+                    raise InvalidInput(f"{what} must be text, not {type(value).__name__}")
+            validate_when(since, "since")
+            validate_when(until, "until")
+            validate_bool(newest_first, "newest_first")
+            if limit is not None:
+                _count(limit, "limit")
+            _count(offset, "offset")  # all checked before the ingest below does any work
+            self._record_filter(rec, key)
             self._rt.ingest()
             where, args = [], []
-            for col, value in (("key", key), ("principal", principal), ("action", action),
+            if key is not None:
+                where.append("key IN (?, ?)")
+                args += [key, name_digest(key)]
+            for col, value in (("principal", principal), ("action", action),
                                ("outcome", outcome)):
                 if value is not None:
                     where.append(f"{col} = ?")
@@ -1042,20 +1116,28 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             return df
 
     def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,
-              label: str | None = None) -> pd.DataFrame:
+              label: str | None = None, timeout_s: float | None = None) -> pd.DataFrame:
         """Run one read-only SQL query over the store and return a DataFrame (admin or auditor).
 
         Tables: keys, versions, transitions, audit_log, grants, requests, approvals, usage,
         compliance_findings, ... (docs/audit.md). The query runs in a transaction that is always
         rolled back, with file access disabled; timestamps come back as UTC. ``label`` names the
-        query in its audit record (default: its first 200 characters).
+        query in its audit record (default: its first 200 characters). A query still running
+        after ``timeout_s`` (default: ``[store] query_timeout_s`` of keyledger.toml, 10 s) is
+        stopped with ``InvalidInput``: while it runs, other processes cannot write the store.
         """
         with self._audited("query", None) as rec:
             self._authorize(rec, "query", None)
             if not isinstance(sql, str) or not sql.strip():
                 raise InvalidInput("sql must be a non-empty SQL text")
+            if label is not None and not isinstance(label, str):
+                raise InvalidInput(f"label must be text, not {type(label).__name__}")
+            limit = self._query_timeout(timeout_s)
             rec.detail = (label or " ".join(sql.split()))[:200]
             _check_read_only(sql)
+            if params is not None and not isinstance(params, Sequence | Mapping):
+                raise InvalidInput("params must be a list of values or a mapping of names to "
+                                   f"values, not {type(params).__name__}")
             try:
                 self._rt.ingest(for_read=True)
             except AuditError:  # a tampered ledger is still readable (verify_audit reports it)
@@ -1063,14 +1145,29 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             with self._rt.db.snapshot() as tx:
                 tx.execute("SET enable_external_access = false")
                 try:
-                    df = tx.execute(sql, params if params is not None else []).df()
+                    with _interrupt_after(tx.con, limit) as timer:
+                        df = tx.execute(sql, params if params is not None else []).df()
                 except duckdb.Error as exc:
+                    if timer.fired:
+                        raise InvalidInput(
+                            f"the query was stopped after {limit:g} s; narrow it (a WHERE on "
+                            "time, fewer joins), or allow longer with query(..., timeout_s=...) "
+                            "or [store] query_timeout_s in keyledger.toml") from None
                     raise InvalidInput(f"the query failed: {str(exc).splitlines()[0][:300]}"
                                        ) from None
             for col in df.columns:
                 if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
                     df[col] = df[col].dt.tz_localize("UTC")
             return df
+
+    def _query_timeout(self, timeout_s: object) -> float:
+        if timeout_s is None:
+            return self._rt.settings.query_timeout_s
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or \
+                not 0 < timeout_s <= MAX_QUERY_TIMEOUT_S:
+            raise InvalidInput(f"timeout_s must be a number of seconds above 0 and at most "
+                               f"{MAX_QUERY_TIMEOUT_S}, not {timeout_s!r}")
+        return float(timeout_s)
 
     def verify_audit(self) -> VerifyReport:
         """Check the chain, the checkpoints, the HSM-held head, the journals and their seals;
@@ -1122,6 +1219,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         file, or a folder holding a previous Parquet export); see ``keyledger.outputs``.
         """
         with self._audited("export_audit", None) as rec:
+            if not isinstance(path, str | os.PathLike):
+                raise InvalidInput(f"path must be a file path, not {type(path).__name__}")
             self._authorize(rec, "export_audit", None)
             if format not in ("parquet", "jsonl"):
                 raise InvalidInput("format must be 'parquet' or 'jsonl'")
@@ -1163,9 +1262,31 @@ def _home_weakenings(old: dict, new: dict) -> list[str]:
 
 
 def _count(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{what} must be a whole number >= 0, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInput(f"{what} must be a whole number >= 0, not {value!r}"[:200])
     return value
+
+
+class _Timer:
+    fired = False
+
+
+@contextlib.contextmanager
+def _interrupt_after(con: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[_Timer]:
+    """Interrupt ``con``'s running statement once ``seconds`` have passed (then ``fired``)."""
+    state = _Timer()
+
+    def fire() -> None:
+        state.fired = True
+        con.interrupt()
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield state
+    finally:
+        timer.cancel()
 
 
 def _check_read_only(sql: str) -> None:
@@ -1204,6 +1325,10 @@ def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
     home is created makes it a simulation home, labelled as such everywhere; an existing real
     home refuses a clock (``ConfigError``).
     """
+    if home is not None and not isinstance(home, str | os.PathLike):
+        raise InvalidInput(f"home must be a folder path, not {type(home).__name__}")
+    if clock is not None and not callable(clock):
+        raise InvalidInput("clock must be a function returning a timezone-aware datetime")
     path = Path(home).expanduser().absolute() if home is not None else default_home()
     who = principal if principal is not None else getpass.getuser()
     validate_name(who, "principal")
