@@ -6,8 +6,9 @@
   interpreter (the venv) and inherit ``env`` (``KEYLEDGER_HOME``, ``TMPDIR``, ``PYTHONPATH``).
 - ``OffMachine``: records every request a browser context makes and aborts those that leave the
   machine (anything but 127.0.0.1/localhost, data: and blob:), like an air-gapped desk.
-- ``open_notebook`` / ``run_all`` / ``chart_report``: drive one notebook through the Lab app
-  object (``--LabApp.expose_app_in_browser``), the way the Run menu's "Run All Cells" does.
+- ``open_notebooks`` / ``start_run_all`` / ``finish_run_all`` / ``wait_for_charts``: drive
+  notebooks through the Lab app object (``--LabApp.expose_app_in_browser``) with the Run menu's
+  "Run All Cells" command; several run at once (each has its own kernel), one Lab page.
 - ``seed_small_demo(home)``: a small demo estate (20 keys, 2 months) in a subprocess.
 """
 
@@ -34,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 LOCAL_SCHEMES = {"data", "blob", "about", "chrome-extension", "devtools"}
-# Lab plugins that would reach out: the news feed (asks first, then fetches jupyter.org)
-DISABLED_PLUGINS = {"@jupyterlab/apputils-extension:announcements": True}
+# Lab plugins that would reach out: the news feed (asks first, then fetches jupyter.org);
+# and the debugger, whose state restore logs an error when a kernel is shut down mid-request.
+DISABLED_PLUGINS = {"@jupyterlab/apputils-extension:announcements": True,
+                    "@jupyterlab/debugger-extension": True}
 
 
 @dataclass
@@ -188,23 +191,28 @@ def execute_command(page, command: str, args: dict | None = None) -> None:
                   [command, args or {}])
 
 
-def open_notebook(page, path: str, timeout_ms: int = 120_000) -> None:
-    """Open ``path`` (relative to the server root) and wait until its kernel is idle."""
-    execute_command(page, "docmanager:open", {"path": path})
-    page.wait_for_function(
-        """p => {
-            const w = window.jupyterapp.shell.currentWidget;
-            if (!w || !w.context || w.context.path !== p) return false;
-            const k = w.sessionContext && w.sessionContext.session
-                      && w.sessionContext.session.kernel;
-            return !!k && w.sessionContext.kernelDisplayStatus === 'idle';
-        }""", arg=path, timeout=timeout_ms)
-
-
-RUN_ALL = """async () => {
-    const w = window.jupyterapp.shell.currentWidget;
-    await window.jupyterapp.commands.execute('notebook:run-all-cells');
-    const cells = w.content.model.cells;
+# Notebooks are kept by path in window.__kl: {widget, result} (result: when Run All ended).
+OPEN = """async paths => {
+    window.__kl = window.__kl || {};
+    for (const p of paths) {
+        const widget = await window.jupyterapp.commands.execute('docmanager:open', {path: p});
+        window.__kl[p] = {widget: widget, result: undefined};
+    }
+}"""
+KERNEL_IDLE = """p => {
+    const s = window.__kl[p];
+    const c = s && s.widget.sessionContext;
+    return !!(c && c.session && c.session.kernel) && c.kernelDisplayStatus === 'idle';
+}"""
+ACTIVATE = """p => { window.jupyterapp.shell.activateById(window.__kl[p].widget.id); }"""
+IS_CURRENT = """p => window.jupyterapp.shell.currentWidget === window.__kl[p].widget"""
+START_RUN_ALL = """p => {
+    const s = window.__kl[p];
+    window.jupyterapp.commands.execute('notebook:run-all-cells').then(
+        () => { s.result = 'done'; }, e => { s.result = 'failed: ' + e; });
+}"""
+CELLS = """p => {
+    const cells = window.__kl[p].widget.content.model.cells;
     const out = [];
     for (let i = 0; i < cells.length; i++) {
         const c = cells.get(i);
@@ -217,23 +225,56 @@ RUN_ALL = """async () => {
 }"""
 
 
-def run_all(page, timeout_ms: int = 300_000) -> list[dict]:
-    """Run All Cells (the Run menu's command); returns each code cell's id, execution count and
-    errors once every cell has run and the kernel is idle."""
-    cells = page.evaluate(RUN_ALL)
-    page.wait_for_function(
-        "() => window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus "
-        "=== 'idle'", timeout=timeout_ms)
-    return cells
+def open_notebooks(page, paths: list[str]) -> None:
+    """Open each path (relative to the server root) in its own Lab tab, kernels starting."""
+    page.evaluate(OPEN, paths)
+
+
+def activate(page, path: str) -> None:
+    page.evaluate(ACTIVATE, path)
+    page.wait_for_function(IS_CURRENT, arg=path, timeout=30_000)
+
+
+def start_run_all(page, path: str, timeout_ms: int = 180_000) -> None:
+    """Once its kernel is idle: bring the notebook to the front and start Run All Cells (the
+    Run menu's command); it runs on while other notebooks are driven."""
+    page.wait_for_function(KERNEL_IDLE, arg=path, timeout=timeout_ms)
+    activate(page, path)
+    page.evaluate(START_RUN_ALL, path)
+
+
+def finish_run_all(page, path: str, timeout_ms: int = 400_000) -> list[dict]:
+    """Wait until Run All ended and the kernel is idle; each code cell's id, execution count and
+    errors."""
+    page.wait_for_function("p => window.__kl[p].result !== undefined", arg=path,
+                           timeout=timeout_ms)
+    page.wait_for_function(KERNEL_IDLE, arg=path, timeout=timeout_ms)
+    result = page.evaluate("p => window.__kl[p].result", path)
+    assert result == "done", f"{path}: Run All {result}"
+    return page.evaluate(CELLS, path)
 
 
 # What a chart output is in Lab's DOM: an output area rendering image/svg+xml (our renderer) or
-# image/png, a vega-embed view (Altair's widget), a Bokeh/Panel root. For each: did it draw?
-CHART_REPORT = """() => {
-    const w = window.jupyterapp.shell.currentWidget;
-    const outs = [...w.node.querySelectorAll('.jp-OutputArea-output')];
+# image/png, a vega-embed view (Altair's widget). For each: did it draw? Panel/Bokeh views live in
+# shadow roots: their Vega charts and all text are gathered through those too.
+CHART_REPORT = """p => {
+    const node = window.__kl[p].widget.node;
+    const deep = (root, sel, out) => {
+        out.push(...root.querySelectorAll(sel));
+        for (const el of root.querySelectorAll('*')) if (el.shadowRoot) deep(el.shadowRoot, sel, out);
+        return out;
+    };
+    const text = n => {
+        let out = n.shadowRoot ? text(n.shadowRoot) : '';
+        for (const c of n.childNodes) {
+            if (c.nodeType === Node.TEXT_NODE) out += c.textContent;
+            else if (c.nodeType === Node.ELEMENT_NODE && !['STYLE', 'SCRIPT'].includes(c.tagName))
+                out += ' ' + text(c);
+        }
+        return out;
+    };
     const charts = [];
-    for (const o of outs) {
+    for (const o of node.querySelectorAll('.jp-OutputArea-output')) {
         const mime = o.getAttribute('data-mime-type') || '';
         if (mime.startsWith('image/')) {
             const img = o.querySelector('img');
@@ -243,30 +284,39 @@ CHART_REPORT = """() => {
                          width: img ? img.naturalWidth : (svg ? svg.clientWidth : 0)});
         }
     }
-    const vega = [...w.node.querySelectorAll('.vega-embed')].map(v => ({
-        mime: 'vega-embed', drawn: !!v.querySelector('canvas, svg.marks'), width: v.clientWidth}));
-    const text = w.node.innerText;
-    return {charts: charts.concat(vega), text: text};
+    for (const v of node.querySelectorAll('.vega-embed')) {
+        charts.push({mime: 'vega-embed', drawn: !!v.querySelector('canvas, svg.marks'),
+                     width: v.clientWidth});
+    }
+    const light = new Set(node.querySelectorAll('.vega-embed'));
+    const panel = deep(node, '.vega-embed', []).filter(v => !light.has(v)).map(v => ({
+        mime: 'panel-vega', drawn: !!v.querySelector('canvas, svg.marks'), width: v.clientWidth}));
+    return {charts: charts, panel_charts: panel, text: text(node).replace(/\\s+/g, ' ')};
 }"""
 
 
-def chart_report(page) -> dict:
-    return page.evaluate(CHART_REPORT)
+def chart_report(page, path: str) -> dict:
+    return page.evaluate(CHART_REPORT, path)
 
 
-def wait_for_charts(page, expected: int, timeout_ms: int = 60_000) -> dict:
+def wait_for_charts(page, path: str, expected: int, timeout_ms: int = 60_000) -> dict:
     """Until at least ``expected`` chart outputs are in the DOM and each has drawn."""
     page.wait_for_function(
-        f"""() => {{
-            const r = ({CHART_REPORT})();
+        f"""p => {{
+            const r = ({CHART_REPORT})(p);
             return r.charts.length >= {expected} && r.charts.every(c => c.drawn);
-        }}""", timeout=timeout_ms)
-    return chart_report(page)
+        }}""", arg=path, timeout=timeout_ms)
+    return chart_report(page, path)
 
 
-def close_all(page) -> None:
-    """Close every document without saving prompts (Lab autosaves into the copies anyway)."""
-    execute_command(page, "application:close-all")
+def close_notebook(page, path: str) -> None:
+    """Save the notebook (into the copy), shut its kernel down and close it."""
+    page.evaluate("""async p => {
+        const w = window.__kl[p].widget;
+        await w.context.save();
+        await w.sessionContext.shutdown();
+        w.dispose();
+    }""", path)
 
 
 def set_theme(page, dark: bool) -> None:

@@ -33,6 +33,14 @@ CUSTODIAN_STATEMENT = (
 )
 
 
+def utc_times(df: pd.DataFrame) -> pd.DataFrame:
+    """The store keeps naive UTC times: every frame handed out has tz-aware UTC columns."""
+    for col in df.columns:
+        if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
+            df[col] = df[col].dt.tz_localize("UTC")
+    return df
+
+
 class GovernanceMixin:
     """Mixed into KeyLedger; relies on its _audited/_key/_rt/_now/principal."""
 
@@ -78,6 +86,7 @@ class GovernanceMixin:
                     """SELECT coalesce(k.name, '*') AS key, g.principal, g.role, g.granted_by,
                               g.granted_at FROM grants g LEFT JOIN keys k ON k.key_id = g.scope
                        ORDER BY 1, 2, 3""").df()
+            df = utc_times(df)
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
 
     def _require_some_role(self: KeyLedger, rec: _Audited, action: str) -> None:
@@ -220,7 +229,7 @@ class GovernanceMixin:
                 args.append(status)
             sql += " GROUP BY ALL ORDER BY r.requested_at"
             with self._rt.db.read() as tx:
-                return tx.execute(sql, args).df()
+                return utc_times(tx.execute(sql, args).df())
 
     def _execute_request(self: KeyLedger, request_id: str) -> bool:
         """Claim the request (pending -> executing) in one transaction, so it runs once."""
