@@ -1,7 +1,8 @@
 """DataFrames as a notebook user meets them (issue: notebooks, item 6).
 
-- Every time column is tz-aware UTC, in grants(), requests() and analytics.version_usage() as in
-  audit() and list_keys(), so comparing times across frames never raises ``TypeError``.
+- Every time column is tz-aware UTC, in grants(), requests(), version_usage() and
+  analytics.version_usage() as in audit() and list_keys(), so comparing times across frames
+  never raises ``TypeError``.
 - ``audit(limit=N, newest_first=True)`` is the tail of the ledger without loading it whole.
 (DuckDB's progress bar, which it turns on only inside a Jupyter kernel, is checked in a kernel:
 tests/test_notebook_setup.py.)
@@ -19,6 +20,7 @@ TIME_COLUMNS = {
     "grants": ("granted_at",),
     "requests": ("requested_at", "expires_at", "executed_at"),
     "version_usage": ("last_decrypt",),
+    "ledger.version_usage": ("created_at", "last_decrypt", "last_used"),
 }
 
 
@@ -34,7 +36,8 @@ def _populated(ledger, clock):
     clock.advance(days=8)
     ledger.request("destroy", "orders", "retired service")
     return {"grants": ledger.grants(), "requests": ledger.requests(),
-            "version_usage": ka.version_usage(ledger)}
+            "version_usage": ka.version_usage(ledger),
+            "ledger.version_usage": ledger.version_usage()}
 
 
 def test_every_time_column_is_utc_aware(ledger, clock) -> None:
@@ -54,6 +57,7 @@ def test_times_compare_across_frames_without_type_errors(ledger, clock) -> None:
     assert (frames["grants"]["granted_at"] >= first).all()
     assert (frames["requests"]["requested_at"] > first).all()
     assert (frames["version_usage"]["last_decrypt"].dropna() > first).all()
+    assert (frames["ledger.version_usage"]["created_at"] >= first).all()
     assert frames["requests"]["expires_at"].iloc[0] > clock.now.replace(tzinfo=UTC)
 
 
