@@ -8,11 +8,16 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEMO_HOME ?= demo-home
 DEMO_PORT ?= 5006
 DEMO_PRINCIPAL ?= security-lead
+NOTEBOOK_PORT ?= 8888
+NOTEBOOK_ARGS ?=
+MORNING := notebooks/04-security-engineers-morning.ipynb
+# jupyter refuses to run as root without --allow-root (containers, CI)
+ALLOW_ROOT := $(shell [ "$$(id -u)" -eq 0 ] && echo --allow-root)
 # command -> Debian packages that provide it (comma-separated); chromium drives the browser tests
 SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl \
 	chromium:chromium,fonts-dejavu-core
 
-.PHONY: setup system venv test lint demo bench clean
+.PHONY: setup system venv test lint demo notebook bench clean
 
 setup: system venv
 
@@ -32,7 +37,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,notebook]'
 	@touch $(STAMP)
 
 lint: setup
@@ -49,6 +54,13 @@ test: setup
 demo: setup
 	$(BIN)/keyledger demo --home $(DEMO_HOME)
 	$(BIN)/keyledger dashboard --home $(DEMO_HOME) --principal $(DEMO_PRINCIPAL) --port $(DEMO_PORT)
+
+# Seeds the demo estate once (like `make demo`), then opens JupyterLab on 127.0.0.1 with the
+# morning notebook; KEYLEDGER_HOME points the notebooks at the estate. Ctrl-C stops it.
+notebook: setup
+	$(BIN)/keyledger demo --home $(DEMO_HOME)
+	KEYLEDGER_HOME=$(abspath $(DEMO_HOME)) $(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 \
+	  --ServerApp.port=$(NOTEBOOK_PORT) $(ALLOW_ROOT) $(NOTEBOOK_ARGS) $(MORNING)
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the three tour notebooks in notebooks/ from the cell sources below.
+"""Generate the four tour notebooks in notebooks/ from the cell sources below.
 
 This script is the source of the notebooks: edit the cells here, then regenerate. The notebooks
 are written without outputs (``execution_count`` None, ``outputs`` []), with stable cell ids, so
@@ -8,9 +8,11 @@ a regenerated notebook differs from the committed one only where a cell changed:
     python scripts/make_notebooks.py           # (re)write notebooks/*.ipynb
     python scripts/make_notebooks.py --check   # exit 1 if a notebook differs from what we'd write
 
-Each notebook runs top to bottom on a fresh home: ``$KEYLEDGER_HOME`` when it names a folder that
-does not hold a home yet (the tests set it to a temporary folder), else a new temporary folder.
-tests/test_notebooks.py executes them on a real kernel.
+Notebooks 01-03 run top to bottom on a fresh home: ``$KEYLEDGER_HOME`` when it names a folder
+that does not hold a home yet (the tests set it to a temporary folder), else a new temporary
+folder. Notebook 04 opens the demo estate (``$KEYLEDGER_HOME`` or the nearest ``demo-home``
+folder holding ``demo.json``; ``make notebook`` seeds it). tests/test_notebooks.py executes
+them on a real kernel, tests/test_jupyterlab_browser.py in JupyterLab in Chromium.
 
 Cells carry tags (``metadata.tags``) that the tests use to find the outputs they check; keep a
 tag when you rewrite its cell.
@@ -100,6 +102,9 @@ QUICKSTART = [
     from pathlib import Path
 
     import keyledger as kl
+    import keyledger.notebook
+
+    keyledger.notebook.setup()  # charts and widgets render offline (docs/notebooks.md)
     """, FRESH_HOME, """
 
     HOME = fresh_home("quickstart")
@@ -292,6 +297,9 @@ ROTATION = [
     import keyledger as kl
     import keyledger.analytics as kla
     import keyledger.charts as klc
+    import keyledger.notebook
+
+    keyledger.notebook.setup()  # charts drawn as SVG in the kernel: no CDN, works offline
     """, FRESH_HOME, SIM_CLOCK, """
 
     HOME = fresh_home("rotation")
@@ -523,6 +531,9 @@ ANALYTICS = [
     import keyledger as kl
     import keyledger.analytics as kla
     import keyledger.charts as klc
+    import keyledger.notebook
+
+    keyledger.notebook.setup()  # charts drawn as SVG in the kernel: no CDN, works offline
     """, FRESH_HOME, SIM_CLOCK, """
 
     HOME = fresh_home("analytics")
@@ -783,10 +794,192 @@ ANALYTICS = [
     """),
 ]
 
+# ------------------------------------------------------------------------------------------------
+# The demo estate: $KEYLEDGER_HOME (`make notebook` sets it; the tests point it at a small demo
+# they seed), else the demo-home folder of this checkout. Only a demo home: the tour rotates a key.
+DEMO_HOME = """
+def demo_home() -> Path:
+    \"\"\"$KEYLEDGER_HOME, else the nearest demo-home folder above the notebook; a demo only.\"\"\"
+    env = os.environ.get("KEYLEDGER_HOME")
+    here = Path.cwd().resolve()
+    candidates = [Path(env)] if env else [p / "demo-home" for p in (here, *here.parents)]
+    for home in candidates:
+        if (home / "demo.json").is_file():
+            return home
+    raise FileNotFoundError(
+        f"no demo estate at {candidates[0]}: this tour rotates a key, so it only runs on a "
+        "demo home. Run `make notebook` (it seeds demo-home first) or "
+        "`keyledger demo --home demo-home`.")
+"""
+
+MORNING = [
+    md("""
+    # A security engineer's morning
+
+    You look after the keys of eight teams. Each morning, before the stand-up, you check four
+    things, and this notebook walks them on the demo estate (`keyledger demo`: about 150 keys,
+    18 months of history, a million audit records) as `security-lead`, an admin on every key:
+
+    1. **Overdue keys**: which keys missed their rotation, and since when;
+    2. **Findings**: what the last compliance evaluation found, by framework and severity;
+    3. **Unusual activity**: a service using a key for the first time, a burst of calls, refusals;
+    4. **One rotation**: the most overdue key, rotated from the widgets, and the trace it leaves.
+
+    `make notebook` seeds the estate (once) and opens this notebook in JupyterLab. Everything
+    renders offline: charts are drawn in the kernel, the widgets need no internet.
+    """),
+    code("""
+    import html
+    import os
+    import re
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    import keyledger as kl
+    import keyledger.analytics as kla
+    import keyledger.charts as klc
+    import keyledger.notebook
+    from keyledger.widgets import AuditBrowser, ComplianceView, KeyActions, KeyInventory
+
+    keyledger.notebook.setup()  # charts drawn as SVG in the kernel: no CDN, works offline
+    """, DEMO_HOME, """
+    def html_text(value: str) -> str:
+        \"\"\"A widget's HTML status line as plain text.\"\"\"
+        return html.unescape(re.sub(r"<[^>]+>", "", value))
+    """, """
+
+    HOME = demo_home()
+    ledger = kl.open(HOME, principal="security-lead")
+    morning = datetime.now(UTC)  # every record this notebook leaves is at or after this
+    print(f"{HOME}: {len(ledger.list_keys())} keys, as {ledger.principal}")
+    """, tags=("open",)),
+    md("""
+    ## 1. Overdue keys
+
+    `analytics.key_status` is the catalog with each key's rotation status (overdue, due soon,
+    ok, not scheduled, inactive), most urgent first. Overdue keys are the ones whose automatic
+    rotation is off, or whose team rotates by hand and stopped.
+    """),
+    code("""
+    status = kla.key_status(ledger)
+    overdue = status[status["rotation_status"] == "overdue"]
+    print(f"{len(overdue)} overdue, "
+          f"{(status['rotation_status'] == 'due soon').sum()} due in the next 14 days")
+    overdue[["name", "team", "spec", "latest_version", "rotated_at", "next_rotation_due",
+             "days_to_due"]]
+    """, tags=("overdue",)),
+    code("""
+    klc.rotation_status(status)
+    """, tags=("rotation-chart",)),
+    md("""
+    The inventory widget shows the same, filtered to the overdue keys; select one to see its
+    versions, policy, grants and recent activity.
+    """),
+    code("""
+    inventory = KeyInventory(ledger, page_size=20)
+    inventory.filters["rotation"].value = "overdue"
+    inventory
+    """, tags=("inventory",)),
+    md("""
+    ## 2. Findings
+
+    `findings()` reads the open findings of the last stored evaluation (the weekly due work
+    evaluates compliance), so it is cheap. Each finding names its rule, framework and control,
+    carries its evidence, and says what to do.
+    """),
+    code("""
+    findings = ledger.findings()
+    print(findings["severity"].value_counts().to_string())
+    findings[["severity", "framework", "rule_id", "key", "title"]].head(12)
+    """, tags=("findings",)),
+    code("""
+    klc.compliance_heatmap(kla.compliance_matrix(findings))
+    """, tags=("heatmap",)),
+    md("""
+    The compliance view: counts per framework and severity, filters, and the evidence and
+    remediation of the finding you select. **Evaluate now** runs every rule again.
+    """),
+    code("""
+    view = ComplianceView(ledger)
+    view.filters["severity"].value = "high"
+    view
+    """, tags=("compliance-view",)),
+    md("""
+    ## 3. Unusual activity
+
+    Two questions over the last week of the audit ledger, answered in DuckDB (the million
+    records never reach Python): did any principal start using a key it never used before, and
+    did any key's daily calls jump above three times its usual level?
+    """),
+    code("""
+    unusual = kla.unusual_activity(ledger, days=7)
+    unusual
+    """, tags=("unusual",)),
+    md("""
+    Refused calls of the last week, per principal and key: a misconfigured service, or someone
+    trying keys they hold no grant on. `audit(..., limit=)` reads only the rows it returns.
+    """),
+    code("""
+    week = kla.Filters(since=morning - timedelta(days=7))
+    denied = ledger.audit(outcome="denied", since=week.since, newest_first=True, limit=5000)
+    (denied.groupby(["principal", "key", "error"], dropna=False).size()
+           .rename("refused").reset_index().sort_values("refused", ascending=False).head(10))
+    """, tags=("denied",)),
+    code("""
+    klc.operations(kla.ops_per_period(ledger, week, by="outcome", bucket="day"))
+    """, tags=("ops-chart",)),
+    md("""
+    ## 4. One rotation, from the widgets
+
+    Rotate the most overdue key. The actions widget follows the inventory's selection; rotation
+    runs at once (nothing is lost by it: old ciphertext still decrypts with the older versions),
+    while disabling, deletion and quorum requests ask for confirmation first. Each run of this
+    notebook rotates the most overdue key left, so the estate gets a little healthier every time.
+    """),
+    code("""
+    actions = KeyActions(ledger, inventory=inventory)
+    target = overdue["name"].iloc[0] if len(overdue) else None
+    if target is None:
+        print("nothing is overdue this morning")
+    else:
+        inventory.select_key(target)
+        actions.reason.value = "overdue: morning review"
+        actions.buttons["rotate"].click()
+        print(f"{actions.key.value}: {html_text(actions.status.value)}")
+    actions
+    """, tags=("rotate",)),
+    md("""
+    The key now has a new version and a new due date, and the rotation is in the audit ledger,
+    recorded with who did it and why, next to every read this notebook made this morning:
+    """),
+    code("""
+    if target is not None:
+        print(ledger.get_key(target))
+    ledger.audit(principal="security-lead", since=morning, newest_first=True, limit=10)[
+        ["time", "action", "key", "version", "outcome", "detail"]]
+    """, tags=("after-rotate",)),
+    md("""
+    The audit browser pages through the whole ledger in DuckDB, one page at a time; here the
+    last day of the key just rotated. **Verify ledger** checks every record's hash chain and the
+    HSM-signed checkpoints (a million records take a few seconds).
+    """),
+    code("""
+    browser = AuditBrowser(ledger, page_size=15)
+    if target is not None:
+        browser.filters["key"].value = target
+    browser
+    """, tags=("audit-browser",)),
+    code("""
+    ledger.close()
+    """),
+]
+
+
 NOTEBOOKS = {
     "01-quickstart": QUICKSTART,
     "02-rotation-and-compliance": ROTATION,
     "03-audit-analytics": ANALYTICS,
+    "04-security-engineers-morning": MORNING,
 }
 
 

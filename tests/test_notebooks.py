@@ -1,5 +1,5 @@
-"""Must show (issue 7 item 4): the three notebooks execute with nbclient on a real kernel against a
-fresh home, and are committed without outputs.
+"""Must show (issue 7 item 4): the notebooks execute with nbclient on a real kernel against a
+fresh home (04: a small demo estate seeded first), and are committed without outputs.
 
 Each notebook runs once, in a kernel started from THIS interpreter (the project's venv, whatever
 kernelspecs the machine has), with ``KEYLEDGER_HOME`` pointing at a new folder in tmp. The three
@@ -28,7 +28,9 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ("01-quickstart", "02-rotation-and-compliance", "03-audit-analytics")
+NAMES = ("01-quickstart", "02-rotation-and-compliance", "03-audit-analytics",
+         "04-security-engineers-morning")
+MORNING = "04-security-engineers-morning"
 KERNEL = "keyledger-test-venv"
 TIMEOUT = 180  # per cell
 
@@ -56,6 +58,10 @@ def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
     nb.cells.insert(0, nbformat.v4.new_code_cell(WIDE, id="test-wide"))
     nb.cells.append(nbformat.v4.new_code_cell(PROBE, id="test-probe"))
     home = workdir / "home"
+    if name == MORNING:  # the morning opens a demo estate: the smallest one
+        from keyledger.demo_fleet import seed_demo
+
+        seed_demo(home, keys=20, months=2, seed=11, progress=False, echo=None)
     env = {**os.environ, "KEYLEDGER_HOME": str(home), "TMPDIR": str(workdir),
            "PYTHONWARNINGS": "default"}
     env.pop("SOFTHSM2_CONF", None)  # the home provisions its own
@@ -128,9 +134,12 @@ def mimetypes(cell: nbformat.NotebookNode) -> set[str]:
 
 
 def charts(cell: nbformat.NotebookNode) -> list[str]:
-    """The Altair charts a cell displayed (default renderer: HTML that embeds the spec)."""
-    return [out["data"]["text/html"] for out in cell.get("outputs", [])
-            if "vegaEmbed" in out.get("data", {}).get("text/html", "")]
+    """The Altair charts a cell displayed: SVG drawn in the kernel (keyledger.notebook.setup()),
+    never HTML that loads Vega from a CDN."""
+    outputs = cell.get("outputs", [])
+    assert not any("vegaEmbed" in str(o.get("data", {}).get("text/html", "")) for o in outputs)
+    return [out["data"]["image/svg+xml"] for out in outputs
+            if "<svg" in out.get("data", {}).get("image/svg+xml", "")]
 
 
 def all_charts(nb: nbformat.NotebookNode) -> list[str]:
@@ -192,6 +201,33 @@ def test_a_tour_never_runs_in_a_home_that_already_holds_keys(tmp_path: Path, mon
     assert other != used and not other.exists() and other.parent.parent == tmp_path
     monkeypatch.delenv("KEYLEDGER_HOME")
     assert ns["fresh_home"]("t").parent.name.startswith("keyledger-t-")
+
+
+def test_the_morning_tour_runs_only_on_a_demo_home(tmp_path: Path, monkeypatch) -> None:
+    """It rotates a key: $KEYLEDGER_HOME (or ./demo-home above) must hold demo.json."""
+    spec = importlib.util.spec_from_file_location("make_notebooks",
+                                                  ROOT / "scripts" / "make_notebooks.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    ns: dict = {}
+    exec("import os\nfrom pathlib import Path\n" + gen.DEMO_HOME, ns)
+    real = tmp_path / "real-home"
+    real.mkdir()
+    (real / "keyledger.duckdb").write_bytes(b"")
+    monkeypatch.setenv("KEYLEDGER_HOME", str(real))
+    with pytest.raises(FileNotFoundError, match="only runs on a demo home"):
+        ns["demo_home"]()
+    (real / "demo.json").write_text("{}")
+    assert ns["demo_home"]() == real
+    monkeypatch.delenv("KEYLEDGER_HOME")
+    nested = tmp_path / "checkout" / "notebooks"
+    nested.mkdir(parents=True)
+    monkeypatch.chdir(nested)
+    with pytest.raises(FileNotFoundError, match="make notebook"):
+        ns["demo_home"]()
+    (tmp_path / "checkout" / "demo-home").mkdir()
+    (tmp_path / "checkout" / "demo-home" / "demo.json").write_text("{}")
+    assert ns["demo_home"]() == (tmp_path / "checkout" / "demo-home").resolve()
 
 
 # -- 01 quickstart -----------------------------------------------------------------------------------
@@ -305,6 +341,31 @@ def test_retire_safety_names_the_old_version_and_retires_it(executed) -> None:
     assert "KeyStateError" in retired and "minimum decryption version" in retired
     trimmed = text(tagged(nb, "trim"))
     assert re.search(r"payments\s+1\s+destroyed", trimmed), trimmed
+
+
+# -- 04 a security engineer's morning ------------------------------------------------------------
+def test_morning_overdue_findings_unusual_and_charts(executed) -> None:
+    nb = executed(MORNING)
+    assert "as security-lead" in text(tagged(nb, "open"))
+    overdue = text(tagged(nb, "overdue"))
+    assert re.search(r"[1-9]\d* overdue", overdue), overdue
+    assert "critical" in text(tagged(nb, "findings")) or "high" in text(tagged(nb, "findings"))
+    for tag in ("rotation-chart", "heatmap", "ops-chart"):
+        assert len(charts(tagged(nb, tag))) == 1, tag
+    assert "kind" in text(tagged(nb, "unusual"))
+    assert "AccessDenied" in text(tagged(nb, "denied"))
+    for tag in ("inventory", "compliance-view", "rotate", "audit-browser"):
+        assert "application/vnd.jupyter.widget-view+json" in mimetypes(tagged(nb, tag)), tag
+
+
+def test_morning_rotates_the_most_overdue_key_through_the_widgets(executed) -> None:
+    nb = executed(MORNING)
+    rotated = text(tagged(nb, "rotate"))
+    m = re.search(r"^(\S+): rotated '\1' to version (\d+)", rotated, re.M)
+    assert m, rotated
+    after = text(tagged(nb, "after-rotate"))
+    assert f"<Key '{m.group(1)}'" in after and f"active v{m.group(2)}" in after
+    assert re.search(rf"rotate\s+{re.escape(m.group(1))}\s+{m.group(2)}\s+ok", after), after
 
 
 if __name__ == "__main__":  # one notebook, in its own process: python tests/test_notebooks.py NAME DIR

@@ -681,10 +681,10 @@ def test_version_usage_shows_decryptions_and_last_decrypt(ledger: kl.KeyLedger,
     assert df.index.tolist() == [1, 2]
     assert df.loc[1, "encryptions"] == 3 and df.loc[2, "encryptions"] == 2
     assert df.loc[1, "decryptions"] == 6 and df.loc[2, "decryptions"] == 1
-    assert pd.Timestamp(df.loc[1, "last_decrypt"]) == pd.Timestamp(t1.replace(tzinfo=None))
-    assert pd.Timestamp(df.loc[2, "last_decrypt"]) == pd.Timestamp(t2.replace(tzinfo=None))
+    assert df.loc[1, "last_decrypt"] == pd.Timestamp(t1)  # tz-aware UTC
+    assert df.loc[2, "last_decrypt"] == pd.Timestamp(t2)
     assert df.loc[1, "state"] == "retired" and df.loc[2, "state"] == "active"
-    assert pd.Timestamp(df.loc[1, "created_at"]) == pd.Timestamp(created.replace(tzinfo=None))
+    assert df.loc[1, "created_at"] == pd.Timestamp(created)
     assert not df["below_min_decryption"].any()
     ledger.create_key("unused", spec="AES_256")
     whole = ledger.version_usage()

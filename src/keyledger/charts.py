@@ -21,6 +21,7 @@ from typing import Any
 import altair as alt
 import pandas as pd
 
+from . import notebook as _kernel_notebook
 from .analytics import ROTATION_STATUSES, SEVERITY_ORDER, STATES
 from .display import (
     BLUE,
@@ -639,3 +640,9 @@ __all__ = [
     "VERSION_COLORS", "compliance_heatmap", "finding_trend", "keys_by_state", "no_data",
     "operations", "rotation_status", "top_keys", "version_timeline", "version_usage",
 ]
+
+
+# In a Jupyter kernel, charts render offline from the first one on: Altair's default renderer
+# would load Vega from a CDN (keyledger.notebook; a renderer chosen by hand is kept).
+if _kernel_notebook.in_kernel():
+    _kernel_notebook.ensure_setup()

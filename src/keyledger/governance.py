@@ -38,6 +38,14 @@ CUSTODIAN_STATEMENT = (
 )
 
 
+def utc_times(df: pd.DataFrame) -> pd.DataFrame:
+    """The store keeps naive UTC times: every frame handed out has tz-aware UTC columns."""
+    for col in df.columns:
+        if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
+            df[col] = df[col].dt.tz_localize("UTC")
+    return df
+
+
 class GovernanceMixin:
     """Mixed into KeyLedger; relies on its _audited/_key/_rt/_now/principal."""
 
@@ -120,6 +128,7 @@ class GovernanceMixin:
                               LEFT JOIN keys k ON k.key_id = g.scope
                        ORDER BY 1, 2, 3""").df()
             df = df[self._grant_rows_visible(df)].drop(columns="scope").reset_index(drop=True)
+            df = utc_times(df)
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
 
     def _grant_rows_visible(self: KeyLedger, df: pd.DataFrame) -> pd.Series:
@@ -287,7 +296,7 @@ class GovernanceMixin:
                 args.append(status)
             sql += " GROUP BY ALL ORDER BY r.requested_at"
             with self._rt.db.read() as tx:
-                return tx.execute(sql, args).df()
+                return utc_times(tx.execute(sql, args).df())
 
     def _approvals_needed(self: KeyLedger, quorum_when_filed: int, key_id: str) -> int:
         """The quorum of when the request was filed, or today's if it was raised since."""

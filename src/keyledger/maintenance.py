@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import ciphertext as ct
 from .errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
+from .governance import utc_times
 from .rotation import PROTECT_ACTIONS, DueReport, invalid_usage_limits, plan
 from .runtime import naive
 from .store import catalog as cat
@@ -166,7 +167,7 @@ class MaintenanceMixin:
                 args.append(key_id)
             sql += " GROUP BY ALL ORDER BY key, v.version"
             with self._rt.db.read() as tx:
-                return tx.execute(sql, args).df()
+                return utc_times(tx.execute(sql, args).df())
 
     # -- bulk rewrap -------------------------------------------------------------------------------
     def rewrap_many(self: KeyLedger, ciphertexts: Iterable[bytes] | pd.Series | str | os.PathLike,

@@ -33,9 +33,13 @@ EXTENSIONS = ("tabulator", "vega")
 
 def configure() -> None:
     """Load the Panel extensions the pages use. Everything is served by the Panel server
-    itself (Bootstrap design and the bundled JS/CSS): nothing is fetched from a CDN."""
+    itself (Bootstrap design and the bundled JS/CSS): nothing is fetched from a CDN. In a
+    notebook kernel the JS/CSS is inlined into the output instead (keyledger.notebook)."""
+    from ..notebook import in_kernel
+
+    offline = {"inline": True} if in_kernel() else {}
     pn.extension(*EXTENSIONS, design="bootstrap", sizing_mode="stretch_width",
-                 notifications=False)
+                 notifications=False, **offline)
 
 
 def auth_enabled() -> bool:

@@ -53,6 +53,7 @@ class Database:
         while True:
             try:
                 con = duckdb.connect(str(self.path), config={"threads": 2})
+                con.execute("SET enable_progress_bar = false")  # never in a notebook's output
                 return con
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):

@@ -102,7 +102,11 @@ class WidgetView:
 
 
 def show_object(out: W.Output, obj: Any) -> None:
-    """Replace ``out``'s content with ``obj`` (e.g. an Altair chart), kernel or not."""
+    """Replace ``out``'s content with ``obj`` (e.g. an Altair chart), kernel or not. Charts
+    are drawn by an offline renderer (``keyledger.notebook.ensure_setup``), never from a CDN."""
+    from ..notebook import ensure_setup
+
+    ensure_setup()
     data: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     bundle = getattr(obj, "_repr_mimebundle_", None)
