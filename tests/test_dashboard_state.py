@@ -504,7 +504,7 @@ def test_verify_button_records_a_verification(fleet):
 def test_build_app_has_the_pages_and_selectors(fleet):
     template = build_app(ledger=fleet)
     dash = template.dashboard
-    assert isinstance(template, pn.template.BootstrapTemplate) and template.title == "keyledger"
+    assert isinstance(template, pn.template.BootstrapTemplate) and template.title.startswith("keyledger")
     assert [title for title in dash.tabs._names] == [p.title for p in PAGES]
     assert dash.views[0].updates == 1 and all(v.updates == 0 for v in dash.views[1:])
     classes = {c for w in dash.filters.values() for c in w.css_classes}
