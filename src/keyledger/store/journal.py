@@ -119,11 +119,8 @@ def has_changes(path: Path, start: int, end: int) -> bool:
     (unreadable or unexpected bytes count as a change)."""
     if end < start:
         return True
-    try:
-        with path.open("rb") as f:
-            f.seek(start)
-            chunk = f.read(end - start)
-    except OSError:
+    chunk = read_range(path, start, end)
+    if chunk is None:
         return True
     for line in chunk.splitlines():
         if line.startswith(SEAL_PREFIX):
@@ -134,6 +131,16 @@ def has_changes(path: Path, start: int, end: int) -> bool:
         except (ValueError, IndexError, TypeError):
             return True
     return False
+
+
+def read_range(path: Path, start: int, end: int) -> bytes | None:
+    """The bytes ``start:end`` of a journal file; None if it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    except OSError:
+        return None
 
 
 def genesis(journal: str) -> str:

@@ -32,7 +32,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..errors import AuditError
-from .journal import LINE_FIELDS, SEAL_PREFIX, SEP, SUFFIX, genesis, journal_pid, line_problem, parse_seal
+from .journal import (
+    LINE_FIELDS,
+    SEAL_PREFIX,
+    SEP,
+    SUFFIX,
+    genesis,
+    journal_pid,
+    line_problem,
+    parse_seal,
+    read_range,
+)
 
 _STRING_FIELDS = ("principal", "action", "key", "key_id", "outcome", "error", "detail",
                   "context")
@@ -288,11 +298,8 @@ class _Unreadable(ValueError):
 
 def _good_prefix(path: Path, start: int, end: int) -> int:
     """File offset just past the complete lines of ``start:end`` before the first bad one."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(start)
-            data = fh.read(end - start)
-    except OSError:
+    data = read_range(path, start, end)
+    if data is None:
         return start
     pos = 0
     for line in data.splitlines(keepends=True):
