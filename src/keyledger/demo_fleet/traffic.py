@@ -56,7 +56,11 @@ def quantiles(n: int = 4096) -> list[timedelta]:
 
 
 class Stream:
-    """One kind of call one principal makes on one key; ``rate`` calls per weekday."""
+    """One kind of call one principal makes on one key; ``rate`` calls per weekday.
+
+    ``sim`` runs it: a ``workers.Traffic`` (its ``ledger`` and ``keep``). The seeding process's
+    streams (``TrafficModel.streams``) only describe the calls and are never run.
+    """
 
     __slots__ = ("sim", "k", "op", "who", "led", "rate", "ctxs", "i", "fixed", "run", "sid")
 
