@@ -27,9 +27,9 @@ from keyledger.demo_fleet import (
     EXPECTED,
     SECURITY_LEAD,
     TEAMS,
-    _Plan,
     seed_demo,
 )
+from keyledger.demo_fleet.plan import Plan
 
 SCRIPT = Path(sys.executable).with_name("keyledger")
 KEYS, MONTHS, SEED = 20, 3, 11
@@ -284,6 +284,6 @@ def test_same_seed_same_estate(demo):
     assert twin["unexpected"] == []
     # another seed gives another estate (the plan is pure: compared without seeding)
     days = round(MONTHS * DAYS_PER_MONTH)
-    names = [sorted(k.name for k in _Plan(KEYS, days, random.Random(s)).keys)
+    names = [sorted(k.name for k in Plan(KEYS, days, random.Random(s)).keys)
              for s in (SEED, SEED + 1)]
     assert names[0] == sorted(df["name"]) and names[1] != names[0]
