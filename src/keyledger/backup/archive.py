@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from .. import outputs
 from ..config import CONFIG_NAME, DB_NAME, Settings
 from ..errors import ConfigError, InvalidCiphertext, KeyLedgerError
+from ..hsm import memory
 from ..hsm.backend import TokenFile
 from ..hsm.softhsm import token_dir
 from ..store.catalog import SNAPSHOT_NAME
@@ -49,6 +50,8 @@ class Layout:
     @classmethod
     def of(cls, home: Path, settings: Settings) -> Layout:
         hsm = settings.hsm
+        if hsm.backend == memory.MEMORY:
+            raise ConfigError(memory.NO_BACKUP)
         if not hsm.embedded:
             raise ConfigError(
                 f"backup() covers homes with the embedded SoftHSM2 token only; this home uses "
