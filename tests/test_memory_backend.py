@@ -3,6 +3,7 @@ and the in-memory one; then the service on the in-memory backend, and where it i
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 from collections.abc import Iterator
@@ -51,6 +52,16 @@ def _oaep(backend: HsmBackend) -> str:
 
 
 # -- the protocol contract ----------------------------------------------------------------------
+@pytest.mark.parametrize("impl", [pkcs11_backend.Pkcs11Backend, memory.MemoryBackend])
+def test_both_backends_implement_every_method_of_the_protocol(impl):
+    wanted = {n: m for n, m in vars(HsmBackend).items()
+              if callable(m) and not n.startswith("_")}
+    assert {"wrap_out", "new_unwrap_key", "unwrap_in", "exclusive", "snapshot_token"} <= set(wanted)
+    for name, method in wanted.items():
+        ours = inspect.signature(getattr(impl, name)).parameters
+        assert list(ours) == list(inspect.signature(method).parameters), name
+
+
 def test_aes_gcm_round_trip_and_tampering_fails(backend):
     h = _handle()
     backend.generate(AES, h, "t", exportable=False)
