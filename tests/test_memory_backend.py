@@ -14,7 +14,10 @@ from conftest import run_python
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+from cryptography.hazmat.primitives.keywrap import (
+    aes_key_unwrap_with_padding,
+    aes_key_wrap_with_padding,
+)
 
 import keyledger as kl
 from keyledger.hsm import memory, pkcs11_backend
@@ -227,3 +230,33 @@ def test_a_memory_home_refuses_backup_and_an_unknown_backend_is_named(memory_led
     (tmp_path / "odd" / "keyledger.toml").write_text('[hsm]\nbackend = "tpm"\n')
     with pytest.raises(kl.ConfigError, match="unknown \\[hsm\\] backend = 'tpm'"):
         kl.open(tmp_path / "odd", principal="alice")
+
+
+def test_byok_import_and_export_through_kl_open_on_the_memory_backend(memory_ledger):
+    """The docs/byok.md wire format, both ways, with no token."""
+    led = memory_ledger
+    params = led.import_parameters("byok")
+    assert params["oaep_hash"] == "sha256"  # the memory backend has OAEP-SHA256
+    material = os.urandom(32)
+    public_key = serialization.load_pem_public_key(params["public_key_pem"].encode())
+    h = hashes.SHA256()
+    eph = os.urandom(32)
+    wrapped = public_key.encrypt(eph, padding.OAEP(padding.MGF1(h), h, None))
+    wrapped += aes_key_wrap_with_padding(eph, material)
+    led.import_key("byok", spec="AES_256", wrapped=wrapped, token=params["token"])
+    blob = led.encrypt("byok", b"imported")
+    assert led.decrypt(blob) == b"imported"
+    again = led.import_parameters("byok2")  # another token's key: the blob does not unwrap
+    with pytest.raises(kl.InvalidCiphertext, match="could not be unwrapped"):
+        led.import_key("byok2", spec="AES_256", wrapped=wrapped, token=again["token"])
+
+    recipient = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    led.create_key("exp", spec="EC_P256", exportable=True)
+    out = led.export_key("exp", recipient.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    n = recipient.key_size // 8
+    eph = recipient.decrypt(out.wrapped[:n], padding.OAEP(padding.MGF1(h), h, None))
+    private = serialization.load_der_private_key(
+        aes_key_unwrap_with_padding(eph, out.wrapped[n:]), None)
+    sig = private.sign(b"made outside", ec.ECDSA(hashes.SHA256()))
+    assert led.verify("exp", b"made outside", sig)
