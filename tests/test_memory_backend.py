@@ -260,3 +260,14 @@ def test_byok_import_and_export_through_kl_open_on_the_memory_backend(memory_led
         aes_key_unwrap_with_padding(eph, out.wrapped[n:]), None)
     sig = private.sign(b"made outside", ec.ECDSA(hashes.SHA256()))
     assert led.verify("exp", b"made outside", sig)
+
+
+def test_a_token_home_switched_to_memory_in_its_settings_is_refused(ledger, clock):
+    """Someone who can write keyledger.toml cannot move a home off its token onto keys in
+    memory: the existing store makes the memory backend refuse the open."""
+    ledger.create_key("k", spec="AES_256")
+    home = ledger.home
+    ledger.close()
+    (home / "keyledger.toml").write_text('[hsm]\nbackend = "memory"\n')
+    with pytest.raises(kl.ConfigError, match="vanished"):
+        kl.open(home, principal="alice", clock=clock)
