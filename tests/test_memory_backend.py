@@ -262,12 +262,15 @@ def test_byok_import_and_export_through_kl_open_on_the_memory_backend(memory_led
     assert led.verify("exp", b"made outside", sig)
 
 
-def test_a_token_home_switched_to_memory_in_its_settings_is_refused(ledger, clock):
+def test_a_token_home_switched_to_memory_in_its_settings_is_refused(tmp_path, clock):
     """Someone who can write keyledger.toml cannot move a home off its token onto keys in
     memory: the existing store makes the memory backend refuse the open."""
-    ledger.create_key("k", spec="AES_256")
-    home = ledger.home
-    ledger.close()
+    home = tmp_path / "token-home"
+    made = run_python(  # another process: this one holds the contract tests' token
+        "import keyledger as kl\n"
+        f"with kl.open({str(home)!r}, principal='alice') as led:\n"
+        "    led.create_key('k', spec='AES_256')\n", check=True)
+    assert made.returncode == 0
     (home / "keyledger.toml").write_text('[hsm]\nbackend = "memory"\n')
     with pytest.raises(kl.ConfigError, match="vanished"):
         kl.open(home, principal="alice", clock=clock)
