@@ -24,7 +24,8 @@ from conftest import verify_after_kill
 
 import keyledger as kl
 from keyledger import backup as bk
-from keyledger.backup import restore
+from keyledger.backup import archive as bk_archive
+from keyledger.backup import restore, stream
 from keyledger.config import write_config
 
 PASS = "correct horse battery staple"
@@ -216,7 +217,7 @@ def test_the_store_stays_locked_until_the_snapshot_is_complete(tmp_path, ledger,
     """Closing a descriptor of the DuckDB file drops the process's fcntl lock on it (POSIX):
     the backup must not let another process into the store while it still copies."""
     seen = []
-    original = bk._snapshot
+    original = bk_archive._snapshot
 
     def snapshot_then_probe(*args):
         files = original(*args)  # the database file has been read; the connection is open
@@ -224,7 +225,7 @@ def test_the_store_stays_locked_until_the_snapshot_is_complete(tmp_path, ledger,
                                    capture_output=True, text=True, timeout=60).stdout.strip())
         return files
 
-    monkeypatch.setattr(bk, "_snapshot", snapshot_then_probe)
+    monkeypatch.setattr(bk_archive, "_snapshot", snapshot_then_probe)
     ledger.backup(tmp_path / "b.klbk", passphrase=PASS)
     assert seen == ["locked"]
 
@@ -344,7 +345,7 @@ def test_sealed_stream_detects_reordering_dropping_and_truncation(tmp_path):
     size = 1024
     plain = os.urandom(5 * size + 17)
     buf = io.BytesIO()
-    w = bk._SealedWriter(buf, b"passphrase", chunk_size=size)
+    w = stream.SealedWriter(buf, b"passphrase", chunk_size=size)
     for i in range(0, len(plain), 700):
         w.write(plain[i:i + 700])
     digest = w.finish()
@@ -353,7 +354,7 @@ def test_sealed_stream_detects_reordering_dropping_and_truncation(tmp_path):
     assert len(sealed) == bk.HEADER_LEN + len(plain) + 6 * bk.TAG_LEN
 
     def read(data: bytes) -> bytes:
-        r = bk._SealedReader(io.BytesIO(data), b"passphrase", "test")
+        r = stream.SealedReader(io.BytesIO(data), b"passphrase", "test")
         out = r.read()
         assert r.sha256 == hashlib.sha256(data).hexdigest()
         return out
@@ -372,7 +373,7 @@ def test_sealed_stream_detects_reordering_dropping_and_truncation(tmp_path):
     # an exact multiple of the chunk size and the empty stream round-trip too
     for n in (2 * size, 0):
         buf = io.BytesIO()
-        w = bk._SealedWriter(buf, b"passphrase", chunk_size=size)
+        w = stream.SealedWriter(buf, b"passphrase", chunk_size=size)
         w.write(plain[:n])
         w.finish()
         assert read(buf.getvalue()) == plain[:n]

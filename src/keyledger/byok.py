@@ -22,13 +22,9 @@ from datetime import UTC, timedelta
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any
 
-import pkcs11
-import pkcs11.exceptions as px
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11 import MechanismFlag as Cap
 
 from .errors import (
     InvalidCiphertext,
@@ -37,10 +33,8 @@ from .errors import (
     KeyLedgerError,
     KeyStateError,
     PolicyViolation,
-    UnsupportedMechanism,
 )
-from .hsm.errors import mapped, translate
-from .hsm.pkcs11_backend import _CALL_LOCK
+from .hsm.backend import HsmBackend, UnwrapFailed
 from .model import Family, KeySpec, KeyState, Use, check_use, parse_purpose, parse_spec, validate_name
 from .runtime import naive
 from .store import catalog as cat
@@ -54,19 +48,6 @@ IMPORT_RSA_BITS = 3072
 IMPORTABLE = ("AES_256", "AES_128")
 MIN_WRAPPING_BITS = 2048
 ALGORITHM = "RSA_OAEP_AES_KWP"  # RSA-OAEP(ephemeral AES-256) || AES-KWP(material), RFC 5649
-
-IMPORT_DDL = (
-    "CREATE TABLE IF NOT EXISTS import_tokens (token VARCHAR PRIMARY KEY, name VARCHAR NOT NULL,"
-    " handle VARCHAR NOT NULL, oaep_hash VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,"
-    " expires_at TIMESTAMP NOT NULL, created_by VARCHAR NOT NULL, used_at TIMESTAMP,"
-    " used_by VARCHAR, key_id VARCHAR, destroyed_at TIMESTAMP)")
-EXPORTS_DDL = (
-    "CREATE TABLE IF NOT EXISTS key_exports (export_id VARCHAR PRIMARY KEY, key_id VARCHAR NOT NULL,"
-    " version INTEGER NOT NULL, wrapping_key_sha256 VARCHAR NOT NULL, payload VARCHAR NOT NULL,"
-    " approval VARCHAR, created_at TIMESTAMP NOT NULL, created_by VARCHAR NOT NULL,"
-    " delivered_at TIMESTAMP, delivered_to VARCHAR)")
-
-_HASHES = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha256": (Mechanism.SHA256, MGF.SHA256)}
 
 
 @dataclass(frozen=True)
@@ -105,13 +86,8 @@ class WrappedKey:
         return cls(**{**d, "wrapped": bytes.fromhex(d["wrapped"])})
 
 
-def _oaep_hash(backend: Any) -> str:
+def _oaep_hash(backend: HsmBackend) -> str:
     return "sha256" if backend.capabilities().supports.get("RSA_OAEP_SHA256") else "sha1"
-
-
-def _oaep_param(name: str) -> tuple:
-    mech, mgf = _HASHES[name]
-    return (mech, mgf, None)
 
 
 def _wrapping_public_key(value: object) -> tuple[rsa.RSAPublicKey, str]:
@@ -136,121 +112,27 @@ def _wrapping_public_key(value: object) -> tuple[rsa.RSAPublicKey, str]:
     return pub, sha256(der).hexdigest()
 
 
-def _destroy_quietly(obj: Any) -> None:
-    try:
-        obj.destroy()
-    except px.PKCS11Error:
-        pass
-
-
-# -- the HSM steps (direct python-pkcs11 calls: always under _CALL_LOCK) --------------------------
-def _hsm_wrap_out(backend: Any, spec: KeySpec, handle: bytes, pub: rsa.RSAPublicKey,
-                  oaep: str) -> bytes:
-    secret = spec.family in (Family.AES, Family.HMAC)
-    doing = f"wrapping a {spec.name} key for export"
-    nums = pub.public_numbers()
-    with _CALL_LOCK:
-        s = backend._session()
-        try:
-            target = s.get_key(object_class=ObjectClass.SECRET_KEY if secret
-                               else ObjectClass.PRIVATE_KEY, id=handle)
-        except px.NoSuchKey:
-            raise KeyStateError("the key material for this version is missing from the HSM; "
-                                "run `keyledger init` to reconcile") from None
-        except px.PKCS11Error as exc:
-            raise translate(exc, doing) from None
-        made: list[Any] = []
-        try:
-            with mapped(doing):
-                rsa_obj = s.create_object({
-                    Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA,
-                    Attribute.TOKEN: False, Attribute.PRIVATE: False,
-                    Attribute.MODULUS: nums.n.to_bytes((pub.key_size + 7) // 8, "big"),
-                    Attribute.PUBLIC_EXPONENT: nums.e.to_bytes((nums.e.bit_length() + 7) // 8,
-                                                               "big"),
-                    Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False})
-                made.append(rsa_obj)
-                eph = s.generate_key(KeyType.AES, 256, store=False, capabilities=Cap.WRAP,
-                                     template={Attribute.SENSITIVE: True,
-                                               Attribute.EXTRACTABLE: True})
-                made.append(eph)
-                head = rsa_obj.wrap_key(eph, mechanism=Mechanism.RSA_PKCS_OAEP,
-                                        mechanism_param=_oaep_param(oaep))
-                try:
-                    body = eph.wrap_key(target, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-                except px.KeyNotWrappable:
-                    raise UnsupportedMechanism(
-                        f"the HSM cannot export {spec.name} keys (it refuses to wrap them); "
-                        "only keys it can wrap leave it") from None
-        finally:
-            for obj in reversed(made):
-                _destroy_quietly(obj)
-    return bytes(head) + bytes(body)
-
-
-def _hsm_new_wrapping_key(backend: Any, handle: bytes, label: str) -> str:
+# -- the HSM steps (the backend does the PKCS#11 work; these name the failures for BYOK) ----------
+def _hsm_new_wrapping_key(backend: HsmBackend, handle: bytes, label: str) -> str:
     """An RSA key pair in the HSM whose private half can only unwrap; returns the public PEM."""
-    with _CALL_LOCK, mapped("generating the import wrapping key in the HSM"):
-        pub, _ = backend._session().generate_keypair(
-            KeyType.RSA, IMPORT_RSA_BITS, id=handle, label=label, store=True,
-            public_template={Attribute.WRAP: True, Attribute.ENCRYPT: True,
-                             Attribute.VERIFY: False},
-            private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                              Attribute.UNWRAP: True, Attribute.DECRYPT: False,
-                              Attribute.SIGN: False},
-            capabilities=Cap.WRAP | Cap.UNWRAP)
-        n = int.from_bytes(pub[Attribute.MODULUS], "big")
-        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
-    return rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
+    der = backend.new_unwrap_key(handle, label, IMPORT_RSA_BITS)
+    return serialization.load_der_public_key(der).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def _hsm_unwrap_in(backend: Any, wrapping_handle: bytes, oaep: str, blob: bytes,
-                   handle: bytes, label: str) -> None:
+def _hsm_unwrap_in(backend: HsmBackend, wrapping_handle: bytes, oaep: str, blob: bytes,
+                   spec: KeySpec, handle: bytes, label: str) -> None:
     """Unwrap ``blob`` into a sensitive, non-extractable AES token object with CKA_ID ``handle``."""
-    bad = InvalidCiphertext(
-        "the wrapped key could not be unwrapped: it was not made with this import token's "
-        "public key (RSA-OAEP, then AES key wrap with padding, see docs/byok.md) or it was "
-        "altered")
-    n_len = IMPORT_RSA_BITS // 8
-    with _CALL_LOCK:
-        s = backend._session()
-        try:
-            priv = s.get_key(object_class=ObjectClass.PRIVATE_KEY, id=wrapping_handle)
-        except px.NoSuchKey:
-            raise PolicyViolation("the import token's wrapping key is gone from the HSM; get new "
-                                  "import parameters") from None
-        except px.PKCS11Error as exc:
-            raise translate(exc, "finding the import wrapping key") from None
-        try:
-            eph = priv.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, blob[:n_len],
-                                  mechanism=Mechanism.RSA_PKCS_OAEP,
-                                  mechanism_param=_oaep_param(oaep), store=False,
-                                  capabilities=Cap.UNWRAP,
-                                  template={Attribute.SENSITIVE: True,
-                                            Attribute.EXTRACTABLE: False})
-        except (px.MechanismInvalid, px.MechanismParamInvalid) as exc:
-            raise translate(exc, "unwrapping the ephemeral key") from None
-        except px.PKCS11Error:
-            raise bad from None
-        try:
-            key = eph.unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.AES, blob[n_len:],
-                mechanism=Mechanism.AES_KEY_WRAP_PAD, id=handle, label=label, store=True,
-                capabilities=Cap.ENCRYPT | Cap.DECRYPT | Cap.WRAP | Cap.UNWRAP,
-                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                          Attribute.PRIVATE: True})
-        except px.PKCS11Error:
-            raise bad from None
-        finally:
-            _destroy_quietly(eph)
-        try:  # SoftHSM accepts any length as "AES": prove it is a usable AES key
-            key.encrypt(b"", mechanism=Mechanism.AES_GCM,
-                        mechanism_param=pkcs11.GCMParams(bytes(12), b"", 128))
-        except px.PKCS11Error:
-            _destroy_quietly(key)
-            raise InvalidInput("the unwrapped material is not a valid AES key of the "
-                               "declared size") from None
+    try:
+        backend.unwrap_in(wrapping_handle, oaep, blob, spec, handle, label)
+    except UnwrapFailed:
+        raise InvalidCiphertext(
+            "the wrapped key could not be unwrapped: it was not made with this import token's "
+            "public key (RSA-OAEP, then AES key wrap with padding, see docs/byok.md) or it was "
+            "altered") from None
+    except KeyStateError:
+        raise PolicyViolation("the import token's wrapping key is gone from the HSM; get new "
+                              "import parameters") from None
 
 
 def _expected_len(spec: KeySpec) -> int:
@@ -306,8 +188,9 @@ class ImportExportMixin:
                           f"sha256:{fingerprint[:16]} (OAEP-{out.oaep_hash.upper()} + AES-KWP)")
             if approval is not None:
                 with self._rt.db.write() as tx:
-                    tx.execute(EXPORTS_DDL)
-                    tx.execute("INSERT INTO key_exports VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                    tx.execute("INSERT INTO key_exports (export_id, key_id, version, "
+                               "wrapping_key_sha256, payload, approval, created_at, created_by) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                [uuid.uuid4().hex, key.key_id, kv.version, fingerprint,
                                 json.dumps(out.to_dict()), approval[:1000],
                                 naive(self._now()), self.principal])
@@ -317,7 +200,7 @@ class ImportExportMixin:
     def _wrap_version(self: KeyLedger, key: Key, kv: KeyVersion, pub: rsa.RSAPublicKey,
                       fingerprint: str) -> WrappedKey:
         oaep = _oaep_hash(self._rt.backend)
-        blob = _hsm_wrap_out(self._rt.backend, key.spec, kv.handle, pub, oaep)
+        blob = self._rt.backend.wrap_out(key.spec, kv.handle, pub, oaep)
         fmt = "raw" if key.spec.family in (Family.AES, Family.HMAC) else "pkcs8"
         return WrappedKey(key.name, key.key_id, kv.version, key.spec.name, fmt, ALGORITHM, oaep,
                           blob, fingerprint)
@@ -325,7 +208,6 @@ class ImportExportMixin:
     def _deliver_export(self: KeyLedger, key: Key, fingerprint: str,
                         version: int | None) -> WrappedKey | None:
         with self._rt.db.write() as tx:
-            tx.execute(EXPORTS_DDL)
             sql = ("SELECT export_id, payload FROM key_exports WHERE key_id = ? AND "
                    "wrapping_key_sha256 = ? AND delivered_at IS NULL")
             args: list[Any] = [key.key_id, fingerprint]
@@ -356,12 +238,11 @@ class ImportExportMixin:
             token, handle = secrets.token_hex(16), uuid.uuid4().bytes
             expires = now + IMPORT_TTL
             with self._rt.db.write() as tx:
-                tx.execute(IMPORT_DDL)
                 self._name_free(tx, name)
                 # the row first: a crash after the HSM step leaves a key that expiry sweeps away
-                tx.execute("INSERT INTO import_tokens VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, "
-                           "NULL, NULL)", [token, name, handle.hex(), oaep, now, expires,
-                                           self.principal])
+                tx.execute("INSERT INTO import_tokens (token, name, handle, oaep_hash, created_at,"
+                           " expires_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [token, name, handle.hex(), oaep, now, expires, self.principal])
             try:
                 pem = _hsm_new_wrapping_key(self._rt.backend, handle, f"kl-import:{name}")
             except BaseException:
@@ -429,7 +310,6 @@ class ImportExportMixin:
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
             with self._rt.db.write() as tx:
-                tx.execute(IMPORT_DDL)
                 self._name_free(tx, name)
                 row = tx.execute("SELECT name, handle, oaep_hash, expires_at, used_at FROM "
                                  "import_tokens WHERE token = ?", [token]).fetchone()
@@ -451,8 +331,8 @@ class ImportExportMixin:
                 intent = self._intent(tx, "create", key_id, name, 1, [handle], now)
             try:
                 try:
-                    _hsm_unwrap_in(self._rt.backend, bytes.fromhex(t_handle), oaep, blob, handle,
-                                   f"kl:{name}:v1")
+                    _hsm_unwrap_in(self._rt.backend, bytes.fromhex(t_handle), oaep, blob, kspec,
+                                   handle, f"kl:{name}:v1")
                 except BaseException:
                     with contextlib.suppress(KeyLedgerError):
                         self._rt.backend.destroy(handle)

@@ -20,6 +20,7 @@ from .errors import ConfigError
 CONFIG_NAME = "keyledger.toml"
 DB_NAME = "keyledger.duckdb"
 DEFAULT_TOKEN_LABEL = "keyledger"
+HSM_BACKENDS = ("pkcs11", "memory")
 
 SOFTHSM_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -40,6 +41,9 @@ class HsmConfig:
     pin_env: str | None = None
     softhsm2_conf: Path | None = None  # set for the embedded SoftHSM2 token
     embedded: bool = False
+    # "pkcs11" (the default: SoftHSM2 or another PKCS#11 module) or "memory" (keyledger.hsm.memory:
+    # keys in process memory, for simulation homes and tests only)
+    backend: str = "pkcs11"
 
     def read_pin(self) -> str:
         if self.pin_env:
@@ -144,7 +148,13 @@ def load_settings(home: Path) -> Settings | None:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}; fix or remove the file") from None
     hsm = data.get("hsm", {})
-    if env_module:
+    backend = hsm.get("backend", "pkcs11")
+    if backend not in HSM_BACKENDS:
+        raise ConfigError(f"unknown [hsm] backend = {backend!r} in {path}; choose one of "
+                          f"{', '.join(map(repr, HSM_BACKENDS))}")
+    if backend == "memory":  # named by the home itself: no module, token or PIN
+        hsm_cfg = HsmConfig(module="memory", token_label=DEFAULT_TOKEN_LABEL, backend=backend)
+    elif env_module:
         hsm_cfg = _hsm_from_env(env_module)
     else:
         try:

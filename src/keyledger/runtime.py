@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .config import Settings, load_settings
 from .errors import ConfigError, KeyLedgerError, KeyStateError
-from .hsm import pkcs11_backend
-from .hsm.pkcs11_backend import Pkcs11Backend
+from .hsm.backend import HsmBackend
+from .hsm.factory import open_backend, release_backend
 from .hsm.softhsm import provision_embedded
 from .model import SPECS, KeyState
 from .store import ledger
@@ -113,7 +113,7 @@ class HomeRuntime:
             hsm_cfg = provision_embedded(home)
             settings = Settings(home, hsm_cfg)
         self.settings: Settings = settings
-        self.backend: Pkcs11Backend = pkcs11_backend.connect(settings.hsm)
+        self.backend: HsmBackend = open_backend(settings, simulate=simulate)
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
                                on_commit=SnapshotExporter(home))
@@ -132,7 +132,7 @@ class HomeRuntime:
                                          fsync_interval_ms=settings.audit.fsync_interval_ms,
                                          seal=self.seal_mac)
         except BaseException:
-            pkcs11_backend.release(self.backend)
+            release_backend(self.backend)
             raise
         self._known_offsets: dict[str, int] = {}
         self._audit_public_key = None
@@ -529,7 +529,7 @@ class HomeRuntime:
             log.debug("final ingest skipped: %s", exc)
         except Exception:  # never leave the HSM login behind because of an ingest bug
             log.exception("final ingest failed; records stay in the journal")
-        pkcs11_backend.release(self.backend)
+        release_backend(self.backend)
         try:
             self._alive_path.unlink()
         except FileNotFoundError:

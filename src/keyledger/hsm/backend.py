@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from ..model import KeySpec
+
+# One file of an HSM's token directory, read for a backup: (path relative to the token
+# directory, "." for the directory itself; content, None for a directory; mode; mtime).
+TokenFile = tuple[str, bytes | None, int, float]
 
 
 class DecryptFailed(Exception):
     """Internal signal: authentication of AES-GCM data failed (wrong key, AAD or tampering)."""
+
+
+class UnwrapFailed(Exception):
+    """Internal signal: wrapped key material did not unwrap (another wrapping key, or altered)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,14 @@ class Capabilities:
 
 
 class HsmBackend(Protocol):
+    """What keyledger needs from an HSM. Key versions are addressed by a 16-byte handle (CKA_ID
+    for PKCS#11). Implementations: ``pkcs11_backend.Pkcs11Backend`` (SoftHSM2 or another
+    PKCS#11 module) and ``memory.MemoryBackend`` (in-process, for simulations and tests).
+
+    Errors leave as ``KeyLedgerError`` subclasses (missing material: ``KeyStateError``), except
+    the internal signals ``DecryptFailed`` and ``UnwrapFailed`` the caller turns into its own.
+    """
+
     def capabilities(self) -> Capabilities: ...
     def generate(self, spec: KeySpec, handle: bytes, label: str, *, exportable: bool) -> None: ...
     def exists(self, handle: bytes) -> bool: ...
@@ -51,3 +70,31 @@ class HsmBackend(Protocol):
     def put_data(self, label: str, value: bytes) -> None: ...
     def get_data(self, label: str) -> list[bytes]: ...
     def close(self) -> None: ...
+
+    # -- key transport (byok.py; the wire format is in docs/byok.md) --------------------------
+    def wrap_out(self, spec: KeySpec, handle: bytes, wrapping_key: rsa.RSAPublicKey,
+                 oaep_hash: str) -> bytes:
+        """RSA-OAEP(``oaep_hash``: "sha1"/"sha256") of an ephemeral AES-256 key, then AES-KWP
+        (RFC 5649) of the key's material under it; refuses a non-extractable key."""
+        ...
+
+    def new_unwrap_key(self, handle: bytes, label: str, bits: int) -> bytes:
+        """A stored RSA key pair whose private half can only unwrap; returns the public DER."""
+        ...
+
+    def unwrap_in(self, unwrap_handle: bytes, oaep_hash: str, blob: bytes, spec: KeySpec,
+                  handle: bytes, label: str) -> None:
+        """Unwrap a ``wrap_out``-format ``blob`` into a sensitive, non-extractable AES key
+        ``handle``; ``UnwrapFailed`` when it does not unwrap, ``InvalidInput`` when it is no AES
+        key of ``spec``'s size, ``KeyStateError`` when ``unwrap_handle`` is missing."""
+        ...
+
+    # -- process-wide exclusion and backup ---------------------------------------------------
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """A block during which no other thread of this process calls this HSM."""
+        ...
+
+    def snapshot_token(self) -> list[TokenFile]:
+        """The token's files, read inside ``exclusive()``; ``ConfigError`` when the HSM keeps
+        no files a backup could hold."""
+        ...

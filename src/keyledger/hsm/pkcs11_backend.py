@@ -6,12 +6,13 @@ a time); key objects cached per thread by CKA_ID, never found by listing the tok
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pkcs11
@@ -26,10 +27,11 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClas
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from ..config import HsmConfig
-from ..errors import ConfigError, HsmError, KeyStateError
+from ..errors import ConfigError, HsmError, InvalidInput, KeyStateError, UnsupportedMechanism
 from ..model import Family, KeySpec
-from .backend import Capabilities, DecryptFailed, KeyAttributes
+from .backend import Capabilities, DecryptFailed, KeyAttributes, TokenFile, UnwrapFailed
 from .errors import mapped, translate
+from .softhsm import read_token_dir, token_dir
 
 _PSS = (Mechanism.SHA256, MGF.SHA256, 32)
 _EC_HASH = {"secp256r1": hashlib.sha256, "secp384r1": hashlib.sha384}
@@ -39,6 +41,7 @@ _CAP = MechanismFlag
 # it holds this process's PKCS#11 lock meanwhile, so only genuinely missing material pays it.
 _APPEAR_WAIT_S = 2.0
 _APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
+_OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256, MGF.SHA256, None)}
 
 
 # python-pkcs11 calls C_Initialize(NULL), which tells the module the application is single
@@ -164,6 +167,12 @@ def _open_error(cfg: HsmConfig, exc: Exception, doing: str) -> Exception:
             "(list tokens with `pkcs11-tool --module <module> --list-slots`)"
         )
     return translate(exc, doing)
+
+
+def embedded_confs_in_use() -> list[str]:
+    """The SoftHSM2 configurations this process has loaded a token with (one per process)."""
+    with _Process.lock:
+        return [k[1] for k in _Process.backends if k[1] is not None]
 
 
 def release(backend: Pkcs11Backend) -> None:
@@ -462,6 +471,111 @@ class Pkcs11Backend:
                                                 Attribute.LABEL: label})
             return [bytes(o[Attribute.VALUE]) for o in objs]
 
+    # -- key transport (byok.py) -------------------------------------------------------------
+    # The CKM_RSA_AES_KEY_WRAP construction in two steps (SoftHSM 2.6.1 lacks the mechanism).
+    @_serialized
+    def wrap_out(self, spec: KeySpec, handle: bytes, wrapping_key: rsa.RSAPublicKey,
+                 oaep_hash: str) -> bytes:
+        secret = spec.family in (Family.AES, Family.HMAC)
+        doing = f"wrapping a {spec.name} key for export"
+        nums = wrapping_key.public_numbers()
+        target = self._find(handle, ObjectClass.SECRET_KEY if secret else ObjectClass.PRIVATE_KEY)
+        s = self._session()
+        made: list[Any] = []
+        try:
+            with mapped(doing):
+                rsa_obj = s.create_object({
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA,
+                    Attribute.TOKEN: False, Attribute.PRIVATE: False,
+                    Attribute.MODULUS: nums.n.to_bytes((wrapping_key.key_size + 7) // 8, "big"),
+                    Attribute.PUBLIC_EXPONENT: nums.e.to_bytes((nums.e.bit_length() + 7) // 8,
+                                                               "big"),
+                    Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False})
+                made.append(rsa_obj)
+                eph = s.generate_key(KeyType.AES, 256, store=False, capabilities=_CAP.WRAP,
+                                     template={Attribute.SENSITIVE: True,
+                                               Attribute.EXTRACTABLE: True})
+                made.append(eph)
+                head = rsa_obj.wrap_key(eph, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                        mechanism_param=_OAEP[oaep_hash])
+                try:
+                    body = eph.wrap_key(target, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+                except px.KeyNotWrappable:
+                    raise UnsupportedMechanism(
+                        f"the HSM cannot export {spec.name} keys (it refuses to wrap them); "
+                        "only keys it can wrap leave it") from None
+        finally:
+            for obj in reversed(made):
+                _destroy_quietly(obj)
+        return bytes(head) + bytes(body)
+
+    @_serialized
+    def new_unwrap_key(self, handle: bytes, label: str, bits: int) -> bytes:
+        with mapped("generating the import wrapping key in the HSM"):
+            pub, _ = self._session().generate_keypair(
+                KeyType.RSA, bits, id=handle, label=label, store=True,
+                public_template={Attribute.WRAP: True, Attribute.ENCRYPT: True,
+                                 Attribute.VERIFY: False},
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.UNWRAP: True, Attribute.DECRYPT: False,
+                                  Attribute.SIGN: False},
+                capabilities=_CAP.WRAP | _CAP.UNWRAP)
+            n = int.from_bytes(pub[Attribute.MODULUS], "big")
+            e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
+        return rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    @_serialized
+    def unwrap_in(self, unwrap_handle: bytes, oaep_hash: str, blob: bytes, spec: KeySpec,
+                  handle: bytes, label: str) -> None:
+        priv = self._find(unwrap_handle, ObjectClass.PRIVATE_KEY)
+        with mapped("reading the import wrapping key"):
+            n_len = len(priv[Attribute.MODULUS])
+        try:
+            eph = priv.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, blob[:n_len],
+                                  mechanism=Mechanism.RSA_PKCS_OAEP,
+                                  mechanism_param=_OAEP[oaep_hash], store=False,
+                                  capabilities=_CAP.UNWRAP,
+                                  template={Attribute.SENSITIVE: True,
+                                            Attribute.EXTRACTABLE: False})
+        except (px.MechanismInvalid, px.MechanismParamInvalid) as exc:
+            raise translate(exc, "unwrapping the ephemeral key") from None
+        except px.PKCS11Error:
+            raise UnwrapFailed("ephemeral key") from None
+        try:
+            key = eph.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, blob[n_len:],
+                mechanism=Mechanism.AES_KEY_WRAP_PAD, id=handle, label=label, store=True,
+                capabilities=_CAP.ENCRYPT | _CAP.DECRYPT | _CAP.WRAP | _CAP.UNWRAP,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.PRIVATE: True})
+        except px.PKCS11Error:
+            raise UnwrapFailed("key material") from None
+        finally:
+            _destroy_quietly(eph)
+        try:  # SoftHSM accepts any length as "AES": prove it is a usable AES key
+            key.encrypt(b"", mechanism=Mechanism.AES_GCM,
+                        mechanism_param=pkcs11.GCMParams(bytes(12), b"", 128))
+        except px.PKCS11Error:
+            _destroy_quietly(key)
+            raise InvalidInput("the unwrapped material is not a valid AES key of the "
+                               "declared size") from None
+
+    # -- process-wide exclusion and backup ---------------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with _CALL_LOCK:
+            yield
+
+    def snapshot_token(self) -> list[TokenFile]:
+        if not self._cfg.embedded or self._cfg.softhsm2_conf is None:
+            raise ConfigError(
+                f"this home's HSM ({self._cfg.module}) keeps its keys outside the home: back "
+                "them up with the HSM vendor's procedure (key material never leaves in clear)")
+        root = token_dir(self._cfg.softhsm2_conf)
+        with self.exclusive():  # no PKCS#11 call of this process touches the token meanwhile
+            return read_token_dir(root)
+
     @_serialized
     def close(self) -> None:
         with self._lock:
@@ -472,6 +586,13 @@ class Pkcs11Backend:
                     pass
             self._sessions.clear()
         self._local = threading.local()
+
+
+def _destroy_quietly(obj: Any) -> None:
+    try:
+        obj.destroy()
+    except px.PKCS11Error:
+        pass
 
 
 def _strip_octet_string(point: bytes) -> bytes:

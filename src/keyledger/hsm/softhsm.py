@@ -16,6 +16,7 @@ from ..config import (
     write_secret,
 )
 from ..errors import ConfigError
+from .backend import TokenFile
 
 
 def softhsm_conf_text(token_dir: Path) -> str:
@@ -25,6 +26,38 @@ def softhsm_conf_text(token_dir: Path) -> str:
         "log.level = ERROR\n"
         "slots.removable = false\n"
     )
+
+
+def token_dir(conf: Path) -> Path:
+    """The token directory a SoftHSM2 configuration file names."""
+    try:
+        for line in conf.read_text().splitlines():
+            k, _, v = line.partition("=")
+            if k.strip() == "directories.tokendir":
+                return Path(v.strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {conf} ({exc.strerror})") from None
+    raise ConfigError(f"{conf} names no directories.tokendir")
+
+
+def read_token_dir(root: Path) -> list[TokenFile]:
+    """Every file and folder under ``root`` (names relative to it), read in full: a token
+    directory is small. Files another process removes meanwhile are left out."""
+    out: list[TokenFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath).relative_to(root).as_posix()
+        st = os.stat(dirpath)
+        out.append((base, None, st.st_mode, st.st_mtime))
+        for fname in sorted(filenames):
+            p = Path(dirpath) / fname
+            try:
+                st = p.stat()
+                out.append((Path(base, fname).as_posix(), p.read_bytes(), st.st_mode,
+                            st.st_mtime))
+            except FileNotFoundError:  # removed by another process since the listing
+                continue
+    return out
 
 
 def provision_embedded(home: Path) -> HsmConfig:

@@ -117,6 +117,31 @@ class Database:
             fh.close()
 
     @contextlib.contextmanager
+    def file_reader(self) -> Iterator[Callable[[Path], BinaryIO]]:
+        """A block in which no other thread of this process opens a connection, yielding a
+        function that opens the store's files for reading (for a backup of the raw files).
+
+        DuckDB locks its file with fcntl(2), and POSIX releases every fcntl lock a process holds
+        on a file as soon as the process closes *any* descriptor of it: closing our copy of the
+        database while a connection of this block is still open would let another process in.
+        So the descriptors are closed when the block ends, after its connections, with the
+        process-wide store lock still held (inside ``hold()`` only when that ends:
+        ``close_file``). Open the block's connections (``write()``) inside it."""
+        files: list[BinaryIO] = []
+
+        def open_file(path: Path) -> BinaryIO:
+            fh = open(path, "rb")  # noqa: SIM115 - closed when the block ends
+            files.append(fh)
+            return fh
+
+        with _process_lock:
+            try:
+                yield open_file
+            finally:
+                for fh in files:
+                    self.close_file(fh)
+
+    @contextlib.contextmanager
     def connect(self, *, write: bool, keep: bool = True, export: bool = True,
                 timeout: float | None = None) -> Iterator[Tx]:
         """A connection inside one transaction; committed on success (rolled back instead when

@@ -83,6 +83,20 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE requests ADD COLUMN admins VARCHAR;
     """,
+    # 5: BYOK import tokens, held exports and the backups/restores record, which byok.py and
+    # backup.py used to create on first use: IF NOT EXISTS, since older homes may have them
+    """
+    CREATE TABLE IF NOT EXISTS import_tokens (token VARCHAR PRIMARY KEY, name VARCHAR NOT NULL,
+        handle VARCHAR NOT NULL, oaep_hash VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
+        expires_at TIMESTAMP NOT NULL, created_by VARCHAR NOT NULL, used_at TIMESTAMP,
+        used_by VARCHAR, key_id VARCHAR, destroyed_at TIMESTAMP);
+    CREATE TABLE IF NOT EXISTS key_exports (export_id VARCHAR PRIMARY KEY,
+        key_id VARCHAR NOT NULL, version INTEGER NOT NULL, wrapping_key_sha256 VARCHAR NOT NULL,
+        payload VARCHAR NOT NULL, approval VARCHAR, created_at TIMESTAMP NOT NULL,
+        created_by VARCHAR NOT NULL, delivered_at TIMESTAMP, delivered_to VARCHAR);
+    CREATE TABLE IF NOT EXISTS backups (time TIMESTAMP, kind VARCHAR, path VARCHAR,
+        sha256 VARCHAR, bytes BIGINT, principal VARCHAR, ok BOOLEAN, detail VARCHAR);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
