@@ -12,7 +12,6 @@ otherwise; the parameters and results name which. The client side is in ``docs/b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import uuid
@@ -34,16 +33,18 @@ from .errors import (
     InvalidCiphertext,
     InvalidInput,
     KeyExists,
-    KeyLedgerError,
     KeyStateError,
     PolicyViolation,
     UnsupportedMechanism,
 )
 from .hsm.errors import mapped, translate
 from .hsm.pkcs11_backend import _CALL_LOCK
+from .intents import HsmChange
 from .model import Family, KeySpec, KeyState, Use, check_use, parse_purpose, parse_spec, validate_name
 from .runtime import naive
 from .store import catalog as cat
+from .store import imports
+from .store import keys as keys_repo
 
 if TYPE_CHECKING:
     from .model import Key, KeyVersion
@@ -428,41 +429,32 @@ class ImportExportMixin:
                 self._require_quorum(None, "import_key", f"importing key {name!r}")
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
-            with self._rt.db.write() as tx:
-                tx.execute(IMPORT_DDL)
-                self._name_free(tx, name)
-                row = tx.execute("SELECT name, handle, oaep_hash, expires_at, used_at FROM "
-                                 "import_tokens WHERE token = ?", [token]).fetchone()
-                if row is None:
-                    raise InvalidInput("unknown import token; call import_parameters(name) and "
-                                       "wrap the material with the public key it returns")
-                t_name, t_handle, oaep, expires, used = row
-                if t_name != name:
-                    raise PolicyViolation(f"this import token was issued for key {t_name!r}, "
-                                          f"not {name!r}")
-                if used is not None:
-                    raise PolicyViolation("this import token was already used; get new import "
-                                          "parameters")
-                if now >= expires:
-                    raise PolicyViolation(f"this import token expired at {expires:%Y-%m-%d %H:%M}"
-                                          " UTC; get new import parameters and wrap again")
-                tx.execute("UPDATE import_tokens SET used_at = ?, used_by = ?, key_id = ? "
-                           "WHERE token = ?", [now, self.principal, key_id, token])
-                intent = self._intent(tx, "create", key_id, name, 1, [handle], now)
-            try:
-                try:
-                    _hsm_unwrap_in(self._rt.backend, bytes.fromhex(t_handle), oaep, blob, handle,
-                                   f"kl:{name}:v1")
-                except BaseException:
-                    with contextlib.suppress(KeyLedgerError):
-                        self._rt.backend.destroy(handle)
-                    with self._rt.db.write() as tx:  # nothing happened: the token stays usable
-                        tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
-                        tx.execute("UPDATE import_tokens SET used_at = NULL, used_by = NULL, "
-                                   "key_id = NULL WHERE token = ?", [token])
-                    raise
+            with HsmChange(self._rt, "import", self.principal) as change:
                 with self._rt.db.write() as tx:
-                    self._done(tx, intent)
+                    tx.execute(IMPORT_DDL)
+                    self._name_free(tx, name)
+                    row = imports.token(tx, token)
+                    if row is None:
+                        raise InvalidInput("unknown import token; call import_parameters(name) "
+                                           "and wrap the material with the public key it returns")
+                    t_name, t_handle, oaep, expires, used = row
+                    if t_name != name:
+                        raise PolicyViolation(f"this import token was issued for key {t_name!r}, "
+                                              f"not {name!r}")
+                    if used is not None:
+                        raise PolicyViolation("this import token was already used; get new "
+                                              "import parameters")
+                    if now >= expires:
+                        raise PolicyViolation(f"this import token expired at "
+                                              f"{expires:%Y-%m-%d %H:%M} UTC; get new import "
+                                              "parameters and wrap again")
+                    imports.use(tx, token, now=now, by=self.principal, key_id=key_id)
+                    change.write(tx, key_id=key_id, name=name, version=1, handles=[handle],
+                                 now=now)
+                # a failure rolls back (the new object goes, the token stays usable)
+                change.step(lambda: _hsm_unwrap_in(self._rt.backend, bytes.fromhex(t_handle),
+                                                   oaep, blob, handle, f"kl:{name}:v1"))
+                with change.commit() as tx:
                     why = f"imported (BYOK) with import token {token[:8]}"
                     if approval:
                         why += f"; {approval}"
@@ -473,8 +465,6 @@ class ImportExportMixin:
                         handle=handle, action="import", reason=why[:1000],
                         creator_is_user=self._rt.creator_is_user)
                     key = cat.load_key(tx, name)
-            finally:
-                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             self._sweep_import_tokens()
             rec.key, rec.version = key, 1
@@ -483,8 +473,7 @@ class ImportExportMixin:
 
     @staticmethod
     def _name_free(tx: Any, name: str) -> None:
-        if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
-                      "WHERE alias = ?", [name, name]).fetchone():
+        if keys_repo.name_taken(tx, name):
             raise KeyExists(f"a key or alias named {name!r} already exists")
 
     def _sweep_import_tokens(self: KeyLedger) -> int:

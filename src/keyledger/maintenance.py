@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 from . import ciphertext as ct
 from .errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
 from .governance import utc_times
+from .intents import HsmChange
 from .rotation import PROTECT_ACTIONS, DueReport, invalid_usage_limits, plan
 from .runtime import naive
 from .store import catalog as cat
+from .store import keys as keys_repo
 
 if TYPE_CHECKING:
     from .service import KeyLedger
@@ -244,29 +246,22 @@ class MaintenanceMixin:
             if not approved:
                 self._require_quorum(key, "trim", f"trimming {key.name!r}")
             now = naive(self._now())
-            with self._rt.db.write() as tx:
-                key = cat.load_key(tx, key.name)
-                if key.state.value == "destroyed":
-                    raise KeyStateError(f"key {key.name!r} is destroyed")
-                doomed = [v for n, v in key.versions.items()
-                          if n < min_version and v.state != "destroyed"]
-                intent = self._intent(tx, "trim", key.key_id, key.name, min_version,
-                                      [v.handle for v in doomed], now)
-                tx.execute("UPDATE keys SET min_decryption_version = greatest("
-                           "min_decryption_version, ?), min_encryption_version = greatest("
-                           "min_encryption_version, ?) WHERE key_id = ?",
-                           [min_version, min_version, key.key_id])
-            try:
-                for v in doomed:
-                    self._rt.backend.destroy(v.handle)
+            with HsmChange(self._rt, "trim", self.principal) as change:
                 with self._rt.db.write() as tx:
-                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                               "WHERE key_id = ? AND version < ? AND state <> 'destroyed'",
-                               [now, key.key_id, min_version])
-                    tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
                     key = cat.load_key(tx, key.name)
-            finally:
-                self._rt.in_flight.discard(intent)
+                    if key.state.value == "destroyed":
+                        raise KeyStateError(f"key {key.name!r} is destroyed")
+                    doomed = [v for n, v in key.versions.items()
+                              if n < min_version and v.state != "destroyed"]
+                    # the minimum versions rise with the intent: the doomed versions are
+                    # unusable before their material goes
+                    change.write(tx, key_id=key.key_id, name=key.name, version=min_version,
+                                 handles=[v.handle for v in doomed], now=now)
+                    keys_repo.raise_min_versions(tx, key.key_id, min_version)
+                change.each([v.handle for v in doomed], self._rt.backend.destroy)
+                with change.commit() as tx:
+                    keys_repo.destroy_versions(tx, key.key_id, now, below=min_version)
+                    key = cat.load_key(tx, key.name)
             self._rt.catalog.refresh(force=True)
             rec.detail = f"destroyed v{', v'.join(str(v.version) for v in doomed) or ' none'}"
             return key

@@ -29,7 +29,10 @@ from .errors import ConfigError, KeyLedgerError, KeyStateError
 from .hsm import pkcs11_backend
 from .hsm.pkcs11_backend import Pkcs11Backend
 from .hsm.softhsm import provision_embedded
-from .model import SPECS, KeyState
+from .intents import recover
+from .model import SPECS
+from .store import intents as intents_repo
+from .store import keys as keys_repo
 from .store import ledger
 from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
@@ -457,7 +460,8 @@ class HomeRuntime:
 
     def reconcile(self, actor: str, full: bool = False, *,
                   now: datetime | None = None) -> ReconcileReport:
-        """Finish or roll back what an interrupted create/rotate/destroy left behind.
+        """Finish or roll back what an interrupted HSM change left behind (``intents.RECOVERY``
+        says which, per kind: create, rotate, import, destroy, trim).
 
         Uses the intents written before each HSM step (found by CKA_ID, never by listing the
         token). ``full`` also checks every live version's material still exists in the HSM.
@@ -465,47 +469,12 @@ class HomeRuntime:
         report = ReconcileReport()
         now = naive(now or self.trusted_now())
         with self.db.write() as tx:
-            intents = tx.execute(
-                "SELECT intent_id, kind, key_id, version, handles, pid FROM intents "
-                "ORDER BY started_at").fetchall()
-            for intent_id, kind, key_id, version, handles, pid in intents:
-                if self._owner_running(pid, intent_id):
+            for intent in intents_repo.pending(tx):
+                if self._owner_running(intent.pid, intent.intent_id):
                     continue  # in flight elsewhere: its owner finishes or rolls it back
-                what = json.loads(handles)
-                hs = [bytes.fromhex(h) for h in what["handles"]]
-                name = what["name"]
-                if kind in ("create", "rotate"):
-                    removed = sum(self.backend.destroy(h) for h in hs)
-                    what = "key creation" if kind == "create" else f"rotation to v{version}"
-                    report.repaired.append(
-                        f"rolled back interrupted {what} of {name!r}"
-                        + (f" (removed {removed} orphan HSM object(s))" if removed else ""))
-                elif kind == "trim":  # roll forward: the minimum versions were already raised
-                    for h in hs:
-                        self.backend.destroy(h)
-                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                               "WHERE key_id = ? AND version < ? AND state <> 'destroyed'",
-                               [now, key_id, version])
-                    report.repaired.append(f"completed interrupted trim of {name!r}")
-                elif kind == "destroy":
-                    for h in hs:
-                        self.backend.destroy(h)
-                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                               "WHERE key_id = ? AND state <> 'destroyed'", [now, key_id])
-                    prior = tx.execute("SELECT state FROM keys WHERE key_id = ?",
-                                       [key_id]).fetchone()
-                    tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
-                               "WHERE key_id = ?", [key_id])
-                    tx.execute("INSERT INTO transitions VALUES (?, ?, NULL, 'destroy', ?, ?, ?, ?)",
-                               [now, key_id, prior[0] if prior else None,
-                                KeyState.DESTROYED.value, actor,
-                                "completed an interrupted destroy on open"])
-                    report.repaired.append(f"completed interrupted destruction of {name!r}")
-                tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent_id])
+                report.repaired.append(recover(tx, intent, self.backend, actor, now))
             if full:
-                for _key_id, name, version, handle in tx.execute(
-                        """SELECT v.key_id, k.name, v.version, v.handle FROM versions v
-                           JOIN keys k USING (key_id) WHERE v.state <> 'destroyed'""").fetchall():
+                for _key_id, name, version, handle in keys_repo.live_versions(tx):
                     if not self.backend.exists(bytes.fromhex(handle)):
                         report.problems.append(
                             f"{name!r} v{version}: catalog row without HSM material; restore the "

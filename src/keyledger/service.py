@@ -7,7 +7,6 @@ import copy
 import getpass
 import json
 import os
-import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +40,7 @@ from .errors import (
 )
 from .governance import GovernanceMixin
 from .hsm.backend import Capabilities, DecryptFailed
+from .intents import HsmChange
 from .maintenance import MaintenanceMixin
 from .model import (
     Family,
@@ -67,6 +67,8 @@ from .model import usage_limit as key_usage_limit
 from .rotation import PROTECT_ACTIONS
 from .runtime import SIMULATION_LABEL, HomeRuntime, ReconcileReport, naive
 from .store import catalog as cat
+from .store import grants as grants_repo
+from .store import keys as keys_repo
 from .store.ledger import ACCEPT_ACTION, VerifyReport, accept_detail
 from .store.ledger import verify as verify_ledger
 
@@ -75,12 +77,6 @@ _US = timedelta(microseconds=1)
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
 MAX_QUERY_TIMEOUT_S = 3600
-
-
-def _fault(point: str) -> None:
-    """Crash-test hook: ``KEYLEDGER_FAULT=create:after_hsm`` SIGKILLs the process right there."""
-    if os.environ.get("KEYLEDGER_FAULT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -324,28 +320,23 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
             state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
             creator_is_user = self._rt.creator_is_user
-            # 1. intent, so a crash after step 2 is rolled back (intents are not in catalog.json:
-            # no snapshot export)
-            with self._rt.db.write(export=False) as tx:
-                if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
-                              "WHERE alias = ?", [name, name]).fetchone():
-                    raise KeyExists(f"a key or alias named {name!r} already exists")
-                intent = self._intent(tx, "create", key_id, name, 1, [handle], now)
-            try:
-                _fault("create:after_intent")
-                self._rt.backend.generate(kspec, handle, f"kl:{name}:v1", exportable=exportable)
-                _fault("create:after_hsm")
+            # intents are not in catalog.json: no snapshot export for the first transaction
+            with HsmChange(self._rt, "create", self.principal) as change:
+                with self._rt.db.write(export=False) as tx:
+                    if keys_repo.name_taken(tx, name):
+                        raise KeyExists(f"a key or alias named {name!r} already exists")
+                    change.write(tx, key_id=key_id, name=name, version=1, handles=[handle],
+                                 now=now)
+                change.step(lambda: self._rt.backend.generate(kspec, handle, f"kl:{name}:v1",
+                                                              exportable=exportable))
                 self._rt.usage.create(key_id, 1)
-                with self._rt.db.write() as tx:  # 3. catalog rows + drop the intent, atomically
-                    self._done(tx, intent)
+                with change.commit() as tx:
                     self._catalog_new_key(
                         tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose, state=state,
                         owner=owner, now=now, period=period, exportable=exportable,
                         tag_json=tag_json, policy={}, handle=handle, action="create",
                         reason="created", creator_is_user=creator_is_user)
                     key = cat.load_key(tx, name)
-            finally:
-                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             rec.key, rec.version = key, 1
             return key
@@ -407,45 +398,36 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                                  2 * self._rt.settings.store_busy_timeout_s))
             now = naive(self._now())
             handle = uuid.uuid4().bytes
-            with self._rt.db.write(export=False) as tx:
-                key = cat.load_key(tx, key.name)
-                rec.key = key
-                if expect_version is not None and key.latest_version != expect_version:
-                    raise KeyStateError(f"{key.name!r} was already rotated to "
-                                        f"v{key.latest_version} by another process")
-                next_state("rotate", key.state, key.name)
-                version = key.latest_version + 1
-                intent = self._intent(tx, "rotate", key.key_id, key.name, version, [handle],
-                                      now)
-            try:
-                _fault("rotate:after_intent")
-                self._rt.backend.generate(key.spec, handle, f"kl:{key.name}:v{version}",
-                                          exportable=key.exportable)
-                _fault("rotate:after_hsm")
+            with HsmChange(self._rt, "rotate", self.principal) as change:
+                with self._rt.db.write(export=False) as tx:
+                    key = cat.load_key(tx, key.name)
+                    rec.key = key
+                    if expect_version is not None and key.latest_version != expect_version:
+                        raise KeyStateError(f"{key.name!r} was already rotated to "
+                                            f"v{key.latest_version} by another process")
+                    next_state("rotate", key.state, key.name)
+                    version = key.latest_version + 1
+                    change.write(tx, key_id=key.key_id, name=key.name, version=version,
+                                 handles=[handle], now=now)
+                change.step(lambda: self._rt.backend.generate(
+                    key.spec, handle, f"kl:{key.name}:v{version}", exportable=key.exportable))
                 self._rt.usage.create(key.key_id, version)
-                with self._rt.db.write() as tx:
+                with change.commit() as tx:
                     fresh = cat.load_key(tx, key.name)
                     if fresh.latest_version != key.latest_version or fresh.state != key.state:
-                        # a state change by another call meanwhile (rotations wait for each other)
-                        self._rt.backend.destroy(handle)
-                        tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
+                        # a state change by another call meanwhile (rotations wait for each
+                        # other); leaving the block rolls the new version back
                         raise KeyStateError(
                             f"key {key.name!r} became {fresh.state.value} during the rotation; "
                             "nothing changed: check its state and retry")
-                    self._done(tx, intent)
                     old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
-                    tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
-                               "AND state = 'active'", [old_state, key.key_id, key.latest_version])
-                    tx.execute("INSERT INTO versions VALUES (?, ?, ?, 'active', ?, NULL)",
-                               [key.key_id, version, handle.hex(), now])
-                    tx.execute("UPDATE keys SET latest_version = ?, rotated_at = ?, state = ? "
-                               "WHERE key_id = ?",
-                               [version, now, KeyState.ACTIVE.value, key.key_id])
+                    keys_repo.retire_latest(tx, key.key_id, key.latest_version, old_state)
+                    keys_repo.insert_version(tx, key.key_id, version, handle, now)
+                    keys_repo.update(tx, key.key_id, {"latest_version": version, "rotated_at": now,
+                                                      "state": KeyState.ACTIVE.value})
                     self._transition(tx, now, key.key_id, version, "rotate", key.state,
                                      KeyState.ACTIVE, reason)
                     key = cat.load_key(tx, key.name)
-            finally:
-                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             rec.key, rec.version = key, version
             return key
@@ -502,32 +484,28 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             if not approved:
                 self._require_quorum(key, "destroy", f"destroy {key.name!r}")
             now = naive(self._now())
-            with self._rt.db.write(export=False) as tx:
-                key = cat.load_key(tx, key.name)
-                rec.key = key
-                next_state("destroy", key.state, key.name)
-                if key.deletion_due is None or now < naive(key.deletion_due):
-                    raise PolicyViolation(
-                        f"key {key.name!r} may be destroyed after {key.deletion_due:%Y-%m-%d %H:%M}"
-                        " UTC, when its deletion waiting period ends; cancel the deletion to keep it")
-                handles = [v.handle for v in key.versions.values() if v.state != "destroyed"]
-                intent = self._intent(tx, "destroy", key.key_id, key.name, None, handles, now)
-            try:
-                _fault("destroy:after_intent")
-                for h in handles:  # 2. material goes first; a crash here is completed on open
-                    self._rt.backend.destroy(h)
-                    _fault("destroy:after_first_object")
-                with self._rt.db.write() as tx:
-                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                               "WHERE key_id = ? AND state <> 'destroyed'", [now, key.key_id])
-                    tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
-                               "WHERE key_id = ?", [key.key_id])
+            with HsmChange(self._rt, "destroy", self.principal) as change:
+                with self._rt.db.write(export=False) as tx:
+                    key = cat.load_key(tx, key.name)
+                    rec.key = key
+                    next_state("destroy", key.state, key.name)
+                    if key.deletion_due is None or now < naive(key.deletion_due):
+                        raise PolicyViolation(
+                            f"key {key.name!r} may be destroyed after "
+                            f"{key.deletion_due:%Y-%m-%d %H:%M} UTC, when its deletion waiting "
+                            "period ends; cancel the deletion to keep it")
+                    handles = [v.handle for v in key.versions.values() if v.state != "destroyed"]
+                    change.write(tx, key_id=key.key_id, name=key.name, version=None,
+                                 handles=handles, now=now)
+                # material goes first; a crash after this is completed on open
+                change.each(handles, self._rt.backend.destroy)
+                with change.commit() as tx:
+                    keys_repo.destroy_versions(tx, key.key_id, now)
+                    keys_repo.update(tx, key.key_id, {"state": KeyState.DESTROYED.value,
+                                                      "prior_state": None})
                     self._transition(tx, now, key.key_id, None, "destroy", key.state,
                                      KeyState.DESTROYED, reason)
-                    tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
                     key = cat.load_key(tx, key.name)
-            finally:
-                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             rec.key = key
             return key
@@ -730,10 +708,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         return key
 
     def _transition(self, tx, now, key_id, version, action, from_state, to_state, reason) -> None:
-        tx.execute("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   [now, key_id, version, action,
-                    from_state.value if from_state is not None else None, to_state.value,
-                    self.principal, reason])
+        keys_repo.add_transition(tx, now=now, key_id=key_id, version=version, action=action,
+                                 from_state=from_state.value if from_state is not None else None,
+                                 to_state=to_state.value, actor=self.principal, reason=reason)
 
     def _catalog_new_key(self, tx, *, key_id: str, name: str, spec, purpose: Purpose,
                          state: KeyState, owner: str | None, now: datetime,
@@ -741,34 +718,15 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                          policy: dict, handle: bytes, action: str, reason: str,
                          creator_is_user: bool) -> None:
         """Catalog rows of a new key's version 1 (created or imported), in the caller's tx."""
-        tx.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL, "
-                   "?, ?)",
-                   [key_id, name, spec.name, purpose.value, state.value, owner, now, now,
-                    int(period.total_seconds()) if period else None, exportable, tag_json,
-                    json.dumps(policy, sort_keys=True)])
-        tx.execute("INSERT INTO versions VALUES (?, 1, ?, 'active', ?, NULL)",
-                   [key_id, handle.hex(), now])
+        keys_repo.insert_key(tx, key_id=key_id, name=name, spec=spec.name, purpose=purpose.value,
+                             state=state.value, owner=owner, now=now,
+                             rotation_period_s=int(period.total_seconds()) if period else None,
+                             exportable=exportable, tags=tag_json, policy=policy)
+        keys_repo.insert_version(tx, key_id, 1, handle, now)
         self._transition(tx, now, key_id, 1, action, None, state, reason)
         if creator_is_user:  # one person can work alone; the separation-of-duties rule reports it
-            tx.execute("INSERT INTO grants VALUES (?, ?, 'user', ?, ?) ON CONFLICT DO NOTHING",
-                       [key_id, self.principal, self.principal, now])
-
-    def _intent(self, tx, kind: str, key_id: str, name: str, version: int | None,
-                handles: list[bytes], now: datetime) -> str:
-        """Record what is about to change in the HSM; in flight until ``_done`` drops it."""
-        intent_id = str(uuid.uuid4())
-        tx.execute("INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   [intent_id, kind, key_id, version,
-                    json.dumps({"name": name, "handles": [h.hex() for h in handles]}), now,
-                    os.getpid(), self.principal])
-        self._rt.in_flight.add(intent_id)  # an open() elsewhere in this process leaves it alone
-        return intent_id
-
-    def _done(self, tx, intent_id: str) -> None:
-        """Drop the intent with the catalog change; fail if a reconcile took it over."""
-        if not tx.execute("DELETE FROM intents WHERE intent_id = ? RETURNING intent_id",
-                          [intent_id]).fetchall():
-            raise KeyStateError("the operation was rolled back by a concurrent reconcile; retry")
+            grants_repo.add(tx, scope=key_id, principal=self.principal, role="user",
+                            granted_by=self.principal, now=now)
 
     @staticmethod
     def _tags_json(tags: object) -> str:
