@@ -645,19 +645,19 @@ def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds
     is interrupted at ``[store] query_timeout_s`` (3 s here, below the busy timeout)."""
     import threading
 
-    import keyledger.service as service
+    import keyledger.store.queries as queries
 
     home = tmp_path / "home"
     _init_home(home)
     _settings(home, "store", query_timeout_s=3)
     started = threading.Event()
-    real_interrupt_after = service._interrupt_after
+    real_interrupt_after = queries._interrupt_after
 
     def interrupt_after(con, seconds):  # the statement runs right after this is entered
         started.set()
         return real_interrupt_after(con, seconds)
 
-    monkeypatch.setattr(service, "_interrupt_after", interrupt_after)
+    monkeypatch.setattr(queries, "_interrupt_after", interrupt_after)
     writer = _spawn(_WRITER, str(home), stdin=True)
     outcome: dict[str, BaseException] = {}
     try:

@@ -14,6 +14,8 @@ from .access import WILDCARD, Role, index_grants, parse_role, roles_of
 from .errors import InvalidInput, KeyNotFound, KeyStateError, PolicyViolation
 from .model import validate_name
 from .runtime import naive
+from .store import grants as grants_repo
+from .store import requests as requests_repo
 
 if TYPE_CHECKING:
     from .service import KeyLedger, _Audited
@@ -66,8 +68,8 @@ class GovernanceMixin:
             if r is Role.ADMIN and not approved:
                 self._require_admin_quorum(scope, f"granting admin on {label}", "grant", who)
             with self._rt.db.write() as tx:
-                tx.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                           [scope, who, r.value, self.principal, naive(self._now())])
+                grants_repo.add(tx, scope=scope, principal=who, role=r.value,
+                                granted_by=self.principal, now=naive(self._now()))
             self._rt.catalog.refresh(force=True)
             rec.detail = f"granted {r.value} on {label} to {who}"
 
@@ -84,22 +86,15 @@ class GovernanceMixin:
             scope, label = self._scope(rec, name)
             who = self._principal_arg(principal)
             r = parse_role(role) if role is not None else None
-            args = [scope, who]
-            sql = "DELETE FROM grants WHERE scope = ? AND principal = ?"
-            if r is not None:
-                sql += " AND role = ?"
-                args.append(r.value)
             removes_admin = r in (None, Role.ADMIN) and \
                 Role.ADMIN in self._rt.catalog.grants_now().get((scope, who), ())
             if removes_admin and not approved:
                 self._require_admin_quorum(scope, f"revoking admin on {label} from {who}",
                                            "revoke", who)
             with self._rt.db.write() as tx:
-                before = tx.execute("SELECT count(*) FROM grants").fetchone()[0]
                 if r in (None, Role.ADMIN):
                     self._keep_one_admin(tx, scope, who)
-                tx.execute(sql, args)
-                removed = before - tx.execute("SELECT count(*) FROM grants").fetchone()[0]
+                removed = grants_repo.remove(tx, scope, who, r.value if r is not None else None)
             self._rt.catalog.refresh(force=True)
             rec.detail = f"revoked {role or 'all roles'} on {label} from {who} ({removed})"
             return removed
@@ -122,11 +117,7 @@ class GovernanceMixin:
             self._record_filter(rec, name)
             self._require_some_role(rec, "list_keys")
             with self._rt.db.read() as tx:
-                df = tx.execute(
-                    """SELECT coalesce(k.name, '*') AS key, g.principal, g.role, g.granted_by,
-                              g.granted_at, g.scope FROM grants g
-                              LEFT JOIN keys k ON k.key_id = g.scope
-                       ORDER BY 1, 2, 3""").df()
+                df = grants_repo.frame(tx)
             df = df[self._grant_rows_visible(df)].drop(columns="scope").reset_index(drop=True)
             df = utc_times(df)
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
@@ -164,9 +155,7 @@ class GovernanceMixin:
     def _keep_one_admin(tx: Any, scope: str, who: str) -> None:
         if scope != WILDCARD:
             return
-        others = tx.execute("SELECT count(*) FROM grants WHERE scope = '*' AND role = 'admin' "
-                            "AND principal <> ?", [who]).fetchone()[0]
-        if others == 0:
+        if grants_repo.other_home_admins(tx, who) == 0:
             raise PolicyViolation("this would leave the home without an admin; grant another "
                                   "principal admin on '*' first")
 
@@ -197,13 +186,12 @@ class GovernanceMixin:
             request_id = uuid.uuid4().hex[:12]
             quorum = self._quorum(key)
             with self._rt.db.write() as tx:
-                admins = json.dumps(_admins(tx, key.key_id if key else None))
-                tx.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
-                           "NULL, NULL, ?)",
-                           [request_id, action, key.key_id if key else key_ref, reason, stored,
-                            self.principal, now, now + REQUEST_TTL, quorum, admins])
-                tx.execute("INSERT INTO approvals VALUES (?, ?, ?)",
-                           [request_id, self.principal, now])
+                admins = json.dumps(grants_repo.admins(tx, key.key_id if key else None))
+                requests_repo.add(tx, request_id=request_id, action=action,
+                                  key_id=key.key_id if key else key_ref, reason=reason,
+                                  params=stored, requested_by=self.principal, now=now,
+                                  expires_at=now + REQUEST_TTL, quorum=quorum, admins=admins)
+                requests_repo.approve(tx, request_id, self.principal, now)
             rec.detail = f"request {request_id}: {action} (1 of {quorum} approvals)"
         if quorum <= 1:
             self._execute_request(request_id)
@@ -233,8 +221,7 @@ class GovernanceMixin:
                 raise InvalidInput("request_id must be the id that request() returned")
             now = naive(self._now())
             with self._rt.db.write() as tx:
-                row = tx.execute("SELECT action, key_id, status, expires_at, quorum, admins FROM "
-                                 "requests WHERE request_id = ?", [request_id]).fetchone()
+                row = requests_repo.for_approval(tx, request_id)
                 if row is None:
                     raise KeyNotFound(f"no approval request {request_id!r}")
                 action, key_id, status, expires, quorum, admins = row
@@ -245,11 +232,9 @@ class GovernanceMixin:
                     raise KeyStateError(f"request {request_id} is {status}; nothing to approve")
                 expired = now >= expires
                 if expired:  # recorded, then refused below (a raise here would roll it back)
-                    tx.execute("UPDATE requests SET status = 'expired' WHERE request_id = ?",
-                               [request_id])
+                    requests_repo.set_status(tx, request_id, "expired")
                 else:
-                    tx.execute("INSERT INTO approvals VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                               [request_id, self.principal, now])
+                    requests_repo.approve(tx, request_id, self.principal, now)
                 counted, dropped = _counted_approvers(tx, request_id, key_id, admins)
                 quorum = self._approvals_needed(quorum, key_id)
             if expired:
@@ -283,20 +268,8 @@ class GovernanceMixin:
         """Approval requests with their approvers."""
         with self._audited("requests", None) as rec:
             self._require_some_role(rec, "requests")
-            sql = """SELECT r.request_id, r.action, coalesce(k.name, CASE WHEN r.key_id LIKE
-                        'new:%' THEN r.key_id[5:] ELSE '*' END) AS key, r.reason,
-                        r.requested_by,
-                        r.requested_at, r.expires_at, r.quorum, r.status, r.executed_at,
-                        r.executed_by, list(a.principal ORDER BY a.time) AS approvers
-                     FROM requests r LEFT JOIN keys k USING (key_id)
-                     LEFT JOIN approvals a USING (request_id)"""
-            args: list[Any] = []
-            if status is not None:
-                sql += " WHERE r.status = ?"
-                args.append(status)
-            sql += " GROUP BY ALL ORDER BY r.requested_at"
             with self._rt.db.read() as tx:
-                return utc_times(tx.execute(sql, args).df())
+                return utc_times(requests_repo.frame(tx, status))
 
     def _approvals_needed(self: KeyLedger, quorum_when_filed: int, key_id: str) -> int:
         """The quorum of when the request was filed, or today's if it was raised since."""
@@ -309,15 +282,13 @@ class GovernanceMixin:
         and still do now count; short of the quorum, the request stays pending."""
         now = naive(self._now())
         with self._rt.db.write() as tx:
-            row = tx.execute("SELECT action, key_id, reason, params, status, quorum, admins "
-                             "FROM requests WHERE request_id = ?", [request_id]).fetchone()
+            row = requests_repo.for_execution(tx, request_id)
             if row is None or row[4] != "pending":
                 return False
             approvers, _ = _counted_approvers(tx, request_id, row[1], row[6])
             if len(approvers) < self._approvals_needed(row[5], row[1]):
                 return False
-            tx.execute("UPDATE requests SET status = 'executing' WHERE request_id = ?",
-                       [request_id])
+            requests_repo.set_status(tx, request_id, "executing")
         action, key_id, reason, params = row[:4]
         key = self._rt.catalog.get_id(key_id)
         why = f"{reason} (request {request_id}, approved by {', '.join(approvers)})"
@@ -327,12 +298,10 @@ class GovernanceMixin:
             getattr(self, f"_run_{action}")(name, why, json.loads(params))
         except BaseException:
             with self._rt.db.write() as tx:
-                tx.execute("UPDATE requests SET status = 'pending' WHERE request_id = ?",
-                           [request_id])
+                requests_repo.set_status(tx, request_id, "pending")
             raise
         with self._rt.db.write() as tx:
-            tx.execute("UPDATE requests SET status = 'executed', executed_at = ?, "
-                       "executed_by = ? WHERE request_id = ?", [now, self.principal, request_id])
+            requests_repo.executed(tx, request_id, self.principal, now)
         return True
 
     # -- custodians ------------------------------------------------------------------------------
@@ -343,20 +312,12 @@ class GovernanceMixin:
             if not isinstance(statement, str) or not statement.strip():
                 raise InvalidInput("the acknowledgement needs the statement being accepted")
             with self._rt.db.write() as tx:
-                tx.execute("INSERT INTO acknowledgements VALUES (?, ?, ?)",
-                           [self.principal, naive(self._now()), statement])
+                requests_repo.acknowledge(tx, self.principal, naive(self._now()), statement)
 
 
 def _key_scope(key_id: str) -> str | None:
     """The key a request is about, or None for a home-wide one (``*``, a key to import)."""
     return None if key_id == WILDCARD or key_id.startswith(NEW_KEY) else key_id
-
-
-def _admins(tx: Any, key_id: str | None) -> list[str]:
-    """Principals (``*``: everyone) holding admin on the key, or on the home for None."""
-    return [r[0] for r in tx.execute(
-        "SELECT DISTINCT principal FROM grants WHERE role = 'admin' AND scope IN ('*', ?) "
-        "ORDER BY 1", [key_id or WILDCARD]).fetchall()]
 
 
 def _counted_approvers(tx: Any, request_id: str, key_id: str,
@@ -365,12 +326,11 @@ def _counted_approvers(tx: Any, request_id: str, key_id: str,
     holds admin on the request's scope now and held it when the request was filed (requests
     filed before that was recorded: now only)."""
     scope = _key_scope(key_id)
-    grants = index_grants(tx.execute("SELECT scope, principal, role FROM grants").fetchall())
+    grants = index_grants(grants_repo.rows(tx))
     at_filing = set(json.loads(admins_json)) if admins_json else None
     counted: list[str] = []
     dropped: list[str] = []
-    for (who,) in tx.execute("SELECT principal FROM approvals WHERE request_id = ? ORDER BY time",
-                             [request_id]).fetchall():
+    for who in requests_repo.approvers(tx, request_id):
         was = at_filing is None or who in at_filing or WILDCARD in at_filing
         (counted if was and Role.ADMIN in roles_of(grants, who, scope) else dropped).append(who)
     return counted, dropped

@@ -21,6 +21,7 @@ from .governance import utc_times
 from .intents import HsmChange
 from .rotation import PROTECT_ACTIONS, DueReport, invalid_usage_limits, plan
 from .runtime import naive
+from .store import audit as audit_repo
 from .store import catalog as cat
 from .store import keys as keys_repo
 
@@ -130,11 +131,8 @@ class MaintenanceMixin:
 
     def _encryptions(self: KeyLedger) -> dict[tuple[str, int], int]:
         """Encryptions per (key id, version) from the usage counters (after an ingest)."""
-        marks = ", ".join("?" for _ in PROTECT_ACTIONS)
         with self._rt.db.read() as tx:
-            rows = tx.execute(f"SELECT key_id, version, sum(count) FROM usage WHERE action IN "
-                              f"({marks}) GROUP BY ALL", list(PROTECT_ACTIONS)).fetchall()
-        return {(k, v): int(n) for k, v, n in rows}
+            return audit_repo.encryptions(tx, PROTECT_ACTIONS)
 
     # -- version usage (retire safety) -------------------------------------------------------------
     def version_usage(self: KeyLedger, name: str | None = None) -> pd.DataFrame:
@@ -150,26 +148,8 @@ class MaintenanceMixin:
             else:
                 self._authorize(rec, "version_usage", None)
             self._rt.ingest()
-            sql = """SELECT k.name AS key, v.version, v.state, v.created_at,
-                       coalesce(sum(u.count) FILTER (u.action IN ('encrypt', 'generate_data_key',
-                           'envelope_encrypt', 'rewrap')), 0)::BIGINT AS encryptions,
-                       coalesce(sum(u.count) FILTER (u.action IN ('decrypt', 'envelope_decrypt')),
-                           0)::BIGINT AS decryptions,
-                       max(u.last_time) FILTER (u.action IN ('decrypt', 'envelope_decrypt'))
-                           AS last_decrypt,
-                       max(u.last_time) FILTER (u.action IN ('encrypt', 'decrypt', 'rewrap',
-                           'generate_data_key', 'envelope_encrypt', 'envelope_decrypt', 'sign',
-                           'verify', 'mac', 'verify_mac')) AS last_used,
-                       v.version < k.min_decryption_version AS below_min_decryption
-                     FROM versions v JOIN keys k USING (key_id)
-                     LEFT JOIN usage u ON u.key_id = v.key_id AND u.version = v.version"""
-            args: list[Any] = []
-            if key_id:
-                sql += " WHERE v.key_id = ?"
-                args.append(key_id)
-            sql += " GROUP BY ALL ORDER BY key, v.version"
             with self._rt.db.read() as tx:
-                return utc_times(tx.execute(sql, args).df())
+                return utc_times(audit_repo.version_usage(tx, key_id))
 
     # -- bulk rewrap -------------------------------------------------------------------------------
     def rewrap_many(self: KeyLedger, ciphertexts: Iterable[bytes] | pd.Series | str | os.PathLike,

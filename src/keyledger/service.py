@@ -7,14 +7,12 @@ import copy
 import getpass
 import json
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -66,9 +64,11 @@ from .model import (
 from .model import usage_limit as key_usage_limit
 from .rotation import PROTECT_ACTIONS
 from .runtime import SIMULATION_LABEL, HomeRuntime, ReconcileReport, naive
+from .store import audit as audit_repo
 from .store import catalog as cat
 from .store import grants as grants_repo
 from .store import keys as keys_repo
+from .store import meta, queries
 from .store.ledger import ACCEPT_ACTION, VerifyReport, accept_detail
 from .store.ledger import verify as verify_ledger
 
@@ -515,10 +515,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             key = self._key(rec, name)
             validate_name(alias, "alias")
             with self._rt.db.write() as tx:
-                if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
-                              "WHERE alias = ?", [alias, alias]).fetchone():
+                if keys_repo.name_taken(tx, alias):
                     raise KeyExists(f"a key or alias named {alias!r} already exists")
-                tx.execute("INSERT INTO aliases VALUES (?, ?)", [alias, key.key_id])
+                keys_repo.add_alias(tx, alias, key.key_id)
                 key = cat.load_key(tx, key.name)
             self._rt.catalog.refresh(force=True)
             rec.detail = f"alias {alias}"
@@ -529,7 +528,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             key = self._key(rec, name)
             tag_json = self._tags_json(tags)
             with self._rt.db.write() as tx:
-                tx.execute("UPDATE keys SET tags = ? WHERE key_id = ?", [tag_json, key.key_id])
+                keys_repo.update(tx, key.key_id, {"tags": tag_json})
                 key = cat.load_key(tx, key.name)
             self._rt.catalog.refresh(force=True)
             return key
@@ -629,9 +628,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 self._require_quorum(key, "set_policy",
                                      f"weakening the policy of {key.name!r} ({', '.join(weakens)})")
             with self._rt.db.write() as tx:
-                sets = ", ".join(f"{c} = ?" for c in updates)
-                tx.execute(f"UPDATE keys SET {sets} WHERE key_id = ?",
-                           [*updates.values(), key.key_id])
+                keys_repo.update(tx, key.key_id, updates)
                 key = cat.load_key(tx, key.name)
             self._rt.catalog.refresh(force=True)
             rec.detail = ", ".join(f"{k}={v}" for k, v in updates.items())
@@ -671,8 +668,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
         if creator_is_user is not None:
             policy["creator_is_user"] = validate_bool(creator_is_user, "creator_is_user")
         with self._rt.db.write() as tx:
-            tx.execute("INSERT INTO meta VALUES ('home_policy', ?) ON CONFLICT DO UPDATE "
-                       "SET value = excluded.value", [json.dumps(policy, sort_keys=True)])
+            meta.set_home_policy(tx, policy)
         self._rt.catalog.refresh(force=True)
         rec.detail = f"home policy {policy}"
         return None
@@ -697,10 +693,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             prior = key.state.value if action == "schedule_deletion" else None
             sets = {"state": target.value, "prior_state": prior, **(extra or {})}
             if action == "mark_compromised":
-                tx.execute("UPDATE versions SET state = 'compromised' WHERE key_id = ? "
-                           "AND state <> 'destroyed'", [key.key_id])
-            tx.execute(f"UPDATE keys SET {', '.join(f'{c} = ?' for c in sets)} WHERE key_id = ?",
-                       [*sets.values(), key.key_id])
+                keys_repo.compromise_versions(tx, key.key_id)
+            keys_repo.update(tx, key.key_id, sets)
             self._transition(tx, now, key.key_id, None, action, key.state, target, reason)
             key = cat.load_key(tx, key.name)
         self._rt.catalog.refresh(force=True)
@@ -813,12 +807,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             self._rt.ingest()
         except KeyLedgerError:  # busy or tampered: count what is in the store already
             pass
-        marks = ", ".join("?" for _ in PROTECT_ACTIONS)
         with self._rt.db.read() as tx:
-            row = tx.execute(f"SELECT coalesce(sum(count), 0) FROM usage WHERE key_id = ? AND "
-                             f"version = ? AND action IN ({marks})",
-                             [key_id, version, *PROTECT_ACTIONS]).fetchone()
-        return int(row[0])
+            counts = audit_repo.encryptions(tx, PROTECT_ACTIONS, key_id, version)
+        return counts.get((key_id, version), 0)
 
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt any keyledger ciphertext; the key and version come from its header."""
@@ -1041,35 +1032,14 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             _count(offset, "offset")  # all checked before the ingest below does any work
             self._record_filter(rec, key)
             self._rt.ingest()
-            where, args = [], []
-            if key is not None:
-                where.append("key IN (?, ?)")
-                args += [key, name_digest(key)]
-            for col, value in (("principal", principal), ("action", action),
-                               ("outcome", outcome)):
-                if value is not None:
-                    where.append(f"{col} = ?")
-                    args.append(value)
-            if since is not None:
-                where.append("time >= ?")
-                args.append(naive(since))
-            if until is not None:
-                where.append("time < ?")
-                args.append(naive(until))
-            # proven: covered by a journal seal made in the HSM (docs/audit.md "Seals")
-            sql = ("SELECT seq, time, principal, action, key, version, outcome, error, detail, "
-                   "context, key_id, pid, journal, jseq, "
-                   "jseq <= coalesce(o.seal_jseq, 0) AS proven "
-                   "FROM audit_log LEFT JOIN journal_offsets o USING (journal)")
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY time DESC, seq DESC" if newest_first else " ORDER BY time, seq"
-            if limit is not None:
-                sql += f" LIMIT {_count(limit, 'limit')}"
-            if offset:
-                sql += f" OFFSET {_count(offset, 'offset')}"
             with self._rt.db.read() as tx:
-                df = tx.execute(sql, args).df()
+                df = audit_repo.records(
+                    tx, key=key, key_digest=name_digest(key) if key is not None else None,
+                    principal=principal, action=action, outcome=outcome,
+                    since=naive(since) if since is not None else None,
+                    until=naive(until) if until is not None else None,
+                    limit=_count(limit, "limit") if limit is not None else None,
+                    offset=_count(offset, "offset"), newest_first=newest_first)
             df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
             return df
 
@@ -1092,7 +1062,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 raise InvalidInput(f"label must be text, not {type(label).__name__}")
             limit = self._query_timeout(timeout_s)
             rec.detail = (label or " ".join(sql.split()))[:200]
-            _check_read_only(sql)
+            queries.check_query(sql)
             if params is not None and not isinstance(params, Sequence | Mapping):
                 raise InvalidInput("params must be a list of values or a mapping of names to "
                                    f"values, not {type(params).__name__}")
@@ -1100,19 +1070,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                 self._rt.ingest(for_read=True)
             except AuditError:  # a tampered ledger is still readable (verify_audit reports it)
                 pass
-            with self._rt.db.snapshot() as tx:
-                tx.execute("SET enable_external_access = false")
-                try:
-                    with _interrupt_after(tx.con, limit) as timer:
-                        df = tx.execute(sql, params if params is not None else []).df()
-                except duckdb.Error as exc:
-                    if timer.fired:
-                        raise InvalidInput(
-                            f"the query was stopped after {limit:g} s; narrow it (a WHERE on "
-                            "time, fewer joins), or allow longer with query(..., timeout_s=...) "
-                            "or [store] query_timeout_s in keyledger.toml") from None
-                    raise InvalidInput(f"the query failed: {str(exc).splitlines()[0][:300]}"
-                                       ) from None
+            df = queries.run_query(self._rt.db, sql, params, limit)
             for col in df.columns:
                 if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
                     df[col] = df[col].dt.tz_localize("UTC")
@@ -1139,10 +1097,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             with self._rt.db.write(export=False) as tx:
                 report = verify_ledger(tx, self._rt.verify_checkpoint, self._rt.audit_head(tx),
                                        self._rt.journal_check(due))
-                tx.execute("INSERT INTO verifications VALUES (?, ?, ?, ?, ?)",
-                           [naive(self._now()), report.ok, report.records,
-                            (report.first_bad or {}).get("seq"),
-                            "; ".join(report.problems)[:1000] or None])
+                audit_repo.record_verification(
+                    tx, time=naive(self._now()), ok=report.ok, records=report.records,
+                    first_bad_seq=(report.first_bad or {}).get("seq"),
+                    problem="; ".join(report.problems)[:1000] or None)
             rec.detail = "ok" if report.ok else "; ".join(report.problems)[:500]
             return report
 
@@ -1160,8 +1118,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                    "as verify_audit() names them")
             self._rt.ingest()
             with self._rt.db.read() as tx:
-                row = tx.execute("SELECT coalesce(seal_jseq, 0), tip_jseq FROM journal_offsets "
-                                 "WHERE journal = ?", [journal]).fetchone()
+                row = audit_repo.seal_state(tx, journal)
             if row is None or not row[0] < through_jseq <= row[1]:
                 have = (f"its unproven records are {row[0] + 1}-{row[1]}" if row and row[0] <
                         row[1] else "it has no unproven records")
@@ -1186,20 +1143,12 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                                        overwrite=overwrite, folder=format == "parquet",
                                        replaceable=_is_parquet_export, what="audit export")
             self._rt.ingest()
-            query = ("SELECT seq, time, principal, action, key, key_id, version, outcome, error, "
-                     "detail, context, pid, journal, jseq, prev, hash, "
-                     "strftime(time, '%Y-%m-%d') AS day FROM audit_log ORDER BY seq")
             # DuckDB's COPY writes the files itself: into a fresh private folder next to the
             # target, renamed into place afterwards (a failure leaves nothing behind).
-            if format == "jsonl":
-                with outputs.staged_file(out, overwrite=overwrite) as tmp, \
-                        self._rt.db.read() as tx:
-                    tx.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT json)")
-            else:
-                with outputs.atomic_folder(out, overwrite=overwrite) as tmp, \
-                        self._rt.db.read() as tx:
-                    tx.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' "
-                               "(FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE true)")
+            staged = (outputs.staged_file(out, overwrite=overwrite) if format == "jsonl" else
+                      outputs.atomic_folder(out, overwrite=overwrite))
+            with staged as tmp, self._rt.db.read() as tx:
+                audit_repo.export(tx, tmp, format)
             rec.detail = f"{format} to {out}"
             return out
 
@@ -1223,44 +1172,6 @@ def _count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise InvalidInput(f"{what} must be a whole number >= 0, not {value!r}"[:200])
     return value
-
-
-class _Timer:
-    fired = False
-
-
-@contextlib.contextmanager
-def _interrupt_after(con: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[_Timer]:
-    """Interrupt ``con``'s running statement once ``seconds`` have passed (then ``fired``)."""
-    state = _Timer()
-
-    def fire() -> None:
-        state.fired = True
-        con.interrupt()
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield state
-    finally:
-        timer.cancel()
-
-
-def _check_read_only(sql: str) -> None:
-    """Accept exactly one SELECT-like statement (SELECT, FROM, WITH, DESCRIBE, SUMMARIZE)."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise InvalidInput(f"the query does not parse: {str(exc).splitlines()[0][:300]}"
-                           ) from None
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        kinds = ", ".join(s.type.name for s in statements) or "nothing"
-        raise InvalidInput(f"query() runs one read-only SELECT statement; this is {kinds}")
-
-
-def _sql_path(path: Path) -> str:
-    return str(path.absolute()).replace("'", "''")
 
 
 def _is_parquet_export(folder: Path) -> bool:

@@ -21,8 +21,8 @@ from .. import outputs
 from ..display import FindingsFrame
 from ..errors import AuditError, InvalidInput, PolicyViolation
 from ..model import parse_period
-from . import engine
-from .engine import Evaluation, naive
+from ..store import compliance as engine
+from ..store.compliance import Evaluation
 from .rules import SEVERITIES, Rule, RuleSet, load_rules
 
 if TYPE_CHECKING:
@@ -145,10 +145,10 @@ class ComplianceMixin:
             expires = self._expiry(until, now)
             exception_id = uuid.uuid4().hex[:12]
             with self._rt.db.write(export=False) as tx:
-                engine.ensure_tables(tx)
-                tx.execute("INSERT INTO compliance_exceptions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [exception_id, rule.id, rule.framework, name, reason.strip()[:4000],
-                            self.principal, naive(now), naive(expires)])
+                engine.add_exception(tx, exception_id=exception_id, rule_id=rule.id,
+                                     framework=rule.framework, key=name,
+                                     reason=reason.strip()[:4000], accepted_by=self.principal,
+                                     accepted_at=now, until=expires)
             rec.detail = (f"exception {exception_id}: {rule.id} on {name or 'the home'} accepted "
                           f"until {expires:%Y-%m-%d %H:%M} UTC: {reason.strip()}")[:500]
             return {"exception_id": exception_id, "rule_id": rule.id,
