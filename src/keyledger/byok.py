@@ -48,7 +48,6 @@ from .store import keys as keys_repo
 
 if TYPE_CHECKING:
     from .model import Key, KeyVersion
-    from .service import KeyLedger
 
 IMPORT_TTL = timedelta(hours=24)
 IMPORT_RSA_BITS = 3072
@@ -261,10 +260,11 @@ def _expected_len(spec: KeySpec) -> int:
 
 # -- the KeyLedger methods -----------------------------------------------------------------------
 class ImportExportMixin:
-    """Mixed into KeyLedger: ``export_key``, ``import_parameters``, ``import_key``."""
+    """The import/export service's calls (services/importexport.py): ``export_key``,
+    ``import_parameters``, ``import_key``."""
 
     # -- export ------------------------------------------------------------------------------
-    def export_key(self: KeyLedger, name: str, wrapping_key_pem: str | bytes, *,
+    def export_key(self, name: str, wrapping_key_pem: str | bytes, *,
                    version: int | None = None) -> WrappedKey:
         """The material of an exportable key's latest (or given) version, wrapped for the holder
         of the RSA private key matching ``wrapping_key_pem`` (see docs/byok.md to unwrap).
@@ -275,11 +275,11 @@ class ImportExportMixin:
         """
         return self._export_key(name, wrapping_key_pem, version, approval=None)
 
-    def _run_export_key(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+    def run_export_key(self, name: str, reason: str, params: dict) -> None:
         self._export_key(name, params.get("wrapping_key_pem"), params.get("version"),
                          approval=reason)
 
-    def _export_key(self: KeyLedger, name: str, pem: object, version: object,
+    def _export_key(self, name: str, pem: object, version: object,
                     approval: str | None) -> WrappedKey:
         with self._audited("export_key", name if isinstance(name, str) else None) as rec:
             key = self._key(rec, name)
@@ -315,7 +315,7 @@ class ImportExportMixin:
                 rec.detail += f"; held for the requester ({approval[-300:]})"
             return out
 
-    def _wrap_version(self: KeyLedger, key: Key, kv: KeyVersion, pub: rsa.RSAPublicKey,
+    def _wrap_version(self, key: Key, kv: KeyVersion, pub: rsa.RSAPublicKey,
                       fingerprint: str) -> WrappedKey:
         oaep = _oaep_hash(self._rt.backend)
         blob = _hsm_wrap_out(self._rt.backend, key.spec, kv.handle, pub, oaep)
@@ -323,7 +323,7 @@ class ImportExportMixin:
         return WrappedKey(key.name, key.key_id, kv.version, key.spec.name, fmt, ALGORITHM, oaep,
                           blob, fingerprint)
 
-    def _deliver_export(self: KeyLedger, key: Key, fingerprint: str,
+    def _deliver_export(self, key: Key, fingerprint: str,
                         version: int | None) -> WrappedKey | None:
         with self._rt.db.write() as tx:
             tx.execute(EXPORTS_DDL)
@@ -341,7 +341,7 @@ class ImportExportMixin:
         return WrappedKey.from_dict(json.loads(row[1]))
 
     # -- import --------------------------------------------------------------------------------
-    def import_parameters(self: KeyLedger, name: str) -> dict[str, Any]:
+    def import_parameters(self, name: str) -> dict[str, Any]:
         """Start importing your own key material as new key ``name``.
 
         Returns ``public_key_pem`` (a fresh RSA-3072 key held in the HSM, for wrapping) and its
@@ -378,7 +378,7 @@ class ImportExportMixin:
                     "wrapping_key_bits": IMPORT_RSA_BITS, "specs": list(IMPORTABLE),
                     "expires_at": expires.replace(tzinfo=UTC)}
 
-    def import_key(self: KeyLedger, name: str, *, spec: str, wrapped: bytes, token: str,
+    def import_key(self, name: str, *, spec: str, wrapped: bytes, token: str,
                    purpose: str | None = None, owner: str | None = None,
                    tags: Mapping[str, str] | None = None) -> Key:
         """Create key ``name`` (version 1) from material wrapped with ``import_parameters``.
@@ -390,7 +390,7 @@ class ImportExportMixin:
         """
         return self._import_key(name, spec, wrapped, token, purpose, owner, tags, approval=None)
 
-    def _run_import_key(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+    def run_import_key(self, name: str, reason: str, params: dict) -> None:
         wrapped = params.get("wrapped")
         if isinstance(wrapped, str):
             try:
@@ -401,7 +401,7 @@ class ImportExportMixin:
                          params.get("purpose"), params.get("owner"), params.get("tags"),
                          approval=reason)
 
-    def _import_key(self: KeyLedger, name: str, spec: object, wrapped: object, token: object,
+    def _import_key(self, name: str, spec: object, wrapped: object, token: object,
                     purpose: str | None, owner: str | None, tags: Mapping[str, str] | None,
                     approval: str | None) -> Key:
         with self._audited("import_key", name if isinstance(name, str) else None) as rec:
@@ -458,7 +458,7 @@ class ImportExportMixin:
                     why = f"imported (BYOK) with import token {token[:8]}"
                     if approval:
                         why += f"; {approval}"
-                    self._catalog_new_key(
+                    self.lifecycle.catalog_new_key(
                         tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose,
                         state=KeyState.ACTIVE, owner=owner, now=now, period=None,
                         exportable=False, tag_json=tag_json, policy={"auto_rotate": False},
@@ -476,7 +476,7 @@ class ImportExportMixin:
         if keys_repo.name_taken(tx, name):
             raise KeyExists(f"a key or alias named {name!r} already exists")
 
-    def _sweep_import_tokens(self: KeyLedger) -> int:
+    def _sweep_import_tokens(self) -> int:
         """Destroy the HSM wrapping keys of used or expired import tokens."""
         now = naive(self._now())
         with self._rt.db.read() as tx:

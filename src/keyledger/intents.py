@@ -23,18 +23,17 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .errors import KeyLedgerError, KeyStateError
 from .model import KeyState
 from .store import imports, keys
 from .store import intents as repo
-from .store.db import Tx
+from .store.db import Database, Tx
 from .store.intents import IntentRow
 
 if TYPE_CHECKING:
     from .hsm.pkcs11_backend import Pkcs11Backend
-    from .runtime import HomeRuntime
 
 T = TypeVar("T")
 FAULT_ENV = "KEYLEDGER_FAULT"
@@ -66,33 +65,55 @@ class Recovery:
     finish: Finish
 
 
-def _remove_new_objects(backend: Pkcs11Backend, intent: IntentRow) -> str:
-    removed = sum(backend.destroy(h) for h in intent.handles)
-    return f" (removed {removed} orphan HSM object(s))" if removed else ""
+class Refused(Exception):
+    """An intent the catalog contradicts (the store was changed outside keyledger): it is
+    dropped without touching the HSM, and reported as a problem."""
+
+
+def _remove_new_objects(tx: Tx, backend: Pkcs11Backend, intent: IntentRow) -> str:
+    """Remove the objects the change made; never one a catalog version uses (an intent
+    written into the store by someone else must not destroy live material)."""
+    used = keys.handles_in_use(tx, intent.handles)
+    removed = sum(backend.destroy(h) for h in intent.handles if h not in used)
+    return (f" (removed {removed} orphan HSM object(s))" if removed else "") + \
+        (f" (kept {len(used)} object(s) the catalog uses)" if used else "")
 
 
 def _undo_create(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
                  now: datetime) -> str:
     return f"rolled back interrupted key creation of {intent.name!r}" + \
-        _remove_new_objects(backend, intent)
+        _remove_new_objects(tx, backend, intent)
 
 
 def _undo_rotate(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
                  now: datetime) -> str:
     return f"rolled back interrupted rotation to v{intent.version} of {intent.name!r}" + \
-        _remove_new_objects(backend, intent)
+        _remove_new_objects(tx, backend, intent)
 
 
 def _undo_import(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
                  now: datetime) -> str:
     imports.release(tx, intent.key_id)  # nothing was imported: the token may be used again
     return f"rolled back interrupted import of {intent.name!r}" + \
-        _remove_new_objects(backend, intent)
+        _remove_new_objects(tx, backend, intent)
+
+
+def _own_handles(tx: Tx, intent: IntentRow, below: int | None = None) -> list[bytes]:
+    """The intent's objects that are versions of its key (below ``below``); any other
+    handle in it means the intent was not written by keyledger."""
+    own = set(keys.version_handles(tx, intent.key_id, below=below))
+    if not set(intent.handles) <= own:
+        raise Refused(f"ignored an intent to destroy HSM objects of {intent.name!r} that are "
+                      "not its versions: the store was changed outside keyledger")
+    return list(intent.handles)
 
 
 def _finish_destroy(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
                     now: datetime) -> str:
-    for h in intent.handles:
+    if keys.state_of(tx, intent.key_id) != KeyState.PENDING_DELETION.value:
+        raise Refused(f"ignored an intent to destroy {intent.name!r}, which is not pending "
+                      "deletion: the store was changed outside keyledger")
+    for h in _own_handles(tx, intent):
         backend.destroy(h)
     keys.destroy_versions(tx, intent.key_id, now)
     prior = keys.state_of(tx, intent.key_id)
@@ -106,7 +127,11 @@ def _finish_destroy(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: st
 def _finish_trim(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
                  now: datetime) -> str:
     # the minimum versions were raised with the intent, so the versions are already unusable
-    for h in intent.handles:
+    if keys.min_decryption_version(tx, intent.key_id) < (intent.version or 0):
+        raise Refused(f"ignored an intent to trim {intent.name!r} below v{intent.version}, "
+                      "above its minimum decryption version: the store was changed outside "
+                      "keyledger")
+    for h in _own_handles(tx, intent, below=intent.version):
         backend.destroy(h)
     keys.destroy_versions(tx, intent.key_id, now, below=intent.version)
     return f"completed interrupted trim of {intent.name!r}"
@@ -123,18 +148,34 @@ KINDS = tuple(RECOVERY)
 
 
 def recover(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
-            now: datetime) -> str:
-    """Repair one interrupted change (its owner is gone) and drop its intent."""
-    line = RECOVERY[intent.kind].finish(tx, intent, backend, actor, now)
+            now: datetime) -> tuple[bool, str]:
+    """Repair one interrupted change (its owner is gone) and drop its intent. Returns
+    (repaired, what was done) or (False, why it was refused)."""
+    try:
+        recovery = RECOVERY.get(intent.kind)
+        if recovery is None:
+            raise Refused(f"ignored an intent of unknown kind {intent.kind!r} for "
+                          f"{intent.name!r}")
+        line, ok = recovery.finish(tx, intent, backend, actor, now), True
+    except Refused as refused:
+        line, ok = str(refused), False
     repo.take(tx, intent.intent_id)
-    return line
+    return ok, line
 
 
 # -- the protocol ----------------------------------------------------------------------------------
+class Runtime(Protocol):
+    """What the protocol needs of the process's runtime (``runtime.HomeRuntime``)."""
+
+    db: Database
+    backend: Pkcs11Backend
+    in_flight: set[str]
+
+
 class HsmChange:
     """Context manager for one HSM change the catalog must follow (see the module docstring)."""
 
-    def __init__(self, rt: HomeRuntime, kind: str, actor: str) -> None:
+    def __init__(self, rt: Runtime, kind: str, actor: str) -> None:
         if kind not in RECOVERY:
             raise ValueError(f"unknown intent kind {kind!r}")
         self.rt, self.kind, self.actor = rt, kind, actor

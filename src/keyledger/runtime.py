@@ -31,7 +31,6 @@ from .hsm.softhsm import provision_embedded
 from .intents import recover
 from .model import SPECS
 from .store import audit as audit_repo
-from .store import grants as grants_repo
 from .store import intents as intents_repo
 from .store import keys as keys_repo
 from .store import ledger, meta
@@ -351,18 +350,6 @@ class HomeRuntime:
                 log.exception("background ingest failed")
 
     # -- access settings -------------------------------------------------------------------------
-    def bootstrap_admin(self, principal: str, now: datetime) -> bool:
-        """Make the first principal ever to open this home its admin (deny by default after)."""
-        if self.catalog.grants_now():
-            return False
-        with self.db.write() as tx:
-            if grants_repo.count(tx):
-                return False
-            grants_repo.add(tx, scope="*", principal=principal, role="admin",
-                            granted_by=principal, now=naive(now))
-        self.catalog.refresh(force=True)
-        return True
-
     def home_quorum(self) -> int:
         """Approvals needed for guarded actions unless a key's policy says otherwise."""
         return self.home_policy().get("quorum", 1)
@@ -374,17 +361,8 @@ class HomeRuntime:
     def home_policy(self) -> dict:
         return self.catalog.home_policy()
 
-    # -- leases (one process at a time for periodic work) -------------------------------------
-    def take_lease(self, name: str, seconds: float) -> int | None:
-        """Take a named lease; returns None on success or the pid of the live holder."""
-        with self.db.write(export=False) as tx:  # a lease row is not in the catalog snapshot
-            return meta.take_lease(tx, name, seconds, self._pid_alive)
-
-    def release_lease(self, name: str) -> None:
-        with self.db.write(export=False) as tx:
-            meta.release_lease(tx, name)
-
-    def _pid_alive(self, pid: int) -> bool:
+    def pid_alive(self, pid: int) -> bool:
+        """Whether process ``pid`` (a writer of this home) still runs."""
         return self._owner_running(pid, "")
 
     # -- one rotation of a key at a time ----------------------------------------------------------
@@ -446,7 +424,8 @@ class HomeRuntime:
             for intent in intents_repo.pending(tx):
                 if self._owner_running(intent.pid, intent.intent_id):
                     continue  # in flight elsewhere: its owner finishes or rolls it back
-                report.repaired.append(recover(tx, intent, self.backend, actor, now))
+                repaired, line = recover(tx, intent, self.backend, actor, now)
+                (report.repaired if repaired else report.problems).append(line)
             if full:
                 for _key_id, name, version, handle in keys_repo.live_versions(tx):
                     if not self.backend.exists(bytes.fromhex(handle)):

@@ -79,7 +79,7 @@ class ReportData:
 def collect(tx: Any, ev: Evaluation, ruleset: RuleSet, *, home: Path | str,
             principal: str) -> ReportData:
     """Everything the report shows, read in the evaluation's transaction."""
-    from .. import __version__
+    from ..version import __version__
 
     df = ev.findings.copy()
     df["open_days"] = ((pd.Timestamp(ev.time, tz="UTC") - df["first_seen"]).dt.total_seconds()

@@ -13,20 +13,20 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConfigError, KeyLedgerError, StoreError
-from ..model import SPECS, Purpose, configured_usage_limit, resolve_rotation_period
+from ..model import SEVERITIES, SPECS, Purpose, configured_usage_limit, resolve_rotation_period
 from .sql import referenced_parameters
 
-if TYPE_CHECKING:
-    from ..compliance.rules import Rule, RuleSet
+# compliance.rules.Rule and RuleSet (rules as data, parsed above the store): only their
+# attributes are used here
+Rule = RuleSet = Any
 
-SEVERITIES = ("critical", "high", "medium", "low", "info")
 
 BACKUPS_DDL = ("CREATE TABLE IF NOT EXISTS backups (time TIMESTAMP, kind VARCHAR, path VARCHAR, "
                "sha256 VARCHAR, bytes BIGINT, principal VARCHAR, ok BOOLEAN, detail VARCHAR)")
@@ -164,7 +164,7 @@ def _run_rule(con: Any, rule: Rule, now: datetime) -> None:
                               f"column(s) {', '.join(missing)}; a rule returns key, version, "
                               "principal and evidence")
         con.execute(
-            """INSERT INTO kl_current
+            """INSERT INTO kl_current (rule_id, key, version, principal, evidence)
                SELECT $rule_id, key, version, principal,
                       CASE WHEN count(*) = 1 THEN any_value(evidence)
                            ELSE CAST(to_json(list(CAST(evidence AS JSON))) AS VARCHAR) END
@@ -204,7 +204,8 @@ def evaluate(con: Any, ruleset: RuleSet, *, now: datetime, frameworks: object = 
             t0 = time.perf_counter()
             signature = (rule.sql, json.dumps(rule.bound_parameters(), sort_keys=True))
             if signature in done:  # a check_from rule: same check, same parameters
-                con.execute("INSERT INTO kl_current SELECT $new, key, version, principal, evidence"
+                con.execute("INSERT INTO kl_current (rule_id, key, version, principal, evidence) "
+                            "SELECT $new, key, version, principal, evidence"
                             " FROM kl_current WHERE rule_id = $old",
                             {"new": rule.id, "old": done[signature]})
             else:

@@ -91,6 +91,31 @@ def state_of(tx: Tx, key_id: str) -> str | None:
     return row[0] if row else None
 
 
+def handles_in_use(tx: Tx, handles: tuple[bytes, ...] | list[bytes]) -> set[bytes]:
+    """Which of ``handles`` a version (not destroyed) of any key uses."""
+    if not handles:
+        return set()
+    marks = ", ".join("?" for _ in handles)
+    rows = tx.execute(f"SELECT handle FROM versions WHERE state <> 'destroyed' AND handle IN "
+                      f"({marks})", [h.hex() for h in handles]).fetchall()
+    return {bytes.fromhex(r[0]) for r in rows}
+
+
+def version_handles(tx: Tx, key_id: str, *, below: int | None = None) -> list[bytes]:
+    """The HSM handles of a key's versions (those below ``below``)."""
+    sql, args = "SELECT handle FROM versions WHERE key_id = ?", [key_id]
+    if below is not None:
+        sql += " AND version < ?"
+        args.append(below)
+    return [bytes.fromhex(r[0]) for r in tx.execute(sql, args).fetchall()]
+
+
+def min_decryption_version(tx: Tx, key_id: str) -> int:
+    row = tx.execute("SELECT min_decryption_version FROM keys WHERE key_id = ?",
+                     [key_id]).fetchone()
+    return int(row[0]) if row else 0
+
+
 def add_alias(tx: Tx, alias: str, key_id: str) -> None:
     tx.execute("INSERT INTO aliases (alias, key_id) VALUES (?, ?)", [alias, key_id])
 

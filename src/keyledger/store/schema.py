@@ -126,5 +126,5 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
         for statement in MIGRATIONS[version - 1].split(";"):
             if statement.strip():
                 con.execute(statement)
-        con.execute("INSERT INTO schema_version VALUES (?)", [version])
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
     return found
