@@ -1,6 +1,7 @@
-"""Crash consistency (DESIGN invariant 4): SIGKILL at every step of create/rotate/destroy.
+"""Crash consistency (DESIGN invariant 4): SIGKILL at every step of every HSM change.
 
-For each fault point of ``service._fault``, a child process performs the operation with
+For each fault point of ``keyledger.intents`` (every kind of change x every step: create,
+rotate, import, destroy, trim), a child process performs the operation with
 ``KEYLEDGER_FAULT`` set and is killed right there. Before reopening, the HSM token is inspected
 with ``pkcs11-tool`` to prove the kill happened at that step (e.g. an orphan object exists).
 Then the home is reopened: the open reports the repair, the catalog and the HSM agree, a full
@@ -12,8 +13,10 @@ record of a call that returned before the kill is not lost (invariant 6).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,20 +26,19 @@ from conftest import hsm_labels as token_labels
 from conftest import run_python, verify_after_kill
 
 import keyledger as kl
+from keyledger import intents
 
 pytestmark = pytest.mark.slow
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "keyledger"
 
-POINTS = [
-    "create:after_intent",
-    "create:after_hsm",
-    "rotate:after_intent",
-    "rotate:after_hsm",
-    "destroy:after_intent",
-    "destroy:after_first_object",
-]
+# every kind of HSM change x every step it has: one HSM call (after_intent, after_hsm) or one
+# call per object (destroy, trim: also after_first_object)
+MULTI_OBJECT = {"destroy", "trim"}
+POINTS = [f"{kind}:{step}" for kind in intents.KINDS for step in intents.STEPS
+          if step != "after_first_object" or kind in MULTI_OBJECT]
 
 CHILD = """
 import sys
@@ -44,6 +46,7 @@ from datetime import datetime
 import keyledger as kl
 
 home, op, now = sys.argv[1], sys.argv[2], datetime.fromisoformat(sys.argv[3])
+wrapped, token = sys.argv[4], sys.argv[5]  # for op == "import"
 led = kl.open(home, principal="alice", clock=lambda: now)
 blob = led.encrypt("other", b"written by the child", context={"from": "child"})
 print(blob.hex(), flush=True)  # returned to its caller: its audit record must survive the kill
@@ -51,6 +54,10 @@ if op == "create":
     led.create_key("fresh", spec="AES_256")
 elif op == "rotate":
     led.rotate("target")
+elif op == "trim":
+    led.trim("target", 3)
+elif op == "import":
+    led.import_key("fresh", spec="AES_256", wrapped=bytes.fromhex(wrapped), token=token)
 else:
     led.destroy("target")
 print("NOT KILLED", flush=True)
@@ -75,7 +82,14 @@ def _setup(home: Path, clock, op: str) -> dict[str, object]:
         target_v2 = led.encrypt("target", b"target v2")
         led.create_key("other", spec="AES_256")
         other = led.encrypt("other", b"other data", context={"tenant": "acme"})
-        if op == "destroy":
+        extra: dict[str, object] = {}
+        if op == "trim":  # v1 and v2 go: two objects, so a kill after the first is possible
+            led.rotate("target")
+        elif op == "import":
+            params = led.import_parameters("fresh")
+            extra = {"material": os.urandom(32), "token": params["token"]}
+            extra["wrapped"] = _wrap_for_import(params, extra["material"])
+        elif op == "destroy":
             led.create_key("spare", spec="AES_128")
             for name in ("target", "spare"):
                 led.schedule_deletion(name, days=7)
@@ -85,15 +99,24 @@ def _setup(home: Path, clock, op: str) -> dict[str, object]:
     return {
         "target": [(target_v1, {"n": "1"}, b"target v1"), (target_v2, None, b"target v2")],
         "other": [(other, {"tenant": "acme"}, b"other data")],
+        **extra,
     }
+
+
+def _wrap_for_import(params: dict, material: bytes) -> bytes:
+    """The customer's side of an import, as docs/byok.md prints it."""
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "byok.md").read_text(), re.S)
+    scope: dict = {}
+    exec(textwrap.dedent(next(b for b in blocks if "def wrap_for_import" in b)), scope)
+    return scope["wrap_for_import"](params, material)
 
 
 def _check_hsm_at_kill(home: Path, point: str) -> None:
     """The token as the killed child left it: proves the kill happened at that step."""
     target = key_labels(home, "target")
-    if point == "create:after_intent":
+    if point in ("create:after_intent", "import:after_intent"):
         assert key_labels(home, "fresh") == set()
-    elif point == "create:after_hsm":
+    elif point in ("create:after_hsm", "import:after_hsm"):
         assert key_labels(home, "fresh") == {"kl:fresh:v1"}  # an orphan the catalog lacks
     elif point == "rotate:after_intent":
         assert target == {"kl:target:v1", "kl:target:v2"}
@@ -103,6 +126,14 @@ def _check_hsm_at_kill(home: Path, point: str) -> None:
         assert target == {"kl:target:v1", "kl:target:v2"}
     elif point == "destroy:after_first_object":
         assert len(target) == 1  # one of the two versions is gone, the catalog says nothing
+    elif point == "destroy:after_hsm":
+        assert target == set()  # all material gone, the catalog still lists the versions
+    elif point == "trim:after_intent":
+        assert target == {"kl:target:v1", "kl:target:v2", "kl:target:v3"}
+    elif point == "trim:after_first_object":
+        assert len(target) == 2 and "kl:target:v3" in target  # one of v1, v2 is gone
+    elif point == "trim:after_hsm":
+        assert target == {"kl:target:v3"}
     assert key_labels(home, "other") == {"kl:other:v1"}
 
 
@@ -111,7 +142,7 @@ def test_crash_is_reconciled_on_next_open(home, clock, point):
     op = point.split(":")[0]
     before = _setup(home, clock, op)
 
-    proc = subprocess_child(home, op, clock(), point)
+    proc = subprocess_child(home, op, clock(), point, before)
     assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     out = proc.stdout.split()
     assert "NOT" not in out and len(out) == 1
@@ -135,6 +166,18 @@ def test_crash_is_reconciled_on_next_open(home, clock, point):
                 led.get_key("fresh")
             assert "fresh" not in set(led.list_keys()["name"])
             assert key_labels(home, "fresh") == set()
+        elif op == "import":
+            assert "rolled back interrupted import of 'fresh'" in text
+            with pytest.raises(kl.KeyNotFound):
+                led.get_key("fresh")
+            assert key_labels(home, "fresh") == set()
+        elif op == "trim":
+            assert "completed interrupted trim of 'target'" in text
+            key = led.get_key("target")
+            assert key.min_decryption_version == 3 and key.min_encryption_version == 3
+            assert {n: v.state for n, v in key.versions.items()} == {
+                1: "destroyed", 2: "destroyed", 3: "active"}
+            assert key_labels(home, "target") == {"kl:target:v3"}
         elif op == "rotate":
             assert "rolled back interrupted rotation to v3 of 'target'" in text
             key = led.get_key("target")
@@ -158,7 +201,7 @@ def test_crash_is_reconciled_on_next_open(home, clock, point):
         for blob, ctx, plain in before["other"]:
             assert led.decrypt(blob, context=ctx) == plain
         for blob, ctx, plain in before["target"]:
-            if op == "destroy":
+            if op in ("destroy", "trim"):
                 with pytest.raises(kl.KeyStateError, match="destroyed"):
                     led.decrypt(blob, context=ctx)
             else:
@@ -170,6 +213,16 @@ def test_crash_is_reconciled_on_next_open(home, clock, point):
             assert fresh.latest_version == 1
             assert led.decrypt(led.encrypt("fresh", b"again")) == b"again"
             assert key_labels(home, "fresh") == {"kl:fresh:v1"}
+        elif op == "import":  # with the same token: the rolled-back import did not use it
+            fresh = led.import_key("fresh", spec="AES_256", wrapped=before["wrapped"],
+                                   token=before["token"])
+            assert fresh.latest_version == 1
+            assert led.decrypt(led.encrypt("fresh", b"again")) == b"again"
+            assert key_labels(home, "fresh") == {"kl:fresh:v1"}
+        elif op == "trim":  # trimming again changes nothing; the remaining version works
+            assert led.trim("target", 3).min_decryption_version == 3
+            assert led.decrypt(led.encrypt("target", b"v3 data")) == b"v3 data"
+            assert key_labels(home, "target") == {"kl:target:v3"}
         elif op == "rotate":
             assert led.rotate("target").latest_version == 3
             new = led.encrypt("target", b"v3 data")
@@ -200,8 +253,12 @@ def test_crash_is_reconciled_on_next_open(home, clock, point):
         assert led.last_reconcile.clean
 
 
-def subprocess_child(home: Path, op: str, now: datetime, point: str):
-    code = f"import sys; sys.argv = ['-', {str(home)!r}, {op!r}, {now.isoformat()!r}]\n" + CHILD
+def subprocess_child(home: Path, op: str, now: datetime, point: str,
+                     before: dict[str, object] | None = None):
+    wrapped = before["wrapped"].hex() if before and "wrapped" in before else ""
+    token = before["token"] if before and "token" in before else ""
+    code = (f"import sys; sys.argv = ['-', {str(home)!r}, {op!r}, {now.isoformat()!r}, "
+            f"{wrapped!r}, {token!r}]\n" + CHILD)
     return run_python(code, env={"KEYLEDGER_FAULT": point})
 
 
@@ -219,12 +276,13 @@ def test_fault_hook_is_inert_without_the_variable(home, clock):
 # -- an open in another process while an operation is in flight ---------------------------------
 PAUSE_CHILD = """
 import sys
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
 
 import keyledger as kl
-from keyledger import service
+from keyledger import intents
 
 home, op, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 now = datetime.fromisoformat(sys.argv[4])
@@ -238,7 +296,7 @@ def pause(here):  # instead of dying at the fault point, wait there until the te
             time.sleep(0.01)
 
 
-service._fault = pause
+intents.fault = pause
 with kl.open(home, principal="alice", clock=lambda: now) as led:
     key = led.create_key("fresh", spec="AES_256") if op == "create" else led.rotate("target")
     print(key.name, key.latest_version, flush=True)

@@ -319,12 +319,12 @@ with kl.open({str(home)!r}, principal="other") as led:
 
 
 def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, monkeypatch):
-    import keyledger.service as service
+    import keyledger.intents as intents
 
     home = tmp_path / "home"
     _init_home(home)
     opener = f"import keyledger as kl; kl.open({str(home)!r}, principal='bob').close()"
-    real_fault = service._fault
+    real_fault = intents.fault
 
     def another_process_opens(point: str) -> None:
         if point == "create:after_hsm":
@@ -334,9 +334,9 @@ def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path
         real_fault(point)
 
     with kl.open(home, principal="alice") as led:
-        monkeypatch.setattr(service, "_fault", another_process_opens)
+        monkeypatch.setattr(intents, "fault", another_process_opens)
         led.create_key("k", spec="AES_256")
-        monkeypatch.setattr(service, "_fault", real_fault)
+        monkeypatch.setattr(intents, "fault", real_fault)
         assert led.decrypt(led.encrypt("k", b"x")) == b"x"
         assert led.reconcile(full=True).clean
 
@@ -645,19 +645,19 @@ def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds
     is interrupted at ``[store] query_timeout_s`` (3 s here, below the busy timeout)."""
     import threading
 
-    import keyledger.service as service
+    import keyledger.store.queries as queries
 
     home = tmp_path / "home"
     _init_home(home)
     _settings(home, "store", query_timeout_s=3)
     started = threading.Event()
-    real_interrupt_after = service._interrupt_after
+    real_interrupt_after = queries._interrupt_after
 
     def interrupt_after(con, seconds):  # the statement runs right after this is entered
         started.set()
         return real_interrupt_after(con, seconds)
 
-    monkeypatch.setattr(service, "_interrupt_after", interrupt_after)
+    monkeypatch.setattr(queries, "_interrupt_after", interrupt_after)
     writer = _spawn(_WRITER, str(home), stdin=True)
     outcome: dict[str, BaseException] = {}
     try:

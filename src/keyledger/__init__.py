@@ -35,8 +35,7 @@ from .rotation import DueReport
 from .runtime import ReconcileReport
 from .service import DataKey, KeyLedger, open
 from .store.ledger import VerifyReport
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "SPECS",

@@ -12,7 +12,6 @@ otherwise; the parameters and results name which. The client side is in ``docs/b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import uuid
@@ -30,18 +29,19 @@ from .errors import (
     InvalidCiphertext,
     InvalidInput,
     KeyExists,
-    KeyLedgerError,
     KeyStateError,
     PolicyViolation,
 )
 from .hsm.backend import HsmBackend, UnwrapFailed
+from .intents import HsmChange
 from .model import Family, KeySpec, KeyState, Use, check_use, parse_purpose, parse_spec, validate_name
 from .runtime import naive
 from .store import catalog as cat
+from .store import imports
+from .store import keys as keys_repo
 
 if TYPE_CHECKING:
     from .model import Key, KeyVersion
-    from .service import KeyLedger
 
 IMPORT_TTL = timedelta(hours=24)
 IMPORT_RSA_BITS = 3072
@@ -142,10 +142,11 @@ def _expected_len(spec: KeySpec) -> int:
 
 # -- the KeyLedger methods -----------------------------------------------------------------------
 class ImportExportMixin:
-    """Mixed into KeyLedger: ``export_key``, ``import_parameters``, ``import_key``."""
+    """The import/export service's calls (services/importexport.py): ``export_key``,
+    ``import_parameters``, ``import_key``."""
 
     # -- export ------------------------------------------------------------------------------
-    def export_key(self: KeyLedger, name: str, wrapping_key_pem: str | bytes, *,
+    def export_key(self, name: str, wrapping_key_pem: str | bytes, *,
                    version: int | None = None) -> WrappedKey:
         """The material of an exportable key's latest (or given) version, wrapped for the holder
         of the RSA private key matching ``wrapping_key_pem`` (see docs/byok.md to unwrap).
@@ -156,11 +157,11 @@ class ImportExportMixin:
         """
         return self._export_key(name, wrapping_key_pem, version, approval=None)
 
-    def _run_export_key(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+    def run_export_key(self, name: str, reason: str, params: dict) -> None:
         self._export_key(name, params.get("wrapping_key_pem"), params.get("version"),
                          approval=reason)
 
-    def _export_key(self: KeyLedger, name: str, pem: object, version: object,
+    def _export_key(self, name: str, pem: object, version: object,
                     approval: str | None) -> WrappedKey:
         with self._audited("export_key", name if isinstance(name, str) else None) as rec:
             key = self._key(rec, name)
@@ -197,7 +198,7 @@ class ImportExportMixin:
                 rec.detail += f"; held for the requester ({approval[-300:]})"
             return out
 
-    def _wrap_version(self: KeyLedger, key: Key, kv: KeyVersion, pub: rsa.RSAPublicKey,
+    def _wrap_version(self, key: Key, kv: KeyVersion, pub: rsa.RSAPublicKey,
                       fingerprint: str) -> WrappedKey:
         oaep = _oaep_hash(self._rt.backend)
         blob = self._rt.backend.wrap_out(key.spec, kv.handle, pub, oaep)
@@ -205,7 +206,7 @@ class ImportExportMixin:
         return WrappedKey(key.name, key.key_id, kv.version, key.spec.name, fmt, ALGORITHM, oaep,
                           blob, fingerprint)
 
-    def _deliver_export(self: KeyLedger, key: Key, fingerprint: str,
+    def _deliver_export(self, key: Key, fingerprint: str,
                         version: int | None) -> WrappedKey | None:
         with self._rt.db.write() as tx:
             sql = ("SELECT export_id, payload FROM key_exports WHERE key_id = ? AND "
@@ -222,7 +223,7 @@ class ImportExportMixin:
         return WrappedKey.from_dict(json.loads(row[1]))
 
     # -- import --------------------------------------------------------------------------------
-    def import_parameters(self: KeyLedger, name: str) -> dict[str, Any]:
+    def import_parameters(self, name: str) -> dict[str, Any]:
         """Start importing your own key material as new key ``name``.
 
         Returns ``public_key_pem`` (a fresh RSA-3072 key held in the HSM, for wrapping) and its
@@ -258,7 +259,7 @@ class ImportExportMixin:
                     "wrapping_key_bits": IMPORT_RSA_BITS, "specs": list(IMPORTABLE),
                     "expires_at": expires.replace(tzinfo=UTC)}
 
-    def import_key(self: KeyLedger, name: str, *, spec: str, wrapped: bytes, token: str,
+    def import_key(self, name: str, *, spec: str, wrapped: bytes, token: str,
                    purpose: str | None = None, owner: str | None = None,
                    tags: Mapping[str, str] | None = None) -> Key:
         """Create key ``name`` (version 1) from material wrapped with ``import_parameters``.
@@ -270,7 +271,7 @@ class ImportExportMixin:
         """
         return self._import_key(name, spec, wrapped, token, purpose, owner, tags, approval=None)
 
-    def _run_import_key(self: KeyLedger, name: str, reason: str, params: dict) -> None:
+    def run_import_key(self, name: str, reason: str, params: dict) -> None:
         wrapped = params.get("wrapped")
         if isinstance(wrapped, str):
             try:
@@ -281,7 +282,7 @@ class ImportExportMixin:
                          params.get("purpose"), params.get("owner"), params.get("tags"),
                          approval=reason)
 
-    def _import_key(self: KeyLedger, name: str, spec: object, wrapped: object, token: object,
+    def _import_key(self, name: str, spec: object, wrapped: object, token: object,
                     purpose: str | None, owner: str | None, tags: Mapping[str, str] | None,
                     approval: str | None) -> Key:
         with self._audited("import_key", name if isinstance(name, str) else None) as rec:
@@ -309,52 +310,41 @@ class ImportExportMixin:
                 self._require_quorum(None, "import_key", f"importing key {name!r}")
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
-            with self._rt.db.write() as tx:
-                self._name_free(tx, name)
-                row = tx.execute("SELECT name, handle, oaep_hash, expires_at, used_at FROM "
-                                 "import_tokens WHERE token = ?", [token]).fetchone()
-                if row is None:
-                    raise InvalidInput("unknown import token; call import_parameters(name) and "
-                                       "wrap the material with the public key it returns")
-                t_name, t_handle, oaep, expires, used = row
-                if t_name != name:
-                    raise PolicyViolation(f"this import token was issued for key {t_name!r}, "
-                                          f"not {name!r}")
-                if used is not None:
-                    raise PolicyViolation("this import token was already used; get new import "
-                                          "parameters")
-                if now >= expires:
-                    raise PolicyViolation(f"this import token expired at {expires:%Y-%m-%d %H:%M}"
-                                          " UTC; get new import parameters and wrap again")
-                tx.execute("UPDATE import_tokens SET used_at = ?, used_by = ?, key_id = ? "
-                           "WHERE token = ?", [now, self.principal, key_id, token])
-                intent = self._intent(tx, "create", key_id, name, 1, [handle], now)
-            try:
-                try:
-                    _hsm_unwrap_in(self._rt.backend, bytes.fromhex(t_handle), oaep, blob, kspec,
-                                   handle, f"kl:{name}:v1")
-                except BaseException:
-                    with contextlib.suppress(KeyLedgerError):
-                        self._rt.backend.destroy(handle)
-                    with self._rt.db.write() as tx:  # nothing happened: the token stays usable
-                        tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent])
-                        tx.execute("UPDATE import_tokens SET used_at = NULL, used_by = NULL, "
-                                   "key_id = NULL WHERE token = ?", [token])
-                    raise
+            with HsmChange(self._rt, "import", self.principal) as change:
                 with self._rt.db.write() as tx:
-                    self._done(tx, intent)
+                    self._name_free(tx, name)
+                    row = imports.token(tx, token)
+                    if row is None:
+                        raise InvalidInput("unknown import token; call import_parameters(name) "
+                                           "and wrap the material with the public key it returns")
+                    t_name, t_handle, oaep, expires, used = row
+                    if t_name != name:
+                        raise PolicyViolation(f"this import token was issued for key {t_name!r}, "
+                                              f"not {name!r}")
+                    if used is not None:
+                        raise PolicyViolation("this import token was already used; get new "
+                                              "import parameters")
+                    if now >= expires:
+                        raise PolicyViolation(f"this import token expired at "
+                                              f"{expires:%Y-%m-%d %H:%M} UTC; get new import "
+                                              "parameters and wrap again")
+                    imports.use(tx, token, now=now, by=self.principal, key_id=key_id)
+                    change.write(tx, key_id=key_id, name=name, version=1, handles=[handle],
+                                 now=now)
+                # a failure rolls back (the new object goes, the token stays usable)
+                change.step(lambda: _hsm_unwrap_in(self._rt.backend, bytes.fromhex(t_handle),
+                                                   oaep, blob, kspec, handle, f"kl:{name}:v1"))
+                with change.commit() as tx:
                     why = f"imported (BYOK) with import token {token[:8]}"
                     if approval:
                         why += f"; {approval}"
-                    self._catalog_new_key(
+                    self.lifecycle.catalog_new_key(
                         tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose,
                         state=KeyState.ACTIVE, owner=owner, now=now, period=None,
                         exportable=False, tag_json=tag_json, policy={"auto_rotate": False},
                         handle=handle, action="import", reason=why[:1000],
                         creator_is_user=self._rt.creator_is_user)
                     key = cat.load_key(tx, name)
-            finally:
-                self._rt.in_flight.discard(intent)
             self._rt.catalog.refresh(force=True)
             self._sweep_import_tokens()
             rec.key, rec.version = key, 1
@@ -363,11 +353,10 @@ class ImportExportMixin:
 
     @staticmethod
     def _name_free(tx: Any, name: str) -> None:
-        if tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
-                      "WHERE alias = ?", [name, name]).fetchone():
+        if keys_repo.name_taken(tx, name):
             raise KeyExists(f"a key or alias named {name!r} already exists")
 
-    def _sweep_import_tokens(self: KeyLedger) -> int:
+    def _sweep_import_tokens(self) -> int:
         """Destroy the HSM wrapping keys of used or expired import tokens."""
         now = naive(self._now())
         with self._rt.db.read() as tx:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .analytics import SEVERITY_ORDER
+from .model import SEVERITIES as SEVERITY_ORDER
 
 if TYPE_CHECKING:
     from .model import Key

@@ -50,6 +50,9 @@ class KeySpec:
         return self.name
 
 
+# compliance finding severities, most severe first (rules, findings, reports, views)
+SEVERITIES = ("critical", "high", "medium", "low", "info")
+
 SPECS: dict[str, KeySpec] = {
     s.name: s
     for s in (

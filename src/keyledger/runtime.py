@@ -9,13 +9,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +28,12 @@ from .errors import ConfigError, KeyLedgerError, KeyStateError
 from .hsm.backend import HsmBackend
 from .hsm.factory import open_backend, release_backend
 from .hsm.softhsm import provision_embedded
-from .model import SPECS, KeyState
-from .store import ledger
+from .intents import recover
+from .model import SPECS
+from .store import audit as audit_repo
+from .store import intents as intents_repo
+from .store import keys as keys_repo
+from .store import ledger, meta
 from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter, journal_pid, seal_message
@@ -119,10 +122,12 @@ class HomeRuntime:
                                on_commit=SnapshotExporter(home))
             with self.db.write() as tx:
                 migrate(tx)
-                new_home = not self._has_meta(tx, "home_id")
-                self.home_id = self._meta(tx, "home_id", lambda: str(uuid.uuid4()))
-                self.audit_handle = bytes.fromhex(self._meta(tx, "audit_key", self._new_audit_key))
-                self.seal_handle = bytes.fromhex(self._meta(tx, "seal_key", self._new_seal_key))
+                new_home = meta.get(tx, "home_id") is None
+                self.home_id = meta.get_or_make(tx, "home_id", lambda: str(uuid.uuid4()))
+                self.audit_handle = bytes.fromhex(meta.get_or_make(tx, "audit_key",
+                                                                   self._new_audit_key))
+                self.seal_handle = bytes.fromhex(meta.get_or_make(tx, "seal_key",
+                                                                  self._new_seal_key))
                 if self._seal_key_is_new:
                     self._seal_ingested(tx)
                 self.simulation = self._home_mode(tx, new_home, simulate) == SIMULATION
@@ -153,43 +158,30 @@ class HomeRuntime:
         atexit.register(self.shutdown)
 
     # -- setup helpers -----------------------------------------------------------------------
-    @staticmethod
-    def _meta(tx: Tx, name: str, make: Callable[[], str]) -> str:
-        row = tx.execute("SELECT value FROM meta WHERE name = ?", [name]).fetchone()
-        if row:
-            return row[0]
-        value = make()
-        tx.execute("INSERT INTO meta VALUES (?, ?)", [name, value])
-        return value
-
-    @staticmethod
-    def _has_meta(tx: Tx, name: str) -> bool:
-        return tx.execute("SELECT 1 FROM meta WHERE name = ?", [name]).fetchone() is not None
-
     def _home_mode(self, tx: Tx, new_home: bool, simulate: bool) -> str:
         """Record the mode of a new home (or of a home made before modes existed: real), or
         check the store's copy against the HSM's. The HSM's copy wins: a missing store row is
         written back from it; a store row without the HSM object, or differing, is refused."""
         label = MODE_LABEL_PREFIX + self.home_id
-        row = tx.execute("SELECT value FROM meta WHERE name = 'home_mode'").fetchone()
-        in_hsm = self._hsm_mode(label, expected=row is not None)
-        if not in_hsm and row is None:
+        stored = meta.get(tx, "home_mode")
+        in_hsm = self._hsm_mode(label, expected=stored is not None)
+        if not in_hsm and stored is None:
             mode = SIMULATION if new_home and simulate else REAL
             self.backend.put_data(label, mode.encode())  # first: the store row commits after
-            tx.execute("INSERT INTO meta VALUES ('home_mode', ?)", [mode])
+            meta.put(tx, "home_mode", mode)
             self.mode_note = (f"created as a simulation home ({SIMULATION_LABEL})"
                               if mode == SIMULATION else
                               "a real home: waiting periods are judged on the system clock")
             return mode
-        if len(in_hsm) != 1 or (row is not None and row[0] not in in_hsm):
+        if len(in_hsm) != 1 or (stored is not None and stored not in in_hsm):
             raise ConfigError(
                 f"the home mode recorded in {self.settings.db_path.name} "
-                f"({row[0] if row else 'none'}) does not match the one kept in the HSM "
+                f"({stored or 'none'}) does not match the one kept in the HSM "
                 f"({', '.join(sorted(in_hsm)) or 'none'}): the store was changed outside "
                 "keyledger; restore the home from a backup")
         mode = in_hsm.pop()
-        if row is None:
-            tx.execute("INSERT INTO meta VALUES ('home_mode', ?)", [mode])
+        if stored is None:
+            meta.put(tx, "home_mode", mode)
         return mode
 
     def _hsm_mode(self, label: str, *, expected: bool) -> set[str]:
@@ -232,12 +224,9 @@ class HomeRuntime:
     def _seal_ingested(self, tx: Tx) -> None:
         """On the upgrade of a home made before seals existed: seal what is already in the
         ledger (under its signed checkpoints), so that only later records need journal seals."""
-        rows = tx.execute("SELECT journal, tip_jseq, tip_hash FROM journal_offsets "
-                          "WHERE seal_jseq IS NULL").fetchall()
-        for journal, jseq, tip in rows:
+        for journal, jseq, tip in audit_repo.never_sealed(tx):
             mac = self.seal_mac(seal_message(journal, jseq, tip)).hex()
-            tx.execute("UPDATE journal_offsets SET seal_jseq = ?, seal_hash = ?, seal_mac = ? "
-                       "WHERE journal = ?", [jseq, tip, mac, journal])
+            audit_repo.set_seal(tx, journal, jseq, tip, mac)
 
     def seal_mac(self, message: bytes) -> bytes:
         return self.backend.mac(self.seal_handle, message)
@@ -268,9 +257,7 @@ class HomeRuntime:
         due: dict[str, int] | None = None
         while True:
             with self.db.read() as tx:
-                rows = tx.execute("SELECT journal, tip_jseq, coalesce(seal_jseq, 0) "
-                                  "FROM journal_offsets WHERE tip_jseq > coalesce(seal_jseq, 0)"
-                                  ).fetchall()
+                rows = audit_repo.unsealed(tx)
             if due is None:
                 due = {j: tip for j, tip, _ in rows if self.writer_alive(j)}
             if not any(j in due and sealed < due[j] for j, _, sealed in rows) \
@@ -327,8 +314,7 @@ class HomeRuntime:
                 result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
                                        self.trusted_now(), self._known_offsets, self.check_seal)
                 if result.checkpoint is not None:
-                    h = tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?",
-                                   [result.checkpoint]).fetchone()[0]
+                    h = audit_repo.checkpoint_hash(tx, result.checkpoint)
                     value = ledger.head_value(result.checkpoint, h)
                     tx.after_commit.append(lambda: self.backend.put_data(self.head_label, value))
             return result
@@ -340,7 +326,7 @@ class HomeRuntime:
         if tx is None:
             with self.db.read() as own:
                 return self.audit_head(own)
-        has_checkpoints = tx.execute("SELECT count(*) > 0 FROM checkpoints").fetchone()[0]
+        has_checkpoints = audit_repo.has_checkpoints(tx)
         for delay in (0, 0.01, 0.02, 0.05, 0.1) if has_checkpoints else (0,):
             time.sleep(delay)
             head = ledger.parse_head(self.backend.get_data(self.head_label))
@@ -364,18 +350,6 @@ class HomeRuntime:
                 log.exception("background ingest failed")
 
     # -- access settings -------------------------------------------------------------------------
-    def bootstrap_admin(self, principal: str, now: datetime) -> bool:
-        """Make the first principal ever to open this home its admin (deny by default after)."""
-        if self.catalog.grants_now():
-            return False
-        with self.db.write() as tx:
-            if tx.execute("SELECT count(*) FROM grants").fetchone()[0]:
-                return False
-            tx.execute("INSERT INTO grants VALUES ('*', ?, 'admin', ?, ?)",
-                       [principal, principal, naive(now)])
-        self.catalog.refresh(force=True)
-        return True
-
     def home_quorum(self) -> int:
         """Approvals needed for guarded actions unless a key's policy says otherwise."""
         return self.home_policy().get("quorum", 1)
@@ -387,27 +361,8 @@ class HomeRuntime:
     def home_policy(self) -> dict:
         return self.catalog.home_policy()
 
-    # -- leases (one process at a time for periodic work) -------------------------------------
-    def take_lease(self, name: str, seconds: float) -> int | None:
-        """Take a named lease; returns None on success or the pid of the live holder."""
-        now = time.time()
-        with self.db.write(export=False) as tx:  # a lease row is not in the catalog snapshot
-            row = tx.execute("SELECT value FROM meta WHERE name = ?", [f"lease:{name}"]).fetchone()
-            if row:
-                held = json.loads(row[0])
-                if held["until"] > now and held["pid"] != os.getpid() and \
-                        self._pid_alive(held["pid"]):
-                    return int(held["pid"])
-            tx.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO UPDATE SET value = "
-                       "excluded.value", [f"lease:{name}",
-                                          json.dumps({"pid": os.getpid(), "until": now + seconds})])
-        return None
-
-    def release_lease(self, name: str) -> None:
-        with self.db.write(export=False) as tx:
-            tx.execute("DELETE FROM meta WHERE name = ?", [f"lease:{name}"])
-
-    def _pid_alive(self, pid: int) -> bool:
+    def pid_alive(self, pid: int) -> bool:
+        """Whether process ``pid`` (a writer of this home) still runs."""
         return self._owner_running(pid, "")
 
     # -- one rotation of a key at a time ----------------------------------------------------------
@@ -457,7 +412,8 @@ class HomeRuntime:
 
     def reconcile(self, actor: str, full: bool = False, *,
                   now: datetime | None = None) -> ReconcileReport:
-        """Finish or roll back what an interrupted create/rotate/destroy left behind.
+        """Finish or roll back what an interrupted HSM change left behind (``intents.RECOVERY``
+        says which, per kind: create, rotate, import, destroy, trim).
 
         Uses the intents written before each HSM step (found by CKA_ID, never by listing the
         token). ``full`` also checks every live version's material still exists in the HSM.
@@ -465,47 +421,13 @@ class HomeRuntime:
         report = ReconcileReport()
         now = naive(now or self.trusted_now())
         with self.db.write() as tx:
-            intents = tx.execute(
-                "SELECT intent_id, kind, key_id, version, handles, pid FROM intents "
-                "ORDER BY started_at").fetchall()
-            for intent_id, kind, key_id, version, handles, pid in intents:
-                if self._owner_running(pid, intent_id):
+            for intent in intents_repo.pending(tx):
+                if self._owner_running(intent.pid, intent.intent_id):
                     continue  # in flight elsewhere: its owner finishes or rolls it back
-                what = json.loads(handles)
-                hs = [bytes.fromhex(h) for h in what["handles"]]
-                name = what["name"]
-                if kind in ("create", "rotate"):
-                    removed = sum(self.backend.destroy(h) for h in hs)
-                    what = "key creation" if kind == "create" else f"rotation to v{version}"
-                    report.repaired.append(
-                        f"rolled back interrupted {what} of {name!r}"
-                        + (f" (removed {removed} orphan HSM object(s))" if removed else ""))
-                elif kind == "trim":  # roll forward: the minimum versions were already raised
-                    for h in hs:
-                        self.backend.destroy(h)
-                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                               "WHERE key_id = ? AND version < ? AND state <> 'destroyed'",
-                               [now, key_id, version])
-                    report.repaired.append(f"completed interrupted trim of {name!r}")
-                elif kind == "destroy":
-                    for h in hs:
-                        self.backend.destroy(h)
-                    tx.execute("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
-                               "WHERE key_id = ? AND state <> 'destroyed'", [now, key_id])
-                    prior = tx.execute("SELECT state FROM keys WHERE key_id = ?",
-                                       [key_id]).fetchone()
-                    tx.execute("UPDATE keys SET state = 'destroyed', prior_state = NULL "
-                               "WHERE key_id = ?", [key_id])
-                    tx.execute("INSERT INTO transitions VALUES (?, ?, NULL, 'destroy', ?, ?, ?, ?)",
-                               [now, key_id, prior[0] if prior else None,
-                                KeyState.DESTROYED.value, actor,
-                                "completed an interrupted destroy on open"])
-                    report.repaired.append(f"completed interrupted destruction of {name!r}")
-                tx.execute("DELETE FROM intents WHERE intent_id = ?", [intent_id])
+                repaired, line = recover(tx, intent, self.backend, actor, now)
+                (report.repaired if repaired else report.problems).append(line)
             if full:
-                for _key_id, name, version, handle in tx.execute(
-                        """SELECT v.key_id, k.name, v.version, v.handle FROM versions v
-                           JOIN keys k USING (key_id) WHERE v.state <> 'destroyed'""").fetchall():
+                for _key_id, name, version, handle in keys_repo.live_versions(tx):
                     if not self.backend.exists(bytes.fromhex(handle)):
                         report.problems.append(
                             f"{name!r} v{version}: catalog row without HSM material; restore the "

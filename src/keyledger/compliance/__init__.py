@@ -13,7 +13,7 @@ import os
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -21,12 +21,9 @@ from .. import outputs
 from ..display import FindingsFrame
 from ..errors import AuditError, InvalidInput, PolicyViolation
 from ..model import parse_period
-from . import engine
-from .engine import Evaluation, naive
+from ..store import compliance as engine
+from ..store.compliance import Evaluation
 from .rules import SEVERITIES, Rule, RuleSet, load_rules
-
-if TYPE_CHECKING:
-    from ..service import KeyLedger
 
 # Exceptions are reviewed at least yearly (PCI DSS 12.4 style): no longer expiry is accepted.
 MAX_EXCEPTION_DAYS = 366
@@ -34,10 +31,11 @@ REPORT_FORMATS = ("html", "md")
 
 
 class ComplianceMixin:
-    """Mixed into KeyLedger: compliance, compliance_trend, accept_finding, compliance_report."""
+    """The compliance service's calls (services/compliance.py): compliance, compliance_trend,
+    accept_finding, compliance_report."""
 
     # -- evaluation ------------------------------------------------------------------------------
-    def compliance(self: KeyLedger, frameworks: str | list[str] | None = None,
+    def compliance(self, frameworks: str | list[str] | None = None,
                    now: datetime | None = None, *, include_accepted: bool = False
                    ) -> pd.DataFrame:
         """Evaluate the rules of ``frameworks`` (all by default) and return the findings.
@@ -60,7 +58,7 @@ class ComplianceMixin:
                           f"{len(ev.rules)} rules")[:500]
             return FindingsFrame(df)
 
-    def _evaluate_compliance(self: KeyLedger, frameworks: object, now: datetime | None,
+    def _evaluate_compliance(self, frameworks: object, now: datetime | None,
                              collect: Any = None) -> Evaluation:
         when = self._when(now)
         ruleset = load_rules(self.home)
@@ -76,14 +74,14 @@ class ComplianceMixin:
                 collect(tx, ev, ruleset)
         return ev
 
-    def _when(self: KeyLedger, now: object) -> datetime:
+    def _when(self, now: object) -> datetime:
         if now is None:
             return self._now()
         if not isinstance(now, datetime) or now.tzinfo is None:
             raise InvalidInput("now must be a timezone-aware datetime (e.g. datetime.now(UTC))")
         return now
 
-    def compliance_trend(self: KeyLedger, frameworks: str | list[str] | None = None
+    def compliance_trend(self, frameworks: str | list[str] | None = None
                          ) -> pd.DataFrame:
         """Per stored evaluation, framework and severity: open, opened (new), resolved and
         accepted findings, and the mean/max days the open ones have been open."""
@@ -94,7 +92,7 @@ class ComplianceMixin:
             with self._rt.db.write(export=False) as tx:
                 return engine.trend(tx, names)
 
-    def findings(self: KeyLedger, frameworks: str | list[str] | None = None, *,
+    def findings(self, frameworks: str | list[str] | None = None, *,
                  include_accepted: bool = False) -> pd.DataFrame:
         """The open findings as of the last stored evaluation, without evaluating again.
 
@@ -113,14 +111,14 @@ class ComplianceMixin:
                 df = df[df["status"] != "accepted"].reset_index(drop=True)
             return FindingsFrame(df)
 
-    def compliance_rules(self: KeyLedger) -> pd.DataFrame:
+    def compliance_rules(self) -> pd.DataFrame:
         """The loaded rules: id, framework, control, severity, title, parameters and source."""
         with self._audited("compliance_rules", None) as rec:
             self._authorize(rec, "compliance", None)
             return rules_frame(load_rules(self.home))
 
     # -- exceptions ------------------------------------------------------------------------------
-    def accept_finding(self: KeyLedger, rule_id: str, key: str | None, reason: str,
+    def accept_finding(self, rule_id: str, key: str | None, reason: str,
                        until: datetime | timedelta | str) -> dict[str, Any]:
         """Document an accepted exception (e.g. a HIPAA addressable decision) until it expires.
 
@@ -145,10 +143,10 @@ class ComplianceMixin:
             expires = self._expiry(until, now)
             exception_id = uuid.uuid4().hex[:12]
             with self._rt.db.write(export=False) as tx:
-                engine.ensure_tables(tx)
-                tx.execute("INSERT INTO compliance_exceptions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [exception_id, rule.id, rule.framework, name, reason.strip()[:4000],
-                            self.principal, naive(now), naive(expires)])
+                engine.add_exception(tx, exception_id=exception_id, rule_id=rule.id,
+                                     framework=rule.framework, key=name,
+                                     reason=reason.strip()[:4000], accepted_by=self.principal,
+                                     accepted_at=now, until=expires)
             rec.detail = (f"exception {exception_id}: {rule.id} on {name or 'the home'} accepted "
                           f"until {expires:%Y-%m-%d %H:%M} UTC: {reason.strip()}")[:500]
             return {"exception_id": exception_id, "rule_id": rule.id,
@@ -172,7 +170,7 @@ class ComplianceMixin:
                                   "review it and accept it again when it expires")
         return expires
 
-    def compliance_exceptions(self: KeyLedger) -> pd.DataFrame:
+    def compliance_exceptions(self) -> pd.DataFrame:
         """Every accepted exception, with ``active`` true until it expires."""
         with self._audited("compliance_exceptions", None) as rec:
             self._authorize(rec, "compliance", None)
@@ -180,7 +178,7 @@ class ComplianceMixin:
                 return engine.exceptions(tx, self._now())
 
     # -- report ----------------------------------------------------------------------------------
-    def compliance_report(self: KeyLedger, path: str | os.PathLike, format: str = "html", *,
+    def compliance_report(self, path: str | os.PathLike, format: str = "html", *,
                           frameworks: str | list[str] | None = None,
                           now: datetime | None = None, overwrite: bool = False) -> Path:
         """Evaluate and write a self-contained report (``html`` with an inline SVG chart, or

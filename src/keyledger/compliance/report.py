@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from ..runtime import SIMULATION, SIMULATION_LABEL
-from .engine import Evaluation, exceptions, naive
+from ..store.compliance import Evaluation, exceptions, naive, report_facts
 from .rules import SEVERITIES, Framework, RuleSet
 
 CARD_LIMIT = 25  # findings of one rule shown as cards; more become table rows
@@ -76,15 +76,10 @@ class ReportData:
     simulation: bool = False  # a simulation home: times may come from a simulated clock
 
 
-def _scalar(tx: Any, sql: str, params: Any = None) -> Any:
-    rows = tx.execute(sql, params).fetchall() if params is not None else tx.execute(sql).fetchall()
-    return rows[0][0] if rows else None
-
-
 def collect(tx: Any, ev: Evaluation, ruleset: RuleSet, *, home: Path | str,
             principal: str) -> ReportData:
     """Everything the report shows, read in the evaluation's transaction."""
-    from .. import __version__
+    from ..version import __version__
 
     df = ev.findings.copy()
     df["open_days"] = ((pd.Timestamp(ev.time, tz="UTC") - df["first_seen"]).dt.total_seconds()
@@ -105,38 +100,16 @@ def collect(tx: Any, ev: Evaluation, ruleset: RuleSet, *, home: Path | str,
                          for r, k, a in zip(exc["rule_id"], exc["key"], exc["active"], strict=True)]
     else:
         exc["covers"] = pd.Series(dtype=int)
-    now = naive(ev.time)
-    states = tx.execute("SELECT state, count(*) FROM keys GROUP BY state ORDER BY 2 DESC, 1"
-                        ).fetchall()
-    audit = tx.execute("SELECT count(*), min(time), max(time) FROM audit_log WHERE time <= ?",
-                       [now]).fetchall()[0]
-    verification = tx.execute("SELECT time, ok, problem FROM verifications WHERE time <= ? "
-                              "ORDER BY time DESC LIMIT 1", [now]).fetchall()
-    backup = _scalar(tx, "SELECT max(time) FROM backups WHERE kind = 'backup' AND ok "
-                         "AND time <= ?", [now])
-    restore = _scalar(tx, "SELECT max(time) FROM backups WHERE kind = 'restore_test' AND ok "
-                          "AND time <= ?", [now])
-    scope = {
-        "keys": sum(n for _, n in states), "keys_by_state": dict(states),
-        "versions": _scalar(tx, "SELECT count(*) FROM versions"),
-        "principals": _scalar(tx, "SELECT count(DISTINCT principal) FROM grants"),
-        "audit_records": audit[0], "audit_first": audit[1], "audit_last": audit[2],
-        "verification": verification[0] if verification else None,
-        "last_backup": backup, "last_restore_test": restore,
-        "rules": len(ev.rules), "rule_files": ruleset.sources,
-    }
-    trend = tx.execute(
-        """SELECT r.run_id, r.time, sum(c.open) AS open, sum(c.opened) AS opened,
-                  sum(c.resolved) AS resolved, sum(c.accepted) AS accepted
-           FROM compliance_runs r JOIN compliance_run_counts c USING (run_id)
-           GROUP BY ALL ORDER BY r.run_id DESC LIMIT 12""").df().iloc[::-1]
+    facts = report_facts(tx, naive(ev.time))
+    scope = {**facts.scope, "rules": len(ev.rules), "rule_files": ruleset.sources}
+    trend = facts.trend
     return ReportData(
         now=ev.time, run_id=ev.run_id, principal=principal, home=str(home),
-        home_id=_scalar(tx, "SELECT value FROM meta WHERE name = 'home_id'"),
+        home_id=facts.home_id,
         frameworks=[ruleset.frameworks[n] for n in ev.frameworks], findings=visible,
         accepted=accepted, rules=rules, exceptions=exc, scope={**scope, "version": __version__},
         trend=trend.reset_index(drop=True), rationale={r.id: r.rationale for r in ev.rules},
-        simulation=_scalar(tx, "SELECT value FROM meta WHERE name = 'home_mode'") == SIMULATION)
+        simulation=facts.home_mode == SIMULATION)
 
 
 def render(data: ReportData, fmt: str) -> str:

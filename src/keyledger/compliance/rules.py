@@ -37,21 +37,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from ..errors import ConfigError, InvalidInput
+from ..store.compliance import SEVERITIES
+from ..store.sql import check_read_only, positional_parameters, referenced_parameters
 
-SEVERITIES = ("critical", "high", "medium", "low", "info")
 BUILTIN_PARAMETERS = frozenset({"now"})
 PACKAGE_RULES = Path(__file__).resolve().parent / "rules"
 USER_RULES_DIR = "rules"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PARAM_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
-_STRING_RE = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
-_COMMENT_RE = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
-_PARAM_REF_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-_POSITIONAL_RE = re.compile(r"\$\d+|\?")
 _RULE_KEYS = {"id", "control", "severity", "title", "rationale", "remediation", "parameters",
               "sql", "check_from", "enabled", "framework"}
 _OVERRIDE_KEYS = {"parameters", "severity", "enabled", "title", "remediation", "rationale",
@@ -138,21 +133,6 @@ class RuleSet:
 
 def _norm(label: str) -> str:
     return re.sub(r"[\s_/:.-]+", "", label.lower())
-
-
-def referenced_parameters(sql: str) -> list[str]:
-    """``$name`` references outside string literals and comments, in order, without repeats."""
-    bare = _STRING_RE.sub("''", _COMMENT_RE.sub(" ", sql))
-    seen: list[str] = []
-    for name in _PARAM_REF_RE.findall(bare):
-        if name not in seen:
-            seen.append(name)
-    return seen
-
-
-def _positional(sql: str) -> bool:
-    bare = _STRING_RE.sub("''", _COMMENT_RE.sub(" ", sql))
-    return bool(_POSITIONAL_RE.search(bare))
 
 
 def rule_files(home: Path | None) -> list[Path]:
@@ -313,15 +293,14 @@ def _scalar(value: object) -> bool:
 def _check_sql(path: Path, label: str, sql: str, params: dict[str, Any]) -> None:
     if not isinstance(sql, str) or not sql.strip():
         raise ConfigError(f"rule file {path}, rule {label}: sql must be a non-empty string")
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        msg = str(exc).splitlines()[0][:300]
-        raise ConfigError(f"rule file {path}, rule {label}: the sql does not parse: {msg}") from None
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+    check = check_read_only(sql)
+    if check.parse_error is not None:
+        raise ConfigError(f"rule file {path}, rule {label}: the sql does not parse: "
+                          f"{check.parse_error}")
+    if not check.ok:
         raise ConfigError(f"rule file {path}, rule {label}: the sql must be exactly one SELECT "
                           "statement (rules read the store; they never change it)")
-    if _positional(sql):
+    if positional_parameters(sql):
         raise ConfigError(f"rule file {path}, rule {label}: use named parameters ($name), not "
                           "? or $1")
     missing = [p for p in referenced_parameters(sql)

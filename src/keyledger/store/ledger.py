@@ -482,7 +482,8 @@ def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
     try:
         con.execute(_INSERT_SQL)
         con.execute(
-            """INSERT INTO usage SELECT key_id, version, action, count(*), max(time)
+            """INSERT INTO usage (key_id, version, action, count, last_time)
+               SELECT key_id, version, action, count(*), max(time)
                FROM kl_batch
                WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
                GROUP BY ALL
@@ -621,7 +622,8 @@ def write_checkpoint(con: duckdb.DuckDBPyConnection, sign: Signer, now: datetime
     tips = con.execute(OFFSETS_TIPS_SQL).fetchone()[0]
     h = checkpoint_hash(cp_seq, last_seq, n, tips, prev)
     signature = sign(bytes.fromhex(h)).hex()
-    con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    con.execute("INSERT INTO checkpoints (cp_seq, time, last_seq, n_records, tips_digest, "
+                "prev_hash, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [cp_seq, now.replace(tzinfo=None), last_seq, n, tips, prev, h, signature])
     return cp_seq
 

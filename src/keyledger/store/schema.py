@@ -97,6 +97,30 @@ MIGRATIONS: list[str] = [
     CREATE TABLE IF NOT EXISTS backups (time TIMESTAMP, kind VARCHAR, path VARCHAR,
         sha256 VARCHAR, bytes BIGINT, principal VARCHAR, ok BOOLEAN, detail VARCHAR);
     """,
+    # 6: the compliance engine's history (store/compliance.py): evaluations, finding episodes,
+    # per-run counts for trends, accepted exceptions. Homes made before this created them on
+    # first use, with the same columns: IF NOT EXISTS keeps those.
+    """
+    CREATE TABLE IF NOT EXISTS compliance_runs (
+        run_id BIGINT NOT NULL, time TIMESTAMP NOT NULL, principal VARCHAR,
+        frameworks VARCHAR NOT NULL, rules INTEGER NOT NULL, findings INTEGER NOT NULL,
+        accepted INTEGER NOT NULL, opened INTEGER NOT NULL, resolved INTEGER NOT NULL,
+        keys INTEGER, seconds DOUBLE, timings VARCHAR);
+    CREATE TABLE IF NOT EXISTS compliance_findings (
+        fingerprint VARCHAR NOT NULL, rule_id VARCHAR NOT NULL, framework VARCHAR NOT NULL,
+        control VARCHAR, severity VARCHAR NOT NULL, title VARCHAR, key VARCHAR, version BIGINT,
+        principal VARCHAR, evidence VARCHAR, first_seen TIMESTAMP NOT NULL,
+        last_seen TIMESTAMP NOT NULL, resolved_at TIMESTAMP, first_run BIGINT NOT NULL,
+        last_run BIGINT NOT NULL, resolved_run BIGINT);
+    CREATE TABLE IF NOT EXISTS compliance_run_counts (
+        run_id BIGINT NOT NULL, framework VARCHAR NOT NULL, severity VARCHAR NOT NULL,
+        open INTEGER NOT NULL, opened INTEGER NOT NULL, resolved INTEGER NOT NULL,
+        accepted INTEGER NOT NULL, mean_open_days DOUBLE, max_open_days DOUBLE);
+    CREATE TABLE IF NOT EXISTS compliance_exceptions (
+        exception_id VARCHAR NOT NULL, rule_id VARCHAR NOT NULL, framework VARCHAR,
+        key VARCHAR, reason VARCHAR NOT NULL, accepted_by VARCHAR NOT NULL,
+        accepted_at TIMESTAMP NOT NULL, until TIMESTAMP NOT NULL);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -116,5 +140,5 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
         for statement in MIGRATIONS[version - 1].split(";"):
             if statement.strip():
                 con.execute(statement)
-        con.execute("INSERT INTO schema_version VALUES (?)", [version])
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
     return found

@@ -1,0 +1,13 @@
+"""Compliance evaluation, findings, exceptions and reports: the service over
+``keyledger.compliance``'s implementation."""
+
+from __future__ import annotations
+
+from ..compliance import ComplianceMixin
+from .context import Service
+
+
+class ComplianceService(Service, ComplianceMixin):
+    """``compliance``, ``findings``, ``accept_finding``, ``compliance_report``, ..."""
+
+    evaluate = ComplianceMixin._evaluate_compliance  # due work evaluates as part of its run

@@ -1,0 +1,288 @@
+"""Cryptographic calls (the hot path): encrypt, decrypt, rewrap, data keys, envelopes,
+signatures and MACs, each authorised and audited once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .. import ciphertext as ct
+from ..errors import InvalidCiphertext, KeyLedgerError, KeyStateError, PolicyViolation
+from ..hsm.backend import DecryptFailed
+from ..model import Family, Key, KeyVersion, Purpose, Use, check_use, validate_version
+from ..rotation import PROTECT_ACTIONS
+from ..store import audit as audit_repo
+from .context import Audited, Context, Service
+from .lifecycle import LifecycleService
+
+_AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A data key for envelope encryption: use ``plaintext`` locally, store ``wrapped``."""
+
+    plaintext: bytes
+    wrapped: bytes
+    key: str
+    version: int
+
+    def __repr__(self) -> str:  # never show the plaintext key
+        return f"<DataKey for {self.key!r} v{self.version}, 256-bit, wrapped {len(self.wrapped)} B>"
+
+
+
+class CryptoService(Service):
+    """Encrypt, decrypt, sign, MAC: read key state from the in-memory catalog, never DuckDB."""
+
+    def __init__(self, ctx: Context, lifecycle: LifecycleService) -> None:
+        super().__init__(ctx)
+        self.lifecycle = lifecycle  # rotates a key at its usage limit (auto_rotate)
+
+    def encrypt(self, name: str, plaintext: bytes, *,
+                context: Mapping[str, str] | None = None) -> bytes:
+        """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
+        with self._audited("encrypt", name) as rec:
+            ctx = rec.context = ct.canonical_context(context)
+            data = self._bytes(plaintext, "plaintext")
+            key = self._key(rec, name)
+            return self._encrypt_with(rec, key, data, ctx)
+
+    def _encrypt_with(self, rec: Audited, key: Key, data: bytes, ctx: bytes) -> bytes:
+        self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
+        check_use(key.state, Use.PROTECT, key.name)
+        key, version = self._spend_use(rec, key)
+        nonce = os.urandom(ct.NONCE_LEN)
+        header = ct.pack_header(key.key_id_bytes, version.version, nonce)
+        body = self._rt.backend.encrypt_gcm(version.handle, nonce, header + ctx, data)
+        return header + body
+
+    def _spend_use(self, rec: Audited, key: Key) -> tuple[Key, KeyVersion]:
+        """The version to encrypt with, after spending one of its uses (``usage_limit``)."""
+        version = key.version_for_protect()
+        rec.version = version.version
+        if self._rt.usage.take(key.key_id, version.version, self._rt.catalog.usage_limit(key),
+                               self._recorded_encryptions):
+            return key, version
+        return self._at_usage_limit(rec, key)
+
+    def _at_usage_limit(self, rec: Audited, key: Key) -> tuple[Key, KeyVersion]:
+        """The latest version has no use left: rotate if the key's policy says so
+        (``auto_rotate``, the default) and go on with the new version, else refuse."""
+        for _ in range(_AUTO_ROTATIONS_PER_CALL):
+            version = key.version_for_protect()
+            rec.version = version.version
+            limit = self._rt.catalog.usage_limit(key)
+            if self._rt.usage.take(key.key_id, version.version, limit,
+                                   self._recorded_encryptions):
+                return key, version
+            if not key.policy.get("auto_rotate", True):
+                raise PolicyViolation(
+                    f"key {key.name!r} v{version.version} reached its usage limit of {limit:,} "
+                    f"encryptions and auto_rotate is off: rotate it (`keyledger key rotate "
+                    f"{key.name}`) or raise usage_limit with set_policy")
+            key = rec.key = self._rotate_at_limit(key, version.version, limit)
+        raise PolicyViolation(
+            f"key {key.name!r} reached its usage limit of {limit:,} encryptions again right "
+            f"after {_AUTO_ROTATIONS_PER_CALL} automatic rotations; raise usage_limit")
+
+    def _rotate_at_limit(self, key: Key, version: int, limit: int) -> Key:
+        """Rotate a key whose latest version used up its limit, once across processes (a
+        process that finds it rotated meanwhile goes on with the new version)."""
+        self._rt.catalog.refresh(force=True)
+        fresh = self._rt.catalog.get_id(key.key_id)
+        failure = None
+        if fresh is not None and fresh.latest_version == version:
+            try:
+                self.lifecycle.rotate_version(key.name, f"v{version} reached its usage limit of {limit:,} "
+                             "encryptions", expect_version=version, automatic=True)
+            except KeyStateError as exc:  # e.g. rotated by another process meanwhile
+                failure = exc
+            self._rt.catalog.refresh(force=True)
+            fresh = self._rt.catalog.get_id(key.key_id)
+        if fresh is None or fresh.latest_version == version:
+            raise PolicyViolation(
+                f"key {key.name!r} v{version} reached its usage limit of {limit:,} encryptions "
+                f"and rotating it failed ({failure}); rotate it or raise usage_limit")
+        check_use(fresh.state, Use.PROTECT, fresh.name)
+        return fresh
+
+    def _recorded_encryptions(self, key_id: str, version: int) -> int:
+        """Encryptions the ledger holds for a version: the start of a usage counter that did
+        not exist yet (versions made before call-time limits, restored homes)."""
+        try:
+            self._rt.ingest()
+        except KeyLedgerError:  # busy or tampered: count what is in the store already
+            pass
+        with self._rt.db.read() as tx:
+            counts = audit_repo.encryptions(tx, PROTECT_ACTIONS, key_id, version)
+        return counts.get((key_id, version), 0)
+
+    def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt any keyledger ciphertext; the key and version come from its header."""
+        with self._audited("decrypt", None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
+            return self._decrypt(rec, ciphertext, ctx)
+
+    def _decrypt(self, rec: Audited, ciphertext: object, ctx: bytes) -> bytes:
+        try:
+            header, header_bytes, body = ct.parse(ciphertext)
+        except InvalidCiphertext:
+            rec.detail = "malformed ciphertext"
+            raise
+        key = self._rt.catalog.get_id(header.key_id)
+        if key is None:
+            rec.detail = f"unknown key id {header.key_id}"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        rec.key = key
+        self._authorize(rec, rec.action, key)
+        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
+            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        if header.version not in key.versions:
+            rec.detail = f"unknown version {header.version}"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        rec.version = header.version
+        check_use(key.state, Use.PROCESS, key.name)
+        version = key.version_for_decrypt(header.version)
+        try:
+            return self._rt.backend.decrypt_gcm(version.handle, header.nonce,
+                                                header_bytes + ctx, body)
+        except DecryptFailed:
+            rec.detail = "authentication failed: tampered data or wrong context"
+            raise InvalidCiphertext(
+                "the ciphertext cannot be decrypted: it was altered or the context differs"
+            ) from None
+
+    def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
+        """Re-encrypt under the key's latest version without exposing plaintext to the caller."""
+        with self._audited("rewrap", None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
+            plaintext = self._decrypt(rec, ciphertext, ctx)
+            old = rec.version
+            out = self._encrypt_with(rec, rec.key, plaintext, ctx)
+            rec.detail = f"from v{old}"
+            return out
+
+    def generate_data_key(self, name: str, *,
+                          context: Mapping[str, str] | None = None) -> DataKey:
+        """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
+        with self._audited("generate_data_key", name) as rec:
+            ctx = rec.context = ct.canonical_context(context)
+            key = self._key(rec, name)
+            plaintext = AESGCM.generate_key(bit_length=256)
+            wrapped = self._encrypt_with(rec, key, plaintext, ctx)
+            return DataKey(plaintext, wrapped, key.name, rec.version or 0)
+
+    def envelope_encrypt(self, name: str, data: bytes, *,
+                         context: Mapping[str, str] | None = None) -> bytes:
+        """Encrypt large data locally under a fresh data key; the wrapped key travels with it."""
+        with self._audited("envelope_encrypt", name) as rec:
+            ctx = rec.context = ct.canonical_context(context)
+            payload = self._bytes(data, "data")
+            key = self._key(rec, name)
+            dk = AESGCM.generate_key(bit_length=256)
+            wrapped = self._encrypt_with(rec, key, dk, ctx)
+            nonce = os.urandom(ct.NONCE_LEN)
+            body = AESGCM(dk).encrypt(nonce, payload, ct.envelope_header(wrapped) + ctx)
+            return ct.pack_envelope(wrapped, nonce, body)
+
+    def envelope_decrypt(self, blob: bytes, *,
+                         context: Mapping[str, str] | None = None) -> bytes:
+        with self._audited("envelope_decrypt", None) as rec:
+            ctx = rec.context = ct.canonical_context(context)
+            header, wrapped, nonce, body = ct.parse_envelope(blob)
+            dk = self._decrypt(rec, wrapped, ctx)
+            try:
+                return AESGCM(dk).decrypt(nonce, body, header + ctx)
+            except Exception:
+                rec.detail = "envelope body authentication failed"
+                raise InvalidCiphertext("the envelope cannot be decrypted: it was altered or "
+                                        "the context differs") from None
+
+    def sign(self, name: str, message: bytes) -> bytes:
+        """RSA-PSS-SHA256, ECDSA (DER) or Ed25519 signature with the latest version."""
+        with self._audited("sign", name) as rec:
+            data = self._bytes(message, "message")
+            key, version = self._for_protect(rec, name, Purpose.SIGN)
+            return self._rt.backend.sign(key.spec, version.handle, data)
+
+    def verify(self, name: str, message: bytes, signature: bytes, *,
+               version: int | None = None) -> bool:
+        """True if any live version (or the given one) of the key made the signature."""
+        with self._audited("verify", name) as rec:
+            data = self._bytes(message, "message")
+            sig = self._bytes(signature, "signature")
+            validate_version(version)
+            key = self._for_process(rec, name, Purpose.SIGN)
+            return self._check_any(rec, key, version,
+                                   lambda h: self._rt.backend.verify(key.spec, h, data, sig))
+
+    def mac(self, name: str, message: bytes) -> bytes:
+        """HMAC-SHA256 computed in the HSM with the latest version."""
+        with self._audited("mac", name) as rec:
+            data = self._bytes(message, "message")
+            _, version = self._for_protect(rec, name, Purpose.MAC)
+            return self._rt.backend.mac(version.handle, data)
+
+    def verify_mac(self, name: str, message: bytes, tag: bytes, *,
+                   version: int | None = None) -> bool:
+        with self._audited("verify_mac", name) as rec:
+            data = self._bytes(message, "message")
+            mac = self._bytes(tag, "tag")
+            validate_version(version)
+            key = self._for_process(rec, name, Purpose.MAC)
+            return self._check_any(rec, key, version,
+                                   lambda h: self._rt.backend.verify_mac(h, data, mac))
+
+    def _for_protect(self, rec: Audited, name: object,
+                     *purposes: Purpose) -> tuple[Key, KeyVersion]:
+        """The key and its latest version, checked for purpose, state and minimum version."""
+        key = self._key(rec, name)
+        self._require_purpose(key, *purposes)
+        check_use(key.state, Use.PROTECT, key.name)
+        version = key.version_for_protect()
+        rec.version = version.version
+        return key, version
+
+    def _for_process(self, rec: Audited, name: object, *purposes: Purpose) -> Key:
+        key = self._key(rec, name)
+        self._require_purpose(key, *purposes)
+        check_use(key.state, Use.PROCESS, key.name)
+        return key
+
+    def _check_any(self, rec: Audited, key: Key, version: int | None,
+                   check: Callable[[bytes], bool]) -> bool:
+        if version is not None:
+            candidates = [version]
+        else:
+            candidates = sorted((v for v in key.versions if v >= key.min_decryption_version),
+                                reverse=True)
+        for v in candidates:
+            kv = key.versions.get(v)
+            if kv is None or kv.state == "destroyed" or v < key.min_decryption_version:
+                continue
+            if check(kv.handle):
+                rec.version = v
+                return True
+        rec.detail = "signature did not verify"
+        return False
+
+    def public_key_pem(self, name: str, *, version: int | None = None) -> str:
+        with self._audited("public_key_pem", name) as rec:
+            key = self._key(rec, name)
+            validate_version(version)
+            if key.spec.family in (Family.AES, Family.HMAC):
+                raise PolicyViolation(f"key {key.name!r} is symmetric; it has no public key")
+            v = key.versions.get(version or key.latest_version)
+            if v is None or v.state == "destroyed":
+                raise KeyStateError(f"version {version} of {key.name!r} is destroyed or unknown")
+            rec.version = v.version
+            der = self._rt.backend.public_key_der(key.spec, v.handle)
+            pub = serialization.load_der_public_key(der)
+            return pub.public_bytes(serialization.Encoding.PEM,
+                                    serialization.PublicFormat.SubjectPublicKeyInfo).decode()

@@ -1,0 +1,126 @@
+"""Writes to the key catalog (keys, versions, aliases, transitions); reads are in catalog.py.
+
+Every INSERT names its columns. Functions take the caller's transaction: a catalog change and
+the intent it completes commit together.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from .db import Tx
+
+# keys columns a caller may set with ``update``: never key_id or name
+_UPDATABLE = frozenset({
+    "state", "prior_state", "owner", "rotated_at", "rotation_period_s", "latest_version",
+    "min_decryption_version", "min_encryption_version", "deletion_due", "tags", "policy"})
+
+
+def name_taken(tx: Tx, name: str) -> bool:
+    """Whether a key or an alias already has this name."""
+    return tx.execute("SELECT 1 FROM keys WHERE name = ? UNION SELECT 1 FROM aliases "
+                      "WHERE alias = ?", [name, name]).fetchone() is not None
+
+
+def insert_key(tx: Tx, *, key_id: str, name: str, spec: str, purpose: str, state: str,
+               owner: str | None, now: datetime, rotation_period_s: int | None,
+               exportable: bool, tags: str, policy: dict) -> None:
+    """A new key at version 1 (its version row comes from ``insert_version``)."""
+    tx.execute("INSERT INTO keys (key_id, name, spec, purpose, state, prior_state, owner, "
+               "created_at, rotated_at, rotation_period_s, exportable, latest_version, "
+               "min_decryption_version, min_encryption_version, deletion_due, tags, policy) "
+               "VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL, ?, ?)",
+               [key_id, name, spec, purpose, state, owner, now, now, rotation_period_s,
+                exportable, tags, json.dumps(policy, sort_keys=True)])
+
+
+def insert_version(tx: Tx, key_id: str, version: int, handle: bytes, now: datetime) -> None:
+    tx.execute("INSERT INTO versions (key_id, version, handle, state, created_at, destroyed_at) "
+               "VALUES (?, ?, ?, 'active', ?, NULL)", [key_id, version, handle.hex(), now])
+
+
+def add_transition(tx: Tx, *, now: datetime, key_id: str, version: int | None, action: str,
+                   from_state: str | None, to_state: str, actor: str,
+                   reason: str | None) -> None:
+    tx.execute("INSERT INTO transitions (time, key_id, version, action, from_state, to_state, "
+               "actor, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               [now, key_id, version, action, from_state, to_state, actor, reason])
+
+
+def update(tx: Tx, key_id: str, changes: dict[str, object]) -> None:
+    """Set some columns of a key's row (names from a fixed list, values bound)."""
+    bad = set(changes) - _UPDATABLE
+    if bad:
+        raise ValueError(f"not updatable key columns: {sorted(bad)}")
+    sets = ", ".join(f"{c} = ?" for c in changes)
+    tx.execute(f"UPDATE keys SET {sets} WHERE key_id = ?", [*changes.values(), key_id])
+
+
+def retire_latest(tx: Tx, key_id: str, version: int, state: str) -> None:
+    """The previous latest version stops protecting (``retired`` or ``compromised``)."""
+    tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
+               "AND state = 'active'", [state, key_id, version])
+
+
+def compromise_versions(tx: Tx, key_id: str) -> None:
+    tx.execute("UPDATE versions SET state = 'compromised' WHERE key_id = ? "
+               "AND state <> 'destroyed'", [key_id])
+
+
+def destroy_versions(tx: Tx, key_id: str, now: datetime, *, below: int | None = None) -> None:
+    """Mark versions destroyed (all, or those below ``below``)."""
+    sql = ("UPDATE versions SET state = 'destroyed', destroyed_at = ? "
+           "WHERE key_id = ? AND state <> 'destroyed'")
+    args: list[object] = [now, key_id]
+    if below is not None:
+        sql += " AND version < ?"
+        args.append(below)
+    tx.execute(sql, args)
+
+
+def raise_min_versions(tx: Tx, key_id: str, version: int) -> None:
+    """Raise both minimum versions to at least ``version`` (never lower them)."""
+    tx.execute("UPDATE keys SET min_decryption_version = greatest(min_decryption_version, ?), "
+               "min_encryption_version = greatest(min_encryption_version, ?) WHERE key_id = ?",
+               [version, version, key_id])
+
+
+def state_of(tx: Tx, key_id: str) -> str | None:
+    row = tx.execute("SELECT state FROM keys WHERE key_id = ?", [key_id]).fetchone()
+    return row[0] if row else None
+
+
+def handles_in_use(tx: Tx, handles: tuple[bytes, ...] | list[bytes]) -> set[bytes]:
+    """Which of ``handles`` a version (not destroyed) of any key uses."""
+    if not handles:
+        return set()
+    marks = ", ".join("?" for _ in handles)
+    rows = tx.execute(f"SELECT handle FROM versions WHERE state <> 'destroyed' AND handle IN "
+                      f"({marks})", [h.hex() for h in handles]).fetchall()
+    return {bytes.fromhex(r[0]) for r in rows}
+
+
+def version_handles(tx: Tx, key_id: str, *, below: int | None = None) -> list[bytes]:
+    """The HSM handles of a key's versions (those below ``below``)."""
+    sql, args = "SELECT handle FROM versions WHERE key_id = ?", [key_id]
+    if below is not None:
+        sql += " AND version < ?"
+        args.append(below)
+    return [bytes.fromhex(r[0]) for r in tx.execute(sql, args).fetchall()]
+
+
+def min_decryption_version(tx: Tx, key_id: str) -> int:
+    row = tx.execute("SELECT min_decryption_version FROM keys WHERE key_id = ?",
+                     [key_id]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def add_alias(tx: Tx, alias: str, key_id: str) -> None:
+    tx.execute("INSERT INTO aliases (alias, key_id) VALUES (?, ?)", [alias, key_id])
+
+
+def live_versions(tx: Tx) -> list[tuple[str, str, int, str]]:
+    """(key_id, name, version, handle hex) of every version not destroyed."""
+    return tx.execute("SELECT v.key_id, k.name, v.version, v.handle FROM versions v "
+                      "JOIN keys k USING (key_id) WHERE v.state <> 'destroyed'").fetchall()
