@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from . import outputs
 from .config import CONFIG_NAME, DB_NAME, find_softhsm_module, write_config
 from .errors import AuditError, ConfigError, InvalidCiphertext, InvalidInput, KeyLedgerError
+from .frames import normalize
 from .hsm import pkcs11_backend
 from .hsm.pkcs11_backend import _CALL_LOCK
 from .hsm.softhsm import softhsm_conf_text
@@ -467,8 +468,7 @@ class BackupMixin:
             with self._rt.db.write() as tx:
                 tx.execute(BACKUPS_DDL)
                 df = tx.execute("SELECT * FROM backups ORDER BY time, rowid").df()
-            df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
-            return df
+            return normalize(df)
 
 
 def _as_error(exc: BaseException, doing: str) -> KeyLedgerError:

@@ -9,9 +9,11 @@ without surprises:
 - text: pandas ``string`` dtype, missing ``<NA>`` (never ``None`` or ``NaN``);
 - whole numbers: ``Int64``, booleans: ``boolean`` (missing ``<NA>``);
 - measures (days, medians, means): ``float64``, missing ``NaN``;
-- words with an order (key state, version state, rotation status, severity): ordered
-  ``Categorical``, so ``sort_values`` puts them in that order (critical before high, active
-  before destroyed) and ``df[df.severity >= "high"]`` works;
+- words with an order: ordered ``Categorical``. Key and version states in lifecycle order
+  (pre-activation < active < ... < destroyed); severity and rotation status by urgency,
+  the most urgent highest (info < low < medium < high < critical; inactive < not scheduled <
+  ok < due soon < overdue), so ``df[df.severity >= "high"]`` selects high and critical and
+  ``sort_values("severity", ascending=False)`` puts critical first;
 - lists and mappings (tags, aliases, parameters, approvers) stay Python objects.
 """
 
@@ -21,8 +23,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from .model import KeyState
+
 TIME_DTYPE = pd.DatetimeTZDtype("us", "UTC")
 TEXT_DTYPE = pd.StringDtype(na_value=pd.NA)
+# Orders of the ordered categoricals: a key's lifecycle (model.KeyState) and a version's.
+KEY_STATES = tuple(s.value for s in KeyState)
+VERSION_STATES = ("active", "retired", "compromised", "destroyed")
 
 
 def normalize(df: pd.DataFrame, *, times: Iterable[str] = (),
@@ -30,8 +37,8 @@ def normalize(df: pd.DataFrame, *, times: Iterable[str] = (),
     """``df`` with the conventions above applied to every column (changed in place, returned).
 
     ``times`` names columns that hold times even when no value says so (all missing);
-    ``categories`` maps a column to its ordered words, most severe or earliest first (values
-    outside them are kept, ordered after them)."""
+    ``categories`` maps a column to its words in ascending order (values outside them are
+    kept, ordered after them)."""
     times, categories = set(times), dict(categories or {})
     for col in df.columns:
         if col in categories:
@@ -84,4 +91,4 @@ def _na(value: object) -> bool:
         return False
 
 
-__all__ = ["TEXT_DTYPE", "TIME_DTYPE", "normalize", "ordered", "utc"]
+__all__ = ["KEY_STATES", "TEXT_DTYPE", "TIME_DTYPE", "VERSION_STATES", "normalize", "ordered", "utc"]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .access import WILDCARD, Role, index_grants, parse_role, roles_of
 from .errors import InvalidInput, KeyNotFound, KeyStateError, PolicyViolation
+from .frames import normalize
 from .model import validate_name
 from .runtime import naive
 
@@ -36,14 +37,6 @@ CUSTODIAN_STATEMENT = (
     "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
     "follow the key-management policy, and report suspected compromise at once (PCI DSS 3.7.8)."
 )
-
-
-def utc_times(df: pd.DataFrame) -> pd.DataFrame:
-    """The store keeps naive UTC times: every frame handed out has tz-aware UTC columns."""
-    for col in df.columns:
-        if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
-            df[col] = df[col].dt.tz_localize("UTC")
-    return df
 
 
 class GovernanceMixin:
@@ -128,7 +121,7 @@ class GovernanceMixin:
                               LEFT JOIN keys k ON k.key_id = g.scope
                        ORDER BY 1, 2, 3""").df()
             df = df[self._grant_rows_visible(df)].drop(columns="scope").reset_index(drop=True)
-            df = utc_times(df)
+            df = normalize(df)
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
 
     def _grant_rows_visible(self: KeyLedger, df: pd.DataFrame) -> pd.Series:
@@ -296,7 +289,7 @@ class GovernanceMixin:
                 args.append(status)
             sql += " GROUP BY ALL ORDER BY r.requested_at"
             with self._rt.db.read() as tx:
-                return utc_times(tx.execute(sql, args).df())
+                return normalize(tx.execute(sql, args).df(), times=("executed_at",))
 
     def _approvals_needed(self: KeyLedger, quorum_when_filed: int, key_id: str) -> int:
         """The quorum of when the request was filed, or today's if it was raised since."""

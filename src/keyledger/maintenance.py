@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import ciphertext as ct
 from .errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
-from .governance import utc_times
+from .frames import VERSION_STATES, normalize
 from .rotation import PROTECT_ACTIONS, DueReport, invalid_usage_limits, plan
 from .runtime import naive
 from .store import catalog as cat
@@ -167,7 +167,8 @@ class MaintenanceMixin:
                 args.append(key_id)
             sql += " GROUP BY ALL ORDER BY key, v.version"
             with self._rt.db.read() as tx:
-                return utc_times(tx.execute(sql, args).df())
+                return normalize(tx.execute(sql, args).df(),
+                                 categories={"state": VERSION_STATES})
 
     # -- bulk rewrap -------------------------------------------------------------------------------
     def rewrap_many(self: KeyLedger, ciphertexts: Iterable[bytes] | pd.Series | str | os.PathLike,
@@ -223,8 +224,8 @@ class MaintenanceMixin:
                 allowed.add(key.key_id)
             label = key.name if key else f"unknown:{header.key_id}"
             tally[(label, header.version)] = tally.get((label, header.version), 0) + 1
-        return pd.DataFrame([(k, v, n) for (k, v), n in sorted(tally.items())],
-                            columns=["key", "version", "ciphertexts"])
+        return normalize(pd.DataFrame([(k, v, n) for (k, v), n in sorted(tally.items())],
+                                      columns=["key", "version", "ciphertexts"]))
 
     # -- trim --------------------------------------------------------------------------------------
     def trim(self: KeyLedger, name: str, min_version: int) -> Any:
@@ -294,7 +295,7 @@ def _load_items(source: Any, column: str) -> tuple[list[Any], pa.Table | None]:
 
 
 def _errors(rows: list[tuple[int, str, str]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["index", "error", "message"])
+    return normalize(pd.DataFrame(rows, columns=["index", "error", "message"]))
 
 
 __all__ = ["MaintenanceMixin", "RewrapResult"]

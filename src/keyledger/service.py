@@ -27,6 +27,7 @@ from .backup import BackupMixin
 from .byok import ImportExportMixin
 from .compliance import ComplianceMixin
 from .config import default_home
+from .display import AuditFrame
 from .errors import (
     AccessDenied,
     AuditError,
@@ -39,6 +40,7 @@ from .errors import (
     KeyStateError,
     PolicyViolation,
 )
+from .frames import KEY_STATES, normalize
 from .governance import GovernanceMixin
 from .hsm.backend import Capabilities, DecryptFailed
 from .maintenance import MaintenanceMixin
@@ -75,6 +77,7 @@ _US = timedelta(microseconds=1)
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
 MAX_QUERY_TIMEOUT_S = 3600
+AUDIT_LIMIT = 1000  # audit() returns the newest this many records unless told otherwise
 
 
 def _fault(point: str) -> None:
@@ -376,9 +379,9 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
             columns = ["name", "spec", "purpose", "state", "latest_version", "owner",
                        "created_at", "rotated_at", "next_rotation_due", "min_decryption_version",
                        "deletion_due", "aliases", "tags", "exportable", "key_id"]
-            df = pd.DataFrame(rows, columns=columns)
-            for col in ("created_at", "rotated_at", "next_rotation_due", "deletion_due"):
-                df[col] = pd.to_datetime(df[col], utc=True)
+            df = normalize(pd.DataFrame(rows, columns=columns),
+                           times=("created_at", "rotated_at", "next_rotation_due",
+                                  "deletion_due"), categories={"state": KEY_STATES})
             if self.simulation:  # the times above may come from a simulated clock
                 df.attrs["note"] = SIMULATION_LABEL
             return df
@@ -1062,10 +1065,13 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
     def audit(self, *, key: str | None = None, principal: str | None = None,
               action: str | None = None, outcome: str | None = None,
               since: datetime | None = None, until: datetime | None = None,
-              limit: int | None = None, offset: int = 0, newest_first: bool = False
-              ) -> pd.DataFrame:
-        """Audit records (oldest first, or newest first) with time, principal, action, key,
-        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger.
+              limit: int | None = AUDIT_LIMIT, offset: int = 0, newest_first: bool = False
+              ) -> AuditFrame:
+        """The newest ``limit`` (default 1,000) matching audit records, oldest first (so
+        ``.tail()`` is the newest), or newest first with ``newest_first=True``: time,
+        principal, action, key, version, outcome, error, detail, ... ``offset`` skips that
+        many newest records (the next page back); ``limit=None`` returns every match. Only
+        the page is read: the query sorts newest first with a LIMIT, never loading the log.
 
         ``key`` also matches the records of refused calls that name no key, which keep only
         the name's hash (``sha256:...``, docs/audit.md)."""
@@ -1105,15 +1111,10 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                    "FROM audit_log LEFT JOIN journal_offsets o USING (journal)")
             if where:
                 sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY time DESC, seq DESC" if newest_first else " ORDER BY time, seq"
-            if limit is not None:
-                sql += f" LIMIT {_count(limit, 'limit')}"
-            if offset:
-                sql += f" OFFSET {_count(offset, 'offset')}"
+            sql = _audit_page_sql(sql, limit, offset, newest_first)
             with self._rt.db.read() as tx:
                 df = tx.execute(sql, args).df()
-            df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
-            return df
+            return AuditFrame(normalize(df))
 
     def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,
               label: str | None = None, timeout_s: float | None = None) -> pd.DataFrame:
@@ -1155,10 +1156,7 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
                             "or [store] query_timeout_s in keyledger.toml") from None
                     raise InvalidInput(f"the query failed: {str(exc).splitlines()[0][:300]}"
                                        ) from None
-            for col in df.columns:
-                if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
-                    df[col] = df[col].dt.tz_localize("UTC")
-            return df
+            return normalize(df)
 
     def _query_timeout(self, timeout_s: object) -> float:
         if timeout_s is None:
@@ -1259,6 +1257,17 @@ def _home_weakenings(old: dict, new: dict) -> list[str]:
     if any(t not in new_t or new_t[t] > secs for t, secs in old_t.items()):
         out.append("a longer or removed rotation rule by tag")
     return out
+
+
+def _audit_page_sql(sql: str, limit: int | None, offset: int, newest_first: bool) -> str:
+    """``sql`` cut to the newest ``limit`` rows after skipping ``offset`` (a top-N in DuckDB),
+    ordered newest first or, re-sorted, oldest first."""
+    sql += " ORDER BY time DESC, seq DESC"
+    if limit is not None:
+        sql += f" LIMIT {_count(limit, 'limit')}"
+    if offset:
+        sql += f" OFFSET {_count(offset, 'offset')}"
+    return sql if newest_first else f"SELECT * FROM ({sql}) ORDER BY time, seq"
 
 
 def _count(value: object, what: str) -> int:
