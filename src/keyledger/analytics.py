@@ -148,7 +148,7 @@ def key_status(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
     df = (df.sort_values(["_rank", "days_to_due", "name"], na_position="last")
             .drop(columns="_rank").reset_index(drop=True))
     return normalize(df, categories={"state": STATES,
-                                     "rotation_status": ROTATION_STATUSES[::-1]})
+                                     "rotation_status": ROTATION_STATUSES})
 
 
 def keys_by_state(status: pd.DataFrame) -> pd.DataFrame:
@@ -402,7 +402,7 @@ def compliance_matrix(findings: pd.DataFrame) -> pd.DataFrame:
     out = (counts.reindex(grid, fill_value=0) if counts is not None
            else pd.Series(0, index=grid, dtype=int))
     return normalize(out.rename("findings").reset_index(),
-                     categories={"severity": SEVERITY_ORDER[::-1]})
+                     categories={"severity": SEVERITY_ORDER})
 
 
 # -- overview --------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ without surprises:
 - text: pandas ``string`` dtype, missing ``<NA>`` (never ``None`` or ``NaN``);
 - whole numbers: ``Int64``, booleans: ``boolean`` (missing ``<NA>``);
 - measures (days, medians, means): ``float64``, missing ``NaN``;
-- words with an order: ordered ``Categorical``. Key and version states in lifecycle order
-  (pre-activation < active < ... < destroyed); severity and rotation status by urgency,
-  the most urgent highest (info < low < medium < high < critical; inactive < not scheduled <
-  ok < due soon < overdue), so ``df[df.severity >= "high"]`` selects high and critical and
-  ``sort_values("severity", ascending=False)`` puts critical first;
+- words with an order: ordered ``Categorical``, so ``sort_values`` gives the order that
+  means something. Key and version states in lifecycle order (pre-activation, active, ...,
+  destroyed); severity and rotation status most urgent first, as everywhere in keyledger
+  (critical, high, medium, low, info; overdue, due soon, ok, not scheduled, inactive): so
+  ``df[df.severity <= "high"]`` selects critical and high, and ``.map(rank)`` of these
+  columns keeps that order;
 - lists and mappings (tags, aliases, parameters, approvers) stay Python objects.
 """
 

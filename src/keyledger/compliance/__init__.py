@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Exceptions are reviewed at least yearly (PCI DSS 12.4 style): no longer expiry is accepted.
 MAX_EXCEPTION_DAYS = 366
 REPORT_FORMATS = ("html", "md")
-_SEVERITY = {"severity": SEVERITIES[::-1]}  # ordered: critical > high > medium > low > info
+_SEVERITY = {"severity": SEVERITIES}  # ordered categorical, most severe first: critical
 
 
 class ComplianceMixin:
@@ -215,7 +215,7 @@ class ComplianceMixin:
 
 
 def _findings_frame(df: pd.DataFrame) -> FindingsFrame:
-    """Findings as handed out: severity an ordered categorical, critical the highest."""
+    """Findings as handed out: severity an ordered categorical that sorts critical first."""
     return FindingsFrame(normalize(df.copy(), categories=_SEVERITY))
 
 
