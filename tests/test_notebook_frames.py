@@ -284,3 +284,11 @@ def test_audit_pages_back_from_the_newest_with_filters(busy, clock) -> None:
 def test_findings_are_findings_frames(frames) -> None:
     assert isinstance(frames["findings"], FindingsFrame)
     assert isinstance(frames["compliance"], FindingsFrame)
+
+
+def test_query_frames_follow_the_convention_even_with_a_repeated_column(ledger) -> None:
+    ledger.create_key("k", spec="AES_256")
+    df = ledger.query("SELECT seq, seq, time, key, error FROM audit_log")
+    assert [str(t) for t in df.dtypes] == ["Int64", "Int64", "datetime64[us, UTC]", "string",
+                                          "string"]
+    assert df["error"].isna().all() and all(v is pd.NA for v in df["error"])

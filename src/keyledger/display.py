@@ -356,7 +356,9 @@ class FindingsFrame(pd.DataFrame):
 
 
 class AuditFrame(pd.DataFrame):
-    """An audit-records DataFrame that shows itself with coloured outcomes in a notebook."""
+    """An audit-records DataFrame that shows itself with coloured outcomes in a notebook.
+
+    ``KeyLedger.audit()`` returns one (slices stay AuditFrames: ``ledger.audit().tail()``)."""
 
     @property
     def _constructor(self):  # noqa: ANN202

@@ -41,13 +41,14 @@ def normalize(df: pd.DataFrame, *, times: Iterable[str] = (),
     ``categories`` maps a column to its words in ascending order (values outside them are
     kept, ordered after them)."""
     times, categories = set(times), dict(categories or {})
-    for col in df.columns:
+    for i, col in enumerate(df.columns):  # by position: query() may repeat a column name
+        values = df.iloc[:, i]
         if col in categories:
-            df[col] = ordered(df[col], categories[col])
-        elif col in times or pd.api.types.is_datetime64_any_dtype(df[col]):
-            df[col] = utc(df[col])
+            df.isetitem(i, ordered(values, categories[col]))
+        elif col in times or pd.api.types.is_datetime64_any_dtype(values):
+            df.isetitem(i, utc(values))
         else:
-            df[col] = _plain(df[col])
+            df.isetitem(i, _plain(values))
     return df
 
 

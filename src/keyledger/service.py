@@ -1121,7 +1121,8 @@ class KeyLedger(GovernanceMixin, MaintenanceMixin, BackupMixin, ImportExportMixi
 
         Tables: keys, versions, transitions, audit_log, grants, requests, approvals, usage,
         compliance_findings, ... (docs/audit.md). The query runs in a transaction that is always
-        rolled back, with file access disabled; timestamps come back as UTC. ``label`` names the
+        rolled back, with file access disabled; the frame follows keyledger's conventions
+        (``keyledger.frames``: UTC times, ``string``/``Int64``/``boolean``). ``label`` names the
         query in its audit record (default: its first 200 characters). A query still running
         after ``timeout_s`` (default: ``[store] query_timeout_s`` of keyledger.toml, 10 s) is
         stopped with ``InvalidInput``: while it runs, other processes cannot write the store.
