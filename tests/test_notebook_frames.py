@@ -196,6 +196,12 @@ def test_every_public_frame_follows_one_convention(frames) -> None:
     for name in ("list_keys", "requests", "findings", "compliance_exceptions", "ka.upcoming",
                  "rewrap_many.errors", "run_due"):
         assert len(frames[name]), name
+    # so frames from different calls concatenate and compare
+    both = pd.concat([frames["grants"]["granted_at"], frames["audit"]["time"]])
+    assert str(both.dtype) == "datetime64[us, UTC]"
+    assert frames["compliance"]["severity"].dtype == frames["findings"]["severity"].dtype
+    assert isinstance(frames["findings"], FindingsFrame)
+    assert isinstance(frames["compliance"], FindingsFrame)
 
 
 def test_missing_values_are_na_in_text_and_number_columns(frames) -> None:
@@ -225,12 +231,6 @@ def test_severity_and_state_sort_in_their_meaning_not_alphabetically(frames) -> 
     matrix = frames["ka.compliance_matrix"]
     assert matrix.sort_values("severity")["severity"].astype(str).unique().tolist() == \
         list(SEVERITY)
-
-
-def test_frames_concatenate_and_compare_across_calls(frames) -> None:
-    both = pd.concat([frames["grants"]["granted_at"], frames["audit"]["time"]])
-    assert str(both.dtype) == "datetime64[us, UTC]"
-    assert (frames["compliance"]["severity"].dtype == frames["findings"]["severity"].dtype)
 
 
 # -- audit(limit=): the newest records, read with a LIMIT ---------------------------------------
@@ -279,11 +279,6 @@ def test_audit_pages_back_from_the_newest_with_filters(busy, clock) -> None:
         busy.audit(limit=-1)
     assert busy.audit(action="audit", outcome="failed", limit=None)["action"].tolist() == [
         "audit"]
-
-
-def test_findings_are_findings_frames(frames) -> None:
-    assert isinstance(frames["findings"], FindingsFrame)
-    assert isinstance(frames["compliance"], FindingsFrame)
 
 
 def test_query_frames_follow_the_convention_even_with_a_repeated_column(ledger) -> None:
