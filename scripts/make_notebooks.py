@@ -224,12 +224,14 @@ QUICKSTART = [
         ["time", "principal", "action", "key", "version", "outcome", "error"]]
     """, tags=("audit-tail",)),
     md("""
-    `audit()` takes filters (key, principal, action, outcome, since, until) and pages with
-    `limit`/`offset`. Everything this tour did, by action and outcome: the failed decrypt with
-    the wrong context and mallory's refusal are there.
+    `audit()` returns the newest 1,000 records (`limit=None`: all), takes filters (key,
+    principal, action, outcome, since, until) and pages back with `limit`/`offset`.
+    Everything this tour did, by action and outcome: the failed decrypt with the wrong
+    context and mallory's refusal are there.
     """),
     code("""
-    (ledger.audit().groupby(["action", "outcome"]).size().rename("records").reset_index())
+    (ledger.audit(limit=None).groupby(["action", "outcome"]).size().rename("records")
+     .reset_index())
     """, tags=("audit-summary",)),
     code("""
     report = ledger.verify_audit()

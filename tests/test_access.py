@@ -710,7 +710,7 @@ def test_request_before_the_deletion_window_goes_back_to_pending(quorum_home,
         bea.approve(rid)
     assert alice.get_key("early").state.value == "pending-deletion"
     row = _request_row(alice, rid)
-    assert row["status"] == "pending" and row["executed_by"] is None
+    assert row["status"] == "pending" and pd.isna(row["executed_by"])  # <NA>: frames convention
     clock.advance(days=2)  # the window has passed, the request has not expired (49 h < 72 h)
     out = cal.approve(rid)
     assert out["executed"] and out["approvals"] == 3

@@ -545,13 +545,16 @@ def test_audit_filters(home, clock):
         assert len(alice.audit(action="encrypt", since=t2)) == 1
         assert len(alice.audit(action="create_key", until=t1)) == 2
         assert len(alice.audit(since=t0 - timedelta(days=1), until=t0)) == 0
-        # limit keeps the oldest first
-        first = alice.audit(limit=2)
-        assert list(first["action"]) == ["open", "open"]
+        # limit keeps the newest, oldest first (the newest is the read just before)
+        everything = alice.audit(limit=None)
+        assert list(everything["action"][:2]) == ["open", "open"]
+        last = alice.audit(limit=2)
+        assert last["seq"].iloc[0] == everything["seq"].iloc[-1]
+        assert last["action"].iloc[-1] == "audit"
         assert alice.audit(principal="nobody").empty
         for col in ("time", "principal", "action", "key", "version", "outcome", "error"):
-            assert col in first.columns
-        assert str(first["time"].dt.tz) == "UTC"
+            assert col in last.columns
+        assert str(last["time"].dt.tz) == "UTC"
 
 
 def test_export_jsonl_and_parquet_partitioned_by_day(home, clock, tmp_path):

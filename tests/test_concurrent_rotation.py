@@ -125,7 +125,7 @@ def test_concurrent_rotation_and_use_make_no_errors(rotation_run):
 def test_concurrent_rotation_audits_every_call_once(rotation_run):
     home, results, _ = rotation_run
     with kl.open(home, principal="auditor") as led:
-        df = led.audit()
+        df = led.audit(limit=None)
         report = led.verify_audit()
         key = led.get_key("k0")
     assert report.ok, str(report)

@@ -97,7 +97,7 @@ def test_the_estate_spans_the_months_up_to_now_with_every_spec_and_team(demo):
     assert demo.before - timedelta(minutes=1) <= demo.generated_at <= datetime.now(UTC)
     with auditor(demo) as led:
         keys = led.list_keys()
-        audit = led.audit()
+        audit = led.audit(limit=None)
     assert set(keys["spec"]) == set(kl.SPECS)
     assert {t["team"] for t in keys["tags"] if "team" in t} == {t.name for t in TEAMS}
     assert keys["owner"].notna().sum() >= KEYS - 1  # one legacy key has no owner
@@ -122,8 +122,8 @@ def test_the_ledger_verifies_and_records_denials_and_failed_decrypts(demo):
         report = led.verify_audit()
         assert report.ok, report
         assert report.records >= demo.records
-        denied = led.audit(outcome="denied")
-        failed = led.audit(action="decrypt", outcome="failed")
+        denied = led.audit(outcome="denied", limit=None)
+        failed = led.audit(action="decrypt", outcome="failed", limit=None)
     assert len(denied) >= 100 and set(denied["error"]) == {"AccessDenied"}
     assert len(failed) >= 3 and set(failed["error"]) == {"InvalidCiphertext"}
 
@@ -132,7 +132,7 @@ def test_rotation_on_and_off_schedule_and_overdue_keys(demo):
     with auditor(demo) as led:
         keys = led.list_keys().set_index("name")
         findings = led.compliance()
-        rotations = led.audit(action="rotate", outcome="ok")
+        rotations = led.audit(action="rotate", outcome="ok", limit=None)
     active = keys[keys["state"] == "active"]
     overdue = set(active[active["next_rotation_due"] <= demo.generated_at].index)
     assert overdue and overdue == set(demo.overdue)
@@ -218,7 +218,7 @@ def test_the_demo_home_is_a_simulation_home(demo):
     with auditor(demo) as led:
         assert led.simulation
         assert "SIMULATION" in led.list_keys().attrs["note"]
-        first_open = led.audit(action="open", limit=1)["detail"].iloc[0]
+        first_open = led.audit(action="open", limit=None)["detail"].iloc[0]
     assert "simulation home" in first_open
 
 

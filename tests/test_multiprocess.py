@@ -246,7 +246,7 @@ def shared_run(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
     with kl.open(home, principal="auditor") as led:
-        df = led.audit()
+        df = led.audit(limit=None)
         report = led.verify_audit()
         keys = led.list_keys()
     return results, df, report, keys

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from .errors import InvalidInput
+from .frames import VERSION_STATES, normalize
 from .model import KeyState
 from .store.journal import READ_ACTIONS
 
@@ -144,15 +145,19 @@ def key_status(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
     df["rotation_status"] = status
     order = {s: i for i, s in enumerate(ROTATION_STATUSES)}
     df = df.assign(_rank=df["rotation_status"].map(order))
-    return (df.sort_values(["_rank", "days_to_due", "name"], na_position="last")
-              .drop(columns="_rank").reset_index(drop=True))
+    df = (df.sort_values(["_rank", "days_to_due", "name"], na_position="last")
+            .drop(columns="_rank").reset_index(drop=True))
+    return normalize(df, categories={"state": STATES,
+                                     "rotation_status": ROTATION_STATUSES})
 
 
 def keys_by_state(status: pd.DataFrame) -> pd.DataFrame:
     """Counts of ``key_status`` rows per state (every known state, zeros included)."""
     counts = status["state"].value_counts()
     states = list(STATES) + sorted(set(counts.index) - set(STATES))
-    return pd.DataFrame({"state": states, "keys": [int(counts.get(s, 0)) for s in states]})
+    return normalize(pd.DataFrame({"state": states,
+                                   "keys": [int(counts.get(s, 0)) for s in states]}),
+                     categories={"state": STATES})
 
 
 def upcoming(status: pd.DataFrame, *, now: datetime, days: int = 30) -> pd.DataFrame:
@@ -166,7 +171,8 @@ def upcoming(status: pd.DataFrame, *, now: datetime, days: int = 30) -> pd.DataF
     rows += [{"due": r.deletion_due, "event": "deletion", "key": r.name, "owner": r.owner,
               "overdue": r.deletion_due <= pd.Timestamp(now)} for r in dele.itertuples()]
     out = pd.DataFrame(rows, columns=["due", "event", "key", "owner", "overdue"])
-    return out.sort_values(["due", "key"]).reset_index(drop=True)
+    out = out.astype({"overdue": bool}).sort_values(["due", "key"]).reset_index(drop=True)
+    return normalize(out, times=("due",))
 
 
 def version_timeline(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
@@ -182,8 +188,9 @@ def version_timeline(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
                v.version = k.latest_version AS current
         FROM versions v JOIN keys k USING (key_id)
         WHERE {cond} ORDER BY k.name, v.version"""
-    return ledger.query(sql, [_naive(_now(ledger, now)), *args],
-                        label="analytics.version_timeline")
+    return normalize(ledger.query(sql, [_naive(_now(ledger, now)), *args],
+                                  label="analytics.version_timeline"),
+                     categories={"state": VERSION_STATES})
 
 
 # -- usage -------------------------------------------------------------------------------------
@@ -239,7 +246,8 @@ def version_usage(ledger: KeyLedger, filters: Filters = EVERYTHING) -> pd.DataFr
         LEFT JOIN ops o ON o.key_id = v.key_id AND o.version = v.version
         WHERE {cond} ORDER BY k.name, v.version"""
     params = [*ENCRYPT_ACTIONS, *DECRYPT_ACTIONS, *DECRYPT_ACTIONS, *targs, *args]
-    return ledger.query(sql, params, label="analytics.version_usage")
+    return normalize(ledger.query(sql, params, label="analytics.version_usage"),
+                     categories={"state": VERSION_STATES})
 
 
 def top_keys(ledger: KeyLedger, filters: Filters = EVERYTHING, *, n: int = 10) -> pd.DataFrame:
@@ -393,7 +401,8 @@ def compliance_matrix(findings: pd.DataFrame) -> pd.DataFrame:
     counts = findings.groupby(["framework", "severity"]).size() if len(findings) else None
     out = (counts.reindex(grid, fill_value=0) if counts is not None
            else pd.Series(0, index=grid, dtype=int))
-    return out.rename("findings").reset_index()
+    return normalize(out.rename("findings").reset_index(),
+                     categories={"severity": SEVERITY_ORDER})
 
 
 # -- overview --------------------------------------------------------------------------------

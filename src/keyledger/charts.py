@@ -166,7 +166,7 @@ def rotation_status(key_status: pd.DataFrame, top: int = 50, *,
     data = df[["name", "rotation_status", "days_to_due", *extra]].copy()
     data["_rank"] = data["rotation_status"].map(rank).fillna(len(rank))
     data = data.sort_values(["_rank", "days_to_due", "name"], na_position="last")
-    counts = data["rotation_status"].value_counts()
+    counts = data["rotation_status"].astype(str).value_counts()  # the statuses present
     summary = f"{_plural(len(data), 'key')}: " + ", ".join(
         f"{int(counts[s])} {s}" for s in [*ROTATION_STATUSES, *sorted(
             set(counts.index) - set(ROTATION_STATUSES))] if s in counts)

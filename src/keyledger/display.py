@@ -236,12 +236,12 @@ def _evidence(text: object, limit: int = 300) -> str:
 def _subject(row: Mapping[str, Any]) -> str:
     parts = []
     key = row.get("key")
-    if key is not None and not (isinstance(key, float) and pd.isna(key)):
+    if not _missing(key):
         version = row.get("version")
         has_version = version is not None and not pd.isna(version)
         parts.append(f"key <b>{esc(key)}</b>" + (f" v{esc(int(version))}" if has_version else ""))
     principal = row.get("principal")
-    if principal is not None and not (isinstance(principal, float) and pd.isna(principal)):
+    if not _missing(principal):
         parts.append(f"principal <b>{esc(principal)}</b>")
     return "<br>".join(parts) or "home"
 
@@ -258,7 +258,7 @@ def findings_html(findings: pd.DataFrame, *, max_rows: int = 200) -> str:
     if findings.empty:
         return (f"<div class='kl-findings' style=\"{_FONT}\"><span style='color:{GREEN};"
                 f"font-weight:600'>No open findings.</span></div>")
-    counts = findings["severity"].value_counts()
+    counts = findings["severity"].astype(str).value_counts()  # the severities present
     order = [s for s in SEVERITY_ORDER if s in counts] + sorted(
         str(s) for s in counts.index if s not in SEVERITY_ORDER)
     summary = ", ".join(f"{int(counts[s])} {esc(s)}" for s in order)
@@ -356,7 +356,9 @@ class FindingsFrame(pd.DataFrame):
 
 
 class AuditFrame(pd.DataFrame):
-    """An audit-records DataFrame that shows itself with coloured outcomes in a notebook."""
+    """An audit-records DataFrame that shows itself with coloured outcomes in a notebook.
+
+    ``KeyLedger.audit()`` returns one (slices stay AuditFrames: ``ledger.audit().tail()``)."""
 
     @property
     def _constructor(self):  # noqa: ANN202

@@ -9,5 +9,4 @@ from .services.governance import (  # noqa: F401
     REQUEST_PARAMS,
     REQUEST_TTL,
     GovernanceService,
-    utc_times,
 )

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 
+from .frames import normalize
 from .model import Key, KeyState, Purpose, invalid_usage_limit, usage_limit
 
 # Originator-usage period (NIST SP 800-57 Table 1): after it, a key that is not rotated
@@ -92,7 +93,7 @@ class DueReport:
     def to_frame(self) -> pd.DataFrame:
         rows = [{"outcome": "done", **d} for d in self.done]
         rows += [{"outcome": "skipped", **d} for d in self.skipped]
-        return pd.DataFrame(rows, columns=["outcome", "action", "key", "reason"])
+        return normalize(pd.DataFrame(rows, columns=["outcome", "action", "key", "reason"]))
 
     def __str__(self) -> str:
         lines = [f"due work at {self.now:%Y-%m-%d %H:%M} UTC: {len(self.done)} done, "

@@ -17,12 +17,13 @@ from .access import WILDCARD
 from .backup import RESTORE_TEST_SAMPLE, BackupInfo, RestoreTestReport
 from .byok import WrappedKey
 from .config import default_home
+from .display import AuditFrame
 from .errors import InvalidInput, KeyStateError
 from .hsm.backend import Capabilities
 from .model import Key, validate_name
 from .rotation import DueReport
 from .runtime import HomeRuntime, ReconcileReport
-from .services.audit import AuditService
+from .services.audit import AUDIT_LIMIT, AuditService
 from .services.backup import BackupService
 from .services.compliance import ComplianceService
 from .services.context import Audited, Context
@@ -286,10 +287,13 @@ class KeyLedger:
     def audit(self, *, key: str | None = None, principal: str | None = None,
               action: str | None = None, outcome: str | None = None,
               since: datetime | None = None, until: datetime | None = None,
-              limit: int | None = None, offset: int = 0, newest_first: bool = False
-              ) -> pd.DataFrame:
-        """Audit records (oldest first, or newest first) with time, principal, action, key,
-        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger.
+              limit: int | None = AUDIT_LIMIT, offset: int = 0, newest_first: bool = False
+              ) -> AuditFrame:
+        """The newest ``limit`` (default 1,000) matching audit records, oldest first (so
+        ``.tail()`` is the newest), or newest first with ``newest_first=True``: time,
+        principal, action, key, version, outcome, error, detail, ... ``offset`` skips that
+        many newest records (the next page back); ``limit=None`` returns every match. Only
+        the page is read: the query sorts newest first with a LIMIT, never loading the log.
 
         ``key`` also matches the records of refused calls that name no key, which keep only
         the name's hash (``sha256:...``, docs/audit.md)."""
@@ -303,7 +307,8 @@ class KeyLedger:
 
         Tables: keys, versions, transitions, audit_log, grants, requests, approvals, usage,
         compliance_findings, ... (docs/audit.md). The query runs in a transaction that is always
-        rolled back, with file access disabled; timestamps come back as UTC. ``label`` names the
+        rolled back, with file access disabled; the frame follows keyledger's conventions
+        (``keyledger.frames``: UTC times, ``string``/``Int64``/``boolean``). ``label`` names the
         query in its audit record (default: its first 200 characters). A query still running
         after ``timeout_s`` (default: ``[store] query_timeout_s`` of keyledger.toml, 10 s) is
         stopped with ``InvalidInput``: while it runs, other processes cannot write the store.

@@ -17,6 +17,7 @@ import pandas as pd
 
 from .. import outputs
 from ..errors import AuditError, InvalidInput, KeyLedgerError
+from ..frames import normalize
 from .archive import Layout, as_error, write_archive
 from .reports import BackupInfo, RestoreTestReport, record_event
 from .stream import check_passphrase
@@ -99,8 +100,7 @@ class BackupMixin:
             self._authorize(rec, "audit", None)
             with self._rt.db.read() as tx:
                 df = tx.execute("SELECT * FROM backups ORDER BY time, rowid").df()
-            df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
-            return df
+            return normalize(df)
 
 
 def _run_restore_test(src: Path, secret: bytes, principal: str, timeout: float,

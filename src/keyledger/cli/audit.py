@@ -36,9 +36,9 @@ _TAIL_COLUMNS = ["seq", "time", "principal", "action", "key", "version", "outcom
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     if args.n < 0:
         raise UsageError("-n must be zero or more")
-    with ledger_for(args) as led:
+    with ledger_for(args) as led:  # only the newest n records are read (audit() pages in DuckDB)
         df = led.audit(key=args.key, principal=args.who, action=args.action,
-                       outcome=args.outcome)
+                       outcome=args.outcome, limit=max(args.n, 1))
     df = df.tail(args.n) if args.n else df.iloc[0:0]
     if args.json:
         print_json([{c: rec.get(c) for c in _TAIL_COLUMNS}

@@ -20,6 +20,7 @@ import pandas as pd
 from .. import outputs
 from ..display import FindingsFrame
 from ..errors import AuditError, InvalidInput, PolicyViolation
+from ..frames import normalize
 from ..model import parse_period
 from ..store import compliance as engine
 from ..store.compliance import Evaluation
@@ -28,6 +29,7 @@ from .rules import SEVERITIES, Rule, RuleSet, load_rules
 # Exceptions are reviewed at least yearly (PCI DSS 12.4 style): no longer expiry is accepted.
 MAX_EXCEPTION_DAYS = 366
 REPORT_FORMATS = ("html", "md")
+_SEVERITY = {"severity": SEVERITIES}  # ordered categorical, most severe first: critical
 
 
 class ComplianceMixin:
@@ -56,7 +58,7 @@ class ComplianceMixin:
                           f"({_by_severity(ev.visible())}), "
                           f"{int((ev.findings['status'] == 'accepted').sum())} accepted, "
                           f"{len(ev.rules)} rules")[:500]
-            return FindingsFrame(df)
+            return _findings_frame(df)
 
     def _evaluate_compliance(self, frameworks: object, now: datetime | None,
                              collect: Any = None) -> Evaluation:
@@ -90,7 +92,7 @@ class ComplianceMixin:
             names = (load_rules(self.home).resolve_frameworks(frameworks)
                      if frameworks is not None else None)
             with self._rt.db.write(export=False) as tx:
-                return engine.trend(tx, names)
+                return normalize(engine.trend(tx, names), categories=_SEVERITY)
 
     def findings(self, frameworks: str | list[str] | None = None, *,
                  include_accepted: bool = False) -> pd.DataFrame:
@@ -109,13 +111,13 @@ class ComplianceMixin:
                                             self._now(), names)
             if not include_accepted:
                 df = df[df["status"] != "accepted"].reset_index(drop=True)
-            return FindingsFrame(df)
+            return _findings_frame(df)
 
     def compliance_rules(self) -> pd.DataFrame:
         """The loaded rules: id, framework, control, severity, title, parameters and source."""
         with self._audited("compliance_rules", None) as rec:
             self._authorize(rec, "compliance", None)
-            return rules_frame(load_rules(self.home))
+            return normalize(rules_frame(load_rules(self.home)), categories=_SEVERITY)
 
     # -- exceptions ------------------------------------------------------------------------------
     def accept_finding(self, rule_id: str, key: str | None, reason: str,
@@ -175,7 +177,7 @@ class ComplianceMixin:
         with self._audited("compliance_exceptions", None) as rec:
             self._authorize(rec, "compliance", None)
             with self._rt.db.write(export=False) as tx:
-                return engine.exceptions(tx, self._now())
+                return normalize(engine.exceptions(tx, self._now()))
 
     # -- report ----------------------------------------------------------------------------------
     def compliance_report(self, path: str | os.PathLike, format: str = "html", *,
@@ -208,6 +210,11 @@ class ComplianceMixin:
             rec.detail = (f"{format} report of run {ev.run_id} to {out}: "
                           f"{len(ev.visible())} findings")[:500]
             return out
+
+
+def _findings_frame(df: pd.DataFrame) -> FindingsFrame:
+    """Findings as handed out: severity an ordered categorical that sorts critical first."""
+    return FindingsFrame(normalize(df.copy(), categories=_SEVERITY))
 
 
 def _by_severity(df: pd.DataFrame) -> str:

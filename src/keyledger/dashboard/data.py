@@ -36,6 +36,7 @@ import pandas as pd
 
 from .. import analytics as kla
 from ..errors import AccessDenied, KeyLedgerError
+from ..frames import normalize
 from ..store.journal import SUFFIX as JOURNAL_SUFFIX
 from ..store.journal import has_changes, journal_pid
 
@@ -200,8 +201,9 @@ class Data:
             try:
                 return self.ledger.grants()
             except AccessDenied:  # no role anywhere: nothing to show
-                return pd.DataFrame(columns=["key", "principal", "role", "granted_by",
-                                             "granted_at"])
+                return normalize(pd.DataFrame(columns=["key", "principal", "role",
+                                                       "granted_by", "granted_at"]),
+                                 times=("granted_at",))
         return self._cached("grants", compute)
 
     def requests(self, status: str | None = "pending") -> pd.DataFrame:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from .. import outputs
+from ..display import AuditFrame
 from ..errors import AuditError, InvalidInput
+from ..frames import normalize
 from ..model import name_digest, validate_bool, validate_when
 from ..runtime import naive
 from ..store import audit as audit_repo
@@ -20,6 +22,7 @@ from ..store.ledger import verify as verify_ledger
 from .context import Service
 
 MAX_QUERY_TIMEOUT_S = 3600
+AUDIT_LIMIT = 1000  # audit() returns the newest this many records unless told otherwise
 
 
 class AuditService(Service):
@@ -32,10 +35,13 @@ class AuditService(Service):
     def audit(self, *, key: str | None = None, principal: str | None = None,
               action: str | None = None, outcome: str | None = None,
               since: datetime | None = None, until: datetime | None = None,
-              limit: int | None = None, offset: int = 0, newest_first: bool = False
-              ) -> pd.DataFrame:
-        """Audit records (oldest first, or newest first) with time, principal, action, key,
-        version, outcome, ...; ``limit`` and ``offset`` page through a large ledger.
+              limit: int | None = AUDIT_LIMIT, offset: int = 0, newest_first: bool = False
+              ) -> AuditFrame:
+        """The newest ``limit`` (default 1,000) matching audit records, oldest first (so
+        ``.tail()`` is the newest), or newest first with ``newest_first=True``: time,
+        principal, action, key, version, outcome, error, detail, ... ``offset`` skips that
+        many newest records (the next page back); ``limit=None`` returns every match. Only
+        the page is read: the query sorts newest first with a LIMIT, never loading the log.
 
         ``key`` also matches the records of refused calls that name no key, which keep only
         the name's hash (``sha256:...``, docs/audit.md)."""
@@ -61,8 +67,7 @@ class AuditService(Service):
                     until=naive(until) if until is not None else None,
                     limit=_count(limit, "limit") if limit is not None else None,
                     offset=_count(offset, "offset"), newest_first=newest_first)
-            df["time"] = pd.to_datetime(df["time"]).dt.tz_localize("UTC")
-            return df
+            return AuditFrame(normalize(df))
 
     def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,
               label: str | None = None, timeout_s: float | None = None) -> pd.DataFrame:
@@ -70,7 +75,8 @@ class AuditService(Service):
 
         Tables: keys, versions, transitions, audit_log, grants, requests, approvals, usage,
         compliance_findings, ... (docs/audit.md). The query runs in a transaction that is always
-        rolled back, with file access disabled; timestamps come back as UTC. ``label`` names the
+        rolled back, with file access disabled; the frame follows keyledger's conventions
+        (``keyledger.frames``: UTC times, ``string``/``Int64``/``boolean``). ``label`` names the
         query in its audit record (default: its first 200 characters). A query still running
         after ``timeout_s`` (default: ``[store] query_timeout_s`` of keyledger.toml, 10 s) is
         stopped with ``InvalidInput``: while it runs, other processes cannot write the store.
@@ -92,10 +98,7 @@ class AuditService(Service):
             except AuditError:  # a tampered ledger is still readable (verify_audit reports it)
                 pass
             df = queries.run_query(self._rt.db, sql, params, limit)
-            for col in df.columns:
-                if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
-                    df[col] = df[col].dt.tz_localize("UTC")
-            return df
+            return normalize(df)
 
     def _query_timeout(self, timeout_s: object) -> float:
         if timeout_s is None:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..access import WILDCARD, Role, index_grants, parse_role, roles_of
 from ..errors import InvalidInput, KeyNotFound, KeyStateError, PolicyViolation
+from ..frames import normalize
 from ..model import validate_name
 from ..runtime import naive
 from ..store import grants as grants_repo
@@ -42,14 +43,6 @@ CUSTODIAN_STATEMENT = (
     "I accept my responsibilities as a key custodian: I will protect the keys I administer, "
     "follow the key-management policy, and report suspected compromise at once (PCI DSS 3.7.8)."
 )
-
-
-def utc_times(df: pd.DataFrame) -> pd.DataFrame:
-    """The store keeps naive UTC times: every frame handed out has tz-aware UTC columns."""
-    for col in df.columns:
-        if pd.api.types.is_datetime64_dtype(df[col]) and df[col].dt.tz is None:
-            df[col] = df[col].dt.tz_localize("UTC")
-    return df
 
 
 # Executes an approved request: (key name or None for the home, reason with the approvals,
@@ -137,7 +130,7 @@ class GovernanceService(Service):
             with self._rt.db.read() as tx:
                 df = grants_repo.frame(tx)
             df = df[self._grant_rows_visible(df)].drop(columns="scope").reset_index(drop=True)
-            df = utc_times(df)
+            df = normalize(df)
             return df if name is None else df[df["key"].isin([name, WILDCARD])]
 
     def _grant_rows_visible(self, df: pd.DataFrame) -> pd.Series:
@@ -274,7 +267,7 @@ class GovernanceService(Service):
         with self._audited("requests", None) as rec:
             self._require_some_role(rec, "requests")
             with self._rt.db.read() as tx:
-                return utc_times(requests_repo.frame(tx, status))
+                return normalize(requests_repo.frame(tx, status), times=("executed_at",))
 
     def _approvals_needed(self, quorum_when_filed: int, key_id: str) -> int:
         """The quorum of when the request was filed, or today's if it was raised since."""

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..access import WILDCARD, roles_of
 from ..errors import InvalidInput, KeyExists, KeyStateError, PolicyViolation
+from ..frames import KEY_STATES, normalize
 from ..intents import HsmChange
 from ..model import (
     Key,
@@ -112,9 +113,9 @@ class LifecycleService(Service):
             columns = ["name", "spec", "purpose", "state", "latest_version", "owner",
                        "created_at", "rotated_at", "next_rotation_due", "min_decryption_version",
                        "deletion_due", "aliases", "tags", "exportable", "key_id"]
-            df = pd.DataFrame(rows, columns=columns)
-            for col in ("created_at", "rotated_at", "next_rotation_due", "deletion_due"):
-                df[col] = pd.to_datetime(df[col], utc=True)
+            df = normalize(pd.DataFrame(rows, columns=columns),
+                           times=("created_at", "rotated_at", "next_rotation_due",
+                                  "deletion_due"), categories={"state": KEY_STATES})
             if self.simulation:  # the times above may come from a simulated clock
                 df.attrs["note"] = SIMULATION_LABEL
             return df

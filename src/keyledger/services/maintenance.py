@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import ciphertext as ct
 from ..errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
+from ..frames import VERSION_STATES, normalize
 from ..intents import HsmChange
 from ..rotation import PROTECT_ACTIONS, DueReport, invalid_usage_limits, plan
 from ..runtime import naive
@@ -27,7 +28,6 @@ from ..store import meta
 from .compliance import ComplianceService
 from .context import Context, Service
 from .crypto import CryptoService
-from .governance import utc_times
 from .lifecycle import LifecycleService
 
 LEASE_SECONDS = 600
@@ -167,7 +167,8 @@ class MaintenanceService(Service):
                 self._authorize(rec, "version_usage", None)
             self._rt.ingest()
             with self._rt.db.read() as tx:
-                return utc_times(audit_repo.version_usage(tx, key_id))
+                return normalize(audit_repo.version_usage(tx, key_id),
+                                 categories={"state": VERSION_STATES})
 
     # -- bulk rewrap -------------------------------------------------------------------------------
     def rewrap_many(self, ciphertexts: Iterable[bytes] | pd.Series | str | os.PathLike,
@@ -223,8 +224,8 @@ class MaintenanceService(Service):
                 allowed.add(key.key_id)
             label = key.name if key else f"unknown:{header.key_id}"
             tally[(label, header.version)] = tally.get((label, header.version), 0) + 1
-        return pd.DataFrame([(k, v, n) for (k, v), n in sorted(tally.items())],
-                            columns=["key", "version", "ciphertexts"])
+        return normalize(pd.DataFrame([(k, v, n) for (k, v), n in sorted(tally.items())],
+                                      columns=["key", "version", "ciphertexts"]))
 
     # -- trim --------------------------------------------------------------------------------------
     def trim(self, name: str, min_version: int) -> Any:
@@ -287,7 +288,7 @@ def _load_items(source: Any, column: str) -> tuple[list[Any], pa.Table | None]:
 
 
 def _errors(rows: list[tuple[int, str, str]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["index", "error", "message"])
+    return normalize(pd.DataFrame(rows, columns=["index", "error", "message"]))
 
 
 __all__ = ["MaintenanceService", "RewrapResult"]
