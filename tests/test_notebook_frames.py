@@ -21,6 +21,7 @@ import pytest
 
 import keyledger.analytics as ka
 import keyledger.service as service
+import keyledger.store.audit as audit_repo
 from keyledger.display import AuditFrame, FindingsFrame
 from keyledger.errors import InvalidInput
 
@@ -246,8 +247,8 @@ def busy(ledger, clock):
 
 def test_audit_default_is_an_audit_frame_of_the_newest_records(busy, monkeypatch) -> None:
     sqls: list[str] = []
-    real = service._audit_page_sql
-    monkeypatch.setattr(service, "_audit_page_sql",
+    real = audit_repo._page_sql
+    monkeypatch.setattr(audit_repo, "_page_sql",
                         lambda *a: sqls.append(real(*a)) or sqls[-1])
     everything = busy.audit(limit=None)
     assert len(everything) > service.AUDIT_LIMIT + 2000
