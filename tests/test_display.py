@@ -78,9 +78,9 @@ def test_key_html_with_now_says_overdue_in_red(seeded):
     key, now = seeded["orders"], seeded["now"]
     out = display.key_html(key, now=now)
     assert re.search(r"overdue by \d+ days", out)
-    assert f"color:{display.RED}" in out
+    assert f"color:{display.text_color(display.RED)}" in out  # theme-aware red text
     soon = display.key_html(key, now=key.next_rotation_due - timedelta(days=5))
-    assert "in 5 days" in soon and f"color:{display.ORANGE}" in soon
+    assert "in 5 days" in soon and f"color:{display.text_color(display.ORANGE)}" in soon
     suspended = display.key_html(seeded["legacy"])
     assert f"background:{display.STATE_COLORS['suspended']}" in suspended
     assert "suspended" in visible_text(suspended)
@@ -92,7 +92,7 @@ def test_versions_table_lists_each_version_with_its_use(seeded):
     text = visible_text(out)
     assert [int(n) for n in re.findall(r"\bv(\d+)\b", text)] == [3, 2, 1]  # newest first
     assert "current: encrypts and decrypts" in text
-    assert text.count("decrypts / verifies old data") == 2
+    assert text.count("decrypts old data only") == 2
     assert text.count("retired") == 2
     destroyed = kl.model.KeyVersion(4, b"\x01" * 16, "destroyed", key.created_at,
                                     key.created_at)
