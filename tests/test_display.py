@@ -265,6 +265,7 @@ def test_rewrap_result_repr_shows_counts_never_ciphertext(ledger):
     ledger.rotate("orders")
     result = ledger.rewrap_many(blobs, progress=False)
     assert result.ok == 3
+    assert "b'" not in repr(result) and "ciphertexts=" not in repr(result)  # no bytes echoed
     shown = [repr(result), str(result), result._repr_html_()]
     for blob in [*blobs, *result.ciphertexts]:
         for text in shown:
@@ -356,3 +357,67 @@ def charts_outcome_colours() -> dict[str, str]:
     from keyledger import charts
 
     return dict(charts.OUTCOME_COLORS)
+
+
+# -- in a real browser, with JupyterLab's own light and dark theme variables ----------------------
+_CONTRAST_JS = """() => {
+  const rgba = s => { const m = s.match(/[\\d.]+/g).map(Number);
+                      return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
+  const lum = c => { const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92
+                                      : Math.pow((v + 0.055) / 1.055, 2.4); };
+                     return 0.2126 * f(c[0]) + 0.7152 * f(c[1]) + 0.0722 * f(c[2]); };
+  const background = el => { for (let e = el; e; e = e.parentElement) {
+      const c = rgba(getComputedStyle(e).backgroundColor); if (c[3] > 0) return c; }
+    return [255, 255, 255, 1]; };
+  const bad = [];
+  for (const el of document.querySelectorAll('#out *')) {
+    const own = [...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+    if (!own || el.getClientRects().length === 0) continue;
+    const bg = background(el), fg = rgba(getComputedStyle(el).color);
+    const mix = [0, 1, 2].map(i => fg[i] * fg[3] + bg[i] * (1 - fg[3]));
+    const [a, b] = [lum(mix), lum(bg)].sort((x, y) => y - x);
+    const ratio = (a + 0.05) / (b + 0.05);
+    if (ratio < 3) bad.push(el.textContent.trim().slice(0, 40) + ' ' + ratio.toFixed(2));
+  }
+  return {bad, height: document.querySelector('#out .kl-findings').getBoundingClientRect().height};
+}"""
+
+
+def _theme_variables(name: str) -> str:
+    """The ``:root{...}`` block of an installed JupyterLab theme (its CSS variables)."""
+    import sys
+    from pathlib import Path
+
+    css = (Path(sys.prefix) / "share/jupyter/lab/themes/@jupyterlab" / name / "index.css")
+    if not css.exists():
+        pytest.skip(f"JupyterLab's {name} is not installed")
+    text = css.read_text()
+    return text[:text.index("}") + 1]
+
+
+def test_reprs_read_well_in_jupyterlab_light_and_dark_themes(seeded):
+    """Every text of the key card, findings and audit reprs keeps a contrast of 3:1 or more
+    on JupyterLab's light and dark backgrounds; 69 findings fit a bounded box."""
+    from browser_support import chromium_available, launch_chromium
+    if not chromium_available():
+        pytest.skip("Debian chromium is not installed")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    body = "".join([display.key_html(seeded["orders"], now=seeded["now"]),
+                    display.key_html(seeded["legacy"]), display.findings_html(_many_findings()),
+                    display.audit_html(seeded["audit"])])
+    with sync_playwright() as pw:
+        context = launch_chromium(pw)
+        try:
+            page = context.new_page()
+            reports = {}
+            for theme in ("theme-light-extension", "theme-dark-extension"):
+                page.set_content(
+                    f"<html><head><style>{_theme_variables(theme)} body{{margin:0;"
+                    "background:var(--jp-layout-color0);color:var(--jp-ui-font-color1)}"
+                    f"</style></head><body><div id='out'>{body}</div></body></html>")
+                reports[theme] = page.evaluate(_CONTRAST_JS)
+        finally:
+            context.close()
+    assert {t: r["bad"] for t, r in reports.items()} == {t: [] for t in reports}
+    for theme, report in reports.items():  # was 8,600 px for 69 findings in the issue
+        assert report["height"] <= 700, theme
