@@ -209,10 +209,9 @@ def test_destructive_actions_need_confirmation_and_cancel_disarms(fleet):
     rec = fleet.audit(action="disable", key="sig")
     assert len(rec) == 1 and rec.iloc[0]["principal"] == "alice" and rec.iloc[0]["outcome"] == "ok"
 
-    act.days.value = 3  # outside 7..30: the service's own words
+    act.days.value = 3  # outside 7..30: refused before arming, in the service's words
     act.buttons["schedule_deletion"].click()
-    assert fleet.get_key("sig").state.value == "suspended"  # armed, not run
-    act.confirm_button.click()
+    assert act.armed is None and act.confirm_box.layout.display == "none"
     assert "waiting period must be 7 to 30 days, not 3" in _text(act.status)
     _no_traceback(act.status)
     assert fleet.get_key("sig").state.value == "suspended"
@@ -228,7 +227,7 @@ def test_destructive_actions_need_confirmation_and_cancel_disarms(fleet):
     act.buttons["cancel_deletion"].click()  # not destructive: runs at once
     assert fleet.get_key("sig").state.value == "suspended"  # the state before scheduling
     outcomes = fleet.audit(key="sig", action="schedule_deletion")["outcome"].tolist()
-    assert outcomes == ["failed", "ok"]
+    assert outcomes == ["ok"]  # the refused value never reached the ledger
 
 
 def test_create_key_from_the_form(ledger):

@@ -48,11 +48,27 @@ class RewrapResult:
         return sum(c is not None for c in self.ciphertexts)
 
     def __str__(self) -> str:
-        by = ", ".join(f"{r.key} v{r.version}: {r.ciphertexts}" for r in self.counts.itertuples())
+        by = self._by_version()
         if self.dry_run:
             return f"dry run: {len(self.ciphertexts)} ciphertexts ({by}); nothing changed"
         return (f"rewrapped {self.ok} of {len(self.ciphertexts)} ciphertexts in "
                 f"{self.seconds:.1f} s ({len(self.errors)} failed); before: {by}")
+
+    def __repr__(self) -> str:
+        """Counts and key names only: a notebook echo must not dump ciphertext bytes."""
+        return (f"<RewrapResult {len(self.ciphertexts)} ciphertexts, {self.ok} rewrapped, "
+                f"{len(self.errors)} failed{', dry run' if self.dry_run else ''}: "
+                f"{self._by_version()}>")
+
+    def _repr_html_(self) -> str:
+        """The summary line and the per-version counts (never the ciphertexts)."""
+        from ..display import esc
+
+        return f"<div><b>{esc(self)}</b></div>" + self.counts.to_html(index=False)
+
+    def _by_version(self) -> str:
+        return ", ".join(f"{r.key} v{r.version}: {r.ciphertexts}"
+                         for r in self.counts.itertuples()) or "nothing"
 
 
 class MaintenanceService(Service):

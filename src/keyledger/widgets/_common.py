@@ -11,17 +11,21 @@ from typing import Any, TypeVar
 import ipywidgets as W
 import pandas as pd
 
+from ..display import OUTCOME_COLORS, ROTATION_COLORS, SEVERITY_COLORS, text_color_on
 from ..errors import KeyLedgerError
 
 log = logging.getLogger("keyledger.widgets")
 T = TypeVar("T")
 
-OK_COLOUR, ERROR_COLOUR, MUTED_COLOUR, WARN_COLOUR = "#1a7f37", "#cf222e", "#57606a", "#9a6700"
-# Fallback palettes; keyledger.charts (when present) supplies the shared ones.
-_ROTATION_COLOURS = {"overdue": "#d62728", "due soon": "#ff7f0e", "ok": "#2ca02c",
-                     "not scheduled": "#7f7f7f", "inactive": "#bcbd22"}
-_SEVERITY_COLOURS = {"critical": "#d62728", "high": "#ff7f0e", "medium": "#e7ba52",
-                     "low": "#1f77b4", "info": "#7f7f7f"}
+# Text colours follow the notebook theme (JupyterLab's CSS variables; light fallbacks elsewhere).
+OK_COLOUR = "var(--jp-success-color1, #1a7f37)"
+ERROR_COLOUR = "var(--jp-error-color1, #cf222e)"
+MUTED_COLOUR = "var(--jp-ui-font-color2, #57606a)"
+WARN_COLOUR = "var(--jp-warn-color1, #9a6700)"
+RULE_COLOUR = "var(--jp-border-color1, #d0d7de)"
+HIGHLIGHT_BACKGROUND = "var(--jp-layout-color2, #fff8c5)"
+# Fallback palettes: display's (which keyledger.charts re-exports), so tables match charts.
+_ROTATION_COLOURS, _SEVERITY_COLOURS = dict(ROTATION_COLORS), dict(SEVERITY_COLORS)
 ALL = "(all)"
 
 
@@ -164,11 +168,21 @@ def html_table(df: pd.DataFrame, columns: Iterable[str] | Mapping[str, str], *,
             value = row.get(col)
             style = cell_style(col, value) if cell_style else ""
             cells.append(f"<td style='padding:2px 8px;{style}'>{html.escape(fmt(value))}</td>")
-        bg = " style='background:#fff8c5'" if highlight is not None and highlight(row) else ""
+        bg = f" style='background:{HIGHLIGHT_BACKGROUND}'" if highlight is not None and highlight(row) else ""
         rows.append(f"<tr{bg}>{''.join(cells)}</tr>")
     return ("<table style='border-collapse:collapse;font-size:12px'>"
-            f"<thead><tr style='border-bottom:1px solid #d0d7de'>{head}</tr></thead>"
+            f"<thead><tr style='border-bottom:1px solid {RULE_COLOUR}'>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def outcome_style(value: object) -> str:
+    """Cell style for an audit outcome: the charts' colour (display.OUTCOME_COLORS) as the
+    background with a contrasting text colour, so denied/failed read the same in tables and
+    charts, in light and dark themes; "ok" stays plain."""
+    colour = OUTCOME_COLORS.get(str(value))
+    if colour is None or value == "ok":
+        return ""
+    return f"background:{colour};color:{text_color_on(colour)};font-weight:600"
 
 
 def section(title: str, body_html: str) -> str:

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from ..errors import InvalidInput
-from ..model import SPECS, Purpose
-from ._common import WidgetView, attempt, message_html, set_status
+from ..display import key_html
+from ..errors import InvalidInput, PolicyViolation
+from ..model import SPECS, Key, Purpose, parse_period
+from ..service import MAX_DELETION_DAYS, MIN_DELETION_DAYS
+from ._common import WidgetView, attempt, dl, message_html, set_status
 
 if TYPE_CHECKING:
     from ..service import KeyLedger
@@ -23,12 +25,15 @@ DESTRUCTIVE = ("disable", "schedule_deletion", "request", "approve")
 
 @dataclass
 class Armed:
-    """A destructive action waiting for its "Confirm" click."""
+    """A destructive action waiting for its "Confirm" click; ``facts`` (action, key, values,
+    reason) are shown with the prompt, so what is confirmed is what runs."""
 
     action: str
     prompt: str
     run: Callable[[], Any]
     done: Callable[[Any], str]
+    facts: tuple[tuple[str, Any], ...] = ()
+    key: str | None = None
 
 
 def parse_tags(text: str) -> dict[str, str]:
@@ -49,13 +54,17 @@ class KeyActions(WidgetView):
 
     Destructive actions (disable, schedule deletion, requests to destroy or trim, approvals) are
     armed by their first click and run only on ``confirm_button``; ``cancel_button`` disarms.
-    Failures appear as words in ``status``. After a success the ``inventory`` (if given) is
-    refreshed, and so is anything registered with ``on_success``.
+    Their values are checked before arming (a refused value arms nothing), and the confirm
+    step shows the action, key, values and reason. Editing the key, reason or a value
+    disarms. The reason is cleared after every action, so it is never recorded for a later
+    one. Failures appear as words in ``status``. After an action the ``inventory`` (if given)
+    is refreshed, ``detail`` shows the key as it is now (so does the inventory's detail pane
+    when its filters hide the key), and callbacks registered with ``on_success`` run.
 
     Pieces for scripting and tests: ``key``, ``reason``, ``days``, ``request_action``,
     ``min_version``, ``request_id``, the create fields (``new_name``, ``spec``, ``purpose``,
     ``owner``, ``tags``, ``rotation_period``), ``buttons`` (by action name),
-    ``confirm_button``, ``cancel_button``, ``armed`` and ``status``.
+    ``confirm_button``, ``cancel_button``, ``armed``, ``prompt``, ``status`` and ``detail``.
     """
 
     def __init__(self, ledger: KeyLedger, inventory: KeyInventory | None = None) -> None:
@@ -109,6 +118,7 @@ class KeyActions(WidgetView):
         self.confirm_box = W.HBox([self.prompt, self.confirm_button, self.cancel_button],
                                   layout=W.Layout(display="none"))
         self.status = W.HTML()
+        self.detail = W.HTML()  # the key acted on, as it is after the action
 
         b = self.buttons
         b["create"].on_click(self._safe(lambda _b: self.create()))
@@ -122,7 +132,8 @@ class KeyActions(WidgetView):
         b["reload_requests"].on_click(self._safe(lambda _b: self.reload()))
         self.confirm_button.on_click(self._safe(lambda _b: self.confirm()))
         self.cancel_button.on_click(self._safe(lambda _b: self.cancel()))
-        self.key.observe(self._safe(lambda _c: self.cancel(quiet=True)), names="value")
+        for field in (self.key, self.reason, self.days, self.request_action, self.min_version):
+            field.observe(self._safe(lambda _c: self.cancel(quiet=True)), names="value")
 
         if inventory is not None:
             inventory.on_select(lambda name: setattr(self.key, "value", name or ""))
@@ -138,6 +149,7 @@ class KeyActions(WidgetView):
             W.HBox([self.request_id, b["reload_requests"], b["approve"]]),
             self.confirm_box,
             self.status,
+            self.detail,
             W.HTML("<b>New key</b>"),
             W.HBox([self.new_name, self.spec, self.purpose]),
             W.HBox([self.owner, self.rotation_period, self.tags]),
@@ -172,14 +184,17 @@ class KeyActions(WidgetView):
         """Create a key from the "New key" fields."""
         self.cancel(quiet=True)
         name = self.new_name.value.strip()
+        ok, checked = attempt(self.status, self._create_values, what="create")
+        if not ok:
+            return
+        tags, period = checked
 
         def run() -> Any:
-            tags = parse_tags(self.tags.value)
             purpose = None if self.purpose.value == DEFAULT else self.purpose.value
             return self.ledger.create_key(
                 name, spec=self.spec.value, purpose=purpose,
                 owner=self.owner.value.strip() or None, tags=tags or None,
-                rotation_period=self.rotation_period.value.strip() or None)
+                rotation_period=period)
 
         self._run("create", run, lambda k: (
             f"created {k.name!r} ({k.spec.name}, {k.purpose.value}), version {k.latest_version}"))
@@ -191,7 +206,7 @@ class KeyActions(WidgetView):
         if armed is None:
             set_status(self.status, "nothing to confirm")
             return
-        self._run(armed.action, armed.run, armed.done)
+        self._run(armed.action, armed.run, armed.done, key=armed.key)
 
     def cancel(self, quiet: bool = False) -> None:
         """Disarm the pending destructive action."""
@@ -201,6 +216,13 @@ class KeyActions(WidgetView):
         self._show_confirm(False)
 
     # -- internals --------------------------------------------------------------------------
+    def _create_values(self) -> tuple[dict[str, str], str | None]:
+        """The tags and rotation period of the "New key" fields, checked before any call."""
+        tags = parse_tags(self.tags.value)
+        period = self.rotation_period.value.strip() or None
+        parse_period(period)  # a bad period string is refused here, with the same words
+        return tags, period
+
     def _name(self) -> str:
         return (self.key.value or "").strip()
 
@@ -219,7 +241,8 @@ class KeyActions(WidgetView):
             "cancel_deletion": lambda k: f"deletion of {k.name!r} cancelled; it is "
                                          f"{k.state.value} again",
         }[action]
-        self._run(action, lambda: fn(name, reason=self._reason(reasons[action])), done)
+        self._run(action, lambda: fn(name, reason=self._reason(reasons[action])), done,
+                  key=name)
 
     def _need_key(self) -> str | None:
         name = self._name()
@@ -229,9 +252,24 @@ class KeyActions(WidgetView):
 
     def _arm(self, armed: Armed) -> None:
         self.armed = armed
-        self.prompt.value = message_html(armed.prompt, "warn")
+        self.prompt.value = message_html(armed.prompt, "warn") + dl(armed.facts)
         self._show_confirm(True)
         set_status(self.status, "click Confirm to go ahead, or Cancel")
+
+    def _reason_fact(self, default: str | None) -> tuple[str, str]:
+        """("reason", what the audit record will say) for the confirm step."""
+        typed = self.reason.value.strip()
+        if typed or default is None:
+            return ("reason", typed)
+        return ("reason", f"{default} (default: no reason typed)")
+
+    def _check_days(self) -> int:
+        """The deletion waiting period, refused before arming when the policy forbids it."""
+        days = self.days.value
+        if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
+            raise PolicyViolation(f"the deletion waiting period must be {MIN_DELETION_DAYS} to "
+                                  f"{MAX_DELETION_DAYS} days, not {days}; nothing was armed")
+        return days
 
     def _arm_disable(self) -> None:
         if (name := self._need_key()) is None:
@@ -239,33 +277,52 @@ class KeyActions(WidgetView):
         reason = self._reason("disabled")
         self._arm(Armed("disable", f"Disable {name!r}? All use stops until it is enabled again.",
                         lambda: self.ledger.disable(name, reason=reason),
-                        lambda k: f"{k.name!r} is {k.state.value}"))
+                        lambda k: f"{k.name!r} is {k.state.value}",
+                        (("action", "disable"), ("key", name), self._reason_fact("disabled")),
+                        name))
 
     def _arm_schedule(self) -> None:
         if (name := self._need_key()) is None:
             return
-        days, reason = self.days.value, self._reason("scheduled")
+        ok, days = attempt(self.status, self._check_days, what="schedule deletion")
+        if not ok:
+            return
+        reason = self._reason("scheduled")
         self._arm(Armed(
             "schedule_deletion",
             f"Schedule deletion of {name!r} in {days} days? All use stops now; the key can be "
             "destroyed once the waiting period ends.",
             lambda: self.ledger.schedule_deletion(name, days, reason=reason),
             lambda k: f"{k.name!r} is {k.state.value}; it may be destroyed after "
-                      f"{k.deletion_due:%Y-%m-%d %H:%M} UTC"))
+                      f"{k.deletion_due:%Y-%m-%d %H:%M} UTC",
+            (("action", "schedule deletion"), ("key", name), ("waiting period", f"{days} days"),
+             self._reason_fact("scheduled")),
+            name))
 
     def _arm_request(self) -> None:
         if (name := self._need_key()) is None:
             return
         action, reason = self.request_action.value, self.reason.value.strip()
+        if not reason:
+            set_status(self.status, "request: say why in reason (approvers read it); nothing "
+                       "was armed", "error")
+            return
         params: dict[str, Any] = {}
+        facts: list[tuple[str, Any]] = [("action", f"request {action}"), ("key", name)]
         what = f"destruction of {name!r} (every version, for good)"
         if action == "trim":
+            if self.min_version.value < 2:
+                set_status(self.status, f"request: min version must be 2 or more, not "
+                           f"{self.min_version.value}; nothing was armed", "error")
+                return
             params["min_version"] = self.min_version.value
+            facts.append(("min version", self.min_version.value))
             what = f"trimming {name!r} below version {self.min_version.value}"
+        facts.append(("reason", reason))
         self._arm(Armed(
             "request", f"Request {what}? It runs once enough admins approve.",
             lambda: self.ledger.request(action, name, reason, **params),
-            self._request_done))
+            self._request_done, tuple(facts), name))
 
     def _request_done(self, request_id: str) -> str:
         ok, rows = attempt(None, self.ledger.requests)
@@ -294,23 +351,53 @@ class KeyActions(WidgetView):
             f"Approve request {request_id} ({what})? If this meets the quorum, it runs now.",
             lambda: self.ledger.approve(request_id),
             lambda r: (f"approved {r['request_id']}: {r['approvals']} of {r['quorum']} approvals"
-                       + ("; executed" if r["executed"] else "; waiting for more approvals"))))
+                       + ("; executed" if r["executed"] else "; waiting for more approvals")),
+            (("action", "approve"), ("request", request_id),
+             ("key", row.key if row else "?"),
+             ("reason (of the request)", getattr(row, "reason", None) if row else None)),
+            row.key if row else None))
+
+    def _show_key(self, name: str, result: Any = None) -> None:
+        """Show key ``name`` as it is now in ``detail``; and in the inventory's detail pane
+        when the inventory selects no key (its filters hide the key after the change), since
+        its ``refresh`` only redraws a selected key."""
+        ok, key = (True, result) if isinstance(result, Key) else attempt(
+            None, self.ledger.get_key, name)
+        self.detail.value = (key_html(key) if ok else message_html(
+            f"{name!r} can no longer be shown (destroyed, or not visible to you)"))
+        inventory = self.inventory
+        pane = getattr(inventory, "detail", None)
+        if inventory is None or not isinstance(pane, W.HTML) or inventory.selected is not None:
+            return
+        from .inventory import key_detail_html
+
+        ok, text = attempt(None, key_detail_html, self.ledger, name,
+                           getattr(inventory, "keys", None))
+        if ok:
+            pane.value = text
 
     def _show_confirm(self, visible: bool) -> None:
         self.confirm_box.layout.display = "flex" if visible else "none"
         if not visible:
             self.prompt.value = ""
 
-    def _run(self, action: str, run: Callable[[], Any], done: Callable[[Any], str]) -> bool:
+    def _run(self, action: str, run: Callable[[], Any], done: Callable[[Any], str], *,
+             key: str | None = None) -> bool:
         set_status(self.status, f"{action.replace('_', ' ')}…")
-        ok, result = attempt(self.status, run, what=action.replace("_", " "))
+        try:
+            ok, result = attempt(self.status, run, what=action.replace("_", " "))
+        finally:
+            self.reason.value = ""  # a reason belongs to one action, whatever its outcome
         if ok:
             self.last_result = result
             ok_text, text = attempt(None, done, result)
             set_status(self.status, text if ok_text else f"{action.replace('_', ' ')}: done", "ok")
+            key = getattr(result, "name", key)
         # state may have changed even on failure (e.g. an approval that could not execute)
         if self.inventory is not None:
             self.inventory.refresh()
+        if key:
+            self._show_key(key, result)
         self.reload(quiet=True)
         if ok:
             for callback in list(self._listeners):

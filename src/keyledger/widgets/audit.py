@@ -23,6 +23,7 @@ from ._common import (
     html_table,
     message_html,
     options_with_all,
+    outcome_style,
     set_status,
 )
 
@@ -199,11 +200,7 @@ class AuditBrowser(WidgetView):
         self.page = page
 
         def style(col: str, value: object) -> str:
-            if col == "outcome" and value == "denied":
-                return f"color:{ERROR_COLOUR};font-weight:600"
-            if col == "outcome" and value == "failed":
-                return "color:#9a6700;font-weight:600"
-            return ""
+            return outcome_style(value) if col == "outcome" else ""
 
         self.table.value = html_table(page, COLUMNS, cell_style=style,
                                       empty="no records match the filters")

@@ -11,6 +11,7 @@ import ipywidgets as W
 import pandas as pd
 
 from .. import analytics as ka
+from ..display import GREY, badge, text_color
 from ._common import (
     ALL,
     MUTED_COLOUR,
@@ -240,14 +241,15 @@ def matrix_html(matrix: pd.DataFrame) -> str:
     colours = palette("SEVERITY_COLORS")
     wide = matrix.pivot(index="framework", columns="severity", values="findings")
     cols = [s for s in ka.SEVERITY_ORDER if s in wide.columns]
-    head = "".join(f"<th style='padding:2px 8px;color:{colours.get(s, '#000')}'>"
-                   f"{html.escape(s)}</th>" for s in cols)
+    head = "".join(f"<th style='padding:2px 8px'>{badge(s, colours.get(s, GREY))}</th>"
+                   for s in cols)
     rows = []
     for framework, row in wide.iterrows():
         cells = "".join(
-            f"<td style='text-align:right;padding:2px 8px;"
-            f"{'font-weight:600;color:' + colours.get(s, '#000') if row[s] else 'color:#8c959f'}'>"
-            f"{int(row[s])}</td>" for s in cols)
+            "<td style='text-align:right;padding:2px 8px;"
+            + (f"font-weight:600;color:{text_color(colours.get(s, GREY))}" if row[s]
+               else f"color:{MUTED_COLOUR}")
+            + f"'>{int(row[s])}</td>" for s in cols)
         rows.append(f"<tr><td style='padding:2px 8px'>{html.escape(str(framework))}</td>"
                     f"{cells}</tr>")
     return ("<table style='border-collapse:collapse;font-size:12px'><thead><tr>"
@@ -262,9 +264,9 @@ def finding_html(row: pd.Series) -> str:
         pretty = json.dumps(json.loads(evidence), indent=2, sort_keys=True)
     except (TypeError, ValueError):
         pretty = "" if evidence is None else str(evidence)
-    colour = palette("SEVERITY_COLORS").get(str(row.get("severity")), "#000")
+    colour = palette("SEVERITY_COLORS").get(str(row.get("severity")), GREY)
     head = (f"<h3 style='margin:8px 0 4px 0'>{html.escape(str(row.get('title')))} "
-            f"<span style='color:{colour}'>{html.escape(str(row.get('severity')))}</span></h3>")
+            f"{badge(row.get('severity'), colour)}</h3>")
     facts = dl([("rule", row.get("rule_id")), ("framework", row.get("framework")),
                 ("control", row.get("control")), ("key", row.get("key")),
                 ("version", row.get("version")), ("principal", row.get("principal")),
