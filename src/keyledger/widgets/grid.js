@@ -1,5 +1,5 @@
 // keyledger KeyGrid: the browser half of widgets/grid.py (anywidget ESM, no dependencies).
-// Cells are set with textContent (never innerHTML): key names, tags and owners are data.
+// Cells are set with textContent, never parsed as HTML: key names, tags and owners are data.
 const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}/;
 
 function cellText(value) {
