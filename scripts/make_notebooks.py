@@ -839,7 +839,7 @@ MORNING = [
     import keyledger.analytics as kla
     import keyledger.charts as klc
     import keyledger.notebook
-    from keyledger.widgets import AuditBrowser, ComplianceView, KeyActions, KeyInventory
+    from keyledger.widgets import AuditBrowser, ComplianceView, KeyInventory, dashboard
 
     keyledger.notebook.setup()  # charts drawn as SVG in the kernel: no CDN, works offline
     """, DEMO_HOME, """
@@ -872,8 +872,10 @@ MORNING = [
     klc.rotation_status(status)
     """, tags=("rotation-chart",)),
     md("""
-    The inventory widget shows the same, filtered to the overdue keys; select one to see its
-    versions, policy, grants and recent activity.
+    The inventory widget shows the same in a compact grid, filtered to the overdue keys: click a
+    row to see that key's versions, policy, grants and recent activity; click a header to sort
+    (again to reverse). The selection is a trait, `inventory.grid.selected`, that code can read,
+    set or `observe`.
     """),
     code("""
     inventory = KeyInventory(ledger, page_size=20)
@@ -931,22 +933,25 @@ MORNING = [
     md("""
     ## 4. One rotation, from the widgets
 
-    Rotate the most overdue key. The actions widget follows the inventory's selection; rotation
-    runs at once (nothing is lost by it: old ciphertext still decrypts with the older versions),
-    while disabling, deletion and quorum requests ask for confirmation first. Each run of this
-    notebook rotates the most overdue key left, so the estate gets a little healthier every time.
+    Rotate the most overdue key. The dashboard's Keys tab puts the key grid on the left and the
+    actions and the selected key's details beside it; the actions follow the row you click
+    (here `select_key` does the click). Rotation runs at once (nothing is lost by it: old
+    ciphertext still decrypts with the older versions), while disabling, deletion and quorum
+    requests ask for confirmation first. Each run of this notebook rotates the most overdue key
+    left, so the estate gets a little healthier every time.
     """),
     code("""
-    actions = KeyActions(ledger, inventory=inventory)
+    desk = dashboard(ledger, page_size=100)
+    actions = desk.actions
     target = overdue["name"].iloc[0] if len(overdue) else None
     if target is None:
         print("nothing is overdue this morning")
     else:
-        inventory.select_key(target)
+        desk.inventory.select_key(target)  # as if its row were clicked
         actions.reason.value = "overdue: morning review"
         actions.buttons["rotate"].click()
         print(f"{actions.key.value}: {html_text(actions.status.value)}")
-    actions
+    desk
     """, tags=("rotate",)),
     md("""
     The key now has a new version and a new due date, and the rotation is in the audit ledger,
