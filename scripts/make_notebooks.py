@@ -974,8 +974,9 @@ MORNING = [
         browser.filters["key"].value = target
     browser
     """, tags=("audit-browser",)),
-    code("""
-    ledger.close()
+    md("""
+    The widgets above stay live while `ledger` is open: click rows, sort, filter, act. When you
+    are done, `ledger.close()` (or shutting the kernel down) releases the home.
     """),
 ]
 
