@@ -955,12 +955,14 @@ MORNING = [
     """, tags=("rotate",)),
     md("""
     The key now has a new version and a new due date, and the rotation is in the audit ledger,
-    recorded with who did it and why, next to every read this notebook made this morning:
+    recorded with who did it and why, next to the reads of that key this notebook made this
+    morning (the widgets' details pane reads it too):
     """),
     code("""
     if target is not None:
         print(ledger.get_key(target))
-    ledger.audit(principal="security-lead", since=morning, newest_first=True, limit=10)[
+    ledger.audit(principal="security-lead", key=target, since=morning, newest_first=True,
+                 limit=10)[
         ["time", "action", "key", "version", "outcome", "detail"]]
     """, tags=("after-rotate",)),
     md("""
