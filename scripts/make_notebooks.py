@@ -841,7 +841,7 @@ MORNING = [
     import keyledger.analytics as kla
     import keyledger.charts as klc
     import keyledger.notebook
-    from keyledger.widgets import AuditBrowser, ComplianceView, KeyActions, KeyInventory
+    from keyledger.widgets import AuditBrowser, ComplianceView, KeyInventory, dashboard
 
     keyledger.notebook.setup()  # charts drawn as SVG in the kernel: no CDN, works offline
     """, DEMO_HOME, """
@@ -874,8 +874,10 @@ MORNING = [
     klc.rotation_status(status)
     """, tags=("rotation-chart",)),
     md("""
-    The inventory widget shows the same, filtered to the overdue keys; select one to see its
-    versions, policy, grants and recent activity.
+    The inventory widget shows the same in a compact grid, filtered to the overdue keys: click a
+    row to see that key's versions, policy, grants and recent activity; click a header to sort
+    (again to reverse). The selection is a trait, `inventory.grid.selected`, that code can read,
+    set or `observe`.
     """),
     code("""
     inventory = KeyInventory(ledger, page_size=20)
@@ -933,31 +935,36 @@ MORNING = [
     md("""
     ## 4. One rotation, from the widgets
 
-    Rotate the most overdue key. The actions widget follows the inventory's selection; rotation
-    runs at once (nothing is lost by it: old ciphertext still decrypts with the older versions),
-    while disabling, deletion and quorum requests ask for confirmation first. Each run of this
-    notebook rotates the most overdue key left, so the estate gets a little healthier every time.
+    Rotate the most overdue key. The dashboard's Keys tab puts the key grid on the left and the
+    actions and the selected key's details beside it; the actions follow the row you click
+    (here `select_key` does the click). Rotation runs at once (nothing is lost by it: old
+    ciphertext still decrypts with the older versions), while disabling, deletion and quorum
+    requests ask for confirmation first. Each run of this notebook rotates the most overdue key
+    left, so the estate gets a little healthier every time.
     """),
     code("""
-    actions = KeyActions(ledger, inventory=inventory)
+    desk = dashboard(ledger, page_size=100)
+    actions = desk.actions
     target = overdue["name"].iloc[0] if len(overdue) else None
     if target is None:
         print("nothing is overdue this morning")
     else:
-        inventory.select_key(target)
+        desk.inventory.select_key(target)  # as if its row were clicked
         actions.reason.value = "overdue: morning review"
         actions.buttons["rotate"].click()
         print(f"{actions.key.value}: {html_text(actions.status.value)}")
-    actions
+    desk
     """, tags=("rotate",)),
     md("""
     The key now has a new version and a new due date, and the rotation is in the audit ledger,
-    recorded with who did it and why, next to every read this notebook made this morning:
+    recorded with who did it and why, next to the reads of that key this notebook made this
+    morning (the widgets' details pane reads it too):
     """),
     code("""
     if target is not None:
         print(ledger.get_key(target))
-    ledger.audit(principal="security-lead", since=morning, newest_first=True, limit=10)[
+    ledger.audit(principal="security-lead", key=target, since=morning, newest_first=True,
+                 limit=10)[
         ["time", "action", "key", "version", "outcome", "detail"]]
     """, tags=("after-rotate",)),
     md("""
@@ -971,8 +978,9 @@ MORNING = [
         browser.filters["key"].value = target
     browser
     """, tags=("audit-browser",)),
-    code("""
-    ledger.close()
+    md("""
+    The widgets above stay live while `ledger` is open: click rows, sort, filter, act. When you
+    are done, `ledger.close()` (or shutting the kernel down) releases the home.
     """),
 ]
 

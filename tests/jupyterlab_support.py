@@ -337,3 +337,65 @@ def seed_small_demo(home: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             start_new_session=True)
+
+
+# -- the key grid at laptop size ------------------------------------------------------------------
+LAPTOP = {"width": 1280, "height": 900}
+# The dashboard's Keys tab in notebook ``p``: the side column (actions + details, class
+# kl-keys-side) and the grid in the same row. Marks one unselected row for a real click.
+GRID_LAYOUT = """p => {
+    const node = window.__kl[p].widget.node;
+    const side = node.querySelector('.kl-keys-side');
+    const body = side.parentElement;
+    const box = body.querySelector('.kl-grid');
+    box.scrollIntoView({block: 'start'});
+    const top = box.getBoundingClientRect().top;
+    box.scrollTop = 60;  // is the header sticky?
+    const headTop = box.querySelector('thead th').getBoundingClientRect().top;
+    box.scrollTop = 0;
+    const rows = [...box.querySelectorAll('tbody tr[data-key]')];
+    const heights = rows.map(r => r.getBoundingClientRect().height);
+    const lineHeight = parseFloat(getComputedStyle(rows[0].cells[0]).lineHeight);
+    const rotate = [...side.querySelectorAll('button')].find(b => b.textContent.trim() === 'Rotate');
+    const pick = rows.find(r => !r.classList.contains('kl-selected') && r.rowIndex > 1) || rows[0];
+    pick.setAttribute('data-kl-test', 'pick');
+    const g = box.getBoundingClientRect(), s = side.getBoundingClientRect();
+    return {viewport: [window.innerWidth, window.innerHeight],
+            left_panel_open: !window.jupyterapp.shell.leftCollapsed,
+            grid_box: {top: g.top, height: g.height, width: g.width},
+            scrolls: {down: box.scrollHeight > box.clientHeight,
+                      sideways: box.scrollWidth > box.clientWidth},
+            sticky_header: Math.abs(headTop - top) < 2,
+            rows: rows.length, row_height: heights[0], max_row_height: Math.max(...heights),
+            line_height: lineHeight, side_beside: s.left >= g.right - 1,
+            rotate_below_grid_top: rotate ? rotate.getBoundingClientRect().top - top : null,
+            picked: pick.dataset.key};
+}"""
+GRID_PICKED = """([p, key]) => {
+    const side = window.__kl[p].widget.node.querySelector('.kl-keys-side');
+    const row = side.parentElement.querySelector(`.kl-grid tr.kl-selected`);
+    const title = side.querySelector('h3');
+    const field = [...side.querySelectorAll('input')].find(i => i.value === key);
+    return !!(row && row.dataset.key === key && title && title.textContent.startsWith(key + ' ')
+              && field);
+}"""
+
+
+def check_key_grid(page, path: str) -> dict:
+    """At 1280x900 with the file browser open: measure the dashboard's Keys tab in ``path``,
+    click one grid row and wait until the details pane and the actions name that key."""
+    page.set_viewport_size(LAPTOP)
+    try:
+        if page.evaluate("() => window.jupyterapp.shell.leftCollapsed"):
+            execute_command(page, "filebrowser:activate")
+        activate(page, path)
+        page.wait_for_function(
+            "p => window.__kl[p].widget.node.querySelector('.kl-keys-side .widget-button')",
+            arg=path, timeout=30_000)
+        report = page.evaluate(GRID_LAYOUT, path)
+        page.click("[data-kl-test=pick] td:first-child")
+        page.wait_for_function(GRID_PICKED, arg=[path, report["picked"]], timeout=30_000)
+        report["click_selected"] = True
+        return report
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})

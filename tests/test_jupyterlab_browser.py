@@ -7,7 +7,9 @@ opened and run with "Run All Cells"; then every chart output must have drawn (an
 ``keyledger.notebook.setup()``, or Vega's canvas/SVG in the interactive widget) and no request
 may have gone anywhere but 127.0.0.1. Notebook 04 opens a small demo estate seeded while the
 others run. A last, test-only notebook shows the interactive renderer and Panel (a pane and the
-keyledger dashboard, ``build_app``) inside the notebook, offline.
+keyledger dashboard, ``build_app``) inside the notebook, offline. In notebook 04 the
+``dashboard()`` Keys tab is measured at laptop size (1280x900, file browser open) and one row of
+its key grid is clicked.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jupyterlab_support import (
     OffMachine,
     activate,
     chart_report,
+    check_key_grid,
     close_notebook,
     copy_notebooks,
     finish_run_all,
@@ -44,7 +47,7 @@ EXPECTED_CHARTS = {
     "01-quickstart.ipynb": 0,
     "02-rotation-and-compliance.ipynb": 5,   # 4 cells + dashboard()'s compliance heat map
     "03-audit-analytics.ipynb": 5,
-    "04-security-engineers-morning.ipynb": 4,  # 3 cells + ComplianceView's heat map
+    "04-security-engineers-morning.ipynb": 5,  # 3 cells + ComplianceView's + dashboard's heat map
 }
 EXTRAS = "05-offline-extras.ipynb"
 EXTRA_CELLS = [
@@ -151,6 +154,9 @@ def run_each(page, names: list[str], seeding, tmp, step, results: dict) -> None:
                                    arg=name, timeout=60_000)
             report = chart_report(page, name)
         results["notebooks"][name] = {"cells": cells, **report}
+        if name.startswith("04"):  # its dashboard(): the key grid at laptop size
+            results["grid"] = check_key_grid(page, name)
+            step("04 key grid checked")
         close_notebook(page, name)
         step(f"{name} ran")
 
@@ -187,6 +193,18 @@ def test_interactive_renderer_and_panel_render_offline_in_the_notebook(lab_sessi
     assert "panel-offline-marker" in extras["text"]
     assert "Overdue rotations" in extras["text"] and "Audit verification" in extras["text"]
     assert any(c["drawn"] for c in extras["panel_charts"]), extras["panel_charts"]
+
+
+def test_the_key_grid_fits_a_laptop_and_selects_by_click(lab_session) -> None:
+    """Issue 15: at 1280x900 with the file browser open the key table was a 5,333 px box with
+    rows wrapping to 2-3 lines, 3,200 px from the Rotate button, and rows did not click."""
+    grid = lab_session["grid"]
+    assert grid["viewport"] == [1280, 900] and grid["left_panel_open"], grid
+    assert grid["rows"] >= 15 and grid["scrolls"]["down"] and grid["sticky_header"], grid
+    assert grid["row_height"] == grid["max_row_height"] < 2 * grid["line_height"], grid  # 1 line
+    assert 200 <= grid["grid_box"]["height"] <= 400, grid  # a fixed box, not the whole table
+    assert 0 < grid["rotate_below_grid_top"] < grid["viewport"][1], grid
+    assert grid["click_selected"], grid
 
 
 def test_no_request_leaves_the_machine(lab_session) -> None:

@@ -19,6 +19,7 @@ import ipywidgets as W
 from .actions import KeyActions
 from .audit import AuditBrowser
 from .compliance import ComplianceView
+from .grid import KeyGrid
 from .inventory import KeyInventory
 
 if TYPE_CHECKING:
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
 
 
 class Dashboard(W.Tab):
-    """A ``Tab`` with Keys (inventory + actions), Audit and Compliance; the parts are
-    attributes: ``inventory``, ``actions``, ``audit``, ``compliance``."""
+    """A ``Tab`` with Keys (the inventory's grid, with actions and details beside it), Audit and
+    Compliance; the parts are attributes: ``inventory``, ``actions``, ``audit``,
+    ``compliance``."""
 
     def __init__(self, ledger: KeyLedger, *, page_size: int = 50) -> None:
         self.ledger = ledger
@@ -37,7 +39,7 @@ class Dashboard(W.Tab):
         self.compliance = ComplianceView(ledger)
         # what an action changes shows up in the other tabs too
         self.actions.on_success(lambda _action: self.audit.refresh())
-        keys = W.VBox([self.inventory.widget, W.HTML("<hr>"), self.actions.widget])
+        keys = self._keys_tab()
         super().__init__(children=[keys, self.audit.widget, self.compliance.widget])
         for i, title in enumerate(("Keys", "Audit", "Compliance")):
             self.set_title(i, title)
@@ -46,11 +48,25 @@ class Dashboard(W.Tab):
     def widget(self) -> W.Tab:
         return self
 
+    def _keys_tab(self) -> W.VBox:
+        """Filters across the top; below them the grid on the left and, beside it, the actions
+        and the selected key's details, so list and Rotate share one laptop screen (the side
+        column moves under the grid when the output area is too narrow for both)."""
+        inv = self.inventory
+        side = W.VBox([self.actions.widget, W.HTML("<hr style='margin:4px 0'>"), inv.detail],
+                      layout=W.Layout(flex="1 1 400px", min_width="0", overflow="auto"))
+        side.add_class("kl-keys-side")  # grid.css wraps its rows of controls
+        grid = W.VBox([inv.grid, inv.pager.box],
+                      layout=W.Layout(flex="1 1 380px", min_width="0"))
+        body = W.HBox([grid, side], layout=W.Layout(flex_flow="row wrap",
+                                                    align_items="flex-start"))
+        return W.VBox([inv.controls, inv.summary, inv.status, body])
+
 
 def dashboard(ledger: KeyLedger, *, page_size: int = 50) -> Dashboard:
     """KeyInventory + KeyActions, AuditBrowser and ComplianceView in one ``ipywidgets.Tab``."""
     return Dashboard(ledger, page_size=page_size)
 
 
-__all__ = ["AuditBrowser", "ComplianceView", "Dashboard", "KeyActions", "KeyInventory",
+__all__ = ["AuditBrowser", "ComplianceView", "Dashboard", "KeyActions", "KeyGrid", "KeyInventory",
            "dashboard"]

@@ -1,4 +1,4 @@
-"""KeyInventory: a filterable, sortable, paged key table; selecting a key shows its details."""
+"""KeyInventory: a filterable, sortable, paged key grid; clicking a row shows the key's details."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import ipywidgets as W
 import pandas as pd
 
 from .. import analytics as ka
+from ..display import ROTATION_COLORS
 from ._common import (
     ALL,
     MUTED_COLOUR,
@@ -22,10 +23,10 @@ from ._common import (
     html_table,
     message_html,
     options_with_all,
-    palette,
     section,
     set_status,
 )
+from .grid import KeyGrid, column_specs, json_rows
 
 if TYPE_CHECKING:
     from ..service import KeyLedger
@@ -37,7 +38,9 @@ SORTS: dict[str, tuple[list[str], bool]] = {
     "state": (["state", "name"], True),
     "owner": (["owner", "name"], True),
     "spec": (["spec", "name"], True),
+    "purpose": (["purpose", "name"], True),
     "days to due": (["days_to_due", "name"], True),
+    "next rotation": (["next_rotation_due", "name"], True),
     "latest version": (["latest_version", "name"], False),
     "created": (["created_at", "name"], False),
     "rotated": (["rotated_at", "name"], False),
@@ -46,21 +49,56 @@ TABLE_COLUMNS = {"name": "key", "state": "state", "rotation_status": "rotation",
                  "days_to_due": "days to due", "spec": "spec", "purpose": "purpose",
                  "latest_version": "version", "owner": "owner", "tags": "tags",
                  "rotated_at": "rotated", "next_rotation_due": "next rotation"}
+# grid column (a key_status field) <-> sort choice; tags do not sort
+COLUMN_SORTS = {"name": "name", "state": "state", "rotation_status": "urgency",
+                "days_to_due": "days to due", "spec": "spec", "purpose": "purpose",
+                "latest_version": "latest version", "owner": "owner", "rotated_at": "rotated",
+                "next_rotation_due": "next rotation"}
+SORT_COLUMNS = {sort: column for column, sort in COLUMN_SORTS.items()}
+COLUMN_WIDTHS = {"name": 170, "state": 95, "rotation_status": 95, "days_to_due": 85,
+                 "spec": 100, "purpose": 110, "latest_version": 65, "owner": 110, "tags": 180,
+                 "rotated_at": 125, "next_rotation_due": 125}
 ACTIVITY_ROWS = 10
+GRID_HEIGHT = 320
+
+
+class GridPick:
+    """The old key picker's face over the grid, for scripts: ``options`` (the keys on the
+    current page, in order) and ``value`` (the selected key; assigning it selects)."""
+
+    def __init__(self, grid: KeyGrid) -> None:
+        self._grid = grid
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return self._grid.names
+
+    @property
+    def value(self) -> str | None:
+        return self._grid.selected
+
+    @value.setter
+    def value(self, name: str | None) -> None:
+        self._grid.selected = name
 
 
 class KeyInventory(WidgetView):
-    """Keys of a ledger as a paged table with filters (state, owner, spec, tag, rotation status,
+    """Keys of a ledger in a compact grid with filters (state, owner, spec, tag, rotation status,
     name), a sort order, and a detail pane for the selected key (versions, policy, grants and
-    recent activity).
+    recent activity). Click a row to select its key; click a header to sort.
 
-    Pieces for scripting and tests: ``filters`` (dict of widgets), ``sort_by``/``descending``,
-    ``select`` (keys on the current page), ``table`` (HTML), ``detail`` (HTML), ``status``,
-    ``pager``, ``frame`` (the filtered, sorted rows), ``refresh()``, ``select_key(name)``.
+    Pieces for scripting and tests: ``grid`` (the ``KeyGrid``; ``grid.selected`` is the
+    selection as an observable trait), ``filters`` (dict of widgets), ``sort_by``/``descending``,
+    ``select`` (``options``: keys on the current page; ``value``: the selection), ``detail``
+    (HTML), ``status``, ``pager``, ``controls`` (the filter rows), ``frame`` (the filtered, sorted
+    rows), ``refresh()``, ``select_key(name)``, ``selected``, ``on_select(callback)``.
+
+    The selection stays while the key exists, even when a filter or the page hides its row:
+    the detail pane and a linked ``KeyActions`` keep naming the same key.
     """
 
     def __init__(self, ledger: KeyLedger, *, page_size: int = 50,
-                 activity_rows: int = ACTIVITY_ROWS) -> None:
+                 activity_rows: int = ACTIVITY_ROWS, grid_height: int = GRID_HEIGHT) -> None:
         self.ledger = ledger
         self.activity_rows = activity_rows
         self.keys = pd.DataFrame()  # key_status of every visible key
@@ -88,42 +126,52 @@ class KeyInventory(WidgetView):
                                        layout=W.Layout(width="100px"))
         self.status = W.HTML()
         self.summary = W.HTML()
-        self.table = W.HTML()
-        self.select = W.Select(options=[], rows=10, description="key",
-                               layout=W.Layout(width="260px"),
-                               style={"description_width": "30px"})
-        self.detail = W.HTML(value=message_html("select a key to see its details"))
+        self.grid = KeyGrid(
+            sort_rows=False, columns=column_specs(TABLE_COLUMNS, COLUMN_WIDTHS, ["tags"]),
+            colors={"rotation_status": dict(ROTATION_COLORS)}, height=grid_height,
+            empty="no keys match the filters", layout=W.Layout(width="100%"))
+        self.select = GridPick(self.grid)
+        self.detail = W.HTML(value=message_html("select a key to see its details"),
+                             layout=W.Layout(flex="1 1 380px", min_width="0",
+                                             max_height=f"{grid_height + 120}px",
+                                             overflow="auto"))
         self.pager = Pager(page_size, self._safe(self._render), noun="keys")
 
         for w in self.filters.values():
             w.observe(self._safe(self._filters_changed), names="value")
         self.sort_by.observe(self._safe(self._filters_changed), names="value")
         self.descending.observe(self._safe(self._filters_changed), names="value")
-        self.select.observe(self._safe(self._selected), names="value")
+        self.grid.observe(self._safe(self._selected), names="selected")
+        self.grid.observe(self._safe(self._grid_sorted), names="sort")
         self.refresh_button.on_click(self._safe(lambda _b: self.refresh()))
 
         f = self.filters
-        controls = W.VBox([
-            W.HBox([f["state"], f["rotation"], f["owner"], f["spec"]]),
-            W.HBox([f["tag"], f["name"], self.sort_by, self.descending, self.refresh_button]),
+        wrap = W.Layout(flex_flow="row wrap")
+        self.controls = W.VBox([
+            W.HBox([f["state"], f["rotation"], f["owner"], f["spec"]], layout=wrap),
+            W.HBox([f["tag"], f["name"], self.sort_by, self.descending, self.refresh_button],
+                   layout=wrap),
         ])
-        body = W.HBox([W.VBox([self.select, self.pager.box], layout=W.Layout(width="280px")),
-                       W.VBox([self.table], layout=W.Layout(overflow="auto", flex="1"))])
-        self.widget = W.VBox([controls, self.summary, self.status, body, self.detail])
+        self.grid_box = W.VBox([self.grid, self.pager.box],
+                               layout=W.Layout(flex="1 1 460px", min_width="0"))
+        body = W.HBox([self.grid_box, self.detail],
+                      layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
+        self.widget = W.VBox([self.controls, self.summary, self.status, body])
         self.refresh()
 
     # -- public -----------------------------------------------------------------------------
     @property
     def selected(self) -> str | None:
-        """The name of the selected key, if any."""
-        return self.select.value
+        """The name of the selected key, if any (observable: ``grid.selected``)."""
+        return self.grid.selected
 
     def on_select(self, callback: Callable[[str | None], None]) -> None:
         """Call ``callback(name)`` whenever the selected key changes."""
         self._listeners.append(callback)
 
     def refresh(self) -> None:
-        """Reload the keys from the ledger (one ``list_keys`` call) and redraw."""
+        """Reload the keys from the ledger (one ``list_keys`` call) and redraw; the selection
+        stays unless its key is gone."""
         ok, status = attempt(self.status, ka.key_status, self.ledger, what="loading keys")
         if not ok:
             return
@@ -141,7 +189,10 @@ class KeyInventory(WidgetView):
             self._busy = False
         self._apply(reset=False)
         if self.selected is not None:
-            self._show_detail(self.selected)
+            if self.selected in set(status.get("name", [])):
+                self._show_detail(self.selected)
+            else:
+                self.grid.selected = None  # the key is gone: say so, tell the listeners
 
     def select_key(self, name: str) -> None:
         """Select ``name``, moving to the page that holds it (clearing filters that hide it)."""
@@ -160,12 +211,34 @@ class KeyInventory(WidgetView):
             return
         self.pager.offset = names.index(name) // self.pager.page_size * self.pager.page_size
         self._render()
-        self.select.value = name
+        self.grid.selected = name
 
     # -- internals --------------------------------------------------------------------------
     def _filters_changed(self, _change: object) -> None:
         if not self._busy:
             self._apply(reset=True)
+
+    def _grid_sorted(self, change: dict) -> None:
+        """A header click: the same sort as the dropdown and checkbox, over every page."""
+        if self._busy or not change["new"] or change["new"]["column"] not in COLUMN_SORTS:
+            return
+        choice = COLUMN_SORTS[change["new"]["column"]]
+        default_ascending = SORTS[choice][1]
+        self._busy = True
+        try:
+            self.sort_by.value = choice
+            self.descending.value = (not change["new"]["descending"]) != default_ascending
+        finally:
+            self._busy = False
+        self._apply(reset=True)
+
+    def _grid_sort(self) -> dict | None:
+        """The sort the dropdown and checkbox ask for, as the grid's ``sort`` trait."""
+        column = SORT_COLUMNS.get(self.sort_by.value)
+        if column is None:
+            return None
+        ascending = SORTS[self.sort_by.value][1] != self.descending.value
+        return {"column": column, "descending": not ascending}
 
     def _filtered(self) -> pd.DataFrame:
         df = self.keys
@@ -210,36 +283,21 @@ class KeyInventory(WidgetView):
         frame = self.frame
         start = self.pager.offset
         page = frame.iloc[start:start + self.pager.page_size] if len(frame) else frame
-        names = list(page["name"]) if len(page) else []
-        current = self.select.value
-        self._busy = True
+        self._page = page
+        self._busy = True  # the grid's sort echo must not re-apply the filters
         try:
-            if list(self.select.options) != names:
-                self.select.options = names
-            if self.select.value != (current if current in names else None):
-                self.select.value = current if current in names else None
+            self.grid.rows = json_rows(page, TABLE_COLUMNS)
+            self.grid.sort = self._grid_sort()
         finally:
             self._busy = False
-        self._page = page
-        self._render_table()
         self.pager.update(len(page), len(frame))
         counts = self.keys["rotation_status"].value_counts() if len(self.keys) else {}
         parts = [f"{len(frame):,} of {len(self.keys):,} keys"] + [
             f"{int(counts.get(s, 0))} {s}" for s in ("overdue", "due soon") if len(self.keys)]
+        if self.selected is not None and self.selected not in self.grid.names:
+            parts.append(f"selected {self.selected} is not in this list")
         self.summary.value = (f"<span style='color:{MUTED_COLOUR}'>"
                               f"{html.escape(' · '.join(parts))}</span>")
-
-    def _render_table(self) -> None:
-        colours = palette("ROTATION_COLORS")
-
-        def style(col: str, value: object) -> str:
-            if col == "rotation_status" and value in colours:
-                return f"color:{colours[value]};font-weight:600"
-            return ""
-
-        self.table.value = html_table(
-            self._page, TABLE_COLUMNS, cell_style=style, empty="no keys match the filters",
-            highlight=lambda row: row["name"] == self.select.value)
 
     def _selected(self, change: dict) -> None:
         if self._busy:
@@ -249,7 +307,6 @@ class KeyInventory(WidgetView):
             self.detail.value = message_html("select a key to see its details")
         else:
             self._show_detail(name)
-        self._render_table()  # highlight the row
         for callback in list(self._listeners):
             attempt(self.status, callback, name, what="selection")
 
@@ -313,4 +370,4 @@ def key_detail_html(ledger: KeyLedger, name: str, status: pd.DataFrame | None = 
             + section(f"Recent activity (newest {activity_rows})", activity_html))
 
 
-__all__ = ["KeyInventory", "key_detail_html"]
+__all__ = ["GridPick", "KeyInventory", "key_detail_html"]
