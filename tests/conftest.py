@@ -158,13 +158,15 @@ def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
 
 # -- scheduling: `make test` runs the suite on several workers, one test module per worker at a
 # time (pytest-xdist --dist loadfile). Modules are handed out in collection order, so the long
-# real-component ones go first and the many short ones fill the gaps at the end.
+# real-component ones go first (ordered by their measured share of the suite's time) and the many
+# short ones fill the gaps at the end.
 SLOW_FIRST = (
-    "test_jupyterlab_browser.py", "test_demo_fleet.py", "test_dashboard_browser.py",
-    "test_rotation.py", "test_notebooks.py", "test_notebook_setup.py",
-    "test_concurrent_rotation.py", "test_multiprocess.py", "test_crash.py", "test_cli.py",
-    "test_compliance.py", "test_hostile.py", "test_due_multiprocess.py",
-    "test_access_multiprocess.py", "test_backup.py", "test_audit.py",
+    "test_rotation.py", "test_rotation_two_years.py", "test_cli.py", "test_jupyterlab_browser.py",
+    "test_demo_fleet.py", "test_dashboard_browser.py", "test_multiprocess.py",
+    "test_cli_dashboard.py", "test_notebooks.py", "test_notebook_setup.py",
+    "test_concurrent_rotation.py", "test_crash.py", "test_compliance.py", "test_lifecycle.py",
+    "test_backup.py", "test_hostile.py", "test_due_multiprocess.py",
+    "test_access_multiprocess.py", "test_audit.py",
 )
 
 
