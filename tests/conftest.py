@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 
 import keyledger as kl
 from keyledger.config import find_softhsm_module
+from keyledger.hsm.softhsm import softhsm_conf_text
+from keyledger.runtime import HomeRuntime
 from keyledger.store.journal import journal_pid
 
 
@@ -41,9 +44,53 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+@dataclass(frozen=True)
+class HomeTemplate:
+    """A home provisioned once per test process: token, store, audit and seal keys, mode."""
+
+    path: Path
+    mode_note: str | None  # what the first open of a new home says about its mode
+
+
+@pytest.fixture(scope="session")
+def simulation_template(tmp_path_factory: pytest.TempPathFactory) -> HomeTemplate:
+    """Provision a simulation home as ``kl.open(new_home, clock=...)`` does, up to (not
+    including) its first open: no principal, no audit record. Its process-wide runtime is
+    released again, and the journal it opened (empty) is dropped, as a new home has none."""
+    path = tmp_path_factory.mktemp("template") / "home"
+    rt = HomeRuntime.acquire(path, simulate=True)
+    note = rt.mode_note
+    rt.release()
+    for journal in (path / "journal").iterdir():
+        if journal.stat().st_size == 0:
+            journal.unlink()
+    return HomeTemplate(path, note)
+
+
+def copy_home(template: HomeTemplate, home: Path) -> None:
+    """A copy of the template at ``home``; the SoftHSM2 config names its token dir by absolute
+    path, so it is pointed at the copy's own tokens (as a restore does)."""
+    shutil.copytree(template.path, home, symlinks=True)
+    (home / "softhsm2.conf").write_text(softhsm_conf_text(home / "tokens"))
+
+
 @pytest.fixture
-def ledger(home: Path, clock: FakeClock):
-    led = kl.open(home, principal="alice", clock=clock)
+def ledger(home: Path, clock: FakeClock, simulation_template: HomeTemplate):
+    """``kl.open(home, principal="alice", clock=clock)`` of a new home. The home is a copy of
+    the process's template (provisioning a token and store per test dominated the suite's
+    time), opened with the note a just-created home's first open records, so the ledger, its
+    audit trail and its HSM objects are what a newly provisioned home gives. Tests of
+    provisioning itself open ``home`` directly."""
+    if home.exists():  # a test prepared the folder itself: open it as it is
+        led = kl.open(home, principal="alice", clock=clock)
+    else:
+        copy_home(simulation_template, home)
+        rt = HomeRuntime.acquire(home)
+        try:
+            rt.mode_note = simulation_template.mode_note
+            led = kl.open(home, principal="alice", clock=clock)
+        finally:
+            rt.release()
     try:
         yield led
     finally:
@@ -111,13 +158,15 @@ def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
 
 # -- scheduling: `make test` runs the suite on several workers, one test module per worker at a
 # time (pytest-xdist --dist loadfile). Modules are handed out in collection order, so the long
-# real-component ones go first and the many short ones fill the gaps at the end.
+# real-component ones go first (ordered by their measured share of the suite's time) and the many
+# short ones fill the gaps at the end.
 SLOW_FIRST = (
-    "test_jupyterlab_browser.py", "test_demo_fleet.py", "test_dashboard_browser.py",
-    "test_rotation.py", "test_notebooks.py", "test_notebook_setup.py",
-    "test_concurrent_rotation.py", "test_multiprocess.py", "test_crash.py", "test_cli.py",
-    "test_compliance.py", "test_hostile.py", "test_due_multiprocess.py",
-    "test_access_multiprocess.py", "test_backup.py", "test_audit.py",
+    "test_rotation.py", "test_rotation_two_years.py", "test_cli.py", "test_jupyterlab_browser.py",
+    "test_demo_fleet.py", "test_dashboard_browser.py", "test_multiprocess.py",
+    "test_cli_dashboard.py", "test_notebooks.py", "test_notebook_setup.py",
+    "test_concurrent_rotation.py", "test_crash.py", "test_compliance.py", "test_lifecycle.py",
+    "test_backup.py", "test_hostile.py", "test_due_multiprocess.py",
+    "test_access_multiprocess.py", "test_audit.py",
 )
 
 
