@@ -176,7 +176,7 @@ def test_deletions_requests_grants_backups_and_usage_limit(demo):
     assert row["action"] == "destroy" and row["quorum"] == 2 and len(row["approvers"]) == 1
     # one principal both administers and uses a key; compliance flags it
     roles = grants.groupby(["key", "principal"])["role"].agg(set)
-    both = [kp for kp, r in roles.items() if {"admin", "user"} <= r and kp[0] != "*"]
+    both = [kp for kp, r in roles.items() if {"admin", "user"} <= set(r) and kp[0] != "*"]
     sod = h["separation_of_duties"]
     assert both == [(sod["key"], sod["principal"])]
     sod_rows = findings[findings["rule_id"] == "soc2.separation-of-duties"]

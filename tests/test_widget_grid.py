@@ -162,7 +162,7 @@ def test_the_selection_survives_filters_and_refresh(fleet):
     inv.refresh()
     assert inv.selected == "orders"
     assert next(r for r in inv.grid.rows if r["name"] == "orders")["latest_version"] == 2
-    assert "decrypt only" in inv.detail.value  # v1 now only decrypts
+    assert "decrypts old data only" in inv.detail.value  # v1 now only decrypts
 
 
 # -- layout -------------------------------------------------------------------------------------

@@ -138,11 +138,18 @@ def test_inventory_detail_versions_policy_grants_activity(fleet, clock, open_as)
     for part in ("Versions", "Policy", "Grants", "Recent activity"):
         assert part in detail
     # versions: v2 encrypts, v1 (below min decryption version) is no longer usable
-    assert "encrypt+decrypt" in detail and "retired" in detail and ">none<" in detail
+    assert "current: encrypts and decrypts" in detail and "retired" in detail
+    assert "below the minimum decryption version: neither encrypts nor decrypts" in detail
     assert '"min_decryption_version": 2' in detail
     assert ">bob<" in detail and ">user<" in detail  # bob's grant
     assert ">encrypt<" in detail and ">rotate<" in detail  # recent activity, newest first
     assert detail.index(">encrypt<") < detail.index(">rotate<")
+    # the wording follows the key's state: a disabled key's current version does nothing
+    fleet.disable("orders")
+    inv.refresh()
+    detail = _text(inv.detail)
+    assert "suspended: neither encrypts nor decrypts" in detail
+    assert "current: encrypts" not in detail
     # the selection was audited as reads by alice
     reads = fleet.audit(principal="alice", action="get_key", key="orders")
     assert len(reads) >= 1

@@ -667,7 +667,8 @@ class VerifyReport:
         return "audit ledger BROKEN: " + "; ".join(self.problems) + "." + where
 
     def _repr_html_(self) -> str:
-        colour = "#1a7f37" if self.ok else "#cf222e"
+        colour = ("var(--jp-success-color1, #1a7f37)" if self.ok  # theme-aware, light fallback
+                  else "var(--jp-error-color1, #cf222e)")
         return f"<div style='color:{colour};font-weight:600'>{html.escape(str(self))}</div>"
 
 

@@ -11,7 +11,7 @@ import ipywidgets as W
 import pandas as pd
 
 from .. import analytics as ka
-from ..display import ROTATION_COLORS
+from ..display import ROTATION_COLORS, version_use
 from ._common import (
     ALL,
     MUTED_COLOUR,
@@ -344,9 +344,7 @@ def key_detail_html(ledger: KeyLedger, name: str, status: pd.DataFrame | None = 
     versions = pd.DataFrame([
         {"version": v.version, "state": v.state, "created": v.created_at,
          "destroyed": v.destroyed_at,
-         "use": ("encrypt+decrypt" if v.version == key.latest_version else
-                 "decrypt only" if v.version >= key.min_decryption_version
-                 and v.state != "destroyed" else "none")}
+         "use": version_use(key, v.version)}
         for v in sorted(key.versions.values(), key=lambda v: v.version, reverse=True)])
     policy = {"latest_version": key.latest_version,
               "min_decryption_version": key.min_decryption_version,
