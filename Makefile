@@ -48,6 +48,7 @@ lint: setup
 TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
+	$(BIN)/mypy
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.
