@@ -7,6 +7,7 @@ Starts JupyterLab on 127.0.0.1 (tests/jupyterlab_support.py: own config, no netw
 of the notebooks with ``KEYLEDGER_HOME=DEMO_HOME`` (a demo estate: ``keyledger demo --home
 DEMO_HOME``; the notebook rotates one key in it), runs notebook 04 in Debian's headless
 Chromium and writes ``notebook-morning-light.png`` (overdue keys and their chart) and
+``notebook-morning-grid.png`` (the key grid with the selected key's details beside it) and
 ``notebook-morning-dark.png`` (findings in the compliance view, JupyterLab Dark).
 """
 
@@ -34,7 +35,8 @@ from jupyterlab_support import (  # noqa: E402
 )
 
 MORNING = "04-security-engineers-morning.ipynb"
-SHOTS = {"light": "04-03", "dark": "04-09"}  # the cell each screenshot starts at
+# name -> (the cell the screenshot starts at, dark theme?)
+SHOTS = {"light": ("04-03", False), "grid": ("04-05", False), "dark": ("04-09", True)}
 SCROLL_TO = """([p, id]) => {
     const nb = window.__kl[p].widget.content;
     const cell = nb.widgets.find(c => c.model.id === id);
@@ -70,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             open_notebooks(page, [MORNING])
             start_run_all(page, MORNING)
             finish_run_all(page, MORNING)
-            wait_for_charts(page, MORNING, 4)
-            for theme, cell in SHOTS.items():
-                set_theme(page, dark=theme == "dark")
+            wait_for_charts(page, MORNING, 5)
+            for theme, (cell, dark) in SHOTS.items():
+                set_theme(page, dark=dark)
                 page.evaluate(SCROLL_TO, [MORNING, cell])
+                if theme == "grid":  # a clicked row: its details beside the grid
+                    page.locator(".kl-grid tbody tr").first.click()
                 page.wait_for_timeout(1500)  # the theme's CSS and the images settle
                 path = args.out / f"notebook-morning-{theme}.png"
                 page.screenshot(path=str(path))
