@@ -15,11 +15,12 @@ MORNING := notebooks/04-security-engineers-morning.ipynb
 ALLOW_ROOT := $(shell [ "$$(id -u)" -eq 0 ] && echo --allow-root)
 # command -> Debian packages that provide it (comma-separated); chromium drives the browser tests
 SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl \
-	chromium:chromium,fonts-dejavu-core
+	chromium:chromium,fonts-dejavu-core node:nodejs npm:npm
+CLIENTS := tests/clients/node_modules/.package-lock.json
 
-.PHONY: setup system venv test lint demo notebook bench clean
+.PHONY: setup system venv clients test lint demo notebook bench clean
 
-setup: system venv
+setup: system venv clients
 
 system:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -33,6 +34,12 @@ system:
 	fi
 
 venv: $(STAMP)
+
+# Node's AWS SDK, the second-language client the key-service tests drive `keyledger serve` with
+clients: $(CLIENTS)
+
+$(CLIENTS): tests/clients/package.json tests/clients/package-lock.json
+	npm ci --prefix tests/clients --no-audit --no-fund --loglevel=error
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
