@@ -56,8 +56,8 @@ class _Imports(ast.NodeVisitor):
         for stmt in node.body:
             self.visit(stmt)
         self._optional -= guarded
-        for stmt in [*node.handlers, *node.orelse, *node.finalbody]:
-            self.visit(stmt)
+        for part in [*node.handlers, *node.orelse, *node.finalbody]:
+            self.visit(part)
 
     def visit_If(self, node: ast.If) -> None:
         typing_only = ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
