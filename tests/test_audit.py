@@ -25,7 +25,8 @@ import keyledger as kl
 from keyledger.config import write_config
 from keyledger.hsm.softhsm import softhsm_conf_text
 from keyledger.model import name_digest
-from keyledger.store.ledger import ROW_HASH_SQL, TIPS_SQL, checkpoint_hash
+from keyledger.store.checkpoints import TIPS_SQL, checkpoint_hash
+from keyledger.store.verify import ROW_HASH_SQL
 
 CTX = {"tenant": "acme", "app": "billing"}
 CTX_JSON = '{"app":"billing","tenant":"acme"}'  # canonical: sorted keys, compact

@@ -34,7 +34,7 @@ from .model import SPECS, Key, KeySpec, KeyState, KeyVersion, Purpose
 from .rotation import DueReport
 from .runtime import ReconcileReport
 from .service import DataKey, KeyLedger, open
-from .store.ledger import VerifyReport
+from .store.verify import VerifyReport
 from .version import __version__ as __version__
 
 __all__ = [

@@ -31,9 +31,10 @@ from .hsm.softhsm import provision_embedded
 from .intents import recover
 from .model import SPECS
 from .store import audit as audit_repo
+from .store import checkpoints, meta, seals
+from .store import ingest as ingest_repo
 from .store import intents as intents_repo
 from .store import keys as keys_repo
-from .store import ledger, meta
 from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter, journal_pid, seal_message
@@ -266,13 +267,13 @@ class HomeRuntime:
             time.sleep(interval)
             self.ingest()
 
-    def journal_check(self, due: dict[str, int]) -> ledger.JournalCheck:
-        return ledger.JournalCheck(self.settings.journal_dir, self.check_seal, self.writer_alive,
-                                   due)
+    def journal_check(self, due: dict[str, int]) -> seals.JournalCheck:
+        return seals.JournalCheck(self.settings.journal_dir, self.check_seal, self.writer_alive,
+                                  due)
 
     @property
     def head_label(self) -> str:
-        return ledger.HEAD_LABEL_PREFIX + self.home_id
+        return checkpoints.HEAD_LABEL_PREFIX + self.home_id
 
     # -- audit ledger --------------------------------------------------------------------------
     def sign_checkpoint(self, digest: bytes) -> bytes:
@@ -291,7 +292,7 @@ class HomeRuntime:
             return False
 
     def ingest(self, force: bool = False, *, for_read: bool = False,
-               busy_timeout: float | None = None) -> ledger.IngestResult:
+               busy_timeout: float | None = None) -> ingest_repo.IngestResult:
         """Move pending journal lines of every process into DuckDB and checkpoint them.
 
         ``for_read``: a read only needs what changed the store; when this process's own
@@ -306,16 +307,16 @@ class HomeRuntime:
             if for_read and self.journal.changed_upto <= self._known_offsets.get(
                     self.journal.journal, 0):
                 skip = self.journal.journal
-            if not force and not ledger.pending_bytes(self.settings.journal_dir,
-                                                      self._known_offsets, skip):
-                return ledger.IngestResult()
+            if not force and not ingest_repo.pending_bytes(self.settings.journal_dir,
+                                                           self._known_offsets, skip):
+                return ingest_repo.IngestResult()
             with self.db.write(export=False, timeout=busy_timeout) as tx:
-                ledger.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
-                result = ledger.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
-                                       self.trusted_now(), self._known_offsets, self.check_seal)
+                checkpoints.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
+                result = ingest_repo.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
+                                            self.trusted_now(), self._known_offsets, self.check_seal)
                 if result.checkpoint is not None:
                     h = audit_repo.checkpoint_hash(tx, result.checkpoint)
-                    value = ledger.head_value(result.checkpoint, h)
+                    value = checkpoints.head_value(result.checkpoint, h)
                     tx.after_commit.append(lambda: self.backend.put_data(self.head_label, value))
             return result
 
@@ -329,7 +330,7 @@ class HomeRuntime:
         has_checkpoints = audit_repo.has_checkpoints(tx)
         for delay in (0, 0.01, 0.02, 0.05, 0.1) if has_checkpoints else (0,):
             time.sleep(delay)
-            head = ledger.parse_head(self.backend.get_data(self.head_label))
+            head = checkpoints.parse_head(self.backend.get_data(self.head_label))
             if head is not None:
                 return head
         return None

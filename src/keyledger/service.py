@@ -33,7 +33,7 @@ from .services.home import HomeService
 from .services.importexport import ImportExportService
 from .services.lifecycle import MAX_DELETION_DAYS, MIN_DELETION_DAYS, LifecycleService
 from .services.maintenance import MaintenanceService, RewrapResult
-from .store.ledger import VerifyReport
+from .store.verify import VerifyReport
 
 _Audited = Audited  # the name docs and older scripts use
 __all__ = ["MAX_DELETION_DAYS", "MIN_DELETION_DAYS", "DataKey", "KeyLedger", "open"]

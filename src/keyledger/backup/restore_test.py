@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import KeyLedgerError
 from ..hsm.backend import HsmBackend
 from ..model import Family, parse_spec
-from ..store.ledger import verify as verify_ledger
+from ..store.verify import verify as verify_ledger
 from .archive import sql_count
 from .restore import open_restored, restore_files
 

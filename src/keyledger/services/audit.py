@@ -17,8 +17,9 @@ from ..model import name_digest, validate_bool, validate_when
 from ..runtime import naive
 from ..store import audit as audit_repo
 from ..store import queries
-from ..store.ledger import ACCEPT_ACTION, VerifyReport, accept_detail
-from ..store.ledger import verify as verify_ledger
+from ..store.seals import ACCEPT_ACTION, accept_detail
+from ..store.verify import VerifyReport
+from ..store.verify import verify as verify_ledger
 from .context import Service
 
 MAX_QUERY_TIMEOUT_S = 3600

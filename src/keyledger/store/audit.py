@@ -1,5 +1,6 @@
 """Reads of the audit ledger for callers (records, seal state, exports) and the record of
-each verification; ingest, checkpoints and verification themselves are in ledger.py."""
+each verification; ingest, checkpoints and verification themselves are in ingest.py,
+checkpoints.py, seals.py and verify.py."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ A line is a compact JSON array (every journal is valid JSON Lines), in ``LINE_FI
 with ``null`` for absent values and strings escaped by ``json.encoder.encode_basestring``. The
 journal name (``<host>-<pid>-<12 hex>``, the file name) and the pid are the same on every line of
 a file, and ``prev`` is the ``hash`` of the line before (``genesis(journal)`` for ``jseq`` 1), so
-the lines leave them out and the ingester adds them (``ledger.ingest``). Record ``n`` hashes
+the lines leave them out and the ingester adds them (``ingest.ingest``). Record ``n`` hashes
 ``prev`` = hash of record ``n-1`` of the same journal: ``hash`` = sha256(content fields joined by
 U+001F, then ``prev``), see ``record_hash``.
 
@@ -158,7 +158,7 @@ def record_hash(
     key_id: str | None, version: int | None, outcome: str, error: str | None,
     detail: str | None, context: str | None, pid: int, prev: str,
 ) -> str:
-    """The one definition of a record's hash; ``ledger.ROW_HASH_SQL`` is its SQL twin.
+    """The one definition of a record's hash; ``verify.ROW_HASH_SQL`` is its SQL twin.
 
     ``JournalWriter.append`` builds the same text inline (it is the hot path of every call).
     """

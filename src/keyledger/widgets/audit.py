@@ -29,7 +29,7 @@ from ._common import (
 
 if TYPE_CHECKING:
     from ..service import KeyLedger
-    from ..store.ledger import VerifyReport
+    from ..store.verify import VerifyReport
 
 COLUMNS = {"seq": "seq", "time": "time (UTC)", "principal": "principal", "action": "action",
            "key": "key", "version": "v", "outcome": "outcome", "error": "error",
