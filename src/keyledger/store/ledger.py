@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..errors import AuditError
+from .db import Tx
 from .journal import (
     LINE_FIELDS,
     SEAL_PREFIX,
@@ -124,7 +124,7 @@ def pending_bytes(journal_dir: Path, known: dict[str, int], skip: str | None = N
     return False
 
 
-def check_before_extend(con: duckdb.DuckDBPyConnection,
+def check_before_extend(con: Tx,
                         verify_signature: Callable[[bytes, bytes], bool],
                         head: tuple[int, str] | None) -> None:
     """Refuse to sign a new checkpoint on top of a store that no longer matches the last one.
@@ -136,7 +136,7 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
     last = con.execute("SELECT cp_seq, last_seq, n_records, tips_digest, prev_hash, hash, "
                        "signature FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
     if last is None:
-        if head is not None or con.execute("SELECT count(*) FROM audit_log").fetchone()[0]:
+        if head is not None or con.execute("SELECT count(*) FROM audit_log").one()[0]:
             raise AuditError("the audit ledger lost its checkpoints; run `keyledger audit "
                              "verify` - new records stay safe in the journals")
         return
@@ -148,9 +148,9 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
         problem = f"checkpoint {cp_seq} does not carry a valid HSM signature"
     elif head is not None and (head[0] > cp_seq or (head[0] == cp_seq and head[1] != h)):
         problem = f"the HSM-held head (checkpoint {head[0]}) does not match the store"
-    elif con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0] != last_seq:
+    elif con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").one()[0] != last_seq:
         problem = "records were added after the last signed checkpoint"
-    elif con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != tips:
+    elif con.execute(OFFSETS_TIPS_SQL).one()[0] != tips:
         problem = "the ingest bookkeeping does not match the last signed checkpoint"
     if problem:
         raise AuditError(f"the audit ledger does not match its last signed checkpoint "
@@ -175,7 +175,7 @@ _OFFSET_COLUMNS = ("file_offset", "tip_jseq", "tip_hash", "seal_jseq", "seal_has
                    "bad_seal_jseq")
 
 
-def read_offsets(con: duckdb.DuckDBPyConnection) -> dict[str, _Offset]:
+def read_offsets(con: Tx) -> dict[str, _Offset]:
     return {j: _Offset(*rest) for j, *rest in con.execute(
         f"SELECT journal, {', '.join(_OFFSET_COLUMNS)} FROM journal_offsets").fetchall()}
 
@@ -381,7 +381,8 @@ def _hash_columns(column: pa.ChunkedArray, starts: list[str], first_rows: np.nda
     The reader gives ``<64 hex>]`` for the last field of a line. prev[i] = hash[i - 1], except
     at ``first_rows``, whose prev is the matching entry of ``starts`` (the stored tips).
     """
-    views, buffers = [], []
+    views: list[np.ndarray] = []
+    buffers: list[pa.Buffer] = []
     for arr in column.chunks:
         n = len(arr)
         if not n:
@@ -477,7 +478,7 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
             (ends - 1).tolist())
 
 
-def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
+def _insert(con: Tx, batch: pa.Table) -> None:
     con.register("kl_batch", batch)
     try:
         con.execute(_INSERT_SQL)
@@ -496,10 +497,10 @@ def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
 class _Ingest:
     """One ingest transaction: batches in, bookkeeping and seals updated per journal."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, offsets: dict[str, _Offset],
+    def __init__(self, con: Tx, offsets: dict[str, _Offset],
                  check_seal: SealCheck) -> None:
         self.con, self.offsets, self.check_seal = con, offsets, check_seal
-        self.base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0]
+        self.base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").one()[0]
         self.records = 0
         self.moved: set[str] = set()
 
@@ -551,11 +552,11 @@ class _Ingest:
             self.base += batch.num_rows
             self.records += batch.num_rows
         for chunk in chunks:
-            off = self.offsets.get(chunk.journal)
-            if off is None:  # seal lines without any record: verification reports them
+            moved = self.offsets.get(chunk.journal)
+            if moved is None:  # seal lines without any record: verification reports them
                 continue
-            off.file_offset = chunk.file_end
-            self.take_seals(chunk, off)
+            moved.file_offset = chunk.file_end
+            self.take_seals(chunk, moved)
             self.moved.add(chunk.journal)
 
     def take_seals(self, chunk: _Chunk, off: _Offset) -> None:
@@ -587,7 +588,7 @@ class _Ingest:
             self.con.unregister("kl_offsets")
 
 
-def ingest(con: duckdb.DuckDBPyConnection, journal_dir: Path, sign: Signer,
+def ingest(con: Tx, journal_dir: Path, sign: Signer,
            now: datetime, known: dict[str, int], check_seal: SealCheck) -> IngestResult:
     """Move new complete journal lines into audit_log; runs inside the caller's transaction.
 
@@ -614,12 +615,12 @@ def ingest(con: duckdb.DuckDBPyConnection, journal_dir: Path, sign: Signer,
     return result
 
 
-def write_checkpoint(con: duckdb.DuckDBPyConnection, sign: Signer, now: datetime) -> int:
+def write_checkpoint(con: Tx, sign: Signer, now: datetime) -> int:
     last = con.execute(
         "SELECT cp_seq, hash FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
     cp_seq, prev = (last[0] + 1, last[1]) if last else (1, ZERO)
-    last_seq, n = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM audit_log").fetchone()
-    tips = con.execute(OFFSETS_TIPS_SQL).fetchone()[0]
+    last_seq, n = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM audit_log").one()
+    tips = con.execute(OFFSETS_TIPS_SQL).one()[0]
     h = checkpoint_hash(cp_seq, last_seq, n, tips, prev)
     signature = sign(bytes.fromhex(h)).hex()
     con.execute("INSERT INTO checkpoints (cp_seq, time, last_seq, n_records, tips_digest, "
@@ -772,7 +773,7 @@ def accept_detail(journal: str, through: int, reason: str) -> str:
     return f"accepted unproven records of {journal} through {through}: {reason}"
 
 
-def _accepted(con: duckdb.DuckDBPyConnection, proven: dict[str, int]) -> dict[str, int]:
+def _accepted(con: Tx, proven: dict[str, int]) -> dict[str, int]:
     """journal -> jseq through which an admin accepted unproven records, from acceptance
     records that are themselves proven (a forged acceptance would be unproven)."""
     out: dict[str, int] = {}
@@ -805,7 +806,7 @@ def _unread_problem(path: Path, start: int, alive: bool) -> str | None:
     return None if alive else f"{len(data)} byte(s) after the ingested part were not ingested"
 
 
-def check_journals(con: duckdb.DuckDBPyConnection, check: JournalCheck,
+def check_journals(con: Tx, check: JournalCheck,
                    fail: Callable[[str, int | None], None], report: VerifyReport) -> None:
     """The journals against the ledger: foreign files, truncated or unreadable journals, seals
     (again in the HSM), and records no valid seal covers (unproven)."""
@@ -819,7 +820,7 @@ def check_journals(con: duckdb.DuckDBPyConnection, check: JournalCheck,
 
     def seq_of(journal: str, jseq: int) -> int | None:
         return con.execute("SELECT min(seq) FROM audit_log WHERE journal = ? AND jseq = ?",
-                           [journal, jseq]).fetchone()[0]
+                           [journal, jseq]).one()[0]
 
     for name in names:
         path = check.journal_dir / f"{name}{SUFFIX}"
@@ -883,12 +884,12 @@ def check_journals(con: duckdb.DuckDBPyConnection, check: JournalCheck,
              seq_of(name, first))
 
 
-def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, bytes], bool],
+def verify(con: Tx, verify_signature: Callable[[bytes, bytes], bool],
            head: tuple[int, str] | None, journals: JournalCheck | None = None) -> VerifyReport:
     """Vectorised checks in SQL: row hashes, chain links per journal, checkpoint chain, tips;
     with ``journals``, also the journal files and seals (``check_journals``)."""
-    n, max_seq = con.execute("SELECT count(*), max(seq) FROM audit_log").fetchone()
-    ncp = con.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    n, max_seq = con.execute("SELECT count(*), max(seq) FROM audit_log").one()
+    ncp = con.execute("SELECT count(*) FROM checkpoints").one()[0]
     report = VerifyReport(True, n, ncp)
     bad: list[int] = []
 
@@ -938,11 +939,11 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
              "(time went backwards: a clock set back by more than a second, or lines that its "
              "writer did not write)", backwards[0])
     if tips is None:  # not conclusive: the exact checks decide and name the first bad row
-        row = con.execute(_LINKS_SQL).fetchone()
+        row = con.execute(_LINKS_SQL).one()
         if row[1]:
             fail(f"{row[1]} chain link(s) broken (a record was deleted, inserted or reordered)",
                  row[0])
-        dup = con.execute("SELECT count(*) - count(DISTINCT seq) FROM audit_log").fetchone()[0]
+        dup = con.execute("SELECT count(*) - count(DISTINCT seq) FROM audit_log").one()[0]
         if dup:
             fail(f"{dup} duplicated sequence number(s)", None)
     cps = con.execute(
@@ -964,10 +965,10 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
             actual_tips = tips_digest([(j, s, th) for j, (s, th) in tips.items()])
             covered = n
         else:
-            actual_tips = con.execute(TIPS_SQL, [last_seq]).fetchone()[0]
+            actual_tips = con.execute(TIPS_SQL, [last_seq]).one()[0]
             covered = con.execute("SELECT count(*) FROM audit_log WHERE seq <= ?",
-                                  [last_seq]).fetchone()[0]
-        if con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != cp_tips:
+                                  [last_seq]).one()[0]
+        if con.execute(OFFSETS_TIPS_SQL).one()[0] != cp_tips:
             fail("the ingest bookkeeping (journal_offsets) differs from the last signed "
                  "checkpoint", None)
         if actual_tips != cp_tips or covered != n_rec:
@@ -982,14 +983,14 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
             # rows beyond what ingest ever took from a journal were put there by hand
             surplus = con.execute(
                 """SELECT min(a.seq) FROM audit_log a JOIN journal_offsets j USING (journal)
-                   WHERE a.jseq > j.tip_jseq AND a.seq <= ?""", [last_seq]).fetchone()[0]
+                   WHERE a.jseq > j.tip_jseq AND a.seq <= ?""", [last_seq]).one()[0]
             what = (f"it signed {n_rec} records, the ledger has {covered}" if covered != n_rec
                     else "the newest record of a journal is not the one it signed")
             fail(f"records covered by checkpoint {cp_seq} differ from what it signed ({what}): "
                  "records were removed, added or rewritten", surplus)
         if max_seq is not None and max_seq > last_seq:
             extra = con.execute("SELECT min(seq), count(*) FROM audit_log WHERE seq > ?",
-                                [last_seq]).fetchone()
+                                [last_seq]).one()
             fail(f"{extra[1]} record(s) after the last signed checkpoint (inserted)", extra[0])
     elif n:
         fail("records exist but no signed checkpoint does", None)
