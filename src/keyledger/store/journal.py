@@ -84,8 +84,9 @@ def parse_seal(line: bytes) -> tuple[int, str, bytes]:
         raise ValueError("not a valid seal line") from None
 
 
-_RECORD_TYPES: tuple[type | tuple[type, ...], ...] = (int, int, str, str, (str, type(None)), (str, type(None)), (int, type(None)),
-                 str, (str, type(None)), (str, type(None)), (str, type(None)), str)
+_RECORD_TYPES: tuple[type | tuple[type, ...], ...] = (
+    int, int, str, str, (str, type(None)), (str, type(None)), (int, type(None)),
+    str, (str, type(None)), (str, type(None)), (str, type(None)), str)
 
 
 def line_problem(line: bytes) -> str | None:
