@@ -446,8 +446,8 @@ class Pkcs11Backend:
             point = _strip_octet_string(point)
             if spec.family is Family.EDDSA:
                 return ed25519.Ed25519PublicKey.from_public_bytes(point)
-            return ec.EllipticCurvePublicKey.from_encoded_point(_CRYPTO_CURVES[str(spec.curve)](),
-                                                          point)
+            curve = _CRYPTO_CURVES[str(spec.curve)]()
+            return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
 
         pub = self._run(handle, ObjectClass.PUBLIC_KEY, doing, op)
         return pub.public_bytes(serialization.Encoding.DER,
