@@ -11,6 +11,7 @@ applies to everyone (and is reported by compliance as a wildcard grant).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from enum import StrEnum
 
@@ -49,12 +50,12 @@ Grants = dict[tuple[str, str], frozenset[Role]]
 
 
 def parse_role(role: object) -> Role:
-    try:
-        return Role(role)
-    except ValueError:
-        raise InvalidInput(
-            f"unknown role {role!r}; choose one of: {', '.join(r.value for r in Role)}"
-        ) from None
+    if isinstance(role, str):
+        with contextlib.suppress(ValueError):
+            return Role(role)
+    raise InvalidInput(
+        f"unknown role {role!r}; choose one of: {', '.join(r.value for r in Role)}"
+    )
 
 
 def index_grants(rows: Iterable[tuple[str, str, str]]) -> Grants:

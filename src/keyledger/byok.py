@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from .errors import (
     InvalidCiphertext,
@@ -36,12 +37,14 @@ from .hsm.backend import HsmBackend, UnwrapFailed
 from .intents import HsmChange
 from .model import Family, KeySpec, KeyState, Use, check_use, parse_purpose, parse_spec, validate_name
 from .runtime import naive
+from .services.context import Service
 from .store import catalog as cat
 from .store import imports
 from .store import keys as keys_repo
 
 if TYPE_CHECKING:
     from .model import Key, KeyVersion
+    from .services.lifecycle import LifecycleService
 
 IMPORT_TTL = timedelta(hours=24)
 IMPORT_RSA_BITS = 3072
@@ -91,6 +94,7 @@ def _oaep_hash(backend: HsmBackend) -> str:
 
 
 def _wrapping_public_key(value: object) -> tuple[rsa.RSAPublicKey, str]:
+    pub: PublicKeyTypes
     if isinstance(value, rsa.RSAPublicKey):
         pub = value
     else:
@@ -141,9 +145,11 @@ def _expected_len(spec: KeySpec) -> int:
 
 
 # -- the KeyLedger methods -----------------------------------------------------------------------
-class ImportExportMixin:
+class ImportExportMixin(Service):
     """The import/export service's calls (services/importexport.py): ``export_key``,
     ``import_parameters``, ``import_key``."""
+
+    lifecycle: LifecycleService  # catalogs an imported key as it catalogs a created one
 
     # -- export ------------------------------------------------------------------------------
     def export_key(self, name: str, wrapping_key_pem: str | bytes, *,

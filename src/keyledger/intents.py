@@ -33,7 +33,7 @@ from .store.db import Database, Tx
 from .store.intents import IntentRow
 
 if TYPE_CHECKING:
-    from .hsm.pkcs11_backend import Pkcs11Backend
+    from .hsm.backend import HsmBackend
 
 T = TypeVar("T")
 FAULT_ENV = "KEYLEDGER_FAULT"
@@ -53,7 +53,7 @@ def _fault(point: str) -> None:
 
 
 # -- what reconcile does with an intent left behind ------------------------------------------------
-Finish = Callable[[Tx, IntentRow, "Pkcs11Backend", str, datetime], str]
+Finish = Callable[[Tx, IntentRow, "HsmBackend", str, datetime], str]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Refused(Exception):
     dropped without touching the HSM, and reported as a problem."""
 
 
-def _remove_new_objects(tx: Tx, backend: Pkcs11Backend, intent: IntentRow) -> str:
+def _remove_new_objects(tx: Tx, backend: HsmBackend, intent: IntentRow) -> str:
     """Remove the objects the change made; never one a catalog version uses (an intent
     written into the store by someone else must not destroy live material)."""
     used = keys.handles_in_use(tx, intent.handles)
@@ -79,19 +79,19 @@ def _remove_new_objects(tx: Tx, backend: Pkcs11Backend, intent: IntentRow) -> st
         (f" (kept {len(used)} object(s) the catalog uses)" if used else "")
 
 
-def _undo_create(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
+def _undo_create(tx: Tx, intent: IntentRow, backend: HsmBackend, actor: str,
                  now: datetime) -> str:
     return f"rolled back interrupted key creation of {intent.name!r}" + \
         _remove_new_objects(tx, backend, intent)
 
 
-def _undo_rotate(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
+def _undo_rotate(tx: Tx, intent: IntentRow, backend: HsmBackend, actor: str,
                  now: datetime) -> str:
     return f"rolled back interrupted rotation to v{intent.version} of {intent.name!r}" + \
         _remove_new_objects(tx, backend, intent)
 
 
-def _undo_import(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
+def _undo_import(tx: Tx, intent: IntentRow, backend: HsmBackend, actor: str,
                  now: datetime) -> str:
     imports.release(tx, intent.key_id)  # nothing was imported: the token may be used again
     return f"rolled back interrupted import of {intent.name!r}" + \
@@ -108,7 +108,7 @@ def _own_handles(tx: Tx, intent: IntentRow, below: int | None = None) -> list[by
     return list(intent.handles)
 
 
-def _finish_destroy(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
+def _finish_destroy(tx: Tx, intent: IntentRow, backend: HsmBackend, actor: str,
                     now: datetime) -> str:
     if keys.state_of(tx, intent.key_id) != KeyState.PENDING_DELETION.value:
         raise Refused(f"ignored an intent to destroy {intent.name!r}, which is not pending "
@@ -124,7 +124,7 @@ def _finish_destroy(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: st
     return f"completed interrupted destruction of {intent.name!r}"
 
 
-def _finish_trim(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
+def _finish_trim(tx: Tx, intent: IntentRow, backend: HsmBackend, actor: str,
                  now: datetime) -> str:
     # the minimum versions were raised with the intent, so the versions are already unusable
     if keys.min_decryption_version(tx, intent.key_id) < (intent.version or 0):
@@ -147,7 +147,7 @@ RECOVERY: dict[str, Recovery] = {
 KINDS = tuple(RECOVERY)
 
 
-def recover(tx: Tx, intent: IntentRow, backend: Pkcs11Backend, actor: str,
+def recover(tx: Tx, intent: IntentRow, backend: HsmBackend, actor: str,
             now: datetime) -> tuple[bool, str]:
     """Repair one interrupted change (its owner is gone) and drop its intent. Returns
     (repaired, what was done) or (False, why it was refused)."""
@@ -168,7 +168,7 @@ class Runtime(Protocol):
     """What the protocol needs of the process's runtime (``runtime.HomeRuntime``)."""
 
     db: Database
-    backend: Pkcs11Backend
+    backend: HsmBackend
     in_flight: set[str]
 
 

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import TypeGuard, overload
 
 from .errors import InvalidInput, KeyStateError
 
@@ -249,6 +250,12 @@ MAX_PERIOD = timedelta(days=100 * 365)  # longer is a typo, and overflows date a
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 
 
+@overload
+def parse_period(value: timedelta | str) -> timedelta: ...
+@overload
+def parse_period(value: object) -> timedelta | None: ...
+
+
 def parse_period(value: object) -> timedelta | None:
     """``timedelta``, ``"90d"``, ``"12h"``, ``"1y"`` or None -> timedelta or None."""
     if value is None:
@@ -307,7 +314,7 @@ def resolve_rotation_period(explicit_s: int | None, spec: KeySpec, purpose: Purp
 MAX_USAGE_LIMIT = 2**63 - 1
 
 
-def valid_usage_limit(value: object) -> bool:
+def valid_usage_limit(value: object) -> TypeGuard[int]:
     return (isinstance(value, int) and not isinstance(value, bool)
             and 1 <= value <= MAX_USAGE_LIMIT)
 
@@ -320,7 +327,7 @@ def configured_usage_limit(key_policy: dict, home_policy: dict) -> tuple[int | N
     for source, policy in (("key", key_policy), ("home", home_policy)):
         value = policy.get("usage_limit")
         if valid_usage_limit(value):
-            return value, source  # type: ignore[return-value]
+            return value, source
     return None, None
 
 

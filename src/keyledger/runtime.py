@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .config import Settings, load_settings
-from .errors import ConfigError, KeyLedgerError, KeyStateError
+from .errors import AuditError, ConfigError, KeyLedgerError, KeyStateError
 from .hsm.backend import HsmBackend
 from .hsm.factory import open_backend, release_backend
 from .hsm.softhsm import provision_embedded
@@ -141,7 +141,7 @@ class HomeRuntime:
             release_backend(self.backend)
             raise
         self._known_offsets: dict[str, int] = {}
-        self._audit_public_key = None
+        self._audit_public_key: ec.EllipticCurvePublicKey | None = None
         # Intents of operations running in this process; other processes prove they are alive
         # by holding a flock on run/<pid>.lock (released by the kernel when they die).
         self.in_flight: set[str] = set()
@@ -282,8 +282,12 @@ class HomeRuntime:
     def verify_checkpoint(self, digest: bytes, signature: bytes) -> bool:
         """Verify with the public key read from the HSM, never one stored in the ledger."""
         if self._audit_public_key is None:
-            self._audit_public_key = serialization.load_der_public_key(
+            key = serialization.load_der_public_key(
                 self.backend.public_key_der(AUDIT_SPEC, self.audit_handle))
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise AuditError("the HSM audit key is not an EC key; the home's token was "
+                                 "changed outside keyledger")
+            self._audit_public_key = key
         pub = self._audit_public_key
         try:
             pub.verify(signature, digest, ec.ECDSA(hashes.SHA256()))

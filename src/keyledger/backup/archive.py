@@ -30,7 +30,7 @@ from .reports import BackupInfo
 from .stream import FORMAT_VERSION, SealedReader, SealedWriter, check_passphrase
 
 if TYPE_CHECKING:
-    from ..service import KeyLedger
+    from ..services.context import Service
 
 MANIFEST_NAME = "MANIFEST.json"
 # How long a backup waits for create/rotate/destroy operations of other processes to finish
@@ -130,12 +130,14 @@ def as_error(exc: BaseException, doing: str) -> KeyLedgerError:
     return KeyLedgerError(f"{doing} failed: {exc}")
 
 
-def write_archive(led: KeyLedger, layout: Layout, dest: Path, secret: bytes,
+def write_archive(led: Service, layout: Layout, dest: Path, secret: bytes,
                   started: datetime, t0: float, overwrite: bool) -> BackupInfo:
     """Seal a consistent snapshot of ``led``'s home into ``dest``."""
     with outputs.atomic_file(dest, overwrite=overwrite) as out:
         writer = SealedWriter(out, secret)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        # typeshed's tarfile wants tell/seek/close of any fileobj; a stream ("w|") only writes
+        with tarfile.open(fileobj=writer, mode="w|",  # type: ignore[call-overload]
+                          format=tarfile.PAX_FORMAT) as tar:
             deadline = time.monotonic() + INTENT_WAIT_S
             while True:
                 # The store's file lock: no process changes the catalog, the ledger or the
@@ -157,7 +159,7 @@ def write_archive(led: KeyLedger, layout: Layout, dest: Path, secret: bytes,
                       manifest["keys"], time.monotonic() - t0)
 
 
-def _token_files(led: KeyLedger, layout: Layout) -> list[TokenFile]:
+def _token_files(led: Service, layout: Layout) -> list[TokenFile]:
     """The token directory as archive members; no PKCS#11 call of this process runs meanwhile."""
     with led._rt.backend.exclusive():
         files = led._rt.backend.snapshot_token()
@@ -165,7 +167,7 @@ def _token_files(led: KeyLedger, layout: Layout) -> list[TokenFile]:
             for rel, data, mode, mtime in files]
 
 
-def _manifest(led: KeyLedger, tx: Any, layout: Layout, started: datetime,
+def _manifest(led: Service, tx: Any, layout: Layout, started: datetime,
               busy: int) -> dict[str, Any]:
     import keyledger
 
@@ -229,7 +231,8 @@ def archive_names(path: str | os.PathLike, *, passphrase: str | bytes) -> list[s
     with open(Path(path), "rb") as fh:
         reader = SealedReader(fh, secret, str(path))
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            # typeshed's tarfile wants write/tell/seek of any fileobj; a stream ("r|") only reads
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                 names = [m.name for m in tar]
         except tarfile.TarError:
             raise InvalidCiphertext(f"the backup {path} is damaged") from None

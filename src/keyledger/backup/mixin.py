@@ -11,27 +11,25 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .. import outputs
 from ..errors import AuditError, InvalidInput, KeyLedgerError
 from ..frames import normalize
+from ..services.context import Service
 from .archive import Layout, as_error, write_archive
 from .reports import BackupInfo, RestoreTestReport, record_event
 from .stream import check_passphrase
 
-if TYPE_CHECKING:
-    from ..service import KeyLedger
-
 RESTORE_TEST_SAMPLE = 32
 
 
-class BackupMixin:
-    """Mixed into KeyLedger: ``backup``, ``restore_test`` and ``backups``."""
+class BackupMixin(Service):
+    """The backup service's calls (services/backup.py): ``backup``, ``restore_test`` and
+    ``backups``."""
 
-    def backup(self: KeyLedger, path: str | os.PathLike, *, passphrase: str | bytes,
+    def backup(self, path: str | os.PathLike, *, passphrase: str | bytes,
                overwrite: bool = False) -> BackupInfo:
         """Write an encrypted, consistent snapshot of this (embedded SoftHSM2) home to ``path``.
 
@@ -71,7 +69,7 @@ class BackupMixin:
             rec.detail = f"{info.bytes} bytes, sha256 {info.sha256}, to {dest}"
             return info
 
-    def restore_test(self: KeyLedger, path: str | os.PathLike, *, passphrase: str | bytes,
+    def restore_test(self, path: str | os.PathLike, *, passphrase: str | bytes,
                      timeout: float = 600.0, sample: int = RESTORE_TEST_SAMPLE
                      ) -> RestoreTestReport:
         """Restore ``path`` into a temporary home in a subprocess and check it works.
@@ -94,7 +92,7 @@ class BackupMixin:
             rec.detail = str(report)[:500]
             return report
 
-    def backups(self: KeyLedger) -> pd.DataFrame:
+    def backups(self) -> pd.DataFrame:
         """Backups, restores and restore tests recorded in this home (oldest first)."""
         with self._audited("backups", None) as rec:
             self._authorize(rec, "audit", None)

@@ -6,12 +6,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..runtime import naive
 
 if TYPE_CHECKING:
-    from ..service import KeyLedger
+    from ..runtime import HomeRuntime
+
+
+class Recorder(Protocol):
+    """Who records an event: the backup service, or a freshly restored ``KeyLedger``."""
+
+    principal: str
+    _rt: HomeRuntime
+
+    def _now(self) -> datetime: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class RestoreTestReport:
         return asdict(self)
 
 
-def record_event(led: KeyLedger, kind: str, path: Path | str, digest: str | None,
+def record_event(led: Recorder, kind: str, path: Path | str, digest: str | None,
                  size: int | None, ok: bool, detail: str | None) -> None:
     """One row of the ``backups`` table (compliance evidence, GDPR 32(1)(c))."""
     with led._rt.db.write() as tx:

@@ -155,7 +155,8 @@ def _extract(reader: SealedReader, staging: Path) -> dict:
                "archive); nothing was restored")
     manifest: dict | None = None
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
+        # typeshed's tarfile wants write/tell/seek of any fileobj; a stream ("r|") only reads
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 if manifest is None:
                     if member.name != MANIFEST_NAME or not member.isfile():

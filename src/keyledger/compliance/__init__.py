@@ -22,6 +22,7 @@ from ..display import FindingsFrame
 from ..errors import AuditError, InvalidInput, PolicyViolation
 from ..frames import normalize
 from ..model import parse_period
+from ..services.context import Service
 from ..store import compliance as engine
 from ..store.compliance import Evaluation
 from .rules import SEVERITIES, Rule, RuleSet, load_rules
@@ -32,7 +33,7 @@ REPORT_FORMATS = ("html", "md")
 _SEVERITY = {"severity": SEVERITIES}  # ordered categorical, most severe first: critical
 
 
-class ComplianceMixin:
+class ComplianceMixin(Service):
     """The compliance service's calls (services/compliance.py): compliance, compliance_trend,
     accept_finding, compliance_report."""
 

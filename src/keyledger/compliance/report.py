@@ -200,7 +200,7 @@ def svg_chart(table: pd.DataFrame) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="Open findings by framework '
            f'and severity" font-family="sans-serif" font-size="12">']
-    x = label_w
+    x: float = label_w
     for sev in SEVERITIES:  # legend
         out.append(f'<rect x="{x}" y="8" width="12" height="12" fill="{SEVERITY_COLORS[sev]}"/>'
                    f'<text x="{x + 16}" y="18">{sev}</text>')

@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
@@ -78,7 +79,7 @@ class MemoryBackend:
         return f"<MemoryBackend {self._name!r}: {len(self._keys)} keys, gone at process exit>"
 
     # -- lookups -------------------------------------------------------------------------------
-    def _key(self, handle: bytes, doing: str, *families: Family) -> _Key:
+    def _key(self, handle: bytes, doing: str, *families: Family | None) -> _Key:
         with self._lock:
             key = self._keys.get(handle)
         if key is None:
@@ -88,6 +89,14 @@ class MemoryBackend:
                            "of a kind the operation uses)")
         return key
 
+    def _secret(self, handle: bytes, doing: str, family: Family) -> bytes:
+        """The material of a secret key (AES or HMAC; a key pair has none)."""
+        secret = self._key(handle, doing, family).secret
+        if secret is None:
+            raise HsmError(f"{doing}: the HSM reported KeyTypeInconsistent (this key is not "
+                           "of a kind the operation uses)")
+        return secret
+
     # -- capabilities and lifecycle --------------------------------------------------------------
     def capabilities(self) -> Capabilities:
         supports = dict.fromkeys(("AES_GCM", "AES_KEY_WRAP_PAD", "SHA256_HMAC", "RSA_PSS_SHA256",
@@ -96,7 +105,8 @@ class MemoryBackend:
                             frozenset(supports), supports)
 
     def generate(self, spec: KeySpec, handle: bytes, label: str, *, exportable: bool) -> None:
-        secret, private = None, None
+        secret: bytes | None = None
+        private: PrivateKeyTypes | None = None
         if spec.family in (Family.AES, Family.HMAC):
             secret = os.urandom(spec.bits // 8)
         elif spec.family is Family.RSA:
@@ -133,19 +143,19 @@ class MemoryBackend:
 
     # -- symmetric -------------------------------------------------------------------------------
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
-        key = self._key(handle, "encrypting in the HSM", Family.AES)
-        return AESGCM(key.secret).encrypt(nonce, plaintext, aad)
+        secret = self._secret(handle, "encrypting in the HSM", Family.AES)
+        return AESGCM(secret).encrypt(nonce, plaintext, aad)
 
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
-        key = self._key(handle, "decrypting in the HSM", Family.AES)
+        secret = self._secret(handle, "decrypting in the HSM", Family.AES)
         try:
-            return AESGCM(key.secret).decrypt(nonce, data, aad)
+            return AESGCM(secret).decrypt(nonce, data, aad)
         except (InvalidTag, ValueError):
             raise DecryptFailed("InvalidTag") from None
 
     def mac(self, handle: bytes, message: bytes) -> bytes:
-        key = self._key(handle, "computing a MAC in the HSM", Family.HMAC)
-        return hmac.new(key.secret, message, sha256).digest()
+        secret = self._secret(handle, "computing a MAC in the HSM", Family.HMAC)
+        return hmac.new(secret, message, sha256).digest()
 
     def verify_mac(self, handle: bytes, message: bytes, tag: bytes) -> bool:
         return hmac.compare_digest(self.mac(handle, message), tag)

@@ -125,7 +125,8 @@ _OPEN_PAUSE = 0.02  # seconds before the first retry; doubled each time
 def _log_in(cfg: HsmConfig, lib: Any, *, may_reinitialize: bool) -> tuple[Any, Any]:
     """Find the token and log in: ``(token, logged-in rw session)``; transient failures retried."""
     pin = cfg.read_pin()
-    doing, failure = "opening the HSM", None
+    doing = "opening the HSM"
+    failure: Exception | None = None
     for attempt in range(_OPEN_ATTEMPTS):
         if attempt:
             time.sleep(_OPEN_PAUSE * 2 ** (attempt - 1))
@@ -145,6 +146,7 @@ def _log_in(cfg: HsmConfig, lib: Any, *, may_reinitialize: bool) -> tuple[Any, A
             failure = exc
         except px.PKCS11Error as exc:
             raise _open_error(cfg, exc, doing) from None
+    assert failure is not None  # every attempt failed with a transient error
     raise _open_error(cfg, failure, doing) from None
 
 
@@ -314,7 +316,7 @@ class Pkcs11Backend:
                                    capabilities=_CAP.SIGN | _CAP.VERIFY,
                                    private_template=secret)
             else:
-                curve = "1.3.101.112" if spec.family is Family.EDDSA else spec.curve
+                curve = "1.3.101.112" if spec.family is Family.EDDSA else str(spec.curve)
                 key_type = KeyType.EC_EDWARDS if spec.family is Family.EDDSA else KeyType.EC
                 params = s.create_domain_parameters(
                     key_type, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)},
@@ -400,7 +402,7 @@ class Pkcs11Backend:
         if spec.family is Family.EDDSA:
             return self._run(handle, ObjectClass.PRIVATE_KEY, doing,
                              lambda k: k.sign(message, mechanism=Mechanism.EDDSA))
-        digest = _EC_HASH[spec.curve](message).digest()  # ECDSA_SHA256 is absent in SoftHSM2
+        digest = _EC_HASH[str(spec.curve)](message).digest()  # ECDSA_SHA256 is absent in SoftHSM2
         raw = self._run(handle, ObjectClass.PRIVATE_KEY, doing,
                         lambda k: k.sign(digest, mechanism=Mechanism.ECDSA))
         half = len(raw) // 2
@@ -414,7 +416,7 @@ class Pkcs11Backend:
         elif spec.family is Family.EDDSA:
             mech, param, data = Mechanism.EDDSA, None, message
         else:
-            mech, param, data = Mechanism.ECDSA, None, _EC_HASH[spec.curve](message).digest()
+            mech, param, data = Mechanism.ECDSA, None, _EC_HASH[str(spec.curve)](message).digest()
             try:
                 r, s_ = decode_dss_signature(signature)
                 size = (spec.bits + 7) // 8
@@ -444,7 +446,8 @@ class Pkcs11Backend:
             point = _strip_octet_string(point)
             if spec.family is Family.EDDSA:
                 return ed25519.Ed25519PublicKey.from_public_bytes(point)
-            return ec.EllipticCurvePublicKey.from_encoded_point(_CRYPTO_CURVES[spec.curve](), point)
+            curve = _CRYPTO_CURVES[str(spec.curve)]()
+            return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
 
         pub = self._run(handle, ObjectClass.PUBLIC_KEY, doing, op)
         return pub.public_bytes(serialization.Encoding.DER,

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 from ..compliance import ComplianceMixin
-from .context import Service
 
 
-class ComplianceService(Service, ComplianceMixin):
+class ComplianceService(ComplianceMixin):
     """``compliance``, ``findings``, ``accept_finding``, ``compliance_report``, ..."""
 
     evaluate = ComplianceMixin._evaluate_compliance  # due work evaluates as part of its run

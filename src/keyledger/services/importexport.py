@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..byok import ImportExportMixin
-from .context import Context, Service
+from .context import Context
 from .lifecycle import LifecycleService
 
 
-class ImportExportService(Service, ImportExportMixin):
+class ImportExportService(ImportExportMixin):
     """``import_parameters``, ``import_key``, ``export_key``; an import catalogs its key as
     the lifecycle service catalogs a created one."""
 

@@ -102,11 +102,11 @@ def set_seal(tx: Tx, journal: str, jseq: int, tip: str, mac: str) -> None:
 
 
 def checkpoint_hash(tx: Tx, cp_seq: int) -> str:
-    return tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?", [cp_seq]).fetchone()[0]
+    return tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?", [cp_seq]).one()[0]
 
 
 def has_checkpoints(tx: Tx) -> bool:
-    return bool(tx.execute("SELECT count(*) > 0 FROM checkpoints").fetchone()[0])
+    return bool(tx.execute("SELECT count(*) > 0 FROM checkpoints").one()[0])
 
 
 def encryptions(tx: Tx, actions: Sequence[str], key_id: str | None = None,

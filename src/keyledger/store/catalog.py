@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-import duckdb
-
 from ..access import Grants, index_grants
 from ..errors import KeyNotFound
 from ..model import (
@@ -29,6 +27,7 @@ from ..model import (
     resolve_rotation_period,
     usage_limit,
 )
+from .db import Connection
 
 SNAPSHOT_NAME = "catalog.json"
 
@@ -44,7 +43,7 @@ def _dt(value: str | None) -> datetime | None:
 KeyRows = tuple[tuple, tuple, tuple]  # a key's row, its version rows, its aliases
 
 
-def _key_rows(con: duckdb.DuckDBPyConnection, key_id: str | None = None) -> list[KeyRows]:
+def _key_rows(con: Connection, key_id: str | None = None) -> list[KeyRows]:
     """The catalog rows of every key (or one), grouped per key."""
     where, args = ("WHERE key_id = ?", [key_id]) if key_id else ("", [])
     keys = con.execute(
@@ -77,12 +76,12 @@ def _key_doc(rows: KeyRows) -> dict:
                          for v, handle, state, created, destroyed in versions]}
 
 
-def key_docs(con: duckdb.DuckDBPyConnection, key_id: str | None = None) -> list[dict]:
+def key_docs(con: Connection, key_id: str | None = None) -> list[dict]:
     """Keys as plain documents (the snapshot format), all of them or one."""
     return [_key_doc(rows) for rows in _key_rows(con, key_id)]
 
 
-_JSON = {"separators": (",", ":")}
+_SEPARATORS = (",", ":")
 
 
 class SnapshotExporter:
@@ -98,20 +97,20 @@ class SnapshotExporter:
         self._keys: dict[str, tuple[KeyRows, str]] = {}  # key_id -> (its rows, their JSON)
         self._written: tuple[str, tuple[int, int, int] | None] | None = None  # (text, stamp)
 
-    def __call__(self, con: duckdb.DuckDBPyConnection) -> None:
+    def __call__(self, con: Connection) -> None:
         keys, parts = {}, []
         for rows in _key_rows(con):
             kid = rows[0][0]
             done = self._keys.get(kid)
             if done is None or done[0] != rows:
-                done = (rows, json.dumps(_key_doc(rows), **_JSON))
+                done = (rows, json.dumps(_key_doc(rows), separators=_SEPARATORS))
             keys[kid] = done
             parts.append(done[1])
         self._keys = keys
         grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
         text = (f'{{"keys":[{",".join(parts)}],'
-                f'"grants":{json.dumps([list(g) for g in grants], **_JSON)},'
-                f'"home_policy":{json.dumps(read_home_policy(con), **_JSON)}}}')
+                f'"grants":{json.dumps([list(g) for g in grants], separators=_SEPARATORS)},'
+                f'"home_policy":{json.dumps(read_home_policy(con), separators=_SEPARATORS)}}}')
         if self._written is not None and self._written == (text, file_stamp(self.path)):
             return
         tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
@@ -129,12 +128,12 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def read_home_policy(con: duckdb.DuckDBPyConnection) -> dict:
+def read_home_policy(con: Connection) -> dict:
     rows = con.execute("SELECT value FROM meta WHERE name = 'home_policy'").fetchall()
     return json.loads(rows[0][0]) if rows else {}
 
 
-def load_key(con: duckdb.DuckDBPyConnection, name: str) -> Key:
+def load_key(con: Connection, name: str) -> Key:
     """The authoritative key row, read inside a write transaction (never the cache)."""
     row = con.execute(
         "SELECT key_id FROM keys WHERE name = ? UNION SELECT key_id FROM aliases WHERE alias = ?",
@@ -151,7 +150,8 @@ def _key_from_doc(d: dict, home_policy: dict) -> Key:
     key = Key(
         key_id=d["key_id"], name=d["name"], spec=spec,
         purpose=purpose, state=KeyState(d["state"]), owner=d["owner"],
-        created_at=_dt(d["created_at"]), rotated_at=_dt(d["rotated_at"]),
+        created_at=datetime.fromisoformat(d["created_at"]),
+        rotated_at=datetime.fromisoformat(d["rotated_at"]),
         rotation_period=period, rotation_source=source,
         exportable=bool(d["exportable"]), latest_version=d["latest_version"],
         min_decryption_version=d["min_decryption_version"],
@@ -161,8 +161,8 @@ def _key_from_doc(d: dict, home_policy: dict) -> Key:
         policy=d.get("policy", {}),
     )
     for version, handle, state, created, destroyed in d["versions"]:
-        key.versions[version] = KeyVersion(version, bytes.fromhex(handle), state, _dt(created),
-                                           _dt(destroyed))
+        key.versions[version] = KeyVersion(version, bytes.fromhex(handle), state,
+                                           datetime.fromisoformat(created), _dt(destroyed))
     return key
 
 
@@ -178,8 +178,12 @@ class _View(NamedTuple):
     limits: dict[str, int]  # key_id -> usage limit, filled on demand (every encryption asks)
 
     def key(self, key_id: str | None) -> Key | None:
-        key = self.built.get(key_id) if key_id is not None else None
-        if key is None and key_id in self.docs:
+        return self.doc_key(key_id) if key_id is not None and key_id in self.docs else None
+
+    def doc_key(self, key_id: str) -> Key:
+        """The key of one of this view's documents, built on first use."""
+        key = self.built.get(key_id)
+        if key is None:
             key = self.built[key_id] = _key_from_doc(self.docs[key_id], self.home_policy)
         return key
 
@@ -260,4 +264,4 @@ class CatalogCache:
     def all_keys(self) -> list[Key]:
         self.refresh()
         view = self._view
-        return [view.key(kid) for kid in view.docs]
+        return [view.doc_key(kid) for kid in view.docs]

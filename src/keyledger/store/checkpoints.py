@@ -14,9 +14,8 @@ import hashlib
 from collections.abc import Callable
 from datetime import datetime
 
-import duckdb
-
 from ..errors import AuditError
+from .db import Tx
 from .journal import SEP
 
 TIPS_SQL = """SELECT coalesce(sha256(string_agg(journal || ':' || jseq::VARCHAR || ':' || hash,
@@ -47,7 +46,7 @@ def tips_digest(tips: list[tuple[str, int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_before_extend(con: duckdb.DuckDBPyConnection,
+def check_before_extend(con: Tx,
                         verify_signature: Callable[[bytes, bytes], bool],
                         head: tuple[int, str] | None) -> None:
     """Refuse to sign a new checkpoint on top of a store that no longer matches the last one.
@@ -59,7 +58,7 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
     last = con.execute("SELECT cp_seq, last_seq, n_records, tips_digest, prev_hash, hash, "
                        "signature FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
     if last is None:
-        if head is not None or con.execute("SELECT count(*) FROM audit_log").fetchone()[0]:
+        if head is not None or con.execute("SELECT count(*) FROM audit_log").one()[0]:
             raise AuditError("the audit ledger lost its checkpoints; run `keyledger audit "
                              "verify` - new records stay safe in the journals")
         return
@@ -71,9 +70,9 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
         problem = f"checkpoint {cp_seq} does not carry a valid HSM signature"
     elif head is not None and (head[0] > cp_seq or (head[0] == cp_seq and head[1] != h)):
         problem = f"the HSM-held head (checkpoint {head[0]}) does not match the store"
-    elif con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0] != last_seq:
+    elif con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").one()[0] != last_seq:
         problem = "records were added after the last signed checkpoint"
-    elif con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != tips:
+    elif con.execute(OFFSETS_TIPS_SQL).one()[0] != tips:
         problem = "the ingest bookkeeping does not match the last signed checkpoint"
     if problem:
         raise AuditError(f"the audit ledger does not match its last signed checkpoint "
@@ -81,12 +80,12 @@ def check_before_extend(con: duckdb.DuckDBPyConnection,
                          "in the journals and are not ingested until this is resolved")
 
 
-def write_checkpoint(con: duckdb.DuckDBPyConnection, sign: Signer, now: datetime) -> int:
+def write_checkpoint(con: Tx, sign: Signer, now: datetime) -> int:
     last = con.execute(
         "SELECT cp_seq, hash FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
     cp_seq, prev = (last[0] + 1, last[1]) if last else (1, ZERO)
-    last_seq, n = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM audit_log").fetchone()
-    tips = con.execute(OFFSETS_TIPS_SQL).fetchone()[0]
+    last_seq, n = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM audit_log").one()
+    tips = con.execute(OFFSETS_TIPS_SQL).one()[0]
     h = checkpoint_hash(cp_seq, last_seq, n, tips, prev)
     signature = sign(bytes.fromhex(h)).hex()
     con.execute("INSERT INTO checkpoints (cp_seq, time, last_seq, n_records, tips_digest, "

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pandas as pd
@@ -23,9 +23,9 @@ from ..errors import ConfigError, KeyLedgerError, StoreError
 from ..model import SEVERITIES, SPECS, Purpose, configured_usage_limit, resolve_rotation_period
 from .sql import referenced_parameters
 
-# compliance.rules.Rule and RuleSet (rules as data, parsed above the store): only their
-# attributes are used here
-Rule = RuleSet = Any
+if TYPE_CHECKING:
+    # rules as data, parsed above the store: only their attributes are used here
+    from ..compliance.rules import Rule, RuleSet
 
 
 BACKUPS_DDL = ("CREATE TABLE IF NOT EXISTS backups (time TIMESTAMP, kind VARCHAR, path VARCHAR, "

@@ -97,7 +97,8 @@ class Database:
             keeper, self._keeper = self._keeper, None
             files, self._close_after_hold = self._close_after_hold, []
             try:
-                keeper.close()  # the last connection: DuckDB checkpoints the file
+                if keeper is not None:
+                    keeper.close()  # the last connection: DuckDB checkpoints the file
             except duckdb.Error as exc:
                 if raise_errors:
                     raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
@@ -200,6 +201,10 @@ class Tx:
         return getattr(self.con, name)
 
 
+# what the catalog's readers take: a transaction, or the raw connection of the on-commit hook
+Connection = duckdb.DuckDBPyConnection | Tx
+
+
 class Result:
     """A query result that is always read to the end (DuckDB 2 refuses further work on a
     connection while a result is unfinished, e.g. after ``fetchone``)."""
@@ -216,11 +221,15 @@ class Result:
         rows = self._cur.fetchall()
         return rows[0] if rows else None
 
+    def one(self) -> tuple:
+        """The row of a query that always returns exactly one (an aggregate, e.g. count(*))."""
+        row = self.fetchone()
+        if row is None:
+            raise StoreError("a query that always returns one row returned none")
+        return row
+
     def df(self):
         return self._cur.df()
-
-    def arrow(self):
-        return self._cur.arrow()
 
 
 def _short(exc: Exception) -> str:

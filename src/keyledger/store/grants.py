@@ -16,7 +16,7 @@ def add(tx: Tx, *, scope: str, principal: str, role: str, granted_by: str,
 
 
 def count(tx: Tx) -> int:
-    return int(tx.execute("SELECT count(*) FROM grants").fetchone()[0])
+    return int(tx.execute("SELECT count(*) FROM grants").one()[0])
 
 
 def remove(tx: Tx, scope: str, principal: str, role: str | None = None) -> int:
@@ -34,7 +34,7 @@ def remove(tx: Tx, scope: str, principal: str, role: str | None = None) -> int:
 def other_home_admins(tx: Tx, principal: str) -> int:
     """How many principals besides ``principal`` hold admin on the whole home."""
     return int(tx.execute("SELECT count(*) FROM grants WHERE scope = '*' AND role = 'admin' "
-                          "AND principal <> ?", [principal]).fetchone()[0])
+                          "AND principal <> ?", [principal]).one()[0])
 
 
 def admins(tx: Tx, key_id: str | None) -> list[str]:

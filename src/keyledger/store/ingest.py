@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from .checkpoints import Signer, write_checkpoint
+from .db import Tx
 from .journal import (
     LINE_FIELDS,
     SEAL_PREFIX,
@@ -249,7 +249,8 @@ def _hash_columns(column: pa.ChunkedArray, starts: list[str], first_rows: np.nda
     The reader gives ``<64 hex>]`` for the last field of a line. prev[i] = hash[i - 1], except
     at ``first_rows``, whose prev is the matching entry of ``starts`` (the stored tips).
     """
-    views, buffers = [], []
+    views: list[np.ndarray] = []
+    buffers: list[pa.Buffer] = []
     for arr in column.chunks:
         n = len(arr)
         if not n:
@@ -345,7 +346,7 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
             (ends - 1).tolist())
 
 
-def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
+def _insert(con: Tx, batch: pa.Table) -> None:
     con.register("kl_batch", batch)
     try:
         con.execute(_INSERT_SQL)
@@ -364,10 +365,10 @@ def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> None:
 class _Ingest:
     """One ingest transaction: batches in, bookkeeping and seals updated per journal."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, offsets: dict[str, Offset],
+    def __init__(self, con: Tx, offsets: dict[str, Offset],
                  check_seal: SealCheck) -> None:
         self.con, self.offsets, self.check_seal = con, offsets, check_seal
-        self.base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0]
+        self.base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").one()[0]
         self.records = 0
         self.moved: set[str] = set()
 
@@ -419,11 +420,11 @@ class _Ingest:
             self.base += batch.num_rows
             self.records += batch.num_rows
         for chunk in chunks:
-            off = self.offsets.get(chunk.journal)
-            if off is None:  # seal lines without any record: verification reports them
+            moved = self.offsets.get(chunk.journal)
+            if moved is None:  # seal lines without any record: verification reports them
                 continue
-            off.file_offset = chunk.file_end
-            self.take_seals(chunk, off)
+            moved.file_offset = chunk.file_end
+            self.take_seals(chunk, moved)
             self.moved.add(chunk.journal)
 
     def take_seals(self, chunk: _Chunk, off: Offset) -> None:
@@ -455,7 +456,7 @@ class _Ingest:
             self.con.unregister("kl_offsets")
 
 
-def ingest(con: duckdb.DuckDBPyConnection, journal_dir: Path, sign: Signer,
+def ingest(con: Tx, journal_dir: Path, sign: Signer,
            now: datetime, known: dict[str, int], check_seal: SealCheck) -> IngestResult:
     """Move new complete journal lines into audit_log; runs inside the caller's transaction.
 

@@ -84,8 +84,9 @@ def parse_seal(line: bytes) -> tuple[int, str, bytes]:
         raise ValueError("not a valid seal line") from None
 
 
-_RECORD_TYPES = (int, int, str, str, (str, type(None)), (str, type(None)), (int, type(None)),
-                 str, (str, type(None)), (str, type(None)), (str, type(None)), str)
+_RECORD_TYPES: tuple[type | tuple[type, ...], ...] = (
+    int, int, str, str, (str, type(None)), (str, type(None)), (int, type(None)),
+    str, (str, type(None)), (str, type(None)), (str, type(None)), str)
 
 
 def line_problem(line: bytes) -> str | None:
@@ -170,6 +171,11 @@ def record_hash(
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+def _backslashed(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (lone surrogates) backslash-escaped."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 class JournalWriter:
     """One process's journal. ``seal``: the HSM MAC of a seal message (None: no seals, every
     record stays unproven; only for tools that write journals without a home's HSM)."""
@@ -249,10 +255,10 @@ class JournalWriter:
             return self.append(retry_at, principal, action, key, key_id, version, outcome,
                                error, detail, context)
         except UnicodeEncodeError:  # a string no UTF-8 can hold: record it backslash-escaped
-            return self.append(time_us, *(
-                v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
-                for v in (principal, action, key, key_id, version, outcome, error, detail,
-                          context)))
+            e = _backslashed
+            return self.append(time_us, e(principal), e(action), key and e(key),
+                               key_id and e(key_id), version, e(outcome), error and e(error),
+                               detail and e(detail), context and e(context))
 
     def flush(self) -> None:
         """fsync outside the lock, so appends never wait for the disk."""

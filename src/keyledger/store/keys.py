@@ -103,7 +103,8 @@ def handles_in_use(tx: Tx, handles: tuple[bytes, ...] | list[bytes]) -> set[byte
 
 def version_handles(tx: Tx, key_id: str, *, below: int | None = None) -> list[bytes]:
     """The HSM handles of a key's versions (those below ``below``)."""
-    sql, args = "SELECT handle FROM versions WHERE key_id = ?", [key_id]
+    sql = "SELECT handle FROM versions WHERE key_id = ?"
+    args: list[object] = [key_id]
     if below is not None:
         sql += " AND version < ?"
         args.append(below)

@@ -7,8 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
-
+from .db import Tx
 from .journal import SEAL_PREFIX, SUFFIX, journal_pid
 
 
@@ -29,7 +28,7 @@ OFFSET_COLUMNS = ("file_offset", "tip_jseq", "tip_hash", "seal_jseq", "seal_hash
                    "bad_seal_jseq")
 
 
-def read_offsets(con: duckdb.DuckDBPyConnection) -> dict[str, Offset]:
+def read_offsets(con: Tx) -> dict[str, Offset]:
     return {j: Offset(*rest) for j, *rest in con.execute(
         f"SELECT journal, {', '.join(OFFSET_COLUMNS)} FROM journal_offsets").fetchall()}
 

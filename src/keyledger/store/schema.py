@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import duckdb
-
 from ..errors import StoreError
+from .db import Connection
 
 MIGRATIONS: list[str] = [
     # 1: catalog, transitions, intents, audit ledger, checkpoints, usage counters. The hashes
@@ -126,7 +125,7 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> int:
+def migrate(con: Connection) -> int:
     """Bring the schema to ``SCHEMA_VERSION``; returns the version found before."""
     con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = con.execute("SELECT max(version) FROM schema_version").fetchone()

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
-
+from .db import Tx
 from .journal import SUFFIX, line_problem
 from .offsets import journal_files, read_offsets, tail_intact
 
@@ -41,7 +40,7 @@ def accept_detail(journal: str, through: int, reason: str) -> str:
     return f"accepted unproven records of {journal} through {through}: {reason}"
 
 
-def _accepted(con: duckdb.DuckDBPyConnection, proven: dict[str, int]) -> dict[str, int]:
+def _accepted(con: Tx, proven: dict[str, int]) -> dict[str, int]:
     """journal -> jseq through which an admin accepted unproven records, from acceptance
     records that are themselves proven (a forged acceptance would be unproven)."""
     out: dict[str, int] = {}
@@ -74,7 +73,7 @@ def _unread_problem(path: Path, start: int, alive: bool) -> str | None:
     return None if alive else f"{len(data)} byte(s) after the ingested part were not ingested"
 
 
-def check_journals(con: duckdb.DuckDBPyConnection, check: JournalCheck,
+def check_journals(con: Tx, check: JournalCheck,
                    fail: Callable[[str, int | None], None], notes: list[str]) -> None:
     """The journals against the ledger: foreign files, truncated or unreadable journals, seals
     (again in the HSM), and records no valid seal covers (unproven); ``notes`` gets a line
@@ -89,7 +88,7 @@ def check_journals(con: duckdb.DuckDBPyConnection, check: JournalCheck,
 
     def seq_of(journal: str, jseq: int) -> int | None:
         return con.execute("SELECT min(seq) FROM audit_log WHERE journal = ? AND jseq = ?",
-                           [journal, jseq]).fetchone()[0]
+                           [journal, jseq]).one()[0]
 
     for name in names:
         path = check.journal_dir / f"{name}{SUFFIX}"

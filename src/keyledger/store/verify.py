@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import duckdb
-
 from .checkpoints import OFFSETS_TIPS_SQL, TIPS_SQL, ZERO, checkpoint_hash, tips_digest
+from .db import Tx
 from .journal import SEP, genesis
 from .seals import JournalCheck, check_journals
 
@@ -133,12 +132,12 @@ def _run_links(starts: list[tuple], last: tuple | None
 
 
 
-def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, bytes], bool],
+def verify(con: Tx, verify_signature: Callable[[bytes, bytes], bool],
            head: tuple[int, str] | None, journals: JournalCheck | None = None) -> VerifyReport:
     """Vectorised checks in SQL: row hashes, chain links per journal, checkpoint chain, tips;
     with ``journals``, also the journal files and seals (``check_journals``)."""
-    n, max_seq = con.execute("SELECT count(*), max(seq) FROM audit_log").fetchone()
-    ncp = con.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    n, max_seq = con.execute("SELECT count(*), max(seq) FROM audit_log").one()
+    ncp = con.execute("SELECT count(*) FROM checkpoints").one()[0]
     report = VerifyReport(True, n, ncp)
     bad: list[int] = []
 
@@ -188,11 +187,11 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
              "(time went backwards: a clock set back by more than a second, or lines that its "
              "writer did not write)", backwards[0])
     if tips is None:  # not conclusive: the exact checks decide and name the first bad row
-        row = con.execute(_LINKS_SQL).fetchone()
+        row = con.execute(_LINKS_SQL).one()
         if row[1]:
             fail(f"{row[1]} chain link(s) broken (a record was deleted, inserted or reordered)",
                  row[0])
-        dup = con.execute("SELECT count(*) - count(DISTINCT seq) FROM audit_log").fetchone()[0]
+        dup = con.execute("SELECT count(*) - count(DISTINCT seq) FROM audit_log").one()[0]
         if dup:
             fail(f"{dup} duplicated sequence number(s)", None)
     cps = con.execute(
@@ -214,10 +213,10 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
             actual_tips = tips_digest([(j, s, th) for j, (s, th) in tips.items()])
             covered = n
         else:
-            actual_tips = con.execute(TIPS_SQL, [last_seq]).fetchone()[0]
+            actual_tips = con.execute(TIPS_SQL, [last_seq]).one()[0]
             covered = con.execute("SELECT count(*) FROM audit_log WHERE seq <= ?",
-                                  [last_seq]).fetchone()[0]
-        if con.execute(OFFSETS_TIPS_SQL).fetchone()[0] != cp_tips:
+                                  [last_seq]).one()[0]
+        if con.execute(OFFSETS_TIPS_SQL).one()[0] != cp_tips:
             fail("the ingest bookkeeping (journal_offsets) differs from the last signed "
                  "checkpoint", None)
         if actual_tips != cp_tips or covered != n_rec:
@@ -232,14 +231,14 @@ def verify(con: duckdb.DuckDBPyConnection, verify_signature: Callable[[bytes, by
             # rows beyond what ingest ever took from a journal were put there by hand
             surplus = con.execute(
                 """SELECT min(a.seq) FROM audit_log a JOIN journal_offsets j USING (journal)
-                   WHERE a.jseq > j.tip_jseq AND a.seq <= ?""", [last_seq]).fetchone()[0]
+                   WHERE a.jseq > j.tip_jseq AND a.seq <= ?""", [last_seq]).one()[0]
             what = (f"it signed {n_rec} records, the ledger has {covered}" if covered != n_rec
                     else "the newest record of a journal is not the one it signed")
             fail(f"records covered by checkpoint {cp_seq} differ from what it signed ({what}): "
                  "records were removed, added or rewritten", surplus)
         if max_seq is not None and max_seq > last_seq:
             extra = con.execute("SELECT min(seq), count(*) FROM audit_log WHERE seq > ?",
-                                [last_seq]).fetchone()
+                                [last_seq]).one()
             fail(f"{extra[1]} record(s) after the last signed checkpoint (inserted)", extra[0])
     elif n:
         fail("records exist but no signed checkpoint does", None)
