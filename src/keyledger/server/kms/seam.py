@@ -6,11 +6,12 @@ run the action on it, and every other decision is left to the ledger's own calls
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
 from ...access import check
-from ...errors import AccessDenied, KeyNotFound
+from ...errors import AccessDenied, KeyLedgerError, KeyNotFound
 from ...model import Key, is_valid_name
 from ..errors import ApiError
 from .faults import Recorded
@@ -40,13 +41,26 @@ def peek(ledger: KeyLedger, name: str, action: str) -> Key | None:
     return key
 
 
+_REFUSALS: dict[str, type[KeyLedgerError]] = {}
+
+
+def _refusal(code: str) -> type[KeyLedgerError]:
+    """An error class named after the AWS code, so the record's ``error`` column says it."""
+    cls = _REFUSALS.get(code)
+    if cls is None:
+        cls = _REFUSALS[code] = type(code, (KeyLedgerError,), {})
+    return cls
+
+
 def record_refusal(ledger: KeyLedger, operation: str, error: ApiError,
                    key: Key | None = None) -> None:
-    """One audit record (outcome ``failed``, action ``kms:<Operation>``) for a request the KMS
-    layer refused before any ledger call: malformed fields, an unknown ARN, a wrong key."""
-    with ledger._audited(f"kms:{operation}", None) as rec:
+    """One audit record (action ``kms:<Operation>``, outcome ``failed``, error the AWS code)
+    for a request the KMS layer refused before any ledger call: malformed fields, an ARN of
+    another account, the wrong key for a ciphertext."""
+    with contextlib.suppress(KeyLedgerError), ledger._audited(f"kms:{operation}", None) as rec:
         rec.key = key
         rec.detail = f"{error.code}: {error.message}"[:500]
+        raise _refusal(error.code)(error.message)
 
 
 def dry_run(ledger: KeyLedger, operation: str, name: str, action: str) -> Recorded:

@@ -1,0 +1,465 @@
+"""The AWS KMS JSON API (``keyledger.server.kms.dispatch``) on a real SoftHSM2 home.
+
+Requests are the JSON bodies botocore sends (its own serializer, from its KMS service model,
+after its parameter validation); responses are parsed back with botocore's JSON parser, and
+every member they carry must be one the model declares. Each test checks what the ledger
+recorded: principal, action, key, outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import botocore.session
+import pytest
+from botocore.parsers import JSONParser
+from botocore.serialize import create_serializer
+from botocore.validate import ParamValidator
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+import keyledger as kl
+from keyledger.server.errors import ApiError
+from keyledger.server.kms import KmsConfig, dispatch
+
+MODEL = botocore.session.get_session().get_service_model("kms")
+SERIALIZER = create_serializer("json")
+PARSER = JSONParser()
+CONFIG = KmsConfig()
+CTX = {"tenant": "acme", "purpose": "kms-test"}
+
+
+def _declared(shape: Any, value: Any, where: str) -> None:
+    """Every member of ``value`` is declared by ``shape`` (botocore's parser drops others)."""
+    if shape.type_name == "structure":
+        extra = set(value) - set(shape.members)
+        assert not extra, f"{where}: members not in the KMS model: {extra}"
+        for k, v in value.items():
+            _declared(shape.members[k], v, f"{where}.{k}")
+    elif shape.type_name == "list":
+        for i, v in enumerate(value):
+            _declared(shape.member, v, f"{where}[{i}]")
+
+
+def kms(ledger: kl.KeyLedger, operation: str, **params: Any) -> dict[str, Any]:
+    """One call as an AWS SDK makes it: validate, serialize, dispatch, parse the response."""
+    op = MODEL.operation_model(operation)
+    report = ParamValidator().validate(params, op.input_shape)
+    assert not report.has_errors(), report.generate_report()
+    request = SERIALIZER.serialize_to_request(params, op)
+    body = json.loads(request["body"] or b"{}")
+    out = dispatch(ledger, operation, body, config=CONFIG)
+    raw = json.dumps(out).encode()  # must be JSON as it is
+    if op.output_shape is None:
+        assert out == {}
+        return {}
+    _declared(op.output_shape, out, operation)
+    return PARSER.parse({"status_code": 200, "headers": {}, "body": raw}, op.output_shape)
+
+
+def refused(ledger: kl.KeyLedger, operation: str, code: str, *, raw: Any = None,
+            **params: Any) -> ApiError:
+    """The ApiError a call gets (``raw``: a body sent as is, not through botocore); its
+    wire form parses in botocore to the same code."""
+    with pytest.raises(ApiError) as info:
+        if raw is not None:
+            dispatch(ledger, operation, raw, config=CONFIG)
+        else:
+            kms(ledger, operation, **params)
+    err = info.value
+    assert err.code == code, str(err)
+    assert err.status == (412 if code == "DryRunOperationException" else
+                          500 if code == "KMSInternalException" else 400)
+    op = MODEL.operation_model(operation)
+    parsed = PARSER.parse({"status_code": err.status, "headers": {}, "body": err.body()},
+                          op.output_shape)
+    assert parsed["Error"]["Code"] == code
+    return err
+
+
+def last(ledger: kl.KeyLedger, action: str, principal: str = "alice") -> dict[str, Any]:
+    """The newest audit record of ``action`` by ``principal``."""
+    ledger.flush_audit()
+    frame = ledger.audit(action=action, principal=principal, newest_first=True, limit=1)
+    assert len(frame), f"no {action} record of {principal}"
+    return frame.iloc[0].to_dict()
+
+
+def new_key(ledger: kl.KeyLedger, **params: Any) -> dict[str, Any]:
+    return kms(ledger, "CreateKey", **params)["KeyMetadata"]
+
+
+@pytest.fixture
+def bob(ledger: kl.KeyLedger, clock):
+    led = kl.open(ledger.home, principal="bob", clock=clock)
+    yield led
+    led.close()
+
+
+# -- key ids and metadata --------------------------------------------------------------------
+def test_create_key_and_every_key_id_form(ledger):
+    meta = new_key(ledger, Tags=[{"TagKey": "team", "TagValue": "pay"}])
+    assert meta["KeySpec"] == "SYMMETRIC_DEFAULT" and meta["KeyUsage"] == "ENCRYPT_DECRYPT"
+    assert meta["KeyState"] == "Enabled" and meta["Enabled"] is True
+    assert meta["Arn"] == f"arn:aws:kms:us-east-1:111122223333:key/{meta['KeyId']}"
+    assert meta["EncryptionAlgorithms"] == ["SYMMETRIC_DEFAULT"]
+    key = ledger.get_key(meta["KeyId"]) if False else None  # names, not ids, reach the facade
+    name = next(k for k in ledger.list_keys().itertuples() if k.key_id == meta["KeyId"]).name
+    assert last(ledger, "create_key")["key"] == name and key is None
+    kms(ledger, "CreateAlias", AliasName="alias/payments", TargetKeyId=meta["KeyId"])
+    forms = [meta["KeyId"], meta["Arn"], f"alias/{name}", "alias/payments",
+             f"arn:aws:kms:us-east-1:111122223333:alias/{name}",
+             "arn:aws:kms:us-east-1:111122223333:alias/payments"]
+    for form in forms:
+        got = kms(ledger, "DescribeKey", KeyId=form)["KeyMetadata"]
+        assert got["KeyId"] == meta["KeyId"], form
+        rec = last(ledger, "get_key")
+        assert (rec["key"], rec["outcome"]) == (name, "ok")
+
+
+def test_unknown_and_foreign_key_ids_are_not_found_and_audited(ledger):
+    meta = new_key(ledger)
+    refused(ledger, "DescribeKey", "NotFoundException",
+            KeyId="0b6a4e0e-1111-4222-8333-944445555666")
+    rec = last(ledger, "get_key")
+    assert (rec["outcome"], rec["error"]) == ("failed", "KeyNotFound")
+    refused(ledger, "DescribeKey", "NotFoundException",
+            KeyId=f"arn:aws:kms:eu-west-1:999999999999:key/{meta['KeyId']}")
+    rec = last(ledger, "kms:DescribeKey")
+    assert rec["outcome"] == "failed" and "NotFoundException" in rec["detail"]
+    refused(ledger, "DescribeKey", "NotFoundException", KeyId="alias/nothing-here")
+
+
+def test_list_keys_aliases_and_paging(ledger):
+    ids = [new_key(ledger)["KeyId"] for _ in range(3)]
+    page = kms(ledger, "ListKeys", Limit=2)
+    assert len(page["Keys"]) == 2 and page["Truncated"] is True
+    rest = kms(ledger, "ListKeys", Limit=2, Marker=page["NextMarker"])
+    assert rest["Truncated"] is False
+    listed = [k["KeyId"] for k in page["Keys"] + rest["Keys"]]
+    assert sorted(listed) == sorted(ids)
+    assert all(k["KeyArn"].endswith(k["KeyId"]) for k in page["Keys"])
+    kms(ledger, "CreateAlias", AliasName="alias/orders/v1", TargetKeyId=ids[0])
+    aliases = kms(ledger, "ListAliases", KeyId=ids[0])["Aliases"]
+    assert {a["TargetKeyId"] for a in aliases} == {ids[0]}
+    assert "alias/orders/v1" in {a["AliasName"] for a in aliases} and len(aliases) == 2
+    assert last(ledger, "list_keys")["outcome"] == "ok"
+    refused(ledger, "ListKeys", "InvalidMarkerException", Marker="garbage")
+
+
+def test_alias_rules(ledger):
+    kid = new_key(ledger)["KeyId"]
+    kms(ledger, "CreateAlias", AliasName="alias/app", TargetKeyId=kid)
+    assert last(ledger, "set_alias")["outcome"] == "ok"
+    refused(ledger, "CreateAlias", "AlreadyExistsException", AliasName="alias/app",
+            TargetKeyId=kid)
+    assert last(ledger, "set_alias")["error"] == "KeyExists"
+    for bad in ("app", "alias/aws/mine", "alias/white space"):
+        refused(ledger, "CreateAlias", "InvalidAliasNameException", raw={
+            "AliasName": bad, "TargetKeyId": kid})
+    assert "InvalidAliasNameException" in last(ledger, "kms:CreateAlias")["detail"]
+    refused(ledger, "UpdateAlias", "UnsupportedOperationException", AliasName="alias/app",
+            TargetKeyId=kid)
+    refused(ledger, "DeleteAlias", "UnsupportedOperationException", AliasName="alias/app")
+
+
+def test_tags(ledger):
+    kid = new_key(ledger, Tags=[{"TagKey": "team", "TagValue": "pay"}])["KeyId"]
+    kms(ledger, "TagResource", KeyId=kid, Tags=[{"TagKey": "env", "TagValue": "prod"}])
+    tags = kms(ledger, "ListResourceTags", KeyId=kid)["Tags"]
+    assert tags == [{"TagKey": "env", "TagValue": "prod"}, {"TagKey": "team", "TagValue": "pay"}]
+    kms(ledger, "UntagResource", KeyId=kid, TagKeys=["team"])
+    assert kms(ledger, "ListResourceTags", KeyId=kid)["Tags"] == [
+        {"TagKey": "env", "TagValue": "prod"}]
+    assert last(ledger, "set_tags")["outcome"] == "ok"
+    refused(ledger, "TagResource", "TagException", KeyId=kid,
+            Tags=[{"TagKey": "aws:x", "TagValue": "1"}])
+    refused(ledger, "TagResource", "ValidationException", raw={
+        "KeyId": kid, "Tags": [{"TagKey": "k" * 129, "TagValue": "v"}]})
+    refused(ledger, "TagResource", "ValidationException", raw={
+        "KeyId": kid, "Tags": [{"TagKey": "k", "TagValue": "v" * 257}]})
+
+
+# -- encryption ------------------------------------------------------------------------------
+def test_encrypt_decrypt_round_trip_without_key_id(ledger):
+    meta = new_key(ledger)
+    out = kms(ledger, "Encrypt", KeyId=meta["KeyId"], Plaintext=b"secret", EncryptionContext=CTX)
+    assert out["KeyId"] == meta["Arn"] and out["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
+    assert out["CiphertextBlob"][:2] == b"KL"  # keyledger's self-describing format
+    rec = last(ledger, "encrypt")
+    assert rec["outcome"] == "ok" and json.loads(rec["context"]) == CTX
+    back = kms(ledger, "Decrypt", CiphertextBlob=out["CiphertextBlob"], EncryptionContext=CTX)
+    assert back["Plaintext"] == b"secret" and back["KeyId"] == meta["Arn"]
+    rec = last(ledger, "decrypt")
+    assert rec["outcome"] == "ok" and rec["version"] == 1
+    # a keyledger ciphertext made by the Python API decrypts through the KMS API too
+    name = rec["key"]
+    blob = ledger.encrypt(name, b"from python", context=CTX)
+    assert kms(ledger, "Decrypt", CiphertextBlob=blob, KeyId=meta["KeyId"],
+               EncryptionContext=CTX)["Plaintext"] == b"from python"
+
+
+def test_decrypt_refusals(ledger):
+    a, b = new_key(ledger), new_key(ledger)
+    blob = kms(ledger, "Encrypt", KeyId=a["KeyId"], Plaintext=b"x", EncryptionContext=CTX)[
+        "CiphertextBlob"]
+    refused(ledger, "Decrypt", "IncorrectKeyException", CiphertextBlob=blob, KeyId=b["KeyId"],
+            EncryptionContext=CTX)
+    rec = last(ledger, "kms:Decrypt")
+    assert rec["outcome"] == "failed" and "IncorrectKeyException" in rec["detail"]
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    refused(ledger, "Decrypt", "InvalidCiphertextException", CiphertextBlob=tampered,
+            EncryptionContext=CTX)
+    rec = last(ledger, "decrypt")
+    assert (rec["outcome"], rec["error"]) == ("failed", "InvalidCiphertext")
+    refused(ledger, "Decrypt", "InvalidCiphertextException", CiphertextBlob=blob,
+            EncryptionContext={"tenant": "other"})
+    assert "context" in last(ledger, "decrypt")["detail"]
+    refused(ledger, "Decrypt", "InvalidCiphertextException", CiphertextBlob=b"not keyledger")
+    assert last(ledger, "decrypt")["detail"] == "malformed ciphertext"
+
+
+def test_disabled_and_pending_deletion_keys(ledger):
+    kid = new_key(ledger)["KeyId"]
+    kms(ledger, "DisableKey", KeyId=kid)
+    assert kms(ledger, "DescribeKey", KeyId=kid)["KeyMetadata"]["KeyState"] == "Disabled"
+    refused(ledger, "Encrypt", "DisabledException", KeyId=kid, Plaintext=b"x")
+    rec = last(ledger, "encrypt")
+    assert (rec["outcome"], rec["error"]) == ("failed", "KeyStateError")
+    kms(ledger, "EnableKey", KeyId=kid)
+    kms(ledger, "Encrypt", KeyId=kid, Plaintext=b"x")
+    refused(ledger, "ScheduleKeyDeletion", "ValidationException", KeyId=kid,
+            PendingWindowInDays=6)
+    out = kms(ledger, "ScheduleKeyDeletion", KeyId=kid, PendingWindowInDays=7)
+    assert out["KeyState"] == "PendingDeletion" and out["PendingWindowInDays"] == 7
+    assert out["KeyId"] == CONFIG.key_arn(kid)
+    meta = kms(ledger, "DescribeKey", KeyId=kid)["KeyMetadata"]
+    assert meta["KeyState"] == "PendingDeletion" and meta["DeletionDate"] == out["DeletionDate"]
+    refused(ledger, "Encrypt", "KMSInvalidStateException", KeyId=kid, Plaintext=b"x")
+    assert last(ledger, "schedule_deletion")["outcome"] == "ok"
+    kms(ledger, "CancelKeyDeletion", KeyId=kid)
+    assert kms(ledger, "DescribeKey", KeyId=kid)["KeyMetadata"]["KeyState"] == "Enabled"
+
+
+def test_principal_without_the_role_is_denied_and_recorded(ledger, bob):
+    kid = new_key(ledger)["KeyId"]
+    refused(bob, "Encrypt", "AccessDeniedException", KeyId=kid, Plaintext=b"x")
+    rec = last(ledger, "encrypt", principal="bob")
+    assert rec["outcome"] == "denied" and rec["error"] == "AccessDenied"
+    refused(bob, "CreateKey", "AccessDeniedException")
+    assert last(ledger, "create_key", principal="bob")["outcome"] == "denied"
+    refused(bob, "Encrypt", "AccessDeniedException", KeyId=kid, Plaintext=b"x", DryRun=True)
+    assert last(ledger, "dry_run", principal="bob")["outcome"] == "denied"
+
+
+def test_dry_run(ledger):
+    kid = new_key(ledger)["KeyId"]
+    refused(ledger, "Encrypt", "DryRunOperationException", KeyId=kid, Plaintext=b"x",
+            DryRun=True)
+    rec = last(ledger, "dry_run")
+    assert rec["outcome"] == "ok" and "Encrypt" in rec["detail"]
+    ledger.flush_audit()
+    assert not len(ledger.audit(action="encrypt"))  # nothing was encrypted
+
+
+def test_malformed_fields_are_validation_errors(ledger):
+    kid = new_key(ledger)["KeyId"]
+    cases = [
+        ("Encrypt", {"Plaintext": "eA=="}),  # no KeyId
+        ("Encrypt", {"KeyId": kid, "Plaintext": "not base64!"}),
+        ("Encrypt", {"KeyId": kid, "Plaintext": base64.b64encode(b"x" * 4097).decode()}),
+        ("Encrypt", {"KeyId": kid, "Plaintext": ""}),
+        ("Encrypt", {"KeyId": 7, "Plaintext": "eA=="}),
+        ("Encrypt", {"KeyId": kid, "Plaintext": "eA==", "EncryptionContext": {"a": 1}}),
+        ("Encrypt", {"KeyId": kid, "Plaintext": "eA==", "DryRun": "yes"}),
+        ("GenerateRandom", {"NumberOfBytes": 0}),
+        ("GenerateRandom", {"NumberOfBytes": 1025}),
+        ("GenerateRandom", {"NumberOfBytes": "5"}),
+        ("GenerateRandom", {"NumberOfBytes": True}),
+        ("GenerateDataKey", {"KeyId": kid}),
+        ("GenerateDataKey", {"KeyId": kid, "KeySpec": "AES_256", "NumberOfBytes": 32}),
+        ("GenerateDataKey", {"KeyId": kid, "KeySpec": "AES_512"}),
+        ("Decrypt", {}),
+        ("ListKeys", {"Limit": 0}),
+        ("DescribeKey", []),
+    ]
+    for operation, body in cases:
+        err = refused(ledger, operation, "ValidationException", raw=body)
+        assert err.message, (operation, body)
+    rec = last(ledger, "kms:Encrypt")
+    assert rec["outcome"] == "failed" and rec["detail"].startswith("ValidationException")
+    with pytest.raises(ApiError) as info:
+        dispatch(ledger, "NoSuchOperation", {})
+    assert info.value.code == "UnsupportedOperationException"
+    assert "UnsupportedOperationException" in last(ledger, "kms:unknown")["detail"]
+
+
+def test_generate_data_keys_and_random(ledger):
+    kid = new_key(ledger)["KeyId"]
+    out = kms(ledger, "GenerateDataKey", KeyId=kid, KeySpec="AES_256", EncryptionContext=CTX)
+    assert len(out["Plaintext"]) == 32
+    assert last(ledger, "generate_data_key")["outcome"] == "ok"
+    assert kms(ledger, "Decrypt", CiphertextBlob=out["CiphertextBlob"],
+               EncryptionContext=CTX)["Plaintext"] == out["Plaintext"]
+    small = kms(ledger, "GenerateDataKey", KeyId=kid, KeySpec="AES_128")
+    assert len(small["Plaintext"]) == 16
+    big = kms(ledger, "GenerateDataKeyWithoutPlaintext", KeyId=kid, NumberOfBytes=64)
+    assert "Plaintext" not in big
+    assert len(kms(ledger, "Decrypt", CiphertextBlob=big["CiphertextBlob"])["Plaintext"]) == 64
+    rnd = kms(ledger, "GenerateRandom", NumberOfBytes=48)["Plaintext"]
+    assert len(rnd) == 48
+    rec = last(ledger, "generate_random")
+    assert rec["outcome"] == "ok" and rec["detail"] == "48 bytes from os.urandom"
+
+
+def test_re_encrypt(ledger):
+    a, b = new_key(ledger), new_key(ledger)
+    blob = kms(ledger, "Encrypt", KeyId=a["KeyId"], Plaintext=b"move me",
+               EncryptionContext=CTX)["CiphertextBlob"]
+    out = kms(ledger, "ReEncrypt", CiphertextBlob=blob, SourceEncryptionContext=CTX,
+              DestinationKeyId=b["KeyId"], DestinationEncryptionContext={"new": "ctx"})
+    assert out["SourceKeyId"] == a["Arn"] and out["KeyId"] == b["Arn"]
+    assert kms(ledger, "Decrypt", CiphertextBlob=out["CiphertextBlob"],
+               EncryptionContext={"new": "ctx"})["Plaintext"] == b"move me"
+    kms(ledger, "RotateKeyOnDemand", KeyId=a["KeyId"])
+    same = kms(ledger, "ReEncrypt", CiphertextBlob=blob, SourceEncryptionContext=CTX,
+               DestinationKeyId=a["KeyId"], DestinationEncryptionContext=CTX)
+    rec = last(ledger, "rewrap")
+    assert rec["outcome"] == "ok" and rec["version"] == 2 and rec["detail"] == "from v1"
+    assert same["CiphertextBlob"] != blob
+    refused(ledger, "ReEncrypt", "IncorrectKeyException", CiphertextBlob=blob,
+            SourceKeyId=b["KeyId"], DestinationKeyId=a["KeyId"], SourceEncryptionContext=CTX)
+
+
+# -- signatures and MACs ---------------------------------------------------------------------
+@pytest.mark.parametrize("spec, alg", [
+    ("ECC_NIST_P256", "ECDSA_SHA_256"), ("ECC_NIST_P384", "ECDSA_SHA_384"),
+    ("RSA_2048", "RSASSA_PSS_SHA_256"), ("ECC_NIST_EDWARDS25519", "ED25519_SHA_512")])
+def test_sign_then_verify_with_cryptography(ledger, spec, alg):
+    meta = new_key(ledger, KeySpec=spec, KeyUsage="SIGN_VERIFY")
+    assert meta["SigningAlgorithms"] == [alg]
+    message = b"pay 42 EUR to bob"
+    sig = kms(ledger, "Sign", KeyId=meta["KeyId"], Message=message, MessageType="RAW",
+              SigningAlgorithm=alg)
+    assert sig["SigningAlgorithm"] == alg and sig["KeyId"] == meta["Arn"]
+    assert last(ledger, "sign")["outcome"] == "ok"
+    pub = kms(ledger, "GetPublicKey", KeyId=meta["KeyId"])
+    assert pub["KeySpec"] == spec and pub["SigningAlgorithms"] == [alg]
+    key = serialization.load_der_public_key(pub["PublicKey"])
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        h = hashes.SHA256() if alg.endswith("256") else hashes.SHA384()
+        key.verify(sig["Signature"], message, ec.ECDSA(h))
+    elif isinstance(key, rsa.RSAPublicKey):
+        key.verify(sig["Signature"], message, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                   hashes.SHA256())
+    else:
+        assert isinstance(key, ed25519.Ed25519PublicKey)
+        key.verify(sig["Signature"], message)
+    with pytest.raises(InvalidSignature):
+        key.verify(sig["Signature"], b"other", *(() if isinstance(key, ed25519.Ed25519PublicKey)
+                                                  else _verify_args(key, alg)))
+    ok = kms(ledger, "Verify", KeyId=meta["KeyId"], Message=message, Signature=sig["Signature"],
+             SigningAlgorithm=alg)
+    assert ok["SignatureValid"] is True
+    refused(ledger, "Verify", "KMSInvalidSignatureException", KeyId=meta["KeyId"],
+            Message=b"tampered", Signature=sig["Signature"], SigningAlgorithm=alg)
+    rec = last(ledger, "verify")
+    assert rec["outcome"] == "ok" and rec["detail"] == "signature did not verify"
+    ledger.flush_audit()
+    assert not len(ledger.audit(action="kms:Verify"))  # one record per call, not two
+    refused(ledger, "Sign", "InvalidKeyUsageException", KeyId=meta["KeyId"], Message=message,
+            SigningAlgorithm="ECDSA_SHA_512")
+
+
+def _verify_args(key: Any, alg: str) -> tuple:
+    if isinstance(key, rsa.RSAPublicKey):
+        return (padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    return (ec.ECDSA(hashes.SHA256() if alg.endswith("256") else hashes.SHA384()),)
+
+
+def test_wrong_usage_is_invalid_key_usage(ledger):
+    enc = new_key(ledger)["KeyId"]
+    refused(ledger, "Sign", "InvalidKeyUsageException", KeyId=enc, Message=b"m",
+            SigningAlgorithm="ECDSA_SHA_256")
+    assert last(ledger, "sign")["error"] == "PolicyViolation"
+    refused(ledger, "GetPublicKey", "UnsupportedOperationException", KeyId=enc)
+    refused(ledger, "Sign", "UnsupportedOperationException", KeyId=enc, Message=b"m" * 32,
+            MessageType="DIGEST", SigningAlgorithm="ECDSA_SHA_256")
+
+
+def test_mac_round_trip(ledger):
+    meta = new_key(ledger, KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")
+    assert meta["MacAlgorithms"] == ["HMAC_SHA_256"]
+    mac = kms(ledger, "GenerateMac", KeyId=meta["KeyId"], Message=b"hello",
+              MacAlgorithm="HMAC_SHA_256")
+    assert len(mac["Mac"]) == 32 and last(ledger, "mac")["outcome"] == "ok"
+    ok = kms(ledger, "VerifyMac", KeyId=meta["KeyId"], Message=b"hello", Mac=mac["Mac"],
+             MacAlgorithm="HMAC_SHA_256")
+    assert ok["MacValid"] is True
+    refused(ledger, "VerifyMac", "KMSInvalidMacException", KeyId=meta["KeyId"],
+            Message=b"hellO", Mac=mac["Mac"], MacAlgorithm="HMAC_SHA_256")
+    assert last(ledger, "verify_mac")["detail"] == "signature did not verify"
+    refused(ledger, "GenerateMac", "InvalidKeyUsageException", KeyId=meta["KeyId"],
+            Message=b"hello", MacAlgorithm="HMAC_SHA_512")
+
+
+def test_create_key_refusals(ledger):
+    refused(ledger, "CreateKey", "UnsupportedOperationException", KeySpec="ECC_NIST_P521",
+            KeyUsage="SIGN_VERIFY")
+    refused(ledger, "CreateKey", "UnsupportedOperationException", KeySpec="RSA_2048",
+            KeyUsage="ENCRYPT_DECRYPT")
+    refused(ledger, "CreateKey", "ValidationException", KeySpec="HMAC_256",
+            KeyUsage="SIGN_VERIFY")
+    refused(ledger, "CreateKey", "UnsupportedOperationException", Origin="EXTERNAL")
+    refused(ledger, "CreateKey", "UnsupportedOperationException", MultiRegion=True)
+    assert "UnsupportedOperationException" in last(ledger, "kms:CreateKey")["detail"]
+
+
+# -- rotation --------------------------------------------------------------------------------
+def test_rotation_operations(ledger):
+    kid = new_key(ledger)["KeyId"]
+    status = kms(ledger, "GetKeyRotationStatus", KeyId=kid)
+    assert status["KeyRotationEnabled"] is True and status["RotationPeriodInDays"] == 90
+    kms(ledger, "EnableKeyRotation", KeyId=kid, RotationPeriodInDays=90)
+    assert last(ledger, "set_policy")["outcome"] == "ok"
+    refused(ledger, "EnableKeyRotation", "ValidationException", raw={
+        "KeyId": kid, "RotationPeriodInDays": 30})
+    assert kms(ledger, "ListKeyRotations", KeyId=kid)["Rotations"] == []
+    assert kms(ledger, "RotateKeyOnDemand", KeyId=kid)["KeyId"] == kid
+    assert last(ledger, "rotate")["version"] == 2
+    rotations = kms(ledger, "ListKeyRotations", KeyId=kid)["Rotations"]
+    assert len(rotations) == 1 and rotations[0]["KeyId"] == kid
+    kms(ledger, "DisableKeyRotation", KeyId=kid)
+    assert kms(ledger, "GetKeyRotationStatus", KeyId=kid)["KeyRotationEnabled"] is False
+
+
+# -- import (BYOK) ---------------------------------------------------------------------------
+def test_import_key_material(ledger):
+    caps = ledger.capabilities().supports
+    alg = ("RSA_AES_KEY_WRAP_SHA_256" if caps.get("RSA_OAEP_SHA256")
+           else "RSA_AES_KEY_WRAP_SHA_1")
+    other = ("RSA_AES_KEY_WRAP_SHA_1" if alg.endswith("256") else "RSA_AES_KEY_WRAP_SHA_256")
+    refused(ledger, "GetParametersForImport", "UnsupportedOperationException",
+            KeyId="alias/byok", WrappingAlgorithm=other, WrappingKeySpec="RSA_3072")
+    refused(ledger, "GetParametersForImport", "UnsupportedOperationException",
+            KeyId="alias/byok", WrappingAlgorithm=alg, WrappingKeySpec="RSA_2048")
+    params = kms(ledger, "GetParametersForImport", KeyId="alias/byok", WrappingAlgorithm=alg,
+                 WrappingKeySpec="RSA_3072")
+    assert last(ledger, "import_parameters")["outcome"] == "ok"
+    # what an AWS client does for RSA_AES_KEY_WRAP_SHA_*: OAEP of a one-time AES key + KWP
+    public = serialization.load_der_public_key(params["PublicKey"])
+    assert isinstance(public, rsa.RSAPublicKey)
+    h = hashes.SHA256() if alg.endswith("256") else hashes.SHA1()
+    material, ephemeral = os.urandom(32), os.urandom(32)
+    wrapped = public.encrypt(ephemeral, padding.OAEP(padding.MGF1(h), h, None)) + \
+        aes_key_wrap_with_padding(ephemeral, material)
+    out = kms(ledger, "ImportKeyMaterial", KeyId="alias/byok", ImportToken=params["ImportToken"],
+              EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
+    assert last(ledger, "import_key")["outcome"] == "ok"
+    blob = kms(ledger, "Encrypt", KeyId=out["KeyId"], Plaintext=b"mine")["CiphertextBlob"]
+    assert kms(ledger, "Decrypt", CiphertextBlob=blob)["Plaintext"] == b"mine"
