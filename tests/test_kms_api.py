@@ -463,3 +463,25 @@ def test_import_key_material(ledger):
     assert last(ledger, "import_key")["outcome"] == "ok"
     blob = kms(ledger, "Encrypt", KeyId=out["KeyId"], Plaintext=b"mine")["CiphertextBlob"]
     assert kms(ledger, "Decrypt", CiphertextBlob=blob)["Plaintext"] == b"mine"
+
+
+# -- never a 500 -----------------------------------------------------------------------------
+_WRONG = {"string": [1], "blob": 5, "integer": "5", "boolean": "true", "timestamp": "soon",
+          "structure": "x", "list": "x", "map": ["x"]}
+
+
+def test_every_field_of_every_operation_mistyped_is_a_4xx(ledger):
+    """Each member the KMS model declares, sent with the wrong JSON type (alone, and next to a
+    real KeyId), is refused with a 4xx ApiError or ignored: never a 500 or another exception."""
+    from keyledger.server.kms import OPERATIONS
+
+    kid = new_key(ledger)["KeyId"]
+    for operation in OPERATIONS:
+        members = MODEL.operation_model(operation).input_shape.members
+        for member, shape in members.items():
+            for base in ({}, {"KeyId": kid}):
+                body = {**base, member: _WRONG[shape.type_name]}
+                try:
+                    dispatch(ledger, operation, body, config=CONFIG)
+                except ApiError as err:
+                    assert err.status < 500, (operation, member, str(err))
