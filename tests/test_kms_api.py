@@ -485,3 +485,26 @@ def test_every_field_of_every_operation_mistyped_is_a_4xx(ledger):
                     dispatch(ledger, operation, body, config=CONFIG)
                 except ApiError as err:
                     assert err.status < 500, (operation, member, str(err))
+
+
+# -- keys made in Python, and states AWS lacks -------------------------------------------------
+def test_python_keys_deactivated_and_destroyed_states(ledger, clock):
+    ledger.create_key("legacy", spec="AES_128")
+    meta = kms(ledger, "DescribeKey", KeyId="alias/legacy")["KeyMetadata"]
+    assert meta["KeySpec"] == "SYMMETRIC_DEFAULT" and meta["KeyState"] == "Enabled"
+    assert "alias/legacy" in {a["AliasName"] for a in kms(ledger, "ListAliases")["Aliases"]}
+    blob = kms(ledger, "Encrypt", KeyId="alias/legacy", Plaintext=b"old")["CiphertextBlob"]
+    ledger.deactivate("legacy")
+    assert kms(ledger, "DescribeKey", KeyId="alias/legacy")["KeyMetadata"]["KeyState"] == \
+        "Disabled"
+    refused(ledger, "Encrypt", "KMSInvalidStateException", KeyId="alias/legacy", Plaintext=b"x")
+    assert kms(ledger, "Decrypt", CiphertextBlob=blob)["Plaintext"] == b"old"  # still processes
+    kms(ledger, "ScheduleKeyDeletion", KeyId="alias/legacy", PendingWindowInDays=7)
+    clock.advance(days=8)
+    ledger.destroy("legacy")
+    meta = kms(ledger, "DescribeKey", KeyId="alias/legacy")["KeyMetadata"]
+    assert meta["KeyState"] == "Unavailable" and meta["Enabled"] is False
+    assert meta["KeyId"] not in {k["KeyId"] for k in kms(ledger, "ListKeys")["Keys"]}
+    refused(ledger, "Decrypt", "KMSInvalidStateException", CiphertextBlob=blob)
+    rec = last(ledger, "decrypt")
+    assert (rec["key"], rec["outcome"], rec["error"]) == ("legacy", "failed", "KeyStateError")
