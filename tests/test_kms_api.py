@@ -163,9 +163,31 @@ def test_alias_rules(ledger):
         refused(ledger, "CreateAlias", "InvalidAliasNameException", raw={
             "AliasName": bad, "TargetKeyId": kid})
     assert "InvalidAliasNameException" in last(ledger, "kms:CreateAlias")["detail"]
-    refused(ledger, "UpdateAlias", "UnsupportedOperationException", AliasName="alias/app",
+    other = new_key(ledger)["KeyId"]
+    kms(ledger, "UpdateAlias", AliasName="alias/app", TargetKeyId=other)
+    assert kms(ledger, "DescribeKey", KeyId="alias/app")["KeyMetadata"]["KeyId"] == other
+    rec = last(ledger, "move_alias")
+    assert rec["outcome"] == "ok" and rec["detail"].startswith("alias app moved from kms-")
+    kms(ledger, "DeleteAlias", AliasName="alias/app")
+    assert last(ledger, "remove_alias")["outcome"] == "ok"
+    refused(ledger, "DescribeKey", "NotFoundException", KeyId="alias/app")
+    refused(ledger, "DeleteAlias", "NotFoundException", AliasName="alias/app")
+    name = ledger.list_keys().set_index("key_id").loc[kid, "name"]
+    refused(ledger, "DeleteAlias", "ValidationException", AliasName=f"alias/{name}")
+    assert last(ledger, "remove_alias")["error"] == "InvalidInput"
+    assert kms(ledger, "DescribeKey", KeyId=f"alias/{name}")["KeyMetadata"]["KeyId"] == kid
+
+
+def test_alias_changes_need_admin_on_the_keys(ledger, bob):
+    kid = new_key(ledger)["KeyId"]
+    kms(ledger, "CreateAlias", AliasName="alias/shared", TargetKeyId=kid)
+    ledger.grant("*", "bob", "user")
+    refused(bob, "DeleteAlias", "AccessDeniedException", AliasName="alias/shared")
+    rec = last(ledger, "remove_alias", principal="bob")
+    assert (rec["outcome"], rec["error"]) == ("denied", "AccessDenied")
+    refused(bob, "UpdateAlias", "AccessDeniedException", AliasName="alias/shared",
             TargetKeyId=kid)
-    refused(ledger, "DeleteAlias", "UnsupportedOperationException", AliasName="alias/app")
+    assert kms(ledger, "DescribeKey", KeyId="alias/shared")["KeyMetadata"]["KeyId"] == kid
 
 
 def test_tags(ledger):

@@ -136,13 +136,16 @@ def create_alias(call: Call) -> dict[str, Any]:
 
 
 def update_alias(call: Call) -> dict[str, Any]:
-    raise unsupported("keyledger aliases are permanent (a name once given keeps naming its "
-                      "key): create a new alias with CreateAlias instead of moving one")
+    """``move_alias``: the alias names TargetKeyId's key from now on (a key name is no alias)."""
+    alias = alias_name(call.body.need_text("AliasName", 256))
+    call.ledger.move_alias(alias, call.name("TargetKeyId"))
+    return {}
 
 
 def delete_alias(call: Call) -> dict[str, Any]:
-    raise unsupported("keyledger aliases are permanent (a name once given keeps naming its "
-                      "key); DeleteAlias is not available")
+    """``remove_alias``; a key's own name cannot be deleted (ValidationException)."""
+    call.ledger.remove_alias(alias_name(call.body.need_text("AliasName", 256)))
+    return {}
 
 
 def tag_resource(call: Call) -> dict[str, Any]:
