@@ -530,3 +530,69 @@ def test_python_keys_deactivated_and_destroyed_states(ledger, clock):
     refused(ledger, "Decrypt", "KMSInvalidStateException", CiphertextBlob=blob)
     rec = last(ledger, "decrypt")
     assert (rec["key"], rec["outcome"], rec["error"]) == ("legacy", "failed", "KeyStateError")
+
+
+# -- a real boto3 client, its HTTP layer replaced by dispatch -----------------------------------
+class _Raw:
+    """The body botocore's response reads (``stream()``/``read()``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any):
+        yield self.data
+
+    def read(self, *_: Any) -> bytes:
+        return self.data
+
+
+@pytest.fixture
+def boto_kms(ledger):
+    """``boto3.client("kms")`` whose requests (signed, serialized as on the wire) are answered
+    by ``dispatch`` in process: botocore's own parsing, error classes and retries apply."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+
+    client = boto3.client("kms", region_name="us-east-1", endpoint_url="http://kms.invalid",
+                          aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret")
+
+    def answer(request, **_: Any) -> AWSResponse:
+        target = request.headers["X-Amz-Target"].decode()
+        assert target.startswith("TrentService.")
+        assert request.headers["Content-Type"] == b"application/x-amz-json-1.1"
+        try:
+            body = json.dumps(dispatch(ledger, target.split(".", 1)[1],
+                                       json.loads(request.body or b"{}"), config=CONFIG))
+            status = 200
+        except ApiError as err:
+            body, status = err.body().decode(), err.status
+        return AWSResponse(request.url, status, {"Content-Type": "application/x-amz-json-1.1"},
+                           _Raw(body.encode()))
+
+    client.meta.events.register("before-send.kms", answer)
+    return client
+
+
+def test_boto3_client_round_trip_and_errors(ledger, boto_kms):
+    meta = boto_kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    assert meta["CreationDate"].tzinfo is not None  # botocore parsed the timestamp
+    sig = boto_kms.sign(KeyId=meta["Arn"], Message=b"m", SigningAlgorithm="ECDSA_SHA_256")
+    der = boto_kms.get_public_key(KeyId=meta["KeyId"])["PublicKey"]
+    public = serialization.load_der_public_key(der)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(sig["Signature"], b"m", ec.ECDSA(hashes.SHA256()))
+    kid = boto_kms.create_key()["KeyMetadata"]["KeyId"]
+    blob = boto_kms.encrypt(KeyId=kid, Plaintext=b"hi", EncryptionContext=CTX)["CiphertextBlob"]
+    assert boto_kms.decrypt(CiphertextBlob=blob, EncryptionContext=CTX)["Plaintext"] == b"hi"
+    with pytest.raises(boto_kms.exceptions.InvalidCiphertextException):
+        boto_kms.decrypt(CiphertextBlob=blob, EncryptionContext={"x": "y"})
+    boto_kms.disable_key(KeyId=kid)
+    with pytest.raises(boto_kms.exceptions.DisabledException):
+        boto_kms.encrypt(KeyId=kid, Plaintext=b"hi")
+    with pytest.raises(boto_kms.exceptions.NotFoundException):
+        boto_kms.describe_key(KeyId="alias/missing")
+    pages = boto_kms.get_paginator("list_aliases").paginate(PaginationConfig={"PageSize": 1})
+    names = [a["AliasName"] for page in pages for a in page["Aliases"]]
+    assert len(names) == 2 and all(n.startswith("alias/kms-") for n in names)
+    rec = last(ledger, "encrypt")
+    assert (rec["principal"], rec["outcome"], rec["error"]) == ("alice", "failed", "KeyStateError")
