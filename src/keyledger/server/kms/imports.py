@@ -79,7 +79,7 @@ def import_key_material(call: Call) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise validation("ImportToken is not a token GetParametersForImport returned") from None
     key = call.ledger.import_key(name, spec=IMPORT_SPEC, wrapped=wrapped, token=token)
-    return {"KeyId": key.key_id}
+    return {"KeyId": call.arn(key.key_id)}
 
 
 OPERATIONS = {"GetParametersForImport": get_parameters_for_import,
