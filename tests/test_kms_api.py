@@ -596,3 +596,38 @@ def test_boto3_client_round_trip_and_errors(ledger, boto_kms):
     assert len(names) == 2 and all(n.startswith("alias/kms-") for n in names)
     rec = last(ledger, "encrypt")
     assert (rec["principal"], rec["outcome"], rec["error"]) == ("alice", "failed", "KeyStateError")
+
+
+def test_random_bodies_never_crash(ledger):
+    """Hypothesis: any JSON object with the operation's member names (and real KeyIds among
+    the values) gets a JSON response or a 4xx ApiError, never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from keyledger.server.kms import OPERATIONS
+
+    kid = new_key(ledger)["KeyId"]
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2, 5000), st.text(max_size=20),
+                        st.sampled_from([kid, CONFIG.key_arn(kid), "alias/x", "AAAA", "S0wB"]))
+    values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+        max_leaves=6)
+
+    @st.composite
+    def requests(draw):
+        operation = draw(st.sampled_from(sorted(OPERATIONS)))
+        names = sorted(MODEL.operation_model(operation).input_shape.members)
+        body = draw(st.dictionaries(st.sampled_from(names), values, max_size=4))
+        return operation, body
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(requests())
+    def check(request):
+        operation, body = request
+        try:
+            json.dumps(dispatch(ledger, operation, body, config=CONFIG))
+        except ApiError as err:
+            assert err.status < 500, (operation, body, str(err))
+
+    check()
