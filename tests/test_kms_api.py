@@ -108,9 +108,10 @@ def test_create_key_and_every_key_id_form(ledger):
     assert meta["KeyState"] == "Enabled" and meta["Enabled"] is True
     assert meta["Arn"] == f"arn:aws:kms:us-east-1:111122223333:key/{meta['KeyId']}"
     assert meta["EncryptionAlgorithms"] == ["SYMMETRIC_DEFAULT"]
-    key = ledger.get_key(meta["KeyId"]) if False else None  # names, not ids, reach the facade
-    name = next(k for k in ledger.list_keys().itertuples() if k.key_id == meta["KeyId"]).name
-    assert last(ledger, "create_key")["key"] == name and key is None
+    name = ledger.list_keys().set_index("key_id").loc[meta["KeyId"], "name"]
+    assert name.startswith("kms-")
+    rec = last(ledger, "create_key")
+    assert (rec["key"], rec["outcome"], rec["version"]) == (name, "ok", 1)
     kms(ledger, "CreateAlias", AliasName="alias/payments", TargetKeyId=meta["KeyId"])
     forms = [meta["KeyId"], meta["Arn"], f"alias/{name}", "alias/payments",
              f"arn:aws:kms:us-east-1:111122223333:alias/{name}",

@@ -123,7 +123,7 @@ class Body:
             return {}
         if not isinstance(value, list) or len(value) > MAX_TAGS:
             raise validation(f"{name} must be a list of at most {MAX_TAGS} "
-                             "{{TagKey, TagValue}} objects")
+                             "{TagKey, TagValue} objects")
         out: dict[str, str] = {}
         for tag in value:
             if not isinstance(tag, dict):
