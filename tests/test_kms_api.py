@@ -632,3 +632,9 @@ def test_random_bodies_never_crash(ledger):
             assert err.status < 500, (operation, body, str(err))
 
     check()
+
+
+def test_closed_ledger_is_an_api_error(ledger, bob):
+    bob.close()
+    err = refused(bob, "Encrypt", "KMSInvalidStateException", raw={"Plaintext": "eA=="})
+    assert "closed" in err.message

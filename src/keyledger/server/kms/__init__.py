@@ -44,10 +44,9 @@ def dispatch(ledger: KeyLedger, operation: str, body: dict[str, Any], *,
     """Run ``operation`` (e.g. ``"Encrypt"``, without the ``TrentService.`` prefix)."""
     handler = OPERATIONS.get(operation)
     if handler is None:
-        error = ApiError("UnsupportedOperationException",
-                         f"keyledger does not implement the KMS operation {operation[:80]!r}")
-        record_refusal(ledger, "unknown", error)
-        raise error
+        raise _recorded(ledger, "unknown", ApiError(
+            "UnsupportedOperationException",
+            f"keyledger does not implement the KMS operation {operation[:80]!r}"))
     try:
         return handler(Call(ledger, Body(body), config, operation))
     except KeyLedgerError as exc:  # the ledger call that raised it audited it
@@ -55,8 +54,17 @@ def dispatch(ledger: KeyLedger, operation: str, body: dict[str, Any], *,
     except Recorded:
         raise
     except ApiError as exc:
-        record_refusal(ledger, operation, exc)
-        raise
+        raise _recorded(ledger, operation, exc) from None
+
+
+def _recorded(ledger: KeyLedger, operation: str, error: ApiError) -> ApiError:
+    """``error`` once its audit record is written; if the ledger cannot write it (closed,
+    journal failing), the error saying so instead: no refusal goes unrecorded silently."""
+    try:
+        record_refusal(ledger, operation, error)
+    except KeyLedgerError as exc:
+        return to_api_error(exc)
+    return error
 
 
 __all__ = ["DEFAULT_CONFIG", "OPERATIONS", "TARGET_PREFIX", "Call", "Handler", "KmsConfig",

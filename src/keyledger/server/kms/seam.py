@@ -57,10 +57,11 @@ def record_refusal(ledger: KeyLedger, operation: str, error: ApiError,
     """One audit record (action ``kms:<Operation>``, outcome ``failed``, error the AWS code)
     for a request the KMS layer refused before any ledger call: malformed fields, an ARN of
     another account, the wrong key for a ciphertext."""
-    with contextlib.suppress(KeyLedgerError), ledger._audited(f"kms:{operation}", None) as rec:
+    refusal = _refusal(error.code)
+    with contextlib.suppress(refusal), ledger._audited(f"kms:{operation}", None) as rec:
         rec.key = key
         rec.detail = f"{error.code}: {error.message}"[:500]
-        raise _refusal(error.code)(error.message)
+        raise refusal(error.message)
 
 
 def dry_run(ledger: KeyLedger, operation: str, name: str, action: str) -> Recorded:
