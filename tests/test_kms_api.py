@@ -481,6 +481,23 @@ def test_import_key_material(ledger):
     material, ephemeral = os.urandom(32), os.urandom(32)
     wrapped = public.encrypt(ephemeral, padding.OAEP(padding.MGF1(h), h, None)) + \
         aes_key_wrap_with_padding(ephemeral, material)
+    refused(ledger, "ImportKeyMaterial", "UnsupportedOperationException", KeyId="alias/byok",
+            ImportToken=params["ImportToken"], EncryptedKeyMaterial=wrapped,
+            ExpirationModel="KEY_MATERIAL_EXPIRES")
+    refused(ledger, "ImportKeyMaterial", "UnsupportedOperationException",
+            KeyId="0b6a4e0e-1111-4222-8333-944445555666", ImportToken=params["ImportToken"],
+            EncryptedKeyMaterial=wrapped)
+    refused(ledger, "ImportKeyMaterial", "InvalidImportTokenException", KeyId="alias/byok",
+            ImportToken=b"not-the-token", EncryptedKeyMaterial=wrapped)
+    rec = last(ledger, "import_key")
+    assert rec["outcome"] == "failed" and rec["error"] == "InvalidInput"
+    refused(ledger, "ImportKeyMaterial", "InvalidImportTokenException", KeyId="alias/other",
+            ImportToken=params["ImportToken"], EncryptedKeyMaterial=wrapped)
+    assert last(ledger, "import_key")["error"] == "PolicyViolation"
+    refused(ledger, "ImportKeyMaterial", "ValidationException", KeyId="alias/byok",
+            ImportToken=params["ImportToken"], EncryptedKeyMaterial=wrapped[:-8])
+    ledger.flush_audit()  # the two refusals above made here; the token ones by import_key
+    assert len(ledger.audit(action="kms:ImportKeyMaterial")) == 2
     out = kms(ledger, "ImportKeyMaterial", KeyId="alias/byok", ImportToken=params["ImportToken"],
               EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
     assert last(ledger, "import_key")["outcome"] == "ok"

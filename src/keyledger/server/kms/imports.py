@@ -17,8 +17,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from ...byok import IMPORT_RSA_BITS
+from ...errors import InvalidInput, PolicyViolation
+from ..errors import ApiError
 from .call import Call
-from .faults import unsupported, validation
+from .faults import Recorded, to_api_error, unsupported, validation
 from .fields import MAX_CIPHERTEXT, b64
 from .mapping import epoch
 
@@ -78,8 +80,23 @@ def import_key_material(call: Call) -> dict[str, Any]:
         token = token_blob.decode("ascii")
     except UnicodeDecodeError:
         raise validation("ImportToken is not a token GetParametersForImport returned") from None
-    key = call.ledger.import_key(name, spec=IMPORT_SPEC, wrapped=wrapped, token=token)
+    try:
+        key = call.ledger.import_key(name, spec=IMPORT_SPEC, wrapped=wrapped, token=token)
+    except (InvalidInput, PolicyViolation) as exc:
+        raise _token_error(exc) from None
     return {"KeyId": call.arn(key.key_id)}
+
+
+def _token_error(exc: InvalidInput | PolicyViolation) -> ApiError:
+    """AWS's import-token exceptions for keyledger's token refusals (already audited by
+    ``import_key``); any other refusal as ``faults`` maps it."""
+    text = str(exc)
+    if "token expired" in text:
+        return Recorded("ExpiredImportTokenException", text, 400)
+    if "import token" in text or text.startswith("token must"):
+        return Recorded("InvalidImportTokenException", text, 400)
+    error = to_api_error(exc)
+    return Recorded(error.code, error.message, error.status)
 
 
 OPERATIONS = {"GetParametersForImport": get_parameters_for_import,
