@@ -357,6 +357,13 @@ def test_re_encrypt(ledger):
     assert same["CiphertextBlob"] != blob
     refused(ledger, "ReEncrypt", "IncorrectKeyException", CiphertextBlob=blob,
             SourceKeyId=b["KeyId"], DestinationKeyId=a["KeyId"], SourceEncryptionContext=CTX)
+    signer = new_key(ledger, KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyId"]
+    ledger.flush_audit()
+    decrypts = len(ledger.audit(action="decrypt"))
+    refused(ledger, "ReEncrypt", "InvalidKeyUsageException", CiphertextBlob=blob,
+            SourceEncryptionContext=CTX, DestinationKeyId=signer)
+    assert last(ledger, "encrypt")["error"] == "PolicyViolation"
+    assert len(ledger.audit(action="decrypt")) == decrypts  # nothing was decrypted for it
 
 
 # -- signatures and MACs ---------------------------------------------------------------------

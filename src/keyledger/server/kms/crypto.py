@@ -59,10 +59,11 @@ def _header(blob: bytes) -> ct.Header | None:
 def _key_for(call: Call, name: str, action: str, purpose: Purpose,
              refuse: Callable[[], object]) -> Key:
     """The key ``name`` names, if the principal may run ``action`` on it and it serves
-    ``purpose``. Otherwise ``refuse`` (the ledger call itself) raises the ledger's own,
-    audited refusal: not found, access denied, wrong purpose."""
+    ``purpose`` (encrypt: also wrap). Otherwise ``refuse`` (the ledger call itself) raises the
+    ledger's own, audited refusal: not found, access denied, wrong purpose."""
+    purposes = (Purpose.ENCRYPT, Purpose.WRAP) if purpose is Purpose.ENCRYPT else (purpose,)
     key = peek(call.ledger, name, action)
-    if key is None or key.purpose is not purpose:
+    if key is None or key.purpose not in purposes:
         refuse()
         raise ApiError("KMSInternalException", "the key changed during the request; retry", 500)
     return key
@@ -136,8 +137,10 @@ def re_encrypt(call: Call) -> dict[str, Any]:
     if b.boolean("DryRun"):
         dry_run(call.ledger, call.operation, _dry_run_name(call, header), "decrypt")
         raise dry_run(call.ledger, call.operation, dest, "encrypt")
-    dest_key = peek(call.ledger, dest, "encrypt")
-    same = header is not None and dest_key is not None and dest_key.key_id == header.key_id
+    # the destination is checked first, so a refused one leaves nothing decrypted
+    dest_key = _key_for(call, dest, "encrypt", Purpose.ENCRYPT,
+                        lambda: call.ledger.encrypt(dest, b"\0", context=dest_context))
+    same = header is not None and dest_key.key_id == header.key_id
     if same and (source_context or {}) == (dest_context or {}):
         out = call.ledger.rewrap(blob, context=source_context)
     else:
