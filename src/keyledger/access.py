@@ -36,6 +36,8 @@ REQUIRED: dict[str, frozenset[Role]] = {
         "acknowledge_custody", "run_due", "trim", "backup", "restore_test", "export_key",
         "import_parameters", "import_key", "accept_finding")},
     "accept_unproven": frozenset({A}),
+    "remove_alias": frozenset({A}),
+    "move_alias": frozenset({A}),
     **{a: frozenset({U}) for a in (
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
         "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},

@@ -190,6 +190,14 @@ class KeyLedger:
     def set_alias(self, name: str, alias: str) -> Key:
         return self._lifecycle.set_alias(name, alias)
 
+    def remove_alias(self, alias: str) -> Key:
+        """Remove an alias (a key's own name cannot be removed); returns the key it named."""
+        return self._lifecycle.remove_alias(alias)
+
+    def move_alias(self, alias: str, name: str) -> Key:
+        """Point an existing alias at key ``name`` instead (admin on both keys)."""
+        return self._lifecycle.move_alias(alias, name)
+
     def set_tags(self, name: str, tags: Mapping[str, str]) -> Key:
         return self._lifecycle.set_tags(name, tags)
 

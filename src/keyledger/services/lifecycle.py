@@ -269,6 +269,44 @@ class LifecycleService(Service):
             rec.detail = f"alias {alias}"
             return key
 
+    def remove_alias(self, alias: str) -> Key:
+        """Remove an alias (never a key's name); the key keeps its name and other aliases."""
+        with self._audited("remove_alias", alias) as rec:
+            key = self._alias_owner(rec, alias)
+            with self._rt.db.write() as tx:
+                keys_repo.remove_alias(tx, alias, key.key_id)
+            rec.key = key = self._reloaded(key)
+            rec.detail = f"alias {alias} removed"
+        return key
+
+    def move_alias(self, alias: str, name: str) -> Key:
+        """Point an existing alias at key ``name`` in one transaction (admin on both keys)."""
+        with self._audited("move_alias", name) as rec:
+            key = self._key(rec, name)
+            current = self._alias_owner(rec, alias)
+            with self._rt.db.write() as tx:
+                keys_repo.remove_alias(tx, alias, current.key_id)
+                keys_repo.add_alias(tx, alias, key.key_id)
+            rec.key = key = self._reloaded(key)
+            rec.detail = f"alias {alias} moved from {current.name}"
+        return key
+
+    def _reloaded(self, key: Key) -> Key:
+        """``key`` as the catalog holds it after this process's last write."""
+        self._rt.catalog.refresh(force=True)
+        return self._rt.catalog.get(key.name)
+
+    def _alias_owner(self, rec: Audited, alias: str) -> Key:
+        """The key ``alias`` names, authorised for ``rec.action``; a key's own name is no
+        alias (names are permanent: ciphertexts and the ledger refer to them)."""
+        validate_name(alias, "alias")
+        key = self._rt.catalog.get(alias)
+        self._authorize(rec, rec.action, key)
+        if key.name == alias:
+            raise InvalidInput(f"{alias!r} is the name of a key, not an alias; a key's name "
+                               "cannot be removed or moved")
+        return key
+
     def set_tags(self, name: str, tags: Mapping[str, str]) -> Key:
         with self._audited("set_tags", name) as rec:
             key = self._key(rec, name)

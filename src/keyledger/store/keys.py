@@ -121,6 +121,10 @@ def add_alias(tx: Tx, alias: str, key_id: str) -> None:
     tx.execute("INSERT INTO aliases (alias, key_id) VALUES (?, ?)", [alias, key_id])
 
 
+def remove_alias(tx: Tx, alias: str, key_id: str) -> None:
+    tx.execute("DELETE FROM aliases WHERE alias = ? AND key_id = ?", [alias, key_id])
+
+
 def live_versions(tx: Tx) -> list[tuple[str, str, int, str]]:
     """(key_id, name, version, handle hex) of every version not destroyed."""
     return tx.execute("SELECT v.key_id, k.name, v.version, v.handle FROM versions v "

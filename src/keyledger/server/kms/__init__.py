@@ -1,45 +1,71 @@
 """The AWS KMS JSON 1.1 API (``TrentService.<Operation>``) over a ``KeyLedger``.
 
-``dispatch(ledger, operation, body)`` runs one operation for the ledger's principal and
-returns the response as a JSON-ready dict, or raises ``ApiError`` with AWS's exception name.
-Operations register in ``OPERATIONS`` (name -> handler); unknown ones are refused.
+``dispatch(ledger, operation, body, config=...)`` runs one operation for the ledger's
+principal and returns the response as a JSON-ready dict, or raises ``ApiError`` with AWS's
+exception name. Operations register in ``OPERATIONS`` (name -> handler of a ``Call``);
+unknown ones are refused. See docs/kms-api.md for what maps onto what.
+
+Modules: ``ids`` (KeyId forms), ``mapping`` (specs, usages, states, algorithms), ``fields``
+(request validation), ``keys`` (key management), ``crypto`` (data operations), ``imports``
+(BYOK), ``faults`` (KeyLedgerError -> ApiError), ``seam`` (what it reads of a KeyLedger
+beyond its public methods).
+
+Auditing: every ledger call an operation makes is audited by keyledger; a request refused
+here before any ledger call (a malformed field, a foreign ARN, the wrong key) gets one record
+of its own (action ``kms:<Operation>``), so the server need not audit ``ApiError``s again.
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ...errors import KeyLedgerError
 from ..errors import ApiError
+from . import crypto, imports, keys
+from .call import Call
+from .config import KmsConfig
+from .faults import Recorded, to_api_error
+from .fields import Body
+from .seam import record_refusal
 
 if TYPE_CHECKING:
     from ...service import KeyLedger
 
-Handler = Callable[["KeyLedger", dict[str, Any]], dict[str, Any]]
+Handler = Callable[[Call], dict[str, Any]]
 TARGET_PREFIX = "TrentService."
+DEFAULT_CONFIG = KmsConfig()
+
+OPERATIONS: dict[str, Handler] = {**keys.OPERATIONS, **crypto.OPERATIONS, **imports.OPERATIONS}
 
 
-def _generate_random(ledger: KeyLedger, body: dict[str, Any]) -> dict[str, Any]:
-    """Placeholder until the KMS operations land: random bytes from the OS (not audited)."""
-    import os
-
-    n = body.get("NumberOfBytes")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-        raise ApiError("ValidationException", "NumberOfBytes must be a whole number from 1 to 1024")
-    return {"Plaintext": base64.b64encode(os.urandom(n)).decode()}
-
-
-OPERATIONS: dict[str, Handler] = {"GenerateRandom": _generate_random}
-
-
-def dispatch(ledger: KeyLedger, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+def dispatch(ledger: KeyLedger, operation: str, body: dict[str, Any], *,
+             config: KmsConfig = DEFAULT_CONFIG) -> dict[str, Any]:
     """Run ``operation`` (e.g. ``"Encrypt"``, without the ``TrentService.`` prefix)."""
     handler = OPERATIONS.get(operation)
     if handler is None:
-        raise ApiError("UnsupportedOperationException",
-                       f"keyledger does not implement the KMS operation {operation[:80]!r}")
-    return handler(ledger, body)
+        raise _recorded(ledger, "unknown", ApiError(
+            "UnsupportedOperationException",
+            f"keyledger does not implement the KMS operation {operation[:80]!r}"))
+    try:
+        return handler(Call(ledger, Body(body), config, operation))
+    except KeyLedgerError as exc:  # the ledger call that raised it audited it
+        raise to_api_error(exc) from None
+    except Recorded:
+        raise
+    except ApiError as exc:
+        raise _recorded(ledger, operation, exc) from None
 
 
-__all__ = ["OPERATIONS", "TARGET_PREFIX", "Handler", "dispatch"]
+def _recorded(ledger: KeyLedger, operation: str, error: ApiError) -> ApiError:
+    """``error`` once its audit record is written; if the ledger cannot write it (closed,
+    journal failing), the error saying so instead: no refusal goes unrecorded silently."""
+    try:
+        record_refusal(ledger, operation, error)
+    except KeyLedgerError as exc:
+        return to_api_error(exc)
+    return error
+
+
+__all__ = ["DEFAULT_CONFIG", "OPERATIONS", "TARGET_PREFIX", "Call", "Handler", "KmsConfig",
+           "dispatch"]
