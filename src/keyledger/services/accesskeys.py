@@ -127,7 +127,7 @@ class AccessKeyService(Service):
                          secret_sealed=seal(self._rt, tx, kid, who, sec),
                          created_by=self.principal, now=naive(self._now()))
                 tx.after_commit.append(lambda: _touch_stamp(self.home))
-            return AccessKeySecret(kid, who, sec)
+        return AccessKeySecret(kid, who, sec)
 
     def access_keys(self) -> pd.DataFrame:
         with self._audited("list_access_keys", None) as rec:
