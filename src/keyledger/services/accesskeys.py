@@ -168,10 +168,33 @@ class AccessKeyService(Service):
                        unauthenticated: bool = False) -> None:
         """One audit record for a request refused before any operation ran (bad signature,
         malformed body, ...): by this ledger's principal, or ``(unauthenticated)``."""
+        try:
+            _check_refusal(action, error, detail, outcome, unauthenticated)
+        except InvalidInput:
+            with self._audited("record_refused", None):  # the misuse itself, once
+                raise
         ctx = self.ctx
         who = UNAUTHENTICATED if unauthenticated else self.principal
         ctx.rt.journal.append(ctx.time_us(), who, action, None, None, None, outcome, error,
                               detail[:500], None)
+
+
+REFUSED_ACTIONS = ("authenticate", "request")
+_ERROR_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+
+
+def _check_refusal(action: object, error: object, detail: object, outcome: object,
+                   unauthenticated: object) -> None:
+    if action not in REFUSED_ACTIONS:
+        raise InvalidInput(f"action must be one of {', '.join(REFUSED_ACTIONS)}")
+    if not isinstance(error, str) or not _ERROR_RE.fullmatch(error):
+        raise InvalidInput("error must be an error name such as InvalidSignatureException")
+    if not isinstance(detail, str):
+        raise InvalidInput(f"detail must be text, not {type(detail).__name__}")
+    if outcome not in ("denied", "failed"):
+        raise InvalidInput("outcome must be 'denied' or 'failed'")
+    if not isinstance(unauthenticated, bool):
+        raise InvalidInput("unauthenticated must be True or False")
 
 
 def _new_id() -> str:
