@@ -298,6 +298,16 @@ def test_sigterm_finishes_an_in_flight_request_flushes_the_audit_and_exits_0(
     assert not used.notna()[keys["app2"]["AccessKeyId"]]
 
 
+def test_keep_store_open_serves_and_stops_cleanly(tmp_path, simulation_template):
+    home, keys = new_home(tmp_path, simulation_template)
+    server = start(home, "--keep-store-open")
+    try:
+        assert client(server.url, keys["app1"]).generate_random(NumberOfBytes=8)["Plaintext"]
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+    assert list(audit(home, principal="app1", action="open")["outcome"]) == ["ok"]
+
+
 def self_signed(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -397,3 +407,45 @@ def test_two_principals_concurrently_share_one_runtime(real_clock_ledger, monkey
     assert sorted(opens["principal"]) == ["alice", "alice", "app1", "app2"]  # one ledger each
     assert ledger.verify_audit().ok
 
+
+
+def _broken_op(ledger: kl.KeyLedger, body: dict) -> dict:
+    raise RuntimeError(f"internal detail quoting {body['Plaintext']}")
+
+
+def test_an_unexpected_error_is_a_generic_500_logged_without_its_message(
+        real_clock_ledger, monkeypatch, caplog):
+    from starlette.testclient import TestClient
+
+    monkeypatch.setitem(kms.OPERATIONS, "TestBroken", _broken_op)
+    key = real_clock_ledger.create_access_key("app1").as_aws()
+    service = KeyService(ServeOptions(home=real_clock_ledger.home, principal="alice"))
+    body = json.dumps({"Plaintext": "SECRET-PLAINTEXT-42"}).encode()
+    req = AWSRequest(method="POST", url="http://testserver/", data=body,
+                     headers={**JSON11, "X-Amz-Target": "TrentService.TestBroken"})
+    SigV4Auth(Credentials(key["AccessKeyId"], key["SecretAccessKey"]), "kms",
+              REGION).add_auth(req)
+    with TestClient(create_app(service)) as http:
+        resp = http.post("/", content=body, headers=dict(req.headers.items()))
+    assert resp.status_code == 500 and resp.json()["__type"] == "KMSInternalException"
+    assert "SECRET" not in resp.text and "Traceback" not in resp.text
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "RuntimeError" in logged and "SECRET-PLAINTEXT-42" not in logged
+
+
+def test_keyledger_errors_map_to_aws_errors_by_class():
+    from keyledger import errors as e
+    from keyledger.server.faults import api_error
+
+    cases = {e.AccessDenied("no"): ("AccessDeniedException", 400),
+             e.KeyNotFound("no"): ("NotFoundException", 400),
+             e.InvalidInput("no"): ("ValidationException", 400),
+             e.KeyStateError("no"): ("KMSInvalidStateException", 400),
+             e.InvalidCiphertext("no"): ("InvalidCiphertextException", 400),
+             e.UnsupportedMechanism("no"): ("UnsupportedOperationException", 400),
+             e.StoreBusy("/home/x held"): ("DependencyTimeoutException", 503),
+             e.StoreError("/home/x broken"): ("KMSInternalException", 500)}
+    for exc, (code, status) in cases.items():
+        err = api_error(exc)
+        assert (err.code, err.status) == (code, status)
+        assert status < 500 or "/home/x" not in err.message  # server faults: generic words

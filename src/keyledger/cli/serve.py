@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address=args.address, port=args.port,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
-        region=args.region, account=args.account))
+        region=args.region, account=args.account, keep_store_open=args.keep_store_open))
 
 
 def register(sub: Any, add: AddCommand) -> None:
@@ -38,3 +38,6 @@ def register(sub: Any, add: AddCommand) -> None:
                         f"{DEFAULT_REGION})")
     p.add_argument("--account", default=DEFAULT_ACCOUNT,
                    help=f"the account id key ARNs name (default {DEFAULT_ACCOUNT})")
+    p.add_argument("--keep-store-open", action="store_true",
+                   help="hold the DuckDB store for the whole run (faster admin calls; other "
+                        "processes, e.g. `keyledger access-key`, wait and fail with StoreBusy)")

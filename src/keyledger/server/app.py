@@ -62,6 +62,7 @@ class ServeOptions:
     tls_key: Path | None = None
     region: str = DEFAULT_REGION
     account: str = DEFAULT_ACCOUNT
+    keep_store_open: bool = False
 
     @property
     def url(self) -> str:
@@ -80,6 +81,9 @@ class KeyService:
         self.directory = AccessKeyDirectory(self._rt)
         self._ledgers: dict[str, KeyLedger] = {}
         self._lock = threading.Lock()
+        self._store = contextlib.ExitStack()
+        if options.keep_store_open:  # ~1 ms store transactions; other processes' wait
+            self._store.enter_context(self.base.keep_store_open())
 
     def authenticate(self, req: sigv4.SignedRequest) -> sigv4.Identity:
         identity = sigv4.verify(req, self.directory.credentials, region=self.region,
@@ -122,7 +126,10 @@ class KeyService:
         try:
             self.base.flush_audit()
         finally:
-            self.base.close()
+            try:
+                self._store.close()
+            finally:
+                self.base.close()
 
 
 # -- one request ------------------------------------------------------------------------------------
