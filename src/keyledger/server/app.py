@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -30,7 +31,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -143,14 +144,20 @@ async def _read_body(request: Request) -> bytes:
     too_big = ApiError("ValidationException",
                        f"the request body is larger than {MAX_BODY} bytes", 413)
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+    if declared is not None and not declared.isdigit():
+        raise ApiError("ValidationException", "Content-Length must be a number of bytes")
+    if declared is not None and int(declared) > MAX_BODY:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError("ValidationException",
+                       "the client closed the connection before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -324,7 +331,7 @@ def serve(options: ServeOptions) -> int:
                             ssl_certfile=options.tls_cert, ssl_keyfile=options.tls_key,
                             lifespan="on", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
-    bound = ServeOptions(**{**options.__dict__, "port": port})
+    bound = dataclasses.replace(options, port=port)
     print(f"keyledger serve: listening on {bound.url} (home {service.home}, region "
           f"{options.region})", flush=True)
     # uvicorn re-raises the signal that stopped it once it is done; ours lets the process end
