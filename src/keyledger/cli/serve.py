@@ -10,7 +10,8 @@ from .common import AddCommand
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..server.app import ServeOptions, serve
+    from ..server.app import serve
+    from ..server.options import ServeOptions
 
     return serve(ServeOptions(
         home=Path(args.home) if args.home else None, principal=args.principal,
@@ -22,7 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add: AddCommand) -> None:
     """The ``serve`` command."""
-    from ..server.app import DEFAULT_ACCOUNT, DEFAULT_PORT, DEFAULT_REGION
+    from ..server.options import DEFAULT_ACCOUNT, DEFAULT_PORT, DEFAULT_REGION
 
     p = add(sub, "serve", cmd_serve,
             "serve the home to AWS KMS clients (boto3, the AWS CLI, any AWS SDK), signed with "

@@ -13,20 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import re
 import signal
 import socket
-import ssl
 import sys
 import threading
 import traceback
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -41,33 +37,14 @@ from ..service import open as open_ledger
 from ..services.accesskeys import AccessKeyDirectory
 from . import faults, kms, sigv4
 from .errors import ApiError
+from .options import ServeOptions, check_options
 
 log = logging.getLogger("keyledger.server")
 MAX_BODY = 1024 * 1024  # bytes; KMS's own payloads are far smaller (4 KiB plaintext)
 CONTENT_TYPES = ("application/x-amz-json-1.1", "application/x-amz-json-1.0")
 JSON_11 = "application/x-amz-json-1.1"
-DEFAULT_PORT = 8200
-DEFAULT_REGION = "us-east-1"
-DEFAULT_ACCOUNT = "111122223333"
 USED_FLUSH_S = 60.0  # how often access keys' last-use times are written to the store
 _OPERATION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    home: Path | None
-    principal: str | None = None
-    address: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    region: str = DEFAULT_REGION
-    account: str = DEFAULT_ACCOUNT
-    keep_store_open: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls_cert else 'http'}://{_url_host(self.address)}:{self.port}"
 
 
 class KeyService:
@@ -261,44 +238,6 @@ def create_app(service: KeyService) -> Starlette:
 
 
 # -- the process ------------------------------------------------------------------------------------
-def _url_host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-def check_options(options: ServeOptions) -> None:
-    """Refuse a configuration that would expose keys or fail later, before opening anything."""
-    if (options.tls_cert is None) != (options.tls_key is None):
-        raise ConfigError("give both --tls-cert and --tls-key, or neither")
-    if options.tls_cert is None and not is_loopback(options.address):
-        raise ConfigError(
-            f"refusing to serve on {options.address} without TLS: requests and the keys' "
-            "plaintexts would cross the network in clear; give --tls-cert and --tls-key, or "
-            "listen on 127.0.0.1")
-    if options.tls_cert is not None and options.tls_key is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                options.tls_cert, options.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate {options.tls_cert} and key "
-                              f"{options.tls_key}: {exc.strerror or exc}") from None
-    if not 0 <= options.port <= 65535:
-        raise ConfigError(f"--port must be 0 to 65535, not {options.port}")
-    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", options.region):
-        raise ConfigError(f"--region must look like an AWS region, e.g. us-east-1, not "
-                          f"{options.region[:40]!r}")
-    if not re.fullmatch(r"\d{12}", options.account):
-        raise ConfigError(f"--account must be 12 digits, not {options.account[:40]!r}")
-
-
 def _bind(address: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(address, port,
@@ -345,5 +284,4 @@ def serve(options: ServeOptions) -> int:
     return 0 if server.started else 1
 
 
-__all__ = ["DEFAULT_PORT", "KeyService", "ServeOptions", "create_app", "is_loopback",
-           "parse_call", "serve"]
+__all__ = ["KeyService", "ServeOptions", "create_app", "parse_call", "serve"]
