@@ -140,3 +140,13 @@ def test_cli_create_register_list_disable_delete(tmp_path):
     assert [r["state"] for r in json.loads(cli("list", "--json").stdout)] == ["disabled"]
     missing = cli("delete", made["AccessKeyId"])
     assert missing.returncode == 1 and missing.stderr.startswith("error: no access key")
+
+
+def test_the_memory_backend_seals_secrets_too(tmp_path, clock):
+    from keyledger.hsm import memory
+
+    memory.init_home(tmp_path / "mem")
+    with kl.open(tmp_path / "mem", principal="alice", clock=clock) as led:
+        made = led.create_access_key("app1")
+        assert directory(led).credentials(made.access_key_id) == ("app1",
+                                                                  made.secret_access_key)
