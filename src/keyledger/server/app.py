@@ -70,7 +70,11 @@ class KeyService:
         return identity
 
     def ledger_for(self, principal: str) -> KeyLedger:
-        """The principal's ledger, opened on its first request (an audited ``open``)."""
+        """The principal's ledger, opened on its first request (an audited ``open``); the
+        lock only guards opening, so known principals never wait for another's open."""
+        led = self._ledgers.get(principal)
+        if led is not None:
+            return led
         with self._lock:
             led = self._ledgers.get(principal)
             if led is None:
