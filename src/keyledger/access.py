@@ -38,6 +38,10 @@ REQUIRED: dict[str, frozenset[Role]] = {
     "accept_unproven": frozenset({A}),
     "remove_alias": frozenset({A}),
     "move_alias": frozenset({A}),
+    # access keys of `keyledger serve` (services/accesskeys.py): home-wide only
+    **{a: frozenset({A}) for a in ("create_access_key", "disable_access_key",
+                                    "enable_access_key", "delete_access_key")},
+    "list_access_keys": frozenset({A, R}),
     **{a: frozenset({U}) for a in (
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
         "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},

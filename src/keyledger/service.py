@@ -23,6 +23,7 @@ from .hsm.backend import Capabilities
 from .model import Key, validate_name
 from .rotation import DueReport
 from .runtime import HomeRuntime, ReconcileReport
+from .services.accesskeys import AccessKeySecret, AccessKeyService
 from .services.audit import AUDIT_LIMIT, AuditService
 from .services.backup import BackupService
 from .services.compliance import ComplianceService
@@ -72,6 +73,7 @@ class KeyLedger:
                                                self._compliance)
         self._io = ImportExportService(ctx, self._lifecycle)
         self._backup = BackupService(ctx)
+        self._access_keys = AccessKeyService(ctx)
         lifecycle, maintenance = self._lifecycle, self._maintenance
         runners: dict[str, Runner] = {
             "destroy": lambda name, why, params: lifecycle.destroy_key(name, why, approved=True),
@@ -553,6 +555,34 @@ class KeyLedger:
         existing file); the report is written privately (0600) and atomically."""
         return self._compliance.compliance_report(
             path, format, frameworks=frameworks, now=now, overwrite=overwrite)
+
+    # -- access keys of `keyledger serve` ------------------------------------------------------------
+    def create_access_key(self, principal: str, *, key_id: str | None = None,
+                          secret: str | None = None) -> AccessKeySecret:
+        """An access key (AWS style) with which ``principal`` signs requests to ``keyledger
+        serve``; new, or an existing pair registered (``key_id`` and ``secret``). The secret is
+        returned once and kept only sealed under an HSM key. Home-wide admins only."""
+        return self._access_keys.create_access_key(principal, key_id=key_id, secret=secret)
+
+    def access_keys(self) -> pd.DataFrame:
+        """Every access key (never its secret): id, principal, state, created, last used."""
+        return self._access_keys.access_keys()
+
+    def disable_access_key(self, access_key_id: str) -> None:
+        """Refuse the key's requests from now on (a running server reloads at once)."""
+        self._access_keys.set_access_key_state(access_key_id, "disabled")
+
+    def enable_access_key(self, access_key_id: str) -> None:
+        self._access_keys.set_access_key_state(access_key_id, "active")
+
+    def delete_access_key(self, access_key_id: str) -> None:
+        self._access_keys.delete_access_key(access_key_id)
+
+    def record_refused(self, action: str, error: str, detail: str, *, outcome: str = "denied",
+                       unauthenticated: bool = False) -> None:
+        """Audit a service request refused before any operation ran (for ``keyledger serve``)."""
+        self._access_keys.record_refused(action, error, detail, outcome=outcome,
+                                         unauthenticated=unauthenticated)
 
 
 def open(home: str | os.PathLike | None = None, *, principal: str | None = None,

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import KeyLedgerError
-from . import audit, backup, compliance, crypto, demo, governance, keys
+from . import accesskeys, audit, backup, compliance, crypto, demo, governance, keys, serve
 from .common import PROG, UsageError
 
 
@@ -52,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, json_ok=json_flag)
         return p
 
-    for group in (keys, crypto, audit, compliance, governance, backup, demo):
+    for group in (keys, crypto, audit, compliance, governance, backup, demo, accesskeys, serve):
         group.register(sub, add)
     return parser
 
 
 def _command_name(args: argparse.Namespace) -> str:
     parts = [args.command, getattr(args, "key_command", None), getattr(args, "audit_command", None),
-             getattr(args, "compliance_command", None)]
+             getattr(args, "compliance_command", None), getattr(args, "access_key_command", None)]
     return " ".join(p for p in parts if p)
 
 

@@ -120,6 +120,14 @@ MIGRATIONS: list[str] = [
         key VARCHAR, reason VARCHAR NOT NULL, accepted_by VARCHAR NOT NULL,
         accepted_at TIMESTAMP NOT NULL, until TIMESTAMP NOT NULL);
     """,
+    # 7: access keys of `keyledger serve` (store/access_keys.py): the secret only sealed under
+    # an HSM key, bound to the id and principal (docs/service.md)
+    """
+    CREATE TABLE access_keys (access_key_id VARCHAR PRIMARY KEY, principal VARCHAR NOT NULL,
+        secret_sealed VARCHAR NOT NULL, state VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
+        created_by VARCHAR NOT NULL, changed_at TIMESTAMP, changed_by VARCHAR,
+        last_used_at TIMESTAMP);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
