@@ -290,7 +290,8 @@ def test_sigterm_finishes_an_in_flight_request_flushes_the_audit_and_exits_0(
     assert "Traceback" not in server.log.read_text()
     records = audit(home)
     app = records[records["principal"] == "app1"]
-    assert list(app["action"]) == ["open"] and list(app["outcome"]) == ["ok"]
+    assert list(app["action"]) == ["open", "generate_random"]  # GenerateRandom is audited
+    assert list(app["outcome"]) == ["ok", "ok"]
     assert "authenticate" in set(records[records["principal"] == "(unauthenticated)"]["action"])
     with kl.open(home, principal="admin") as led:  # the last use was written at shutdown
         used = led.access_keys().set_index("access_key_id")["last_used_at"]
@@ -346,8 +347,9 @@ def test_served_over_tls(tmp_path, simulation_template):
 
 
 # -- in one process: two principals' ledgers under concurrent requests ---------------------------
-def _encrypt_op(ledger: kl.KeyLedger, body: dict) -> dict:
-    blob = ledger.encrypt(body["KeyId"], base64.b64decode(body["Plaintext"]))
+def _encrypt_op(call: kms.Call) -> dict:
+    body = call.body.data
+    blob = call.ledger.encrypt(body["KeyId"], base64.b64decode(body["Plaintext"]))
     return {"CiphertextBlob": base64.b64encode(blob).decode(), "KeyId": body["KeyId"]}
 
 
@@ -409,8 +411,8 @@ def test_two_principals_concurrently_share_one_runtime(real_clock_ledger, monkey
 
 
 
-def _broken_op(ledger: kl.KeyLedger, body: dict) -> dict:
-    raise RuntimeError(f"internal detail quoting {body['Plaintext']}")
+def _broken_op(call: kms.Call) -> dict:
+    raise RuntimeError(f"internal detail quoting {call.body.data['Plaintext']}")
 
 
 def test_an_unexpected_error_is_a_generic_500_logged_without_its_message(
