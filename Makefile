@@ -49,6 +49,7 @@ TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.
