@@ -27,20 +27,28 @@ PROTOCOL_NAMES = frozenset({
     "_make", "_constructor", "_missing_", "_value_", "_name_",
 })
 
+# (module, private attribute) -> why it may cross; keep this short.
+ALLOWED = {
+    ("keyledger/demo_fleet/workers.py", "_rt"):
+        "the demo seeder's worker processes tune their own ledgers' runtime (no background "
+        "ingest while the seeder holds the store; the catalog refreshed before each simulated "
+        "batch): simulation plumbing that no public KeyLedger call should offer",
+}
+
 
 def is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
+def module_name(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def package_of(path: Path, module: str) -> str:
-    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+def package_of(rel: Path, module: str) -> str:
+    return module if rel.name == "__init__.py" else module.rpartition(".")[0]
 
 
 def resolve(node: ast.ImportFrom, package: str) -> str:
@@ -65,17 +73,21 @@ def private_module_outside(target: str, importer: str) -> str | None:
 
 
 def defined_privates(tree: ast.AST) -> set[str]:
-    """Private names this module defines: functions, classes, assignments, ``self._x = ...``."""
+    """Private attributes this module's classes define: methods, class attributes and
+    ``self._x = ...`` (a class may read them on another instance of itself)."""
     names: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    names.add(item.name)
+                elif isinstance(item, ast.Assign):
+                    names.update(t.id for t in item.targets if isinstance(t, ast.Name))
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    names.add(item.target.id)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+              and is_self(node.value)):
             names.add(node.attr)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
     return {n for n in names if is_private(n)}
 
 
@@ -86,12 +98,13 @@ def is_self(node: ast.expr) -> bool:
             and node.func.id == "super")
 
 
-def findings_in(path: Path) -> list[str]:
-    module = module_name(path)
-    package = package_of(path, module)
-    tree = ast.parse(path.read_text(), str(path))
+def findings_in(source: str, rel: Path) -> list[str]:
+    """The crossings in the module at ``rel`` (relative to src/) with text ``source``."""
+    module = module_name(rel)
+    package = package_of(rel, module)
+    tree = ast.parse(source, str(rel))
     own = defined_privates(tree)
-    where = f"{path.relative_to(SRC)}"
+    where = rel.as_posix()
     found: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -100,39 +113,63 @@ def findings_in(path: Path) -> list[str]:
             if bad_module:
                 found.append(f"{where}:{node.lineno}: imports the private module {bad_module}")
             for alias in node.names:
-                if is_private(alias.name):
-                    sub = f"{target}.{alias.name}"
-                    if private_module_outside(sub, module) or not (PACKAGE.parent / (
-                            sub.replace(".", "/") + ".py")).exists():
-                        found.append(f"{where}:{node.lineno}: imports {alias.name} from {target}")
+                if not is_private(alias.name):
+                    continue
+                sub = f"{target}.{alias.name}"
+                if not (SRC / (sub.replace(".", "/") + ".py")).exists():  # a name, not a module
+                    found.append(f"{where}:{node.lineno}: imports {alias.name} from {target}")
+                elif private_module_outside(sub, module):
+                    found.append(f"{where}:{node.lineno}: imports the private module {sub}")
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 bad_module = private_module_outside(alias.name, module)
                 if bad_module:
                     found.append(f"{where}:{node.lineno}: imports the private module {bad_module}")
         elif isinstance(node, ast.Attribute) and is_private(node.attr):
-            if node.attr in PROTOCOL_NAMES or node.attr in own or is_self(node.value):
+            if (node.attr in PROTOCOL_NAMES or node.attr in own or is_self(node.value)
+                    or (where, node.attr) in ALLOWED):
                 continue
             found.append(f"{where}:{node.lineno}: uses {ast.unparse(node)}")
     return found
 
 
 def test_no_private_names_across_modules() -> None:
-    found = [f for path in sorted(PACKAGE.rglob("*.py")) for f in findings_in(path)]
+    found = [f for path in sorted(PACKAGE.rglob("*.py"))
+             for f in findings_in(path.read_text(), path.relative_to(SRC))]
     assert not found, ("private names used outside the module that defines them (make the name "
                        "public where another module needs it):\n" + "\n".join(found))
 
 
-def test_the_check_sees_each_kind_of_crossing(tmp_path: Path) -> None:
+def test_allow_list_entries_are_still_needed() -> None:
+    for rel, name in ALLOWED:
+        text = (SRC / rel).read_text()
+        assert f".{name}" in text, f"{rel} no longer uses {name}: drop it from ALLOWED"
+
+
+def test_the_check_sees_each_kind_of_crossing() -> None:
     """The walker itself: each rule fires on a crossing and stays quiet on its allowed form."""
-    tree = ast.parse("from .x import _helper\nfrom .widgets._common import esc\n"
-                     "led._rt.db\nself._rt\nsuper()._setup()\nobj._repr_html_()\n")
-    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert resolve(imports[0], "keyledger.backup") == "keyledger.backup.x"
-    assert private_module_outside("keyledger.widgets._common", "keyledger.cli.keys") == (
-        "keyledger.widgets._common")
-    assert private_module_outside("keyledger.widgets._common", "keyledger.widgets.grid") is None
-    attrs = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_private(n.attr)]
-    crossing = [ast.unparse(a) for a in attrs
-                if not (is_self(a.value) or a.attr in PROTOCOL_NAMES)]
-    assert crossing == ["led._rt"]
+    source = """
+from .x import _helper
+from ..widgets._common import esc
+from keyledger.widgets import _common as c
+import keyledger.widgets._common
+
+
+class Box:
+    def __init__(self):
+        self._items = []
+
+    def same(self, other):
+        return other._items == self._items and super()._check()
+
+    def show(self, obj, led):
+        return obj._repr_html_(), led._rt.db, led.__dict__
+"""
+    found = findings_in(source, Path("keyledger/cli/box.py"))
+    assert sorted(f.split(": ", 1)[1] for f in found) == [
+        "imports _helper from keyledger.cli.x",
+        *["imports the private module keyledger.widgets._common"] * 3,
+        "uses led._rt",
+    ]
+    sibling = "from . import _common\nfrom ._common import esc\n"
+    assert findings_in(sibling, Path("keyledger/widgets/grid.py")) == []

@@ -1,4 +1,5 @@
-"""``KeyLedger.backup``, ``restore_test`` and ``backups``: the audited service calls."""
+"""``KeyLedger.backup``, ``restore_test`` and ``backups``: the audited service calls (and the
+restore's record in the restored home)."""
 
 from __future__ import annotations
 
@@ -11,27 +12,25 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .. import outputs
 from ..errors import AuditError, InvalidInput, KeyLedgerError
 from ..frames import normalize
+from ..services.context import Service
 from .archive import Layout, as_error, write_archive
 from .reports import BackupInfo, RestoreTestReport, record_event
+from .restore import Restored
 from .stream import check_passphrase
-
-if TYPE_CHECKING:
-    from ..service import KeyLedger
 
 RESTORE_TEST_SAMPLE = 32
 
 
-class BackupMixin:
-    """Mixed into KeyLedger: ``backup``, ``restore_test`` and ``backups``."""
+class BackupMixin(Service):
+    """The service behind ``KeyLedger.backup``, ``restore_test`` and ``backups``."""
 
-    def backup(self: KeyLedger, path: str | os.PathLike, *, passphrase: str | bytes,
+    def backup(self, path: str | os.PathLike, *, passphrase: str | bytes,
                overwrite: bool = False) -> BackupInfo:
         """Write an encrypted, consistent snapshot of this (embedded SoftHSM2) home to ``path``.
 
@@ -54,24 +53,24 @@ class BackupMixin:
                     self._rt.ingest()
                 except AuditError:  # a ledger that fails its checkpoint: back it up as it is
                     pass  # (the journals are archived too; verify_audit names the problem)
-                info = write_archive(self, layout, dest, secret, started, t0, overwrite)
+                info = write_archive(self.ctx, layout, dest, secret, started, t0, overwrite)
             except (KeyLedgerError, OSError, tarfile.TarError) as exc:
                 err = as_error(exc, f"writing the backup {dest}")
                 try:
-                    record_event(self, "backup", dest, None, None, False,
+                    record_event(self.ctx, "backup", dest, None, None, False,
                                  f"{type(err).__name__}: {err}")
                 except KeyLedgerError:
                     pass
                 if err is exc:
                     raise
                 raise err from None
-            record_event(self, "backup", dest, info.sha256, info.bytes, True, json.dumps({
+            record_event(self.ctx, "backup", dest, info.sha256, info.bytes, True, json.dumps({
                 "keys": info.keys, "audit_records": info.audit_records, "files": info.files,
                 "seconds": round(info.seconds, 3)}))
             rec.detail = f"{info.bytes} bytes, sha256 {info.sha256}, to {dest}"
             return info
 
-    def restore_test(self: KeyLedger, path: str | os.PathLike, *, passphrase: str | bytes,
+    def restore_test(self, path: str | os.PathLike, *, passphrase: str | bytes,
                      timeout: float = 600.0, sample: int = RESTORE_TEST_SAMPLE
                      ) -> RestoreTestReport:
         """Restore ``path`` into a temporary home in a subprocess and check it works.
@@ -89,18 +88,30 @@ class BackupMixin:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
                 raise InvalidInput("timeout must be a positive number of seconds")
             report = _run_restore_test(src, secret, self.principal, float(timeout), sample)
-            record_event(self, "restore_test", src, report.sha256, report.bytes, report.ok,
+            record_event(self.ctx, "restore_test", src, report.sha256, report.bytes, report.ok,
                          json.dumps(report.to_dict(), default=str))
             rec.detail = str(report)[:500]
             return report
 
-    def backups(self: KeyLedger) -> pd.DataFrame:
+    def backups(self) -> pd.DataFrame:
         """Backups, restores and restore tests recorded in this home (oldest first)."""
         with self._audited("backups", None) as rec:
             self._authorize(rec, "audit", None)
             with self._rt.db.read() as tx:
                 df = tx.execute("SELECT * FROM backups ORDER BY time, rowid").df()
             return normalize(df)
+
+    def record_restore(self, src: Path, restored: Restored, reconcile: str) -> None:
+        """The audit record and ``backups`` row of a restore, written in the restored home."""
+        m = restored.manifest
+        with self._audited("restore", None) as rec:
+            record_event(self.ctx, "restore", src, restored.sha256, restored.bytes, True,
+                         json.dumps({
+                             "backup_time": m.get("created_at"), "original_home": m.get("home"),
+                             "home": str(restored.home), "keys": m.get("keys"),
+                             "audit_records": m.get("audit_records"), "reconcile": reconcile}))
+            rec.detail = (f"restored {src} (sha256 {restored.sha256}, backup of "
+                          f"{m.get('created_at')}) into {restored.home}")
 
 
 def _run_restore_test(src: Path, secret: bytes, principal: str, timeout: float,

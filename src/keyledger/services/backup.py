@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..backup import BackupMixin
-from .context import Service
 
 
-class BackupService(Service, BackupMixin):
+class BackupService(BackupMixin):
     """``backup``, ``restore_test`` and ``backups``."""

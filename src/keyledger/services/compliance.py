@@ -8,6 +8,5 @@ from .context import Service
 
 
 class ComplianceService(Service, ComplianceMixin):
-    """``compliance``, ``findings``, ``accept_finding``, ``compliance_report``, ..."""
-
-    evaluate = ComplianceMixin._evaluate_compliance  # due work evaluates as part of its run
+    """``compliance``, ``findings``, ``accept_finding``, ``compliance_report``, ...; ``evaluate``
+    for due work, which evaluates as part of its run."""
