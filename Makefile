@@ -68,4 +68,4 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) $(DEMO_HOME)-backups .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_HOME) $(DEMO_HOME)-backups .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
