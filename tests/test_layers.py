@@ -7,8 +7,8 @@ cannot see:
 (a) an import of a private name (``from .x import _helper``) or of a private module from
     outside its own package (``widgets/_common.py`` is for the ``widgets`` modules only);
 (b) a private attribute of an object that is not ``self``/``cls`` (``led._rt``,
-    ``backend._session()``), unless the module itself defines that name (a class reading its
-    own attribute on another instance) or it is a dunder or a protocol name below.
+    ``backend._session()``), unless a class of the same module defines that attribute (it
+    reads its own attribute on another instance), or it is a dunder or a protocol name below.
 
 A name another module needs is part of that module's API: make it public.
 """
