@@ -56,6 +56,7 @@ TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.
@@ -74,4 +75,4 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) $(DEMO_HOME)-backups .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_HOME) $(DEMO_HOME)-backups .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -87,7 +87,7 @@ def page_data(led: kl.KeyLedger, flt: an.Filters) -> None:
     """What the five pages load on a first render."""
     status = an.key_status(led, flt)
     an.keys_by_state(status)
-    an.upcoming(status, now=led._now())
+    an.upcoming(status, now=led.now())
     an.activity_24h(led, flt)
     an.last_verification(led)
     an.compliance_matrix(led.findings())

@@ -24,8 +24,9 @@ from conftest import verify_after_kill
 
 import keyledger as kl
 from keyledger import backup as bk
+from keyledger import restore
 from keyledger.backup import archive as bk_archive
-from keyledger.backup import restore, stream
+from keyledger.backup import stream
 from keyledger.config import write_config
 
 PASS = "correct horse battery staple"

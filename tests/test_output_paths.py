@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import keyledger as kl
-from keyledger.backup import restore
+from keyledger import restore
 
 PASS = "correct horse battery staple"
 SECRETS = ["user.pin", "so.pin", "keyledger.toml", "softhsm2.conf"]

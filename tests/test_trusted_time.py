@@ -122,10 +122,10 @@ def test_simulation_home_simulates_and_says_so(ledger, clock: FakeClock, home: P
         assert SIMULATION_LABEL in head, fmt
     with kl.open(home, principal="bob") as bob:  # no clock: the real one, still a simulation
         assert bob.simulation is True
-        assert abs(bob._now() - datetime.now(UTC)) < timedelta(hours=1)
+        assert abs(bob.now() - datetime.now(UTC)) < timedelta(hours=1)
     with kl.open(home, principal="carol", clock=FakeClock(clock.now + timedelta(days=1))) as c:
-        assert c._now() == clock.now + timedelta(days=1)  # each ledger keeps its own clock
-    assert ledger._now() == clock.now
+        assert c.now() == clock.now + timedelta(days=1)  # each ledger keeps its own clock
+    assert ledger.now() == clock.now
     ledger.close()
     assert store_value(home, "SELECT value FROM meta WHERE name = 'home_mode'") == "simulation"
 
@@ -193,7 +193,7 @@ def test_trusted_time_never_goes_back_within_a_process(home: Path, monkeypatch) 
     import keyledger.runtime as runtime
 
     with kl.open(home, principal="solo") as led:
-        first = led._now()
+        first = led.now()
 
         class SteppedBack(datetime):
             @classmethod
@@ -201,7 +201,7 @@ def test_trusted_time_never_goes_back_within_a_process(home: Path, monkeypatch) 
                 return datetime.now(tz) - timedelta(hours=2)
 
         monkeypatch.setattr(runtime, "datetime", SteppedBack)
-        assert led._now() == first
+        assert led.now() == first
         led.create_key("k", spec="AES_256")
         times = led.audit()["time"]
         assert times.is_monotonic_increasing

@@ -228,7 +228,7 @@ def test_destructive_actions_need_confirmation_and_cancel_disarms(fleet):
     act.confirm_button.click()
     key = fleet.get_key("sig")
     assert key.state.value == "pending-deletion"
-    assert key.deletion_due - fleet._now() == timedelta(days=7)
+    assert key.deletion_due - fleet.now() == timedelta(days=7)
     assert "may be destroyed after" in _text(act.status)
 
     act.buttons["cancel_deletion"].click()  # not destructive: runs at once

@@ -11,7 +11,7 @@ Views over the same ledger are imported explicitly, so ``import keyledger`` stay
 ``keyledger.widgets`` (ipywidgets) and ``keyledger.dashboard`` (Panel).
 """
 
-from .backup import BackupInfo, RestoreTestReport, restore
+from .backup import BackupInfo, RestoreTestReport
 from .byok import WrappedKey
 from .errors import (
     AccessDenied,
@@ -33,7 +33,7 @@ from .maintenance import RewrapResult
 from .model import SPECS, Key, KeySpec, KeyState, KeyVersion, Purpose
 from .rotation import DueReport
 from .runtime import ReconcileReport
-from .service import DataKey, KeyLedger, open
+from .service import DataKey, KeyLedger, open, restore
 from .store.verify import VerifyReport
 from .version import __version__ as __version__
 

@@ -124,7 +124,7 @@ def _naive(dt: datetime) -> datetime:
 
 
 def _now(ledger: KeyLedger, now: datetime | None) -> datetime:
-    return now if now is not None else ledger._now()
+    return now if now is not None else ledger.now()
 
 
 # -- keys and rotation ---------------------------------------------------------------------------

@@ -12,15 +12,12 @@ import html
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from .model import ALLOWED_USES, Use
+from .model import ALLOWED_USES, Key, Use
 from .model import SEVERITIES as SEVERITY_ORDER
-
-if TYPE_CHECKING:
-    from .model import Key
 
 # -- palette -------------------------------------------------------------------------------------
 RED = "#d62728"  # overdue, critical, compromised, failed
@@ -251,6 +248,9 @@ def key_html(key: Key, *, now: datetime | None = None) -> str:
         f"{esc(len(key.versions))}</span></div>"
         f"<table style=\"{_TABLE}\"><tbody>{body}</tbody></table>"
         f"<div style='font-weight:600;margin-top:6px'>Versions</div>{versions_html(key)}</div>")
+
+
+Key.html_card = key_html  # a Key in a notebook shows this card (model.Key._repr_html_)
 
 
 # -- findings ------------------------------------------------------------------------------------

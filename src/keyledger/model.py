@@ -6,10 +6,11 @@ import functools
 import hashlib
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import TypeGuard, overload
+from typing import ClassVar, TypeGuard, overload
 
 from .errors import InvalidInput, KeyStateError
 
@@ -411,8 +412,12 @@ class Key:
             f"v{self.latest_version}>"
         )
 
-    def _repr_html_(self) -> str:
-        """Notebook display: a card with state, owner, tags, policy and versions (no handles)."""
-        from .display import key_html
+    # How a key draws itself in a notebook: display.py (a layer above, imported with the
+    # package) puts its card here, so the model knows no HTML and imports nothing above it.
+    html_card: ClassVar[Callable[[Key], str] | None] = None
 
-        return key_html(self)
+    def _repr_html_(self) -> str | None:
+        """Notebook display: a card with state, owner, tags, policy and versions (no handles);
+        None (the plain repr) if no card is installed."""
+        card = Key.html_card
+        return card(self) if card is not None else None

@@ -243,7 +243,7 @@ class HomeRuntime:
         pid = journal_pid(journal)
         if pid is None or pid == os.getpid():  # an earlier journal of this process: closed
             return False
-        return self._owner_running(pid, "")
+        return self.owner_running(pid, "")
 
     def await_seals(self) -> dict[str, int]:
         """Give the running writers one seal round for the unsealed records ingested so far.
@@ -368,7 +368,7 @@ class HomeRuntime:
 
     def pid_alive(self, pid: int) -> bool:
         """Whether process ``pid`` (a writer of this home) still runs."""
-        return self._owner_running(pid, "")
+        return self.owner_running(pid, "")
 
     # -- one rotation of a key at a time ----------------------------------------------------------
     @contextlib.contextmanager
@@ -399,7 +399,7 @@ class HomeRuntime:
             os.close(fd)  # drops the lock
 
     # -- crash reconciliation ------------------------------------------------------------------
-    def _owner_running(self, pid: int, intent_id: str) -> bool:
+    def owner_running(self, pid: int, intent_id: str) -> bool:
         """True while the process that wrote the intent may still be working on it."""
         if pid == os.getpid():
             return intent_id in self.in_flight
@@ -427,7 +427,7 @@ class HomeRuntime:
         now = naive(now or self.trusted_now())
         with self.db.write() as tx:
             for intent in intents_repo.pending(tx):
-                if self._owner_running(intent.pid, intent.intent_id):
+                if self.owner_running(intent.pid, intent.intent_id):
                     continue  # in flight elsewhere: its owner finishes or rolls it back
                 repaired, line = recover(tx, intent, self.backend, actor, now)
                 (report.repaired if repaired else report.problems).append(line)

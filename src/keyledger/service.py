@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from . import outputs
 from .access import WILDCARD
 from .backup import RESTORE_TEST_SAMPLE, BackupInfo, RestoreTestReport
+from .backup.restore import restore_files
 from .byok import WrappedKey
 from .config import default_home
 from .display import AuditFrame
@@ -37,7 +40,7 @@ from .services.maintenance import MaintenanceService, RewrapResult
 from .store.verify import VerifyReport
 
 _Audited = Audited  # the name docs and older scripts use
-__all__ = ["MAX_DELETION_DAYS", "MIN_DELETION_DAYS", "DataKey", "KeyLedger", "open"]
+__all__ = ["MAX_DELETION_DAYS", "MIN_DELETION_DAYS", "DataKey", "KeyLedger", "open", "restore"]
 
 
 class KeyLedger:
@@ -97,8 +100,9 @@ class KeyLedger:
         """This ledger's injected clock (simulation homes), else None: trusted time."""
         return self._ctx.clock
 
-    def _now(self) -> datetime:
-        """Trusted time, or in a simulation home this ledger's injected clock's time."""
+    def now(self) -> datetime:
+        """This ledger's time: trusted time, or in a simulation home its injected clock's time
+        (what views and reports count days from)."""
         return self._ctx.now()
 
     def _audited(self, action: str, name: object, context: bytes | None = None) -> Audited:
@@ -602,3 +606,31 @@ def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
     who = principal if principal is not None else getpass.getuser()
     validate_name(who, "principal")
     return KeyLedger(path, principal=who, clock=clock)
+
+
+def restore(path: str | os.PathLike, home: str | os.PathLike, *, passphrase: str | bytes,
+            principal: str | None = None, clock: Callable[[], datetime] | None = None
+            ) -> KeyLedger:
+    """Restore a backup into a new, empty ``home`` and open it.
+
+    The home's SoftHSM2 configuration is rewritten to point at the restored token. A wrong
+    passphrase or a damaged/altered archive raises ``InvalidCiphertext`` and leaves nothing
+    behind. The restore is recorded in the restored home's ``backups`` table (kind
+    ``restore``) and audit ledger. One process uses one SoftHSM2 configuration: close any other
+    embedded home first (or restore from a separate process).
+    """
+    if principal is not None:
+        validate_name(principal, "principal")
+    restored = restore_files(path, home, passphrase)
+    try:
+        led = open(restored.home, principal=principal, clock=clock)
+    except BaseException:
+        shutil.rmtree(restored.home, ignore_errors=True)
+        raise
+    try:
+        src = outputs.check_source(path, "backup file")
+        led._backup.record_restore(src, restored, str(led.last_reconcile))
+    except BaseException:
+        led.close()
+        raise
+    return led

@@ -26,11 +26,12 @@ from ..hsm.backend import TokenFile
 from ..hsm.softhsm import token_dir
 from ..store.catalog import SNAPSHOT_NAME
 from ..store.journal import SUFFIX as JOURNAL_SUFFIX
+from ..version import __version__
 from .reports import BackupInfo
 from .stream import FORMAT_VERSION, SealedReader, SealedWriter, check_passphrase
 
 if TYPE_CHECKING:
-    from ..services.context import Service
+    from ..services.context import Context
 
 MANIFEST_NAME = "MANIFEST.json"
 # How long a backup waits for create/rotate/destroy operations of other processes to finish
@@ -130,9 +131,9 @@ def as_error(exc: BaseException, doing: str) -> KeyLedgerError:
     return KeyLedgerError(f"{doing} failed: {exc}")
 
 
-def write_archive(led: Service, layout: Layout, dest: Path, secret: bytes,
+def write_archive(ctx: Context, layout: Layout, dest: Path, secret: bytes,
                   started: datetime, t0: float, overwrite: bool) -> BackupInfo:
-    """Seal a consistent snapshot of ``led``'s home into ``dest``."""
+    """Seal a consistent snapshot of ``ctx``'s home into ``dest``."""
     with outputs.atomic_file(dest, overwrite=overwrite) as out:
         writer = SealedWriter(out, secret)
         # typeshed's tarfile wants tell/seek/close of any fileobj; a stream ("w|") only writes
@@ -142,14 +143,14 @@ def write_archive(led: Service, layout: Layout, dest: Path, secret: bytes,
             while True:
                 # The store's file lock: no process changes the catalog, the ledger or the
                 # HSM-held audit head until the snapshot is complete.
-                with led._rt.db.file_reader() as open_file, led._rt.db.write() as tx:
-                    busy = sum(led._rt._owner_running(pid, intent_id) for intent_id, pid in
+                with ctx.rt.db.file_reader() as open_file, ctx.rt.db.write() as tx:
+                    busy = sum(ctx.rt.owner_running(pid, intent_id) for intent_id, pid in
                                tx.execute("SELECT intent_id, pid FROM intents").fetchall())
                     wait = bool(busy) and time.monotonic() < deadline
                     if not wait:  # else a create/rotate/destroy is in flight: let it end
                         tx.execute("CHECKPOINT")
-                        manifest = _manifest(led, tx, layout, started, busy)
-                        tokens = _token_files(led, layout)
+                        manifest = _manifest(ctx, tx, layout, started, busy)
+                        tokens = _token_files(ctx, layout)
                         files = _snapshot(tar, layout, manifest, tokens, open_file)
                 if not wait:
                     break
@@ -159,23 +160,21 @@ def write_archive(led: Service, layout: Layout, dest: Path, secret: bytes,
                       manifest["keys"], time.monotonic() - t0)
 
 
-def _token_files(led: Service, layout: Layout) -> list[TokenFile]:
+def _token_files(ctx: Context, layout: Layout) -> list[TokenFile]:
     """The token directory as archive members; no PKCS#11 call of this process runs meanwhile."""
-    with led._rt.backend.exclusive():
-        files = led._rt.backend.snapshot_token()
+    with ctx.rt.backend.exclusive():
+        files = ctx.rt.backend.snapshot_token()
     return [(layout.tokens if rel == "." else f"{layout.tokens}/{rel}", data, mode, mtime)
             for rel, data, mode, mtime in files]
 
 
-def _manifest(led: Service, tx: Any, layout: Layout, started: datetime,
+def _manifest(ctx: Context, tx: Any, layout: Layout, started: datetime,
               busy: int) -> dict[str, Any]:
-    import keyledger
-
     return {
         "kind": "keyledger-home-backup", "format": FORMAT_VERSION,
-        "created_at": started.isoformat(), "principal": led.principal,
-        "keyledger_version": keyledger.__version__, "home": str(layout.home),
-        "home_id": led._rt.home_id,
+        "created_at": started.isoformat(), "principal": ctx.principal,
+        "keyledger_version": __version__, "home": str(layout.home),
+        "home_id": ctx.rt.home_id,
         "schema_version": sql_count(tx, "SELECT max(version) FROM schema_version"),
         "keys": sql_count(tx, "SELECT count(*) FROM keys WHERE state <> 'destroyed'"),
         "versions": sql_count(tx, "SELECT count(*) FROM versions WHERE state <> 'destroyed'"),

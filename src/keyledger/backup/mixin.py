@@ -1,4 +1,5 @@
-"""``KeyLedger.backup``, ``restore_test`` and ``backups``: the audited service calls."""
+"""``KeyLedger.backup``, ``restore_test`` and ``backups``: the audited service calls (and the
+restore's record in the restored home)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from ..frames import normalize
 from ..services.context import Service
 from .archive import Layout, as_error, write_archive
 from .reports import BackupInfo, RestoreTestReport, record_event
+from .restore import Restored
 from .stream import check_passphrase
 
 RESTORE_TEST_SAMPLE = 32
 
 
 class BackupMixin(Service):
-    """The backup service's calls (services/backup.py): ``backup``, ``restore_test`` and
-    ``backups``."""
+    """The service behind ``KeyLedger.backup``, ``restore_test`` and ``backups``."""
 
     def backup(self, path: str | os.PathLike, *, passphrase: str | bytes,
                overwrite: bool = False) -> BackupInfo:
@@ -52,18 +53,18 @@ class BackupMixin(Service):
                     self._rt.ingest()
                 except AuditError:  # a ledger that fails its checkpoint: back it up as it is
                     pass  # (the journals are archived too; verify_audit names the problem)
-                info = write_archive(self, layout, dest, secret, started, t0, overwrite)
+                info = write_archive(self.ctx, layout, dest, secret, started, t0, overwrite)
             except (KeyLedgerError, OSError, tarfile.TarError) as exc:
                 err = as_error(exc, f"writing the backup {dest}")
                 try:
-                    record_event(self, "backup", dest, None, None, False,
+                    record_event(self.ctx, "backup", dest, None, None, False,
                                  f"{type(err).__name__}: {err}")
                 except KeyLedgerError:
                     pass
                 if err is exc:
                     raise
                 raise err from None
-            record_event(self, "backup", dest, info.sha256, info.bytes, True, json.dumps({
+            record_event(self.ctx, "backup", dest, info.sha256, info.bytes, True, json.dumps({
                 "keys": info.keys, "audit_records": info.audit_records, "files": info.files,
                 "seconds": round(info.seconds, 3)}))
             rec.detail = f"{info.bytes} bytes, sha256 {info.sha256}, to {dest}"
@@ -87,7 +88,7 @@ class BackupMixin(Service):
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
                 raise InvalidInput("timeout must be a positive number of seconds")
             report = _run_restore_test(src, secret, self.principal, float(timeout), sample)
-            record_event(self, "restore_test", src, report.sha256, report.bytes, report.ok,
+            record_event(self.ctx, "restore_test", src, report.sha256, report.bytes, report.ok,
                          json.dumps(report.to_dict(), default=str))
             rec.detail = str(report)[:500]
             return report
@@ -99,6 +100,18 @@ class BackupMixin(Service):
             with self._rt.db.read() as tx:
                 df = tx.execute("SELECT * FROM backups ORDER BY time, rowid").df()
             return normalize(df)
+
+    def record_restore(self, src: Path, restored: Restored, reconcile: str) -> None:
+        """The audit record and ``backups`` row of a restore, written in the restored home."""
+        m = restored.manifest
+        with self._audited("restore", None) as rec:
+            record_event(self.ctx, "restore", src, restored.sha256, restored.bytes, True,
+                         json.dumps({
+                             "backup_time": m.get("created_at"), "original_home": m.get("home"),
+                             "home": str(restored.home), "keys": m.get("keys"),
+                             "audit_records": m.get("audit_records"), "reconcile": reconcile}))
+            rec.detail = (f"restored {src} (sha256 {restored.sha256}, backup of "
+                          f"{m.get('created_at')}) into {restored.home}")
 
 
 def _run_restore_test(src: Path, secret: bytes, principal: str, timeout: float,

@@ -6,21 +6,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..runtime import naive
 
 if TYPE_CHECKING:
-    from ..runtime import HomeRuntime
-
-
-class Recorder(Protocol):
-    """Who records an event: the backup service, or a freshly restored ``KeyLedger``."""
-
-    principal: str
-    _rt: HomeRuntime
-
-    def _now(self) -> datetime: ...
+    from ..services.context import Context
 
 
 @dataclass(frozen=True)
@@ -76,11 +67,11 @@ class RestoreTestReport:
         return asdict(self)
 
 
-def record_event(led: Recorder, kind: str, path: Path | str, digest: str | None,
+def record_event(ctx: Context, kind: str, path: Path | str, digest: str | None,
                  size: int | None, ok: bool, detail: str | None) -> None:
     """One row of the ``backups`` table (compliance evidence, GDPR 32(1)(c))."""
-    with led._rt.db.write() as tx:
+    with ctx.rt.db.write() as tx:
         tx.execute("INSERT INTO backups (time, kind, path, sha256, bytes, principal, ok, detail) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   [naive(led._now()), kind, str(path), digest, size, led.principal, ok,
+                   [naive(ctx.now()), kind, str(path), digest, size, ctx.principal, ok,
                     detail[:2000] if detail else None])

@@ -1,4 +1,5 @@
-"""Restore: turn a backup into a new, working home (never over an existing one).
+"""Restore: turn a backup into a new home's files (never over an existing one); the facade's
+``keyledger.restore`` opens it.
 
 The archive is extracted into a staging folder next to the target, every byte authenticated
 before the folder is renamed into place; the SoftHSM2 configuration is rewritten to point at
@@ -13,77 +14,28 @@ import shutil
 import tarfile
 import tempfile
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import outputs
 from ..config import CONFIG_NAME, DB_NAME, find_softhsm_module, write_config
 from ..errors import ConfigError, InvalidCiphertext, InvalidInput
 from ..hsm.pkcs11_backend import embedded_confs_in_use
 from ..hsm.softhsm import softhsm_conf_text
-from ..model import validate_name
 from ..store.catalog import SNAPSHOT_NAME
 from ..store.journal import SUFFIX as JOURNAL_SUFFIX
 from .archive import MANIFEST_NAME, as_error
-from .reports import record_event
 from .stream import FORMAT_VERSION, SealedReader, check_passphrase
-
-if TYPE_CHECKING:
-    from ..service import KeyLedger
 
 
 @dataclass
 class Restored:
+    """A home restored from a backup, before it is opened (``keyledger.restore`` opens it)."""
+
     home: Path
     manifest: dict
     sha256: str
     bytes: int
-
-
-def restore(path: str | os.PathLike, home: str | os.PathLike, *, passphrase: str | bytes,
-            principal: str | None = None, clock: Callable[[], datetime] | None = None
-            ) -> KeyLedger:
-    """Restore a backup into a new, empty ``home`` and open it.
-
-    The home's SoftHSM2 configuration is rewritten to point at the restored token. A wrong
-    passphrase or a damaged/altered archive raises ``InvalidCiphertext`` and leaves nothing
-    behind. The restore is recorded in the restored home's ``backups`` table (kind
-    ``restore``) and audit ledger. One process uses one SoftHSM2 configuration: close any other
-    embedded home first (or restore from a separate process).
-    """
-    if principal is not None:
-        validate_name(principal, "principal")
-    restored = restore_files(path, home, passphrase)
-    led = open_restored(restored, principal, clock)
-    try:
-        src = outputs.check_source(path, "backup file")
-        m = restored.manifest
-        with led._audited("restore", None) as rec:
-            record_event(led, "restore", src, restored.sha256, restored.bytes, True, json.dumps({
-                "backup_time": m.get("created_at"), "original_home": m.get("home"),
-                "home": str(restored.home), "keys": m.get("keys"),
-                "audit_records": m.get("audit_records"),
-                "reconcile": str(led.last_reconcile)}))
-            rec.detail = (f"restored {src} (sha256 {restored.sha256}, backup of "
-                          f"{m.get('created_at')}) into {restored.home}")
-    except BaseException:
-        led.close()
-        raise
-    return led
-
-
-def open_restored(restored: Restored, principal: str | None,
-                   clock: Callable[[], datetime] | None) -> KeyLedger:
-    from ..service import open as open_home
-
-    try:
-        return open_home(restored.home, principal=principal, clock=clock)
-    except BaseException:
-        shutil.rmtree(restored.home, ignore_errors=True)
-        raise
 
 
 def restore_files(path: str | os.PathLike, home: str | os.PathLike,

@@ -18,9 +18,12 @@ from typing import Any
 from ..errors import KeyLedgerError
 from ..hsm.backend import HsmBackend
 from ..model import Family, parse_spec
+from ..runtime import HomeRuntime
+from ..services.context import Context
+from ..services.home import HomeService
 from ..store.verify import verify as verify_ledger
 from .archive import sql_count
-from .restore import open_restored, restore_files
+from .restore import Restored, restore_files
 
 
 def main(argv: list[str], secret_hex: str) -> None:
@@ -36,44 +39,56 @@ def _restore_test(src: str, home: str, principal: str, secret: bytes,
         restored = restore_files(src, home, secret)
         out.update(sha256=restored.sha256, bytes=restored.bytes,
                    backup_time=restored.manifest.get("created_at"))
-        led = open_restored(restored, principal, None)
+        rt = HomeRuntime.acquire(restored.home)
     except KeyLedgerError as exc:
         out["problems"].append(f"{type(exc).__name__}: {exc}")
         return out
-    with led:
-        out["reconcile"] = str(led.last_reconcile)
-        rt = led._rt
-        try:
-            rt.ingest()
+    try:
+        try:  # opened as KeyLedger opens a home: first admin, repairs (the services' open)
+            ctx = Context(restored.home, principal, rt)
+            out["reconcile"] = str(HomeService(ctx).open(None))
         except KeyLedgerError as exc:
-            out["problems"].append(f"ingest: {exc}")
-        head = rt.audit_head()
-        with rt.db.write() as tx:
-            report = verify_ledger(tx, rt.verify_checkpoint, head)
-            rows = tx.execute(
-                """SELECT k.name, k.spec, v.version, v.handle FROM versions v
-                   JOIN keys k USING (key_id)
-                   WHERE v.state <> 'destroyed' AND k.state <> 'destroyed'""").fetchall()
-            keys = sql_count(tx, "SELECT count(*) FROM keys WHERE state <> 'destroyed'")
-        out.update(audit_ok=report.ok, audit_records=report.records, keys=keys,
-                   versions=len(rows))
-        out["problems"] += [f"audit: {p}" for p in report.problems]
-        expected = restored.manifest.get("audit_records", 0)
-        if report.records < expected:
-            out["problems"].append(f"the restored ledger has {report.records} records, the "
-                                   f"backup had {expected}")
-        if keys != restored.manifest.get("keys", keys):
-            out["problems"].append(f"{keys} keys restored, the backup had "
-                                   f"{restored.manifest.get('keys')}")
-        chosen = random.sample(rows, min(sample, len(rows)))
-        for name, spec_name, version, handle in chosen:
-            problem = _probe(rt.backend, spec_name, bytes.fromhex(handle))
-            if problem:
-                out["missing"].append(f"{name} v{version}")
-                out["problems"].append(f"{name} v{version}: {problem}")
-        out["versions_checked"] = len(chosen)
+            out["problems"].append(f"{type(exc).__name__}: {exc}")
+            return out
+        _check_restored(rt, restored, sample, out)
+    finally:
+        rt.release()
     out["ok"] = bool(out.get("audit_ok")) and not out["problems"]
     return out
+
+
+def _check_restored(rt: HomeRuntime, restored: Restored, sample: int, out: dict[str, Any]
+                    ) -> None:
+    """Into ``out``: does the restored ledger verify, and do sampled versions work?"""
+    try:
+        rt.ingest()
+    except KeyLedgerError as exc:
+        out["problems"].append(f"ingest: {exc}")
+    head = rt.audit_head()
+    with rt.db.write() as tx:
+        report = verify_ledger(tx, rt.verify_checkpoint, head)
+        rows = tx.execute(
+            """SELECT k.name, k.spec, v.version, v.handle FROM versions v
+               JOIN keys k USING (key_id)
+               WHERE v.state <> 'destroyed' AND k.state <> 'destroyed'""").fetchall()
+        keys = sql_count(tx, "SELECT count(*) FROM keys WHERE state <> 'destroyed'")
+    out.update(audit_ok=report.ok, audit_records=report.records, keys=keys,
+               versions=len(rows))
+    out["problems"] += [f"audit: {p}" for p in report.problems]
+    expected = restored.manifest.get("audit_records", 0)
+    if report.records < expected:
+        out["problems"].append(f"the restored ledger has {report.records} records, the "
+                               f"backup had {expected}")
+    if keys != restored.manifest.get("keys", keys):
+        out["problems"].append(f"{keys} keys restored, the backup had "
+                               f"{restored.manifest.get('keys')}")
+    chosen = random.sample(rows, min(sample, len(rows)))
+    for name, spec_name, version, handle in chosen:
+        problem = _probe(rt.backend, spec_name, bytes.fromhex(handle))
+        if problem:
+            out["missing"].append(f"{name} v{version}")
+            out["problems"].append(f"{name} v{version}: {problem}")
+    out["versions_checked"] = len(chosen)
 
 
 def _probe(backend: HsmBackend, spec_name: str, handle: bytes) -> str | None:

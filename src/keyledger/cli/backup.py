@@ -39,7 +39,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from ..backup import restore
+    from ..service import restore
 
     if not args.home:
         raise UsageError("restore needs --home NEW_EMPTY_DIR")

@@ -53,7 +53,7 @@ class ComplianceMixin(Service):
         """
         with self._audited("compliance", None) as rec:
             self._authorize(rec, "compliance", None)
-            ev = self._evaluate_compliance(frameworks, now)
+            ev = self.evaluate(frameworks, now)
             df = ev.findings if include_accepted else ev.visible()
             rec.detail = (f"run {ev.run_id}: {len(ev.visible())} findings "
                           f"({_by_severity(ev.visible())}), "
@@ -61,8 +61,10 @@ class ComplianceMixin(Service):
                           f"{len(ev.rules)} rules")[:500]
             return _findings_frame(df)
 
-    def _evaluate_compliance(self, frameworks: object, now: datetime | None,
-                             collect: Any = None) -> Evaluation:
+    def evaluate(self, frameworks: object, now: datetime | None,
+                 collect: Any = None) -> Evaluation:
+        """Evaluate the rules and store the run (unaudited: the caller's call is audited; due
+        work evaluates as part of its run)."""
         when = self._when(now)
         ruleset = load_rules(self.home)
         ruleset.resolve_frameworks(frameworks)  # unknown names fail before any work
@@ -205,7 +207,7 @@ class ComplianceMixin(Service):
                 box["data"] = report.collect(tx, ev, ruleset, home=self.home,
                                              principal=self.principal)
 
-            ev = self._evaluate_compliance(frameworks, now, collect)
+            ev = self.evaluate(frameworks, now, collect)
             text = report.render(box["data"], format)
             outputs.write_file(out, text.encode("utf-8"), overwrite=overwrite)
             rec.detail = (f"{format} report of run {ev.run_id} to {out}: "

@@ -189,7 +189,7 @@ class Data:
         return self.cache.get_or_compute(key, compute)
 
     def now(self) -> datetime:
-        return self.ledger._now()
+        return self.ledger.now()
 
     # -- catalog and roles -----------------------------------------------------------------------
     def keys(self) -> pd.DataFrame:

@@ -115,7 +115,7 @@ class DashboardState(param.Parameterized):
         return bool({"admin", "auditor"} & set(self.roles))
 
     def now(self) -> datetime:
-        return self.ledger._now()
+        return self.ledger.now()
 
     def key_filters(self) -> kla.Filters:
         """The owner/tag/key filters (no time range)."""

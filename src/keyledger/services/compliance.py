@@ -7,6 +7,5 @@ from ..compliance import ComplianceMixin
 
 
 class ComplianceService(ComplianceMixin):
-    """``compliance``, ``findings``, ``accept_finding``, ``compliance_report``, ..."""
-
-    evaluate = ComplianceMixin._evaluate_compliance  # due work evaluates as part of its run
+    """``compliance``, ``findings``, ``accept_finding``, ``compliance_report``, ...; ``evaluate``
+    for due work, which evaluates as part of its run."""
