@@ -33,6 +33,13 @@ ALLOWED = {
         "the demo seeder's worker processes tune their own ledgers' runtime (no background "
         "ingest while the seeder holds the store; the catalog refreshed before each simulated "
         "batch): simulation plumbing that no public KeyLedger call should offer",
+    ("keyledger/server/kms/seam.py", "_rt"):
+        "the KMS layer's one seam into a ledger: unaudited catalog reads that AWS's responses "
+        "need (a key id's name for an ARN, a permission pre-check that lets the ledger's own "
+        "call refuse and audit); public, they would be unaudited KeyLedger calls",
+    ("keyledger/server/kms/seam.py", "_audited"):
+        "the same seam: one audit record for what only the KMS layer does (a refusal before any "
+        "ledger call, a DryRun check, GenerateRandom) through the ledger's own record path",
 }
 
 
