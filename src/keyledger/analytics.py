@@ -66,7 +66,8 @@ class Filters:
 
     def key_sql(self, column: str = "key_id") -> tuple[str, list[Any]]:
         """A SQL condition on ``column`` (a key id) for the key filters, and its parameters."""
-        conds, args = [], []
+        conds: list[str] = []
+        args: list[Any] = []
         if self.keys:
             conds.append(f"name IN ({_marks(self.keys)})")
             args.extend(self.keys)

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
 class Dashboard(Viewer):
     """State, pages, sidebar and template of one session."""
 
-    state = param.ClassSelector(class_=DashboardState)
+    # required (every page and the dashboard get one): NoNone types it non-optional
+    state = param.ClassSelector(class_=DashboardState, allow_None=param.parameters.NoNone)
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

@@ -22,7 +22,8 @@ class ActionPanel(Viewer):
     shows the confirmation; ``confirm()`` runs it through the ledger as the session's principal.
     """
 
-    state = param.ClassSelector(class_=DashboardState)
+    # required (every page and the dashboard get one): NoNone types it non-optional
+    state = param.ClassSelector(class_=DashboardState, allow_None=param.parameters.NoNone)
     pending = param.String(default=None, allow_None=True, doc="The action awaiting confirmation.")
 
     ACTIONS = ("rotate", "disable", "enable", "schedule_deletion", "approve")
