@@ -289,6 +289,19 @@ def test_disable_and_schedule_deletion_through_the_panel(fleet):
     assert key in set(upcoming.loc[upcoming["event"] == "deletion", "key"])
 
 
+def test_empty_deletion_period_is_refused_in_words_not_raised(fleet):
+    key = tmp_key(fleet, "tmp-nodays")
+    st = state_for(fleet)
+    panel = RotationView(state=st).actions
+    panel.key_select.value = key
+    panel.days.value = None  # the person cleared the field
+    panel.ask("schedule_deletion")
+    ok, text = panel.confirm()
+    assert not ok and f"schedule deletion of {key} failed" in text and "7 to 30" in text
+    assert st.status_level == "danger" and "✗" in panel.result.object
+    assert fleet.get_key(key).state.value == "active"
+
+
 def test_failed_action_is_shown_not_raised(fleet):
     key = tmp_key(fleet, "tmp-fail")
     fleet.disable(key)

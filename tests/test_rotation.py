@@ -103,6 +103,19 @@ def test_home_rule_by_purpose_overrides_the_default(ledger: kl.KeyLedger) -> Non
     assert ledger.get_key("wrap").rotation_source == "default"
 
 
+@pytest.mark.parametrize("rules", [{"rotation_by_purpose": {"encrypt": None}},
+                                   {"rotation_by_tag": {"env=prod": None}}])
+def test_a_home_rule_without_a_period_is_refused_and_changes_nothing(
+        ledger: kl.KeyLedger, rules: dict) -> None:
+    ledger.create_key("prod", spec="AES_256", tags={"env": "prod"})
+    with pytest.raises(kl.InvalidInput, match="period"):  # not an AttributeError on None
+        ledger.set_policy("*", **rules)
+    assert period_of(ledger, "prod") == timedelta(days=90)  # the default: nothing changed
+    assert ledger.get_key("prod").rotation_source == "default"
+    refused = ledger.audit(action="set_policy")
+    assert list(refused["outcome"]) == ["failed"] and list(refused["error"]) == ["InvalidInput"]
+
+
 def test_a_tag_rule_overrides_the_home_rule(ledger: kl.KeyLedger) -> None:
     ledger.set_policy("*", rotation_by_purpose={"encrypt": "30d"},
                       rotation_by_tag={"env=prod": "14d", "tier=archive": "180d"})

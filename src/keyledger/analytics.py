@@ -66,7 +66,8 @@ class Filters:
 
     def key_sql(self, column: str = "key_id") -> tuple[str, list[Any]]:
         """A SQL condition on ``column`` (a key id) for the key filters, and its parameters."""
-        conds, args = [], []
+        conds: list[str] = []
+        args: list[Any] = []
         if self.keys:
             conds.append(f"name IN ({_marks(self.keys)})")
             args.extend(self.keys)
@@ -133,7 +134,13 @@ def key_status(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
     """``list_keys()`` plus ``team``, ``days_to_due`` and ``rotation_status`` (overdue, due soon,
     ok, not scheduled, inactive), most urgent first."""
     now = _now(ledger, now)
-    df = filters.match_keys(ledger.list_keys()).copy()
+    return key_status_of(ledger.list_keys(), filters, now=now, due_soon_days=due_soon_days)
+
+
+def key_status_of(keys: pd.DataFrame, filters: Filters = EVERYTHING, *, now: datetime,
+                  due_soon_days: int = DUE_SOON_DAYS) -> pd.DataFrame:
+    """``key_status`` of a ``list_keys()`` frame already read (the dashboard's cached one)."""
+    df = filters.match_keys(keys).copy()
     days = (df["next_rotation_due"] - pd.Timestamp(now)).dt.total_seconds() / 86400
     df["days_to_due"] = days.round(1)
     df["team"] = df["tags"].map(lambda t: (t or {}).get("team"))
@@ -452,6 +459,6 @@ __all__ = [
     "CRYPTO_ACTIONS", "DECRYPT_ACTIONS", "ENCRYPT_ACTIONS", "EVERYTHING", "GROUPINGS",
     "ROTATION_STATUSES", "SEVERITY_ORDER", "STATES", "Filters", "activity_24h", "audit_count",
     "audit_facets", "audit_page", "audit_window", "compliance_matrix",
-    "data_version", "key_status", "keys_by_state", "last_verification", "ops_per_period",
-    "top_keys", "unusual_activity", "upcoming", "version_timeline", "version_usage",
+    "data_version", "key_status", "key_status_of", "keys_by_state", "last_verification",
+    "ops_per_period", "top_keys", "unusual_activity", "upcoming", "version_timeline", "version_usage",
 ]

@@ -42,6 +42,8 @@ DEFAULT_HEIGHT = 260
 ROW_STEP = 18  # pixels per bar in horizontal bar charts (height=None)
 # Altair refuses more than 5,000 inline rows; every builder stays far below that on purpose.
 MAX_ROWS = 2_000
+# What a builder returns: one chart, or its marks layered (alt.layer may facet the layers).
+TopChart = alt.Chart | alt.LayerChart | alt.FacetChart
 
 # Categories with no meaning of their own (actions, keys, principals): no red, orange or green,
 # so those keep meaning overdue/critical, due soon/high and ok. "other" is always grey.
@@ -148,7 +150,7 @@ def _cut(n_all: int, n_shown: int, what: str, how: str) -> str | None:
 
 # -- keys and rotation ---------------------------------------------------------------------------
 def rotation_status(key_status: pd.DataFrame, top: int = 50, *,
-                    width: int | str = DEFAULT_WIDTH, height: int | None = None) -> alt.Chart:
+                    width: int | str = DEFAULT_WIDTH, height: int | None = None) -> TopChart:
     """Days until rotation is due per key (negative: overdue), most urgent first.
 
     Takes ``analytics.key_status()``; bars are coloured by rotation status (overdue red, due
@@ -214,7 +216,7 @@ def rotation_status(key_status: pd.DataFrame, top: int = 50, *,
 
 
 def keys_by_state(keys_by_state: pd.DataFrame, *, width: int | str = DEFAULT_WIDTH,
-                  height: int | None = None) -> alt.Chart:
+                  height: int | None = None) -> TopChart:
     """Number of keys in each state (takes ``analytics.keys_by_state()``)."""
     title = "Keys by state"
     df = _frame(keys_by_state, ["state", "keys"], "keys_by_state", "analytics.keys_by_state()")
@@ -241,7 +243,7 @@ def keys_by_state(keys_by_state: pd.DataFrame, *, width: int | str = DEFAULT_WID
 
 
 def version_timeline(version_timeline: pd.DataFrame, top: int = 40, *,
-                     width: int | str = DEFAULT_WIDTH, height: int | None = None) -> alt.Chart:
+                     width: int | str = DEFAULT_WIDTH, height: int | None = None) -> TopChart:
     """Each key version as a bar from its creation to the next version (or destruction, or
     now), coloured by version state; the current version is outlined.
 
@@ -404,7 +406,7 @@ def operations(ops_per_period: pd.DataFrame, *, max_groups: int = 10,
 
 
 def version_usage(version_usage: pd.DataFrame, top: int = 40, *,
-                  width: int | str = DEFAULT_WIDTH, height: int | None = None) -> alt.Chart:
+                  width: int | str = DEFAULT_WIDTH, height: int | None = None) -> TopChart:
     """Decryptions per key version in the range, for retire-safety.
 
     Takes ``analytics.version_usage()``. An old (non-current) version that still decrypts is
@@ -523,7 +525,7 @@ def top_keys(top_keys: pd.DataFrame, top: int = 25, *, width: int | str = DEFAUL
 
 # -- compliance ----------------------------------------------------------------------------------
 def compliance_heatmap(compliance_matrix: pd.DataFrame, *, width: int | str = DEFAULT_WIDTH,
-                       height: int | None = None) -> alt.Chart:
+                       height: int | None = None) -> TopChart:
     """Open findings per framework x severity (takes ``analytics.compliance_matrix()``).
 
     Every cell is drawn; cells with findings take the severity colour (critical red, high

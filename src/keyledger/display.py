@@ -308,7 +308,7 @@ def _subject(row: Mapping[str, Any]) -> str:
     parts = []
     key = row.get("key")
     if _present(key):
-        version = row.get("version")
+        version: Any = row.get("version")  # a DuckDB value: int, float or NaN
         parts.append(f"key <b>{esc(key)}</b>"
                      + (f" v{esc(int(version))}" if _present(version) else ""))
     principal = row.get("principal")

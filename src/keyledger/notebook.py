@@ -116,16 +116,18 @@ def svg_renderer(spec: dict, **metadata: Any) -> dict[str, str]:
     return bundle
 
 
-def png_renderer(spec: dict, **metadata: Any) -> dict[str, Any]:
+def png_renderer(spec: dict, **metadata: Any
+                 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]:
     """The chart as a PNG image (vl-convert, 2x scale unless ``scale_factor`` says otherwise)."""
     from altair.vegalite.v6.display import png_renderer as altair_png
 
     metadata.setdefault("scale_factor", 2)
-    result = altair_png(spec, **metadata)
+    # altair types the result dict[str, bytes]; it may also be (data, metadata)
+    result: Any = altair_png(spec, **metadata)
     data, meta = result if isinstance(result, tuple) else (result, {})
-    data = dict(data)
-    data["text/plain"] = _plain(spec)
-    return (data, meta) if meta else data  # type: ignore[return-value]
+    bundle: dict[str, Any] = dict(data)
+    bundle["text/plain"] = _plain(spec)
+    return (bundle, meta) if meta else bundle
 
 
 def interactive_renderer(spec: dict, **metadata: Any) -> tuple[dict[str, Any], dict[str, Any]]:

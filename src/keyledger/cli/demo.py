@@ -17,8 +17,8 @@ from .common import AddCommand, UsageError, home_of, ledger_for
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.tour:
         with ledger_for(args) as led:
-            result = run_tour(led, echo=print)
-        return 0 if result.audit_ok else 1
+            tour = run_tour(led, echo=print)
+        return 0 if tour.audit_ok else 1
     from ..config import default_home
 
     if args.principal:

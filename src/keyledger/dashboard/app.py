@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
 class Dashboard(Viewer):
     """State, pages, sidebar and template of one session."""
 
-    state = param.ClassSelector(class_=DashboardState)
+    # required (every page and the dashboard get one): NoNone types it non-optional
+    state = param.ClassSelector(class_=DashboardState, allow_None=param.parameters.NoNone)
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -203,9 +204,15 @@ def build_app(home: str | os.PathLike | None = None, principal: str | None = Non
     dash = Dashboard(state=DashboardState(ledger))
     dash.start()
     template = dash.template()
-    template.dashboard = dash  # for tests and for scripts that embed it
+    # for tests and for scripts that embed it (an attribute of ours Panel does not declare)
+    template.dashboard = dash  # type: ignore[attr-defined]
     if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-        callback = pn.state.add_periodic_callback(dash.state.poll, period=poll_ms)
+        state = dash.state
+
+        def poll() -> None:  # Panel's callbacks return nothing; poll's "changed" is for tests
+            state.poll()
+
+        callback = pn.state.add_periodic_callback(poll, period=poll_ms)
 
         def closed(context: Any) -> None:
             callback.stop()

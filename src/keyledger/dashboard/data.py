@@ -214,8 +214,8 @@ class Data:
         now = self.now()
         # analytics.key_status over the cached list_keys() frame (one audited read per token,
         # not one per filter change)
-        return self._cached("key_status", lambda: kla.key_status(_KeysOnly(self.keys()), filters,
-                                                                 now=now),
+        return self._cached("key_status", lambda: kla.key_status_of(self.keys(), filters,
+                                                                    now=now),
                             filters, _minute(now))
 
     def upcoming(self, filters: kla.Filters, days: int = 30) -> pd.DataFrame:
@@ -340,16 +340,6 @@ class Data:
         """Write the HTML compliance report to a fresh temporary file and return its path."""
         folder = Path(tempfile.mkdtemp(prefix="keyledger-report-"))
         return self.ledger.compliance_report(folder / "keyledger-compliance.html", "html")
-
-
-class _KeysOnly:
-    """Stands in for the ledger where an analytics function only needs ``list_keys()``."""
-
-    def __init__(self, keys: pd.DataFrame) -> None:
-        self._keys = keys
-
-    def list_keys(self) -> pd.DataFrame:
-        return self._keys.copy()
 
 
 def range_filters(filters: kla.Filters, time_range: str, now: datetime) -> kla.Filters:

@@ -68,8 +68,9 @@ class DashboardState(param.Parameterized):
     owner = param.List(default=[], item_type=str, doc="Owners to show (empty: all).")
     tag = param.List(default=[], item_type=str, doc='Tags "name=value" that must all match.')
     key = param.List(default=[], item_type=str, doc="Keys to show (empty: all).")
-    time_range = param.Selector(default=DEFAULT_RANGE, objects=list(TIME_RANGES),
-                                doc="Time range of audit-based views, ending now.")
+    time_range: param.Selector[str] = param.Selector(
+        default=DEFAULT_RANGE, objects=list(TIME_RANGES),
+        doc="Time range of audit-based views, ending now.")
     selected_key = param.String(default=None, allow_None=True,
                                 doc="The key the actions and drill-downs are about.")
 
@@ -83,8 +84,8 @@ class DashboardState(param.Parameterized):
 
     version = param.Integer(default=0, doc="Moves whenever refresh() saw new data.")
     status = param.String(default="", doc="One line for the status area.")
-    status_level = param.Selector(default="info", objects=["info", "success", "warning",
-                                                            "danger"])
+    status_level: param.Selector[str] = param.Selector(
+        default="info", objects=["info", "success", "warning", "danger"])
 
     def __init__(self, ledger: KeyLedger, *, detector: ChangeDetector | None = None,
                  data: Data | None = None, **params: Any) -> None:

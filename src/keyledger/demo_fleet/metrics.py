@@ -4,7 +4,7 @@ the estate as it reads back at the end."""
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -25,7 +25,8 @@ class Metrics:
     unexpected: list[str] = field(default_factory=list)  # the first 20 unexpected failures
     unexpected_count: int = 0
     calls: int = 0
-    timings: Counter[str] = field(default_factory=Counter)  # wall seconds by kind of work
+    # wall seconds by kind of work
+    timings: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 def read_back(sim: Simulation) -> DemoResult:

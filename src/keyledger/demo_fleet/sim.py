@@ -38,7 +38,7 @@ class Simulation:
         self.plan = Plan(n_keys, self.days, self.rng)
         self.by_name = {k.name: k for k in self.plan.keys}
         self.leds: dict[str, KeyLedger] = {}
-        self.events: list[tuple[datetime, int, Callable[[], None], str]] = []
+        self.events: list[tuple[datetime, int, Callable[[], object], str]] = []
         self.backups_dir = home.parent / f"{home.name}-backups"
         self.metrics = Metrics()
         self._seq = itertools.count()
@@ -58,7 +58,7 @@ class Simulation:
                                              "keys": self.n_keys, "months": self.months})
         return led
 
-    def at(self, when: datetime, fn: Callable[[], None], what: str | None = None) -> None:
+    def at(self, when: datetime, fn: Callable[[], object], what: str | None = None) -> None:
         """Run ``fn`` at simulated time ``when``; its wall time is counted under ``what``."""
         name = getattr(fn, "__name__", "<lambda>")
         what = what or ("other lifecycle events" if name == "<lambda>" else name.replace("_", " "))

@@ -8,6 +8,7 @@ simulated time through the public API as the principal who would make it.
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AccessDenied, InvalidCiphertext, KeyLedgerError
@@ -34,6 +35,9 @@ class Story:
         self.grants: dict[str, list[str]] = {}  # principal -> "role on key", for demo.json
         self.highlights: dict[str, Any] = {}
 
+    def acknowledge_custody(self, admin: str) -> None:
+        self.ledger(admin).acknowledge_custody()
+
     def grant(self, name: str, who: str, role: str, by: str = SECURITY_LEAD) -> None:
         self.ledger(by).grant(name, who, role)
         self.grants.setdefault(who, []).append(f"{role} on {name}")
@@ -45,7 +49,7 @@ class Story:
         for i, k in enumerate(p.keys):
             when = (self.day_at(k.created_day, 9 + rng.random() * 6) if k.created_day
                     else self.start + timedelta(minutes=5 + 2 * i))
-            self.at(when, lambda k=k: self.create(k), "create keys, grants, policies")
+            self.at(when, partial(self.create, k), "create keys, grants, policies")
         # weekly due work (Monday 02:00), audit verification, backups
         # (quarterly at first, weekly in the last weeks: the SOC 2 finding gets resolved)
         # run_due evaluates compliance every fourth week and every week of the last four (a
@@ -58,7 +62,7 @@ class Story:
                     self.at(self.day_at(d, 1.5), self.verify)
                     last_verify = d
                 evaluate = mondays % every == 0 or d >= days - 28
-                self.at(self.day_at(d, 2), lambda c=evaluate: self.run_due(compliance=c),
+                self.at(self.day_at(d, 2), partial(self.run_due, compliance=evaluate),
                         "run due")
                 mondays += 1
         self.at(self.day_at(days - 14, 3), self.backup)
@@ -70,7 +74,7 @@ class Story:
             for i, t in enumerate(TEAMS[:5])]
         for admin, first in firsts:
             for d in range(first, days, 360):
-                self.at(self.day_at(d, 9.5), lambda a=admin: self.ledger(a).acknowledge_custody(),
+                self.at(self.day_at(d, 9.5), partial(self.acknowledge_custody, admin),
                         "other lifecycle events")
         self._schedule_rotations()
         self._schedule_incidents()
@@ -88,14 +92,14 @@ class Story:
                                      "rotated early: service migration",
                                      "rotated early: quarterly hygiene"))
                 self.at(self.day_at(d, 10 + rng.random() * 7),
-                        lambda k=k, r=reason: self.rotate(k, k.team.admin, r), "manual rotations")
+                        partial(self.rotate, k, k.team.admin, reason), "manual rotations")
         for i, k in enumerate(p.neglected):  # rotated by hand a few times, then forgotten
             period = 30 if days < 180 else 90
             overdue = 12 + 25 * i
             d = period - 5
             while d + period < days - overdue:
-                self.at(self.day_at(d, 11), lambda k=k: self.rotate(k, k.team.admin,
-                                                                     "manual rotation"),
+                self.at(self.day_at(d, 11), partial(self.rotate, k, k.team.admin,
+                                                    "manual rotation"),
                         "manual rotations")
                 d += period - 5
 
@@ -126,7 +130,7 @@ class Story:
         # pending deletions, and a destroy request with one approval of two
         for i, k in enumerate(p.pending):
             self.at(self.day_at(days - 10 - 5 * i, 11),
-                    lambda k=k: self.schedule_deletion(k, 30, "replaced by a new key"))
+                    partial(self.schedule_deletion, k, 30, "replaced by a new key"))
         r = p.pending_request
         self.at(self.day_at(days - 14, 11), lambda: self.schedule_deletion(
             r, 7, "data migrated to the new store"))
@@ -157,20 +161,23 @@ class Story:
                 k = rng.choice(keys)
                 who = rng.choice([p for p in everyone if p not in k.users])
                 self.at(self.day_at(d, 8 + rng.random() * 10),
-                        lambda k=k, w=who: self.denied(k, w), "denied and failed calls")
+                        partial(self.denied, k, who), "denied and failed calls")
             if rng.random() < 0.3:
                 k = rng.choice(keys)
                 self.at(self.day_at(d, 8 + rng.random() * 10),
-                        lambda k=k, w=rng.random() < 0.5: self.tampered(k, w),
+                        partial(self.tampered, k, rng.random() < 0.5),
                         "denied and failed calls")
         # one afternoon a misconfigured deployment hammers a key it has no grant on
         d = round(days * 0.62)
         k = next(k for k in keys if k.purpose == "encrypt" and k.created_day < d and
                  "svc-mobile-api" not in k.users)
+
+        def hammer() -> None:  # eight denied encrypts in a row
+            for _ in range(8):
+                self.denied(k, "svc-mobile-api", encrypt=True)
+
         for i in range(30):
-            self.at(self.day_at(d, 13 + i / 20), lambda k=k: [
-                self.denied(k, "svc-mobile-api", encrypt=True) for _ in range(8)],
-                "denied and failed calls")
+            self.at(self.day_at(d, 13 + i / 20), hammer, "denied and failed calls")
 
     # -- lifecycle events --------------------------------------------------------------------------
     def setup_home(self) -> None:

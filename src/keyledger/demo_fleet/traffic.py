@@ -160,7 +160,7 @@ class TrafficModel:
                "sign": (("sign", 0.3), ("verify", 0.7))}[k.purpose]
         if k.role == "usage-limited":
             mix = (("encrypt", 0.45), ("decrypt", 0.55))
-        streams = []
+        streams: list[Stream] = []
         for op, share in mix:
             if op == "sign" and k.spec in RSA_SIGNS_PER_DAY:
                 streams.append(Stream(self, k, op, k.users[0], RSA_SIGNS_PER_DAY[k.spec], True,

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
 
 from ..access import WILDCARD, Role, check
 from ..errors import (
@@ -41,7 +43,8 @@ class Audited:
     def __enter__(self) -> Audited:
         return self
 
-    def __exit__(self, etype, exc, tb) -> bool:
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if exc is None:
             outcome, error, detail = "ok", None, self.detail
         else:
@@ -157,7 +160,7 @@ class Context:
 
     # -- the quorum gate's question: how many admins must agree --------------------------------
     def quorum(self, key: Key | None) -> int:
-        q = key.policy.get("quorum") if key is not None else None
+        q: Any = key.policy.get("quorum") if key is not None else None  # a JSON value
         return int(q) if q else self.rt.home_quorum()
 
     def require_quorum(self, key: Key | None, action: str, what: str, args: str = "") -> None:

@@ -163,8 +163,9 @@ class CryptoService(Service):
         with self._audited("rewrap", None) as rec:
             ctx = rec.context = ct.canonical_context(context)
             plaintext = self._decrypt(rec, ciphertext, ctx)
-            old = rec.version
-            out = self._encrypt_with(rec, rec.key, plaintext, ctx)
+            old, key = rec.version, rec.key
+            assert key is not None  # _decrypt returned, so it resolved the key
+            out = self._encrypt_with(rec, key, plaintext, ctx)
             rec.detail = f"from v{old}"
             return out
 

@@ -211,8 +211,7 @@ class GovernanceService(Service):
     def _request_params(self, action: str, params: dict[str, Any]) -> str:
         """Refuse unknown parameters when asked (not when approved); store them as JSON."""
         allowed = REQUEST_PARAMS.get(action)
-        unknown = sorted(set(params) - set(allowed)) if allowed is not None else []
-        if unknown:
+        if allowed is not None and (unknown := sorted(set(params) - set(allowed))):
             raise InvalidInput(f"{action} takes {', '.join(allowed) or 'no parameters'}; "
                                f"not {', '.join(unknown)}")
         if action in ("grant", "revoke"):  # checked now, not when the last approval runs it
@@ -256,10 +255,10 @@ class GovernanceService(Service):
         return {"request_id": request_id, "approvals": count, "quorum": quorum,
                 "executed": bool(executed)}
 
-    def _run_grant(self, name: str, reason: str, params: dict) -> None:
+    def _run_grant(self, name: str | None, reason: str, params: dict) -> None:
         self._grant(name or WILDCARD, params["principal"], params["role"], approved=True)
 
-    def _run_revoke(self, name: str, reason: str, params: dict) -> None:
+    def _run_revoke(self, name: str | None, reason: str, params: dict) -> None:
         self._revoke(name or WILDCARD, params["principal"], params.get("role"), approved=True)
 
     def requests(self, status: str | None = None) -> pd.DataFrame:

@@ -223,7 +223,8 @@ class LifecycleService(Service):
         """
         return self.destroy_key(name, reason, approved=False)
 
-    def destroy_key(self, name: str, reason: str, *, approved: bool) -> Key:
+    def destroy_key(self, name: str | None, reason: str, *, approved: bool) -> Key:
+        # name None: an approved request whose key is gone; the name check refuses it (audited)
         with self._audited("destroy", name) as rec:
             key = self._key(rec, name)
             self._reason(reason)
@@ -357,15 +358,15 @@ class LifecycleService(Service):
                     "usage_limit must be a whole number of encryptions from 1 to 2**63-1 "
                     f"(not {usage_limit!r}); AES-GCM's bound with random nonces is 2**32")
             if name == WILDCARD:
-                return self._set_home_policy(rec, approved, quorum, creator_is_user,
-                                             usage_limit, rotation_by_purpose, rotation_by_tag)
+                self._set_home_policy(rec, approved, quorum, creator_is_user,
+                                      usage_limit, rotation_by_purpose, rotation_by_tag)
+                return None
             key = self._key(rec, name)
             updates: dict[str, object] = {}
             weakens = []
             if rotation_period is not None:
-                updates["rotation_period_s"] = int(parse_period(rotation_period).total_seconds())
-                if key.rotation_period and updates["rotation_period_s"] > \
-                        key.rotation_period.total_seconds():
+                period_s = updates["rotation_period_s"] = _period_s(rotation_period)
+                if key.rotation_period and period_s > key.rotation_period.total_seconds():
                     weakens.append("a longer rotation period")
             for col, value in (("min_decryption_version", min_decryption_version),
                                ("min_encryption_version", min_encryption_version)):
@@ -426,14 +427,14 @@ class LifecycleService(Service):
                 if purpose not in {p.value for p in Purpose}:
                     raise InvalidInput(f"unknown purpose {purpose!r} in rotation_by_purpose")
             policy["rotation_by_purpose"] = {
-                p: int(parse_period(v).total_seconds()) for p, v in by_purpose.items()}
+                p: _period_s(v) for p, v in by_purpose.items()}
         if by_tag is not None:
             if not isinstance(by_tag, Mapping) or not all(
                     isinstance(t, str) and "=" in t for t in by_tag):
                 raise InvalidInput("rotation_by_tag must map 'tag=value' to periods, "
                                    "e.g. {'env=prod': '30d'}")
             policy["rotation_by_tag"] = {
-                t: int(parse_period(v).total_seconds()) for t, v in by_tag.items()}
+                t: _period_s(v) for t, v in by_tag.items()}
         weakens = _home_weakenings(before, policy)
         if weakens and not approved:
             self._require_quorum(None, "set_policy",
@@ -448,7 +449,6 @@ class LifecycleService(Service):
             meta.set_home_policy(tx, policy)
         self._rt.catalog.refresh(force=True)
         rec.detail = f"home policy {policy}"
-        return None
 
     def _change_state(self, action: str, name: str, reason: str) -> Key:
         with self._audited(action, name) as rec:
@@ -494,6 +494,14 @@ class LifecycleService(Service):
         if creator_is_user:  # one person can work alone; the separation-of-duties rule reports it
             grants_repo.add(tx, scope=key_id, principal=self.principal, role="user",
                             granted_by=self.principal, now=now)
+
+
+def _period_s(value: object) -> int:
+    """Seconds of a period that must be given (a rule's period, a new rotation period)."""
+    period = parse_period(value)
+    if period is None:
+        raise InvalidInput("a period must be a timedelta or a string like '90d', not None")
+    return int(period.total_seconds())
 
 
 def _home_weakenings(old: dict, new: dict) -> list[str]:

@@ -82,6 +82,13 @@ def attempt(status: W.HTML | None, fn: Callable[..., T], *args: Any, what: str =
     return False, None
 
 
+def tried(status: W.HTML | None, fn: Callable[..., T | None], *args: Any, what: str = "",
+          **kwargs: Any) -> T | None:
+    """``attempt`` for a call that returns a value (never None): the value, or None when the
+    call failed (and ``status`` says why)."""
+    return attempt(status, fn, *args, what=what, **kwargs)[1]
+
+
 # -- display ----------------------------------------------------------------------------------
 class WidgetView:
     """Base of the widget classes: ``.widget`` is the root ipywidget; displaying the object

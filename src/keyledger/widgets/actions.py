@@ -12,7 +12,7 @@ from ..display import key_html
 from ..errors import InvalidInput, PolicyViolation
 from ..model import SPECS, Key, Purpose, parse_period
 from ..service import MAX_DELETION_DAYS, MIN_DELETION_DAYS
-from ._common import WidgetView, attempt, dl, message_html, set_status
+from ._common import WidgetView, attempt, dl, message_html, set_status, tried
 
 if TYPE_CHECKING:
     from ..service import KeyLedger
@@ -164,12 +164,12 @@ class KeyActions(WidgetView):
 
     def reload(self, *, quiet: bool = False) -> None:
         """Reload the key names and the pending requests (``quiet``: keep the status line)."""
-        ok, keys = attempt(None, self.ledger.list_keys)
-        if ok:
+        keys = tried(None, self.ledger.list_keys)
+        if keys is not None:
             self.key.options = tuple(keys["name"])
-        ok, pending = attempt(None if quiet else self.status, self.ledger.requests, "pending",
-                              what="requests")
-        if not ok:
+        pending = tried(None if quiet else self.status, self.ledger.requests, "pending",
+                        what="requests")
+        if pending is None:
             return
         options = [(f"{r.request_id} · {r.action} {r.key} · by {r.requested_by} · "
                     f"{len(r.approvers) if r.approvers is not None else 0}/{r.quorum}",
@@ -184,8 +184,8 @@ class KeyActions(WidgetView):
         """Create a key from the "New key" fields."""
         self.cancel(quiet=True)
         name = self.new_name.value.strip()
-        ok, checked = attempt(self.status, self._create_values, what="create")
-        if not ok:
+        checked = tried(self.status, self._create_values, what="create")
+        if checked is None:
             return
         tags, period = checked
 
@@ -284,8 +284,8 @@ class KeyActions(WidgetView):
     def _arm_schedule(self) -> None:
         if (name := self._need_key()) is None:
             return
-        ok, days = attempt(self.status, self._check_days, what="schedule deletion")
-        if not ok:
+        days = tried(self.status, self._check_days, what="schedule deletion")
+        if days is None:
             return
         reason = self._reason("scheduled")
         self._arm(Armed(
@@ -325,9 +325,9 @@ class KeyActions(WidgetView):
             self._request_done, tuple(facts), name))
 
     def _request_done(self, request_id: str) -> str:
-        ok, rows = attempt(None, self.ledger.requests)
+        rows = tried(None, self.ledger.requests)
         row = None
-        if ok:
+        if rows is not None:
             match = rows[rows["request_id"] == request_id]
             row = match.iloc[0] if len(match) else None
         if row is not None and row["status"] == "executed":
@@ -361,9 +361,8 @@ class KeyActions(WidgetView):
         """Show key ``name`` as it is now in ``detail``; and in the inventory's detail pane
         when the inventory selects no key (its filters hide the key after the change), since
         its ``refresh`` only redraws a selected key."""
-        ok, key = (True, result) if isinstance(result, Key) else attempt(
-            None, self.ledger.get_key, name)
-        self.detail.value = (key_html(key) if ok else message_html(
+        key = result if isinstance(result, Key) else tried(None, self.ledger.get_key, name)
+        self.detail.value = (key_html(key) if key is not None else message_html(
             f"{name!r} can no longer be shown (destroyed, or not visible to you)"))
         inventory = self.inventory
         pane = getattr(inventory, "detail", None)
@@ -371,9 +370,8 @@ class KeyActions(WidgetView):
             return
         from .inventory import key_detail_html
 
-        ok, text = attempt(None, key_detail_html, self.ledger, name,
-                           getattr(inventory, "keys", None))
-        if ok:
+        text = tried(None, key_detail_html, self.ledger, name, getattr(inventory, "keys", None))
+        if text is not None:
             pane.value = text
 
     def _show_confirm(self, visible: bool) -> None:
@@ -390,8 +388,9 @@ class KeyActions(WidgetView):
             self.reason.value = ""  # a reason belongs to one action, whatever its outcome
         if ok:
             self.last_result = result
-            ok_text, text = attempt(None, done, result)
-            set_status(self.status, text if ok_text else f"{action.replace('_', ' ')}: done", "ok")
+            text = tried(None, done, result)
+            set_status(self.status, text if text is not None else f"{action.replace('_', ' ')}: done",
+                       "ok")
             key = getattr(result, "name", key)
         # state may have changed even on failure (e.g. an approval that could not execute)
         if self.inventory is not None:

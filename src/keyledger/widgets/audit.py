@@ -25,6 +25,7 @@ from ._common import (
     options_with_all,
     outcome_style,
     set_status,
+    tried,
 )
 
 if TYPE_CHECKING:
@@ -129,8 +130,8 @@ class AuditBrowser(WidgetView):
     def verify(self) -> None:
         """Run ``verify_audit()`` and show the result."""
         self.verify_result.value = message_html("verifying…")
-        ok, report = attempt(self.status, self.ledger.verify_audit, what="verify")
-        if not ok:
+        report = tried(self.status, self.ledger.verify_audit, what="verify")
+        if report is None:
             self.verify_result.value = message_html("verification could not run; see above",
                                                     "error")
             return
@@ -139,10 +140,10 @@ class AuditBrowser(WidgetView):
 
     # -- internals --------------------------------------------------------------------------
     def _load_facets(self) -> None:
-        ok, facets = attempt(self.status, ka.audit_facets, self.ledger, what="audit filters")
-        if not ok:
+        facets = tried(self.status, ka.audit_facets, self.ledger, what="audit filters")
+        if facets is None:
             return
-        ok_keys, keys = attempt(None, self.ledger.list_keys)
+        keys = tried(None, self.ledger.list_keys)
         self._busy = True
         try:
             for name in ("principal", "action", "outcome"):
@@ -151,7 +152,7 @@ class AuditBrowser(WidgetView):
                 keep = widget.value if widget.value in options else ALL
                 widget.options = options
                 widget.value = keep
-            if ok_keys:
+            if keys is not None:
                 self.filters["key"].options = tuple(keys["name"])
         finally:
             self._busy = False
@@ -164,13 +165,13 @@ class AuditBrowser(WidgetView):
         # Count and pin in one query: browsing is itself audited, and records added later
         # must not shift the pages under the reader.
         self.max_seq = None
-        ok, parsed = attempt(self.status, self.current_filters, what="filters")
-        if not ok:
+        parsed = tried(self.status, self.current_filters, what="filters")
+        if parsed is None:
             return
         filters, extra = parsed
-        ok, window = attempt(self.status, ka.audit_window, self.ledger, filters, **extra,
-                             what="counting records")
-        if not ok:
+        window = tried(self.status, ka.audit_window, self.ledger, filters, **extra,
+                       what="counting records")
+        if window is None:
             return
         total, self.max_seq = window
         extra["max_seq"] = self.max_seq
@@ -183,14 +184,14 @@ class AuditBrowser(WidgetView):
 
     def _load_page(self, parsed: tuple[ka.Filters, dict[str, Any]] | None = None) -> None:
         if parsed is None:
-            ok, parsed = attempt(self.status, self.current_filters, what="filters")
-            if not ok:
+            parsed = tried(self.status, self.current_filters, what="filters")
+            if parsed is None:
                 return
         filters, extra = parsed
-        ok, page = attempt(self.status, ka.audit_page, self.ledger, filters, **extra,
-                           offset=self.pager.offset, limit=self.pager.page_size,
-                           newest_first=self.newest_first.value, what="loading records")
-        if not ok:
+        page = tried(self.status, ka.audit_page, self.ledger, filters, **extra,
+                     offset=self.pager.offset, limit=self.pager.page_size,
+                     newest_first=self.newest_first.value, what="loading records")
+        if page is None:
             return
         page = page.copy()
         if "detail" in page:

@@ -17,7 +17,6 @@ from ._common import (
     MUTED_COLOUR,
     Pager,
     WidgetView,
-    attempt,
     chosen,
     dl,
     log,
@@ -27,6 +26,7 @@ from ._common import (
     section,
     set_status,
     show_object,
+    tried,
 )
 
 if TYPE_CHECKING:
@@ -103,8 +103,8 @@ class ComplianceView(WidgetView):
     # -- public -----------------------------------------------------------------------------
     def refresh(self) -> None:
         """Reload the open findings of the last stored evaluation."""
-        ok, df = attempt(self.status, self.ledger.findings, what="loading findings")
-        if not ok:
+        df = tried(self.status, self.ledger.findings, what="loading findings")
+        if df is None:
             return
         self.findings = _ordered(df)
         self._busy = True
@@ -123,8 +123,8 @@ class ComplianceView(WidgetView):
     def evaluate(self) -> None:
         """Evaluate the rules now (``ledger.compliance()``), then show the fresh findings."""
         set_status(self.status, "evaluating…")
-        ok, df = attempt(self.status, self.ledger.compliance, what="evaluate")
-        if not ok:
+        df = tried(self.status, self.ledger.compliance, what="evaluate")
+        if df is None:
             return
         self.refresh()
         set_status(self.status, f"evaluated: {len(df)} open findings", "ok")

@@ -125,8 +125,8 @@ class KeyGrid(anywidget.AnyWidget):
         self.observe(self._resort, names="sort")
 
     @property
-    def names(self) -> tuple[str, ...]:
-        """The key of each row, in the order shown."""
+    def names(self) -> tuple[str | None, ...]:
+        """The key of each row, in the order shown (None for a row without one)."""
         return tuple(r.get(self.key_field) for r in self.rows)
 
     @T.validate("sort")

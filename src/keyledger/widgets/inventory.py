@@ -25,6 +25,7 @@ from ._common import (
     options_with_all,
     section,
     set_status,
+    tried,
 )
 from .grid import KeyGrid, column_specs, json_rows
 
@@ -70,7 +71,7 @@ class GridPick:
         self._grid = grid
 
     @property
-    def options(self) -> tuple[str, ...]:
+    def options(self) -> tuple[str | None, ...]:
         return self._grid.names
 
     @property
@@ -172,8 +173,8 @@ class KeyInventory(WidgetView):
     def refresh(self) -> None:
         """Reload the keys from the ledger (one ``list_keys`` call) and redraw; the selection
         stays unless its key is gone."""
-        ok, status = attempt(self.status, ka.key_status, self.ledger, what="loading keys")
-        if not ok:
+        status = tried(self.status, ka.key_status, self.ledger, what="loading keys")
+        if status is None:
             return
         set_status(self.status, "")
         self.keys = status
@@ -269,8 +270,8 @@ class KeyInventory(WidgetView):
                   .drop(columns="_rank").reset_index(drop=True))
 
     def _apply(self, *, reset: bool) -> None:
-        ok, frame = attempt(self.status, self._filtered, what="filters")
-        if not ok:
+        frame = tried(self.status, self._filtered, what="filters")
+        if frame is None:
             return
         set_status(self.status, "")
         self.frame = frame
@@ -287,7 +288,8 @@ class KeyInventory(WidgetView):
         self._busy = True  # the grid's sort echo must not re-apply the filters
         try:
             self.grid.rows = json_rows(page, TABLE_COLUMNS)
-            self.grid.sort = self._grid_sort()
+            # traitlets types Dict(allow_none=True) as never None
+            self.grid.sort = self._grid_sort()  # type: ignore[assignment]
         finally:
             self._busy = False
         self.pager.update(len(page), len(frame))
@@ -320,8 +322,8 @@ def key_detail_html(ledger: KeyLedger, name: str, status: pd.DataFrame | None = 
     """Versions, policy, grants and recent activity of key ``name`` as escaped HTML; a part the
     principal may not read says so in words."""
     errors = W.HTML()
-    ok, key = attempt(errors, ledger.get_key, name, what=f"key {name!r}")
-    if not ok:
+    key = tried(errors, ledger.get_key, name, what=f"key {name!r}")
+    if key is None:
         return errors.value
     row = None
     if status is not None and len(status):

@@ -9,6 +9,8 @@ import panel as pn
 import param
 from panel.viewable import Viewer
 
+from ...errors import InvalidInput
+from ...service import MAX_DELETION_DAYS, MIN_DELETION_DAYS
 from ..state import DashboardState
 from .widgets import card
 
@@ -22,7 +24,8 @@ class ActionPanel(Viewer):
     shows the confirmation; ``confirm()`` runs it through the ledger as the session's principal.
     """
 
-    state = param.ClassSelector(class_=DashboardState)
+    # required (every page and the dashboard get one): NoNone types it non-optional
+    state = param.ClassSelector(class_=DashboardState, allow_None=param.parameters.NoNone)
     pending = param.String(default=None, allow_None=True, doc="The action awaiting confirmation.")
 
     ACTIONS = ("rotate", "disable", "enable", "schedule_deletion", "approve")
@@ -49,7 +52,7 @@ class ActionPanel(Viewer):
                                                 css_classes=["kl-action", "kl-confirm"])
         self.cancel_button = pn.widgets.Button(label="Cancel", color="light",
                                                css_classes=["kl-action", "kl-cancel"])
-        self.confirm_button.on_click(lambda e: self.confirm())
+        self.confirm_button.on_click(self._confirm_clicked)
         self.cancel_button.on_click(lambda e: self.cancel())
         self.confirm_row = pn.Column(self.prompt, pn.Row(self.confirm_button, self.cancel_button),
                                      visible=False, css_classes=["kl-confirm-box"])
@@ -66,7 +69,7 @@ class ActionPanel(Viewer):
     def _button(self, action: str, label: str, kind: str) -> pn.widgets.Button:
         css = f"kl-action-{action.replace('_', '-')}"
         button = pn.widgets.Button(label=label, color=kind, css_classes=["kl-action", css])
-        button.on_click(lambda e, a=action: self.ask(a))
+        button.on_click(lambda e: self.ask(action))
         return button
 
     def keys(self) -> list[str]:
@@ -127,6 +130,9 @@ class ActionPanel(Viewer):
         self.prompt.object = text
         self.confirm_row.visible = True
 
+    def _confirm_clicked(self, _event: object) -> None:
+        self.confirm()  # the result shows in the panel; Panel wants no return value
+
     def cancel(self) -> None:
         self.pending = None
         self.confirm_row.visible = False
@@ -146,7 +152,7 @@ class ActionPanel(Viewer):
             "disable": (f"disable {target}", lambda: led.disable(target).state.value),
             "enable": (f"enable {target}", lambda: led.enable(target).state.value),
             "schedule_deletion": (f"schedule deletion of {target}", lambda: _due(
-                led.schedule_deletion(target, int(self.days.value)))),
+                led.schedule_deletion(target, _days(self.days.value)))),
             "approve": (f"approve {target}", lambda: _approval(led.approve(target))),
         }
         label, fn = runs[action]
@@ -156,6 +162,14 @@ class ActionPanel(Viewer):
 
     def __panel__(self) -> pn.Column:
         return self._layout
+
+
+def _days(value: int | None) -> int:
+    """The days field's waiting period; a field the person emptied is refused in words."""
+    if value is None:
+        raise InvalidInput(f"enter the deletion waiting period: {MIN_DELETION_DAYS} to "
+                           f"{MAX_DELETION_DAYS} days")
+    return int(value)
 
 
 def _due(key: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 import panel as pn
@@ -12,6 +12,15 @@ from .base import NoAudit, View
 from .widgets import card, table
 
 ALL = "(all)"
+
+
+class _Query(TypedDict):
+    """The page's record filters, as ``Data.audit_window``/``audit_page`` take them."""
+
+    principal: str | None
+    action: str | None
+    outcome: str | None
+    include_reads: bool
 
 
 class AuditView(View):
@@ -117,8 +126,8 @@ class AuditView(View):
             options = [ALL, *facets.get(name, [])]
             if widget.options != options:
                 widget.options = options
-        args = dict(principal=self.principal, action=self.action, outcome=self.outcome,
-                    include_reads=self.include_reads or self.action is not None)
+        args = _Query(principal=self.principal, action=self.action, outcome=self.outcome,
+                      include_reads=self.include_reads or self.action is not None)
         if self.offset == 0:
             self.anchor = None  # the first page is live
         total, top = data.audit_window(f, **args, anchor=self.anchor)

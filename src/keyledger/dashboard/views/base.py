@@ -21,7 +21,8 @@ FILTER_PARAMS = ["version", "owner", "tag", "key", "time_range"]
 class View(Viewer):
     """A page: reloads its frames when the filters or the data version change."""
 
-    state = param.ClassSelector(class_=DashboardState)
+    # required (every page and the dashboard get one): NoNone types it non-optional
+    state = param.ClassSelector(class_=DashboardState, allow_None=param.parameters.NoNone)
     title = "View"
 
     def __init__(self, **params: Any) -> None:

@@ -15,8 +15,8 @@ from .widgets import ChartPane, card, table
 class UsageView(View):
     title = "Usage"
 
-    group_by = param.Selector(default="action", objects=["action", "key", "principal",
-                                                         "outcome"])
+    group_by: param.Selector[str] = param.Selector(
+        default="action", objects=["action", "key", "principal", "outcome"])
 
     def _build(self) -> list[Any]:
         self.by = pn.widgets.RadioButtonGroup.from_param(self.param.group_by, label="Group by",

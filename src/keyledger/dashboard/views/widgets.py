@@ -82,7 +82,8 @@ def table(css: str, *, page_size: int | None = 15, columns: list[str] | None = N
         opts["height"] = 95 + 35 * page_size
     opts.update(kwargs)
     widget = pn.widgets.Tabulator(pd.DataFrame(columns=columns or []), **opts)
-    if color_column and colors:  # registered once; Tabulator re-applies it to every new value
+    # registered once; Tabulator re-applies it to every new value (style is None only without one)
+    if color_column and colors and widget.style is not None:
         widget.style.map(lambda v: f"color: {colors[v]}; font-weight: bold" if v in colors
                          else "", subset=[color_column])
     return widget
@@ -114,6 +115,7 @@ class KPI(Viewer):
         super().__init__()
         common: dict[str, Any] = dict(label=name, font_size="30pt", title_size="11pt",
                                       margin=(0, 5))
+        self.indicator: pn.indicators.String | pn.indicators.Number
         if string:
             self.indicator = pn.indicators.String(value="–", **common)
         else:
