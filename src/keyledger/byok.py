@@ -139,6 +139,13 @@ def _hsm_unwrap_in(backend: HsmBackend, wrapping_handle: bytes, oaep: str, blob:
                               "import parameters") from None
 
 
+def _request_key(name: str | None, what: str) -> str:
+    """An approved export or import request always names its key; a home-wide one is corrupt."""
+    if name is None:
+        raise InvalidInput(f"an {what} request must name a key")
+    return name
+
+
 def _expected_len(spec: KeySpec) -> int:
     n = spec.bits // 8
     return IMPORT_RSA_BITS // 8 + ((n + 7) // 8) * 8 + 8
@@ -163,9 +170,9 @@ class ImportExportMixin(Service):
         """
         return self._export_key(name, wrapping_key_pem, version, approval=None)
 
-    def run_export_key(self, name: str, reason: str, params: dict) -> None:
-        self._export_key(name, params.get("wrapping_key_pem"), params.get("version"),
-                         approval=reason)
+    def run_export_key(self, name: str | None, reason: str, params: dict) -> None:
+        self._export_key(_request_key(name, "export"), params.get("wrapping_key_pem"),
+                         params.get("version"), approval=reason)
 
     def _export_key(self, name: str, pem: object, version: object,
                     approval: str | None) -> WrappedKey:
@@ -277,7 +284,8 @@ class ImportExportMixin(Service):
         """
         return self._import_key(name, spec, wrapped, token, purpose, owner, tags, approval=None)
 
-    def run_import_key(self, name: str, reason: str, params: dict) -> None:
+    def run_import_key(self, name: str | None, reason: str, params: dict) -> None:
+        name = _request_key(name, "import")
         wrapped = params.get("wrapped")
         if isinstance(wrapped, str):
             try:

@@ -282,7 +282,7 @@ def parse_period(value: object) -> timedelta | None:
     return period
 
 
-def default_rotation_period(spec: KeySpec, purpose: Purpose) -> timedelta:
+def default_rotation_period(spec: KeySpec | None, purpose: Purpose) -> timedelta:
     """COMPLIANCE.md defaults: 90 days for symmetric keys, 1 year for signing keys."""
     return timedelta(days=365) if purpose is Purpose.SIGN else timedelta(days=90)
 

@@ -574,19 +574,19 @@ class KeyLedger:
 
     def disable_access_key(self, access_key_id: str) -> None:
         """Refuse the key's requests from now on (a running server reloads at once)."""
-        self._access_keys.set_access_key_state(access_key_id, "disabled")
+        return self._access_keys.set_access_key_state(access_key_id, "disabled")
 
     def enable_access_key(self, access_key_id: str) -> None:
-        self._access_keys.set_access_key_state(access_key_id, "active")
+        return self._access_keys.set_access_key_state(access_key_id, "active")
 
     def delete_access_key(self, access_key_id: str) -> None:
-        self._access_keys.delete_access_key(access_key_id)
+        return self._access_keys.delete_access_key(access_key_id)
 
     def record_refused(self, action: str, error: str, detail: str, *, outcome: str = "denied",
                        unauthenticated: bool = False) -> None:
         """Audit a service request refused before any operation ran (for ``keyledger serve``)."""
-        self._access_keys.record_refused(action, error, detail, outcome=outcome,
-                                         unauthenticated=unauthenticated)
+        return self._access_keys.record_refused(action, error, detail, outcome=outcome,
+                                                unauthenticated=unauthenticated)
 
 
 def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
