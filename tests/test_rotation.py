@@ -589,6 +589,18 @@ def test_trim_with_quorum_two_needs_request_and_approval(
     assert ledger.get_key("t").min_decryption_version == 2
 
 
+@pytest.mark.parametrize("bad", [None, "", "2", 2.0, True])
+def test_a_trim_request_without_a_whole_min_version_is_refused_when_filed(
+        ledger: kl.KeyLedger, three_versions: list[bytes], bad: object) -> None:
+    """Checked when filed (was a raw TypeError/ValueError when the approval ran it)."""
+    before = len(ledger.requests())
+    with pytest.raises(kl.InvalidInput, match="min_version"):
+        ledger.request("trim", "t", "migrated", min_version=bad)
+    assert len(ledger.requests()) == before  # nothing filed
+    refused = ledger.audit(action="request", limit=1, newest_first=True)
+    assert refused["outcome"].tolist() == ["failed"]
+
+
 def test_run_due_keeps_working_across_time_zones(ledger: kl.KeyLedger, clock: FakeClock) -> None:
     """``now`` may be given in any time zone; due-ness is the same instant."""
     ledger.create_key("k", spec="AES_256")

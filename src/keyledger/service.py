@@ -83,7 +83,7 @@ class KeyLedger:
             "set_policy": lambda name, why, params: lifecycle.apply_policy(
                 name or WILDCARD, approved=True, **params),
             "trim": lambda name, why, params: maintenance.trim_versions(
-                name, int(params["min_version"]), approved=True),
+                name, params.get("min_version"), approved=True),
             "export_key": self._io.run_export_key,
             "import_key": self._io.run_import_key,
         }

@@ -214,6 +214,11 @@ class GovernanceService(Service):
         if allowed is not None and (unknown := sorted(set(params) - set(allowed))):
             raise InvalidInput(f"{action} takes {', '.join(allowed) or 'no parameters'}; "
                                f"not {', '.join(unknown)}")
+        if action == "trim":  # checked now: the last approval must not meet a bad value
+            low = params.get("min_version")
+            if isinstance(low, bool) or not isinstance(low, int):
+                raise InvalidInput("a trim request needs min_version: the lowest version to keep, "
+                                   f"a whole number, not {low!r}"[:200])
         if action in ("grant", "revoke"):  # checked now, not when the last approval runs it
             self._principal_arg(params.get("principal"))
             if action == "grant" or params.get("role") is not None:
