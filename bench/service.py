@@ -167,14 +167,23 @@ class Round:
     requests: int
     seconds: float
     latencies: list[float]
+    server_cpu: float = 0.0  # CPU seconds the server process used in the round
+    client_cpu: float = 0.0  # ... and this process (the boto3 clients)
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
 
 
-def load(calls: list[Callable[[], object]], seconds: float) -> Round:
-    """Every ``calls[i]`` in a thread of its own, back to back for ``seconds``."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(calls: list[Callable[[], object]], seconds: float, pid: int) -> Round:
+    """Every ``calls[i]`` in a thread of its own, back to back for ``seconds``; ``pid`` is the
+    server's, whose CPU time is counted."""
     start = threading.Barrier(len(calls) + 1)
     lats: list[list[float]] = [[] for _ in calls]
     errors: list[BaseException] = []
@@ -198,16 +207,18 @@ def load(calls: list[Callable[[], object]], seconds: float) -> Round:
                for c, o in zip(calls, lats, strict=True)]
     for t in threads:
         t.start()
+    cpu0, mine0 = cpu_seconds(pid), time.process_time()
     t0 = time.perf_counter()
     deadline[0] = t0 + seconds
     start.wait()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    cpu, mine = cpu_seconds(pid) - cpu0, time.process_time() - mine0
     if errors:
         raise SystemExit(f"a call failed: {type(errors[0]).__name__}: {errors[0]}")
     flat = [x for lat in lats for x in lat]
-    return Round(len(flat), elapsed, flat)
+    return Round(len(flat), elapsed, flat, cpu, mine)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -239,12 +250,13 @@ def throughput(servers: list[Server], op: str, threads: int, seconds: float,
     for r in range(rounds):
         order = servers[r % len(servers):] + servers[:r % len(servers)]
         for s in order:
-            rnd = load(calls[s.name], seconds)
+            rnd = load(calls[s.name], seconds, s.proc.pid)
             s.answered[op] = s.answered.get(op, 0) + rnd.requests
             per[s.name].append(rnd)
             log(f"  round {r + 1}/{rounds} {op:8s} {s.name:28s} {rnd.rate:8,.0f} req/s  "
                 f"p50 {pct(rnd.latencies, 0.5) * 1e3:6.1f} ms  "
-                f"p99 {pct(rnd.latencies, 0.99) * 1e3:6.1f} ms")
+                f"p99 {pct(rnd.latencies, 0.99) * 1e3:6.1f} ms  server CPU "
+                f"{rnd.server_cpu / rnd.requests * 1e6:5.0f} us/req")
     moto = per[MOTO]
     out: dict[str, Any] = {}
     for name, rr in per.items():
@@ -253,6 +265,10 @@ def throughput(servers: list[Server], op: str, threads: int, seconds: float,
         out[name] = {"req_s": statistics.median(r.rate for r in rr),
                      "p50_ms": pct(lats, 0.5) * 1e3, "p99_ms": pct(lats, 0.99) * 1e3,
                      "vs_moto": statistics.median(ratios),
+                     "server_cpu_us": statistics.median(r.server_cpu / r.requests * 1e6
+                                                        for r in rr),
+                     "client_cpu_us": statistics.median(r.client_cpu / r.requests * 1e6
+                                                        for r in rr),
                      "rounds_req_s": [r.rate for r in rr], "requests": sum(r.requests for r in rr)}
     return out
 
@@ -353,13 +369,18 @@ def render(res: dict[str, Any]) -> str:
         f"{m['uptime_end']} at end",
     ]
     for op in res["throughput"]:
-        lines += ["", f"{op + ' (32 B, EncryptionContext)':40s} {'req/s':>9s} {'p50 ms':>8s} "
-                  f"{'p99 ms':>8s} {'vs moto':>8s} {'goal':>7s} {'result':>6s}", "-" * 92]
+        lines += ["", f"{op + ' (32 B, EncryptionContext)':34s} {'req/s':>7s} {'p50 ms':>7s} "
+                  f"{'p99 ms':>7s} {'srv us':>7s} {'cli us':>7s} {'vs moto':>8s} {'goal':>7s} "
+                  f"{'result':>6s}", "-" * 92]
         for name, row in res["throughput"][op].items():
             goal = f">= {TARGETS['encrypt']:g}x" if name != MOTO and op == "Encrypt" else "-"
             ok = verdict(row["vs_moto"] >= TARGETS["encrypt"]) if goal != "-" else "-"
-            lines.append(f"{name:40s} {row['req_s']:9,.0f} {row['p50_ms']:8.1f} "
-                         f"{row['p99_ms']:8.1f} {row['vs_moto']:7.2f}x {goal:>7s} {ok:>6s}")
+            lines.append(f"{name:34s} {row['req_s']:7,.0f} {row['p50_ms']:7.1f} "
+                         f"{row['p99_ms']:7.1f} {row['server_cpu_us']:7,.0f} "
+                         f"{row['client_cpu_us']:7,.0f} {row['vs_moto']:7.2f}x {goal:>7s} "
+                         f"{ok:>6s}")
+    lines.append("(srv us / cli us: CPU time per request of the server process / of this "
+                 "process's boto3 clients)")
     lines += ["", f"{'CreateKey (SYMMETRIC_DEFAULT), one at a time':46s} {'p50 ms':>8s} "
               f"{'p99 ms':>8s} {'vs bare':>8s} {'goal':>7s} {'result':>6s}", "-" * 92]
     for name, row in res["create_key"].items():
