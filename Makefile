@@ -18,7 +18,7 @@ SYSTEM_TOOLS := softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl \
 	chromium:chromium,fonts-dejavu-core node:nodejs npm:npm
 CLIENTS := tests/clients/node_modules/.package-lock.json
 
-.PHONY: setup system venv clients test lint demo notebook bench clean
+.PHONY: setup system venv clients test lint demo notebook bench bench-service clean
 
 setup: system venv clients
 
@@ -75,6 +75,11 @@ notebook: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# keyledger serve against moto (server mode) and CreateKey against bare python-pkcs11
+# (docs/benchmarks.md, "Key service"); not part of `make test`.
+bench-service: setup
+	$(BIN)/python bench/service.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME) $(DEMO_HOME)-backups .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -91,6 +91,24 @@ def test_disable_enable_delete_take_effect_in_a_running_directory(ledger):
     assert ledger.access_keys().empty
 
 
+def test_the_directory_unseals_a_secret_once_until_the_access_keys_change(ledger, monkeypatch):
+    """The server asks per request; one HSM unseal per key and load (every PKCS#11 call of
+    the process is serialised), and a change (disable, enable) still takes effect at once."""
+    made = ledger.create_access_key("app1")
+    backend, unseals = ledger._rt.backend, []
+    real = backend.decrypt_gcm
+    monkeypatch.setattr(backend, "decrypt_gcm", lambda *a: unseals.append(1) or real(*a))
+    seen = directory(ledger)
+    for _ in range(3):
+        assert seen.credentials(made.access_key_id) == ("app1", made.secret_access_key)
+    assert len(unseals) == 1
+    ledger.disable_access_key(made.access_key_id)
+    assert seen.credentials(made.access_key_id) is None
+    ledger.enable_access_key(made.access_key_id)
+    assert seen.credentials(made.access_key_id) == ("app1", made.secret_access_key)
+    assert len(unseals) == 2
+
+
 def test_only_home_admins_manage_access_keys_and_every_call_is_audited(ledger):
     made = ledger.create_access_key("app1")
     with kl.open(ledger.home, principal="bob") as bob:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import re
@@ -185,28 +184,40 @@ async def handle(request: Request) -> Response:
     request_id = str(uuid.uuid4())
     target = request.headers.get("x-amz-target", "")[:100] or "no X-Amz-Target"
     where = f"from {_source(request)}; {target}"
-    principal: str | None = None
-    signed: sigv4.SignedRequest | None = None
     try:
+        body = await _read_body(request)
+    except ApiError as err:
+        detail = f"{where}; access key -; {err.message[:200]}"
+        await run_in_threadpool(svc.refused, err, detail, None)
+        return _error(err, request_id)
+    except Exception as exc:
+        return _internal_error(exc, request_id, target, None)
+    # the rest in ONE worker-thread hop: each hop through the event loop cost more than the
+    # SigV4 check (bench/service.py, docs/benchmarks.md "Key service")
+    return await run_in_threadpool(_answer, svc, request, body, request_id, target, where)
+
+
+def _answer(svc: KeyService, request: Request, body: bytes, request_id: str, target: str,
+            where: str) -> Response:
+    """In a worker thread (it waits on the HSM and the store): verify, parse, dispatch."""
+    principal: str | None = None
+    try:
+        signed = _signed_request(request, body)
         try:
-            body = await _read_body(request)
-            signed = _signed_request(request, body)
-            identity = await run_in_threadpool(svc.authenticate, signed)
+            identity = svc.authenticate(signed)
         except ApiError as err:
-            claimed = sigv4.access_key_id_of(signed) if signed is not None else None
+            claimed = sigv4.access_key_id_of(signed)
             detail = f"{where}; access key {claimed or '-'}; {err.message[:200]}"
-            await run_in_threadpool(svc.refused, err, detail, None)
+            svc.refused(err, detail, None)
             return _error(err, request_id)
         principal = identity.principal
         try:
             op, params = parse_call(request, body)
         except ApiError as err:
             detail = f"{where}; access key {identity.access_key_id}; {err.message[:200]}"
-            await run_in_threadpool(svc.refused, err, detail, principal)
+            svc.refused(err, detail, principal)
             return _error(err, request_id)
-        ledger = await run_in_threadpool(svc.ledger_for, principal)
-        result = await run_in_threadpool(
-            functools.partial(kms.dispatch, ledger, op, params, config=svc.kms_config))
+        result = kms.dispatch(svc.ledger_for(principal), op, params, config=svc.kms_config)
         return Response(json.dumps(result).encode(), media_type=JSON_11,
                         headers={"x-amzn-RequestId": request_id})
     except ApiError as err:  # dispatch's own refusals (it audits them)
@@ -214,11 +225,16 @@ async def handle(request: Request) -> Response:
     except KeyLedgerError as exc:  # audited by the service that raised it
         return _error(faults.api_error(exc), request_id)
     except Exception as exc:
-        # the type and where, never the message (it could quote an input)
-        log.error("request %s (%s, principal %s) failed: %s\n%s", request_id, target,
-                  principal or "-", type(exc).__name__,
-                  "".join(traceback.format_tb(exc.__traceback__)))
-        return _error(faults.internal_error(), request_id)
+        return _internal_error(exc, request_id, target, principal)
+
+
+def _internal_error(exc: Exception, request_id: str, target: str,
+                    principal: str | None) -> Response:
+    # the type and where, never the message (it could quote an input)
+    log.error("request %s (%s, principal %s) failed: %s\n%s", request_id, target,
+              principal or "-", type(exc).__name__,
+              "".join(traceback.format_tb(exc.__traceback__)))
+    return _error(faults.internal_error(), request_id)
 
 
 def create_app(service: KeyService) -> Starlette:

@@ -207,7 +207,10 @@ def _new_secret() -> str:
 
 class AccessKeyDirectory:
     """The server's view of the access keys: reloaded when the stamp file changes (another
-    process created, disabled or deleted one), secrets unsealed in the HSM per request."""
+    process created, disabled or deleted one). A secret is unsealed in the HSM on its key's
+    first request after a (re)load and kept until the next reload: unsealing the same row
+    again gives the same answer, and an HSM call per request halved the service's
+    throughput (every PKCS#11 call of the process is serialised)."""
 
     def __init__(self, rt: HomeRuntime) -> None:
         self._rt = rt
@@ -215,6 +218,7 @@ class AccessKeyDirectory:
         self._stamp: tuple[int, int, int] | None | bool = False  # False: never loaded
         self._rows: dict[str, repo.AccessKeyRow] = {}
         self._handle: bytes | None = None
+        self._secrets: dict[str, str] = {}  # access key id -> unsealed secret, of self._rows
         self._used: dict[str, datetime] = {}
 
     def _stamp_now(self) -> tuple[int, int, int] | None:
@@ -231,7 +235,7 @@ class AccessKeyDirectory:
         with self._rt.db.read() as tx:
             rows = {r.access_key_id: r for r in repo.all_rows(tx)}
             handle = meta.get(tx, SEAL_META)
-        self._rows, self._stamp = rows, stamp
+        self._rows, self._stamp, self._secrets = rows, stamp, {}
         self._handle = bytes.fromhex(handle) if handle else None
 
     def credentials(self, access_key_id: str) -> tuple[str, str] | None:
@@ -239,11 +243,17 @@ class AccessKeyDirectory:
         with self._lock:
             self._refresh()
             row = self._rows.get(access_key_id)
-            handle = self._handle
+            handle, secret = self._handle, self._secrets.get(access_key_id)
         if row is None or row.state != repo.ACTIVE or handle is None:
             return None
-        secret = unseal(self._rt, handle, row)
-        return None if secret is None else (row.principal, secret)
+        if secret is None:
+            secret = unseal(self._rt, handle, row)
+            if secret is None:
+                return None
+            with self._lock:
+                if self._rows.get(access_key_id) is row:  # not reloaded meanwhile
+                    self._secrets[access_key_id] = secret
+        return row.principal, secret
 
     def note_used(self, access_key_id: str, when: datetime) -> None:
         with self._lock:
