@@ -250,7 +250,7 @@ class MaintenanceService(Service):
         check ``version_usage`` first. Quorum-guarded like destroy."""
         return self.trim_versions(name, min_version, approved=False)
 
-    def trim_versions(self, name: str | None, min_version: int, *, approved: bool) -> Any:
+    def trim_versions(self, name: str | None, min_version: object, *, approved: bool) -> Any:
         # name None: an approved request whose key is gone; the name check refuses it (audited)
         with self._audited("trim", name) as rec:
             key = self._key(rec, name)
