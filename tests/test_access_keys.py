@@ -130,7 +130,7 @@ def test_only_home_admins_manage_access_keys_and_every_call_is_audited(ledger):
 def test_last_use_is_recorded_when_flushed(ledger):
     made = ledger.create_access_key("app1")
     seen = directory(ledger)
-    seen.note_used(made.access_key_id, ledger._now())
+    seen.note_used(made.access_key_id, ledger.now())
     seen.flush_used()
     assert ledger.access_keys()["last_used_at"].notna().all()
 
