@@ -5,12 +5,10 @@ environment or a private file; the CLI's ``--url``; widgets and analytics over a
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -36,6 +34,11 @@ def estate(tmp_path_factory, simulation_template):
         led.create_key("signer", spec="EC_P256")
         led.create_key("macs", spec="HMAC_SHA256")
         led.grant("orders", "app1", "user")
+        led.grant("*", "admin2", "admin")
+        keys["admin2"] = led.create_access_key("admin2").as_aws()
+        keys["nobody"] = led.create_access_key("nobody").as_aws()
+        led.create_key("gov", spec="AES_256")
+        led.set_policy("gov", quorum=2)
     server = start(home)
     yield server, keys
     assert server.stop() == 0, server.log.read_text()
@@ -105,6 +108,18 @@ def test_crypto_round_trip(estate, admin):
 
 
 # -- errors ---------------------------------------------------------------------------------------
+def test_widgets_and_analytics_work_over_a_client(admin):
+    from keyledger import analytics
+    from keyledger.widgets import KeyInventory
+
+    status = analytics.key_status(admin)
+    assert {"orders", "signer", "macs"} <= set(status["name"])
+    inv = KeyInventory(admin)
+    inv.select_key("orders")
+    assert inv.selected == "orders"
+    assert "payments" in inv.detail.value  # the key's details, read through the server
+
+
 def test_errors_raise_the_same_classes(estate, admin):
     server, keys = estate
     with pytest.raises(kl.KeyNotFound, match="no-such"):
@@ -122,3 +137,183 @@ def test_errors_raise_the_same_classes(estate, admin):
 def local_capabilities(server):
     with local(server) as led:
         return led.capabilities()
+
+
+# -- keyledger's extras -----------------------------------------------------------------------------
+def test_frames_through_the_wire_equal_local_ones(estate, admin):
+    server, _ = estate
+    admin.encrypt("orders", b"x")
+    admin.flush_audit()
+    calls = {
+        "list_keys": lambda led: led.list_keys(),
+        "audit": lambda led: led.audit(key="orders", action="encrypt", limit=5, offset=0),
+        "grants": lambda led: led.grants(),
+        "version_usage": lambda led: led.version_usage("orders"),
+        "compliance_rules": lambda led: led.compliance_rules(),
+        "query": lambda led: led.query("SELECT name, created_at FROM keys ORDER BY name"),
+        "backups": lambda led: led.backups(),
+    }
+    remote = {name: call(admin) for name, call in calls.items()}
+    with local(server) as led:
+        mine = {name: call(led) for name, call in calls.items()}
+    for name, frame in remote.items():
+        assert type(frame) is type(mine[name]), name
+        pd.testing.assert_frame_equal(frame, mine[name], obj=name)
+    assert len(remote["audit"]) >= 1 and set(remote["audit"]["action"]) == {"encrypt"}
+    assert isinstance(remote["list_keys"]["state"].dtype, pd.CategoricalDtype)
+
+
+def test_audit_filters_limit_offset_and_verify(admin):
+    for _ in range(3):
+        admin.encrypt("orders", b"page")
+    page1 = admin.audit(key="orders", action="encrypt", limit=2, newest_first=True)
+    page2 = admin.audit(key="orders", action="encrypt", limit=2, offset=2, newest_first=True)
+    assert len(page1) == 2 and not set(page1["seq"]) & set(page2["seq"])
+    assert admin.audit(since=datetime.now(UTC) + timedelta(days=3650)).empty
+    report = admin.verify_audit()
+    assert isinstance(report, kl.VerifyReport) and report.ok, report.problems
+
+
+def test_compliance_over_the_wire(admin):
+    findings = admin.compliance()
+    assert {"rule_id", "severity", "key"} <= set(findings.columns)
+    assert isinstance(admin.findings(), pd.DataFrame)
+    assert not admin.compliance_trend().empty
+    rule = admin.compliance_rules()["rule_id"].iloc[0]
+    accepted = admin.accept_finding(rule, "orders", "documented decision", "30d")
+    assert isinstance(accepted, dict)
+    assert rule in set(admin.compliance_exceptions()["rule_id"])
+
+
+def test_grants_requests_and_approvals(estate, admin):
+    server, keys = estate
+    admin.grant("signer", "app2", "user")
+    assert "app2" in set(admin.grants("signer")["principal"])
+    assert admin.revoke("signer", "app2") == 1
+    request_id = admin.request("set_policy", "gov", "longer period", rotation_period="400d")
+    assert request_id in set(admin.requests("pending")["request_id"])
+    with connect(server, keys["admin2"]) as admin2:
+        assert admin2.principal == "admin2"
+        result = admin2.approve(request_id)
+    assert isinstance(result, dict)
+    assert admin.get_key("gov").rotation_period == timedelta(days=400)
+    assert list(records(server, "admin2", "approve")["outcome"]) == ["ok"]
+
+
+def test_rewrap_many_takes_a_list_or_a_series(admin):
+    old = [admin.encrypt("orders", b"r%d" % i) for i in range(3)]
+    admin.rotate("orders")
+    result = admin.rewrap_many(pd.Series(old), progress=False)
+    assert isinstance(result, kl.RewrapResult) and result.ok == 3
+    assert [admin.decrypt(c) for c in result.ciphertexts] == [b"r0", b"r1", b"r2"]
+    dry = admin.rewrap_many(result.ciphertexts, dry_run=True)
+    assert dry.dry_run and int(dry.counts["ciphertexts"].sum()) == 3
+
+
+def test_what_needs_the_servers_files_is_refused_clearly(admin, tmp_path):
+    with pytest.raises(kl.NotRemote, match="keyledger backup"):
+        admin.backup(tmp_path / "b.klbak", passphrase="pw")
+    with pytest.raises(kl.NotRemote, match="store open"):
+        admin.keep_store_open()
+    with pytest.raises(kl.NotRemote):
+        admin.reconcile()
+    with pytest.raises(kl.NotRemote):
+        admin.export_audit(tmp_path / "audit.jsonl", "jsonl")
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_public_method_is_served_or_refused_by_name():
+    public = {n for n in dir(kl.KeyLedger) if not n.startswith("_")
+              and callable(getattr(kl.KeyLedger, n))} - {"close"}
+    assert public == set(api.SERVED) | set(api.NOT_SERVED)
+    assert set(native.METHODS) == set(api.SERVED) | {"whoami", "now"}
+
+
+def test_unknown_methods_and_arguments_are_refused_and_audited(estate, admin):
+    server, _ = estate
+    with pytest.raises(kl.InvalidInput, match="no method"):
+        admin._call("no_such", {})
+    with pytest.raises(kl.InvalidInput, match="not served remotely.*server's host"):
+        admin._call("backup", {"path": "/tmp/x", "passphrase": "pw"})
+    with pytest.raises(kl.ServiceError, match="UnknownOperation"):
+        admin._call("_rt", {})  # not even a method name: refused before any dispatch
+    with pytest.raises(kl.InvalidInput, match="takes no argument"):
+        admin._call("get_key", {"name": "orders", "sql": "x"})
+    with pytest.raises(kl.InvalidInput, match="name must be str"):
+        admin._call("get_key", {"name": 5})
+    with pytest.raises(kl.InvalidInput, match="missing"):
+        admin._call("get_key", {})
+    refused = records(server, "admin", "keyledger:get_key")
+    assert list(refused["outcome"]) == ["failed"] * 3
+    assert list(records(server, "admin", "keyledger:no_such")["error"]) == ["InvalidInput"]
+
+
+# -- principals and credentials -------------------------------------------------------------------
+def test_a_principal_without_a_role_is_denied_and_audited_as_itself(estate):
+    server, keys = estate
+    with connect(server, keys["nobody"]) as nobody:
+        assert nobody.principal == "nobody"
+        with pytest.raises(kl.AccessDenied):
+            nobody.encrypt("orders", b"x")
+        with pytest.raises(kl.AccessDenied):
+            nobody.audit()
+    denied = records(server, "nobody", "encrypt")
+    assert list(denied["outcome"]) == ["denied"] and list(denied["key"]) == ["orders"]
+
+
+def test_a_wrong_secret_is_a_clear_service_error(estate):
+    server, keys = estate
+    with pytest.raises(kl.ServiceError, match="refused the credentials.*InvalidSignature"):
+        kl.connect(server.url, access_key_id=keys["app1"]["AccessKeyId"],
+                   secret_access_key="wrong" * 8)
+    with pytest.raises(kl.ServiceError, match="cannot reach"):
+        kl.connect("http://127.0.0.1:9", access_key_id="a", secret_access_key="b")
+
+
+def test_credentials_from_the_environment(estate, monkeypatch):
+    server, keys = estate
+    monkeypatch.setenv("KEYLEDGER_ACCESS_KEY_ID", keys["app1"]["AccessKeyId"])
+    monkeypatch.setenv("KEYLEDGER_SECRET_ACCESS_KEY", keys["app1"]["SecretAccessKey"])
+    with kl.connect(server.url) as led:
+        assert led.principal == "app1"
+
+
+def test_the_credentials_file_must_be_private(estate, monkeypatch, tmp_path):
+    server, keys = estate
+    for var in ("KEYLEDGER_ACCESS_KEY_ID", "KEYLEDGER_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "credentials"
+    path.write_text(f"[default]\naccess_key_id = {keys['app2']['AccessKeyId']}\n"
+                    f"secret_access_key = {keys['app2']['SecretAccessKey']}\n")
+    monkeypatch.setenv("KEYLEDGER_CREDENTIALS", str(path))
+    path.chmod(0o644)
+    with pytest.raises(kl.ConfigError, match="readable by others.*chmod 600"):
+        kl.connect(server.url)
+    path.chmod(0o600)
+    with kl.connect(server.url) as led:
+        assert led.principal == "app2"
+    monkeypatch.setenv("KEYLEDGER_CREDENTIALS", str(tmp_path / "missing"))
+    with pytest.raises(kl.ConfigError, match="no access key"):
+        kl.connect(server.url)
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+def test_cli_url_encrypts_and_decrypts_through_the_server(estate, tmp_path):
+    server, keys = estate
+    env = {**os.environ, "KEYLEDGER_ACCESS_KEY_ID": keys["app1"]["AccessKeyId"],
+           "KEYLEDGER_SECRET_ACCESS_KEY": keys["app1"]["SecretAccessKey"],
+           "KEYLEDGER_HOME": str(tmp_path / "no-home")}
+    cli = [sys.executable, "-m", "keyledger.cli", "--url", server.url]
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"via the CLI")
+    enc = subprocess.run([*cli, "encrypt", "orders", "--in", str(plain), "--out",
+                          str(tmp_path / "blob")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert enc.returncode == 0, enc.stderr
+    dec = subprocess.run([*cli, "decrypt", "--in", str(tmp_path / "blob")], env=env,
+                         capture_output=True, timeout=120)
+    assert dec.returncode == 0, dec.stderr
+    assert dec.stdout == b"via the CLI"
+    assert not (tmp_path / "no-home").exists()  # no local home was opened
+    assert "ok" in set(records(server, "app1", "decrypt")["outcome"])

@@ -185,9 +185,10 @@ def decode_frame(data: dict[str, Any]) -> pd.DataFrame:
     cls = _FRAMES[data["__frame__"]]
     series = [_decode_column(c) for c in data["columns"]]
     index = _decode_column(data["index"]) if "index" in data else None
-    df = cls(dict(enumerate(series)), index=pd.Index(index) if index is not None else None)
-    if index is None and not series:
-        df = cls(index=pd.RangeIndex(0))
+    rows = len(index) if index is not None else len(series[0]) if series else 0
+    df = cls(dict(enumerate(series)), index=pd.RangeIndex(rows))
+    if index is not None:  # set after building: passing it would realign the columns to it
+        df.index = pd.Index(index, name=data["index"]["name"])
     df.columns = pd.Index([c["name"] for c in data["columns"]],
                           dtype=data.get("columns_dtype", "object"))
     if "attrs" in data:
