@@ -5,6 +5,7 @@ environment or a private file; the CLI's ``--url``; widgets and analytics over a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -317,3 +318,32 @@ def test_cli_url_encrypts_and_decrypts_through_the_server(estate, tmp_path):
     assert dec.stdout == b"via the CLI"
     assert not (tmp_path / "no-home").exists()  # no local home was opened
     assert "ok" in set(records(server, "app1", "decrypt")["outcome"])
+
+
+def test_cli_url_runs_key_audit_and_compliance_commands_remotely(estate, tmp_path):
+    server, keys = estate
+    env = {**os.environ, "KEYLEDGER_ACCESS_KEY_ID": keys["admin"]["AccessKeyId"],
+           "KEYLEDGER_SECRET_ACCESS_KEY": keys["admin"]["SecretAccessKey"],
+           "KEYLEDGER_HOME": str(tmp_path / "no-home")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keyledger.cli", "--url", server.url, *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    made = cli("key", "create", "cli-remote", "--spec", "AES_256", "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(cli("key", "show", "cli-remote", "--json").stdout)["latest_version"] == 1
+    assert cli("key", "rotate", "cli-remote").returncode == 0
+    listed = json.loads(cli("key", "list", "--json").stdout)
+    assert {"cli-remote", "orders"} <= {row["name"] for row in listed}
+    tail = cli("audit", "tail", "--json")
+    assert tail.returncode == 0 and "cli-remote" in tail.stdout
+    assert cli("audit", "verify").returncode == 0
+    assert cli("compliance", "list", "--json").returncode == 0
+    env["KEYLEDGER_BACKUP_PASSPHRASE"] = "a long passphrase"
+    refused = cli("backup", str(tmp_path / "b.klbak"))
+    assert refused.returncode == 1 and "does not work over kl.connect" in refused.stderr
+    both = cli("--home", str(tmp_path), "key", "list")
+    assert both.returncode == 2 and "drop --home" in both.stderr
+    assert not (tmp_path / "no-home").exists()
+    assert list(records(server, "admin", "rotate")["key"])[-1] == "cli-remote"

@@ -10,7 +10,7 @@ CONTENT_TYPE = "application/x-amz-json-1.1"
 NOT_SERVED: dict[str, str] = {
     "backup": "it writes the archive to a path on the server; run `keyledger backup` on the "
               "server's host",
-    "restore_test": "it reads an archive from a path on the server; run `keyledger backup "
+    "restore_test": "it reads an archive from a path on the server; run `keyledger "
                     "restore-test` on the server's host",
     "export_audit": "it writes files on the server; use audit() or query() and write the "
                     "frame where you are",
