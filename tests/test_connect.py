@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -347,3 +349,62 @@ def test_cli_url_runs_key_audit_and_compliance_commands_remotely(estate, tmp_pat
     assert both.returncode == 2 and "drop --home" in both.stderr
     assert not (tmp_path / "no-home").exists()
     assert list(records(server, "admin", "rotate")["key"])[-1] == "cli-remote"
+
+
+# -- the dashboard as a client of the service ------------------------------------------------------
+def admin_env(keys, **extra: str) -> dict[str, str]:
+    return {"KEYLEDGER_ACCESS_KEY_ID": keys["admin"]["AccessKeyId"],
+            "KEYLEDGER_SECRET_ACCESS_KEY": keys["admin"]["SecretAccessKey"], **extra}
+
+
+def test_dashboard_state_over_a_client_sees_the_servers_changes(estate, monkeypatch):
+    from keyledger.dashboard.app import build_app
+
+    server, keys = estate
+    for name, value in admin_env(keys).items():
+        monkeypatch.setenv(name, value)
+    template = build_app(url=server.url)
+    st = template.dashboard.state
+    assert st.principal == "admin" and st.home == server.url.rstrip("/") + "/"
+    assert {"orders", "signer"} <= set(st.data.keys()["name"])
+    before = st.detector.token()
+    assert st.detector.token() == before  # its own reads are no change
+    with connect(server, keys["admin2"]) as other:
+        other.create_key("made-elsewhere", spec="AES_256")
+    assert st.detector.token().catalog_changed(before)
+    st.ledger.close()
+
+
+def test_keyledger_dashboard_url_serves_without_opening_a_home(estate, tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    server, keys = estate
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **admin_env(keys, KEYLEDGER_HOME=str(tmp_path / "no-home"))}
+    proc = subprocess.Popen([sys.executable, "-m", "keyledger.cli", "--url", server.url,
+                             "dashboard", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f":{port}/" in line, line + proc.stdout.read()
+        deadline, body = time.monotonic() + 90, ""
+        while time.monotonic() < deadline and not body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert "<title>keyledger" in body
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        maps = "".join(Path(f"/proc/{c}/maps").read_text() for c in children)
+        assert children and "softhsm" not in maps.lower()  # the dashboard never loaded the HSM
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not (tmp_path / "no-home").exists()
+    assert "ok" in set(records(server, "admin", "list_keys")["outcome"])

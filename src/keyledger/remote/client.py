@@ -83,6 +83,11 @@ class RemoteLedger:
         now: datetime = self._call("now", {})
         return now
 
+    def _changes(self) -> tuple[str, tuple]:
+        """The server home's change token (for the dashboard's polling; not audited)."""
+        catalog, activity = self._call("changes", {})
+        return catalog, tuple(activity)
+
     def __repr__(self) -> str:
         return f"<RemoteLedger url={self.url!r} principal={self._principal!r}>"
 

@@ -15,6 +15,7 @@ argument) is audited once, as action ``keyledger:<method>``.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -54,6 +55,23 @@ def _now(led: KeyLedger) -> datetime:
     return led._now()
 
 
+_detectors: dict[str, Any] = {}
+_detectors_lock = threading.Lock()
+
+
+def _changes(led: KeyLedger) -> tuple[str, tuple]:
+    """What a dashboard served through ``--url`` polls: the home's change token (catalog
+    content, other writers' audit activity; reads do not count), one detector per home."""
+    from ..dashboard.data import ChangeDetector  # loads Panel, once a remote dashboard polls
+
+    with _detectors_lock:
+        detector = _detectors.get(str(led.home))
+        if detector is None:
+            detector = _detectors[str(led.home)] = ChangeDetector(led.home, pid=-1)
+        token = detector.token()
+    return token.catalog, token.activity
+
+
 def _rewrap_many(led: KeyLedger, ciphertexts: list[bytes], *, context: dict | None = None,
                  dry_run: bool = False) -> Any:
     """``rewrap_many`` over a list sent in the request (never a path on the server)."""
@@ -66,6 +84,7 @@ K = KeyLedger
 METHODS: dict[str, Method] = {
     "whoami": Method(_whoami, {}),
     "now": Method(_now, {}),
+    "changes": Method(_changes, {}),
     # lifecycle
     "create_key": Method(K.create_key, {
         "name": S, "spec": S, "purpose": OS, "owner": OS, "tags": OMAP,
