@@ -229,7 +229,7 @@ def test_every_public_method_is_served_or_refused_by_name():
     public = {n for n in dir(kl.KeyLedger) if not n.startswith("_")
               and callable(getattr(kl.KeyLedger, n))} - {"close"}
     assert public == set(api.SERVED) | set(api.NOT_SERVED)
-    assert set(native.METHODS) == set(api.SERVED) | {"whoami", "now"}
+    assert set(native.METHODS) == set(api.SERVED) | {"whoami", "now", "changes"}
 
 
 def test_unknown_methods_and_arguments_are_refused_and_audited(estate, admin):
@@ -271,6 +271,10 @@ def test_a_wrong_secret_is_a_clear_service_error(estate):
                    secret_access_key="wrong" * 8)
     with pytest.raises(kl.ServiceError, match="cannot reach"):
         kl.connect("http://127.0.0.1:9", access_key_id="a", secret_access_key="b")
+    denied = audit(server.home, action="authenticate", limit=None)
+    mine = denied[denied["detail"].str.contains(keys["app1"]["AccessKeyId"], regex=False)]
+    assert list(mine["outcome"]) == ["denied"]
+    assert "wrong" not in " ".join(denied["detail"].astype(str))  # never the secret tried
 
 
 def test_credentials_from_the_environment(estate, monkeypatch):
@@ -408,3 +412,22 @@ def test_keyledger_dashboard_url_serves_without_opening_a_home(estate, tmp_path)
         proc.wait(timeout=30)
     assert not (tmp_path / "no-home").exists()
     assert "ok" in set(records(server, "admin", "list_keys")["outcome"])
+
+
+def test_wire_round_trips_keyledger_values_and_frames_exactly():
+    from keyledger.frames import normalize
+    from keyledger.remote.wire import decode, encode
+
+    frame = normalize(pd.DataFrame({
+        "name": ["a", "b", None], "n": pd.array([1, None, 3], dtype="Int64"),
+        "ok": pd.array([True, None, False], dtype="boolean"), "x": [1.5, float("nan"), 0.0],
+        "at": [datetime(2024, 1, 1, tzinfo=UTC), None, datetime(2025, 6, 1, tzinfo=UTC)],
+        "tags": [{"env": "prod"}, {}, {"__bytes__": "not a tag"}], "aliases": [("x",), (), ("y", "z")],
+        "state": ["retired", "active", None]}), categories={"state": ["active", "retired"]})
+    filtered = kl.display.AuditFrame(frame[frame["name"] != "a"])  # index 1, 2: not 0..n-1
+    for value in (frame, filtered):
+        back = decode(json.loads(json.dumps(encode(value))))
+        assert type(back) is type(value)
+        pd.testing.assert_frame_equal(back, value)
+    key_data = {1: b"\x00\xff", "when": timedelta(days=3), "s": frozenset({"a"})}
+    assert decode(json.loads(json.dumps(encode(key_data)))) == key_data
