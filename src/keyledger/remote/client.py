@@ -48,11 +48,11 @@ class RemoteLedger:
     """
 
     home = None
-    last_reconcile = ReconcileReport()  # the server reconciles its home when it opens it
 
     def __init__(self, url: str, key: AccessKey, *, region: str = "us-east-1",
                  verify: bool | str = True, timeout: float = TIMEOUT_S) -> None:
         self.url = _check_url(url)
+        self.last_reconcile = ReconcileReport()  # the server reconciles its home on open
         self._key = key
         self._region = region
         self._auth = SigV4Auth(Credentials(key.access_key_id, key.secret_access_key),
