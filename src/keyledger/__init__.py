@@ -6,6 +6,8 @@
         blob = ledger.encrypt("orders", b"card 4111", context={"tenant": "acme"})
         assert ledger.decrypt(blob, context={"tenant": "acme"}) == b"card 4111"
 
+    ledger = kl.connect("https://kms.example:8200")  # the same API, served by `keyledger serve`
+
 Views over the same ledger are imported explicitly, so ``import keyledger`` stays light:
 ``keyledger.analytics`` (aggregated DataFrames), ``keyledger.charts`` (Altair),
 ``keyledger.widgets`` (ipywidgets) and ``keyledger.dashboard`` (Panel).
@@ -24,13 +26,16 @@ from .errors import (
     KeyLedgerError,
     KeyNotFound,
     KeyStateError,
+    NotRemote,
     PolicyViolation,
+    ServiceError,
     StoreBusy,
     StoreError,
     UnsupportedMechanism,
 )
 from .maintenance import RewrapResult
 from .model import SPECS, Key, KeySpec, KeyState, KeyVersion, Purpose
+from .remote import connect
 from .rotation import DueReport
 from .runtime import ReconcileReport
 from .service import DataKey, KeyLedger, open, restore
@@ -57,16 +62,19 @@ __all__ = [
     "KeyState",
     "KeyStateError",
     "KeyVersion",
+    "NotRemote",
     "PolicyViolation",
     "Purpose",
     "ReconcileReport",
     "RestoreTestReport",
     "RewrapResult",
+    "ServiceError",
     "StoreBusy",
     "StoreError",
     "UnsupportedMechanism",
     "VerifyReport",
     "WrappedKey",
+    "connect",
     "open",
     "restore",
 ]

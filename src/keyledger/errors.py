@@ -16,7 +16,10 @@ are mapped at one seam each (``hsm/errors.py`` and ``store/db.py``)::
     │   └── UnsupportedMechanism
     ├── StoreError           the DuckDB store failed
     │   └── StoreBusy        another process held the store beyond the bounded wait
-    └── AuditError           the audit journal could not be written or read
+    ├── AuditError           the audit journal could not be written or read
+    └── ServiceError         keyledger serve could not be reached, refused the credentials,
+        │                    or answered something a client cannot read (kl.connect)
+        └── NotRemote        the method cannot work over kl.connect (it needs the home's files)
 
 Messages say what happened and what to do. They never contain PINs, key material or plaintext.
 """
@@ -84,6 +87,15 @@ class AuditError(KeyLedgerError):
     """The audit journal could not be written or read."""
 
 
+class ServiceError(KeyLedgerError):
+    """``keyledger serve`` was unreachable, refused the request's credentials or signature,
+    or failed in a way its client cannot map onto another keyledger error."""
+
+
+class NotRemote(ServiceError):
+    """The method cannot work through ``kl.connect``: it needs the home's files or process."""
+
+
 __all__ = [
     "AccessDenied",
     "AuditError",
@@ -95,7 +107,9 @@ __all__ = [
     "KeyLedgerError",
     "KeyNotFound",
     "KeyStateError",
+    "NotRemote",
     "PolicyViolation",
+    "ServiceError",
     "StoreBusy",
     "StoreError",
     "UnsupportedMechanism",

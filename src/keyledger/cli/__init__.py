@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from ..errors import KeyLedgerError
 from . import accesskeys, audit, backup, compliance, crypto, demo, governance, keys, serve
-from .common import PROG, UsageError
+from .common import PROG, UsageError, check_url
 
 
 def _globals(json_flag: bool) -> argparse.ArgumentParser:
@@ -30,6 +30,10 @@ def _globals(json_flag: bool) -> argparse.ArgumentParser:
                    help="keyledger home (default: $KEYLEDGER_HOME or ./.keyledger)")
     g.add_argument("--principal", metavar="NAME", default=argparse.SUPPRESS,
                    help="who is acting, as recorded in the audit ledger (default: OS user)")
+    g.add_argument("--url", metavar="URL", default=argparse.SUPPRESS,
+                   help="run the command through `keyledger serve` at URL (kl.connect: the "
+                        "access key from $KEYLEDGER_ACCESS_KEY_ID/$KEYLEDGER_SECRET_ACCESS_KEY "
+                        "or ~/.keyledger/credentials) instead of opening a home")
     if json_flag:
         g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print machine-readable JSON")
@@ -69,12 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else 2
-    for name, default in (("home", None), ("principal", None), ("json", False)):
+    for name, default in (("home", None), ("principal", None), ("json", False), ("url", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
     try:
         if args.json and not args.json_ok:
             raise UsageError(f"--json does not apply to `{_command_name(args)}`")
+        check_url(args)
         return args.func(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)

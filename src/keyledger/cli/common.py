@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -99,8 +100,30 @@ def home_of(args: argparse.Namespace) -> Path:
     return Path(args.home).expanduser().absolute() if args.home else default_home()
 
 
+# commands that work on a home's files or process, never through `keyledger serve`
+LOCAL_ONLY = ("serve", "demo", "restore")
+
+
+def check_url(args: argparse.Namespace) -> None:
+    """``--url`` replaces ``--home`` and ``--principal`` (the access key names the principal)
+    and only applies to commands that run through the service."""
+    if getattr(args, "url", None) is None:
+        return
+    if args.home is not None or args.principal is not None:
+        raise UsageError("--url runs the command as the access key's principal on the "
+                         "server's home: drop --home and --principal")
+    if args.command in LOCAL_ONLY:
+        raise UsageError(f"`{args.command}` works on a local home; it does not take --url")
+
+
 def ledger_for(args: argparse.Namespace) -> KeyLedger:
-    """Open the ledger of ``--home`` as ``--principal``; a repaired reconcile is noted on stderr."""
+    """Open the ledger of ``--home`` as ``--principal``, or with ``--url`` a client of
+    ``keyledger serve`` (same methods); a repaired reconcile is noted on stderr."""
+    if getattr(args, "url", None) is not None:
+        from ..remote import connect
+
+        remote: Any = connect(args.url, region=os.environ.get("KEYLEDGER_REGION", "us-east-1"))
+        return remote  # a RemoteLedger: KeyLedger's public API
     led = open_ledger(args.home, principal=args.principal)
     if not led.last_reconcile.clean and args.command != "init":
         print(f"note: {led.last_reconcile}", file=sys.stderr)

@@ -32,18 +32,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from ..dashboard.serve import serve
 
+    if args.url is not None:  # a client of keyledger serve: no home, no PIN in this process
+        from ..remote import connect
+
+        connect(args.url).close()  # wrong credentials or URL fail here, not in the browser
+        return serve(None, address=args.address, port=args.port, show=args.show,
+                     allow_origin=args.allow_websocket_origin, url=args.url,
+                     basic_auth=args.basic_auth, panel_args=_panel_args(args))
     home = home_of(args)
     if not (home / "keyledger.toml").exists():
         raise ConfigError(f"{home} is not a keyledger home yet; create one with `keyledger init` "
                           f"or seed a demo with `keyledger demo --home {home}`")
     _print_demo_principals(home, args.principal)
-    panel_args = list(args.panel_args or [])
-    if panel_args[:1] == ["--"]:
-        panel_args = panel_args[1:]
     return serve(home, address=args.address, port=args.port, principal=args.principal,
                  basic_auth=args.basic_auth, cookie_secret=args.cookie_secret,
                  allow_origin=args.allow_websocket_origin, show=args.show,
-                 panel_args=panel_args)
+                 panel_args=_panel_args(args))
+
+
+def _panel_args(args: argparse.Namespace) -> list[str]:
+    panel_args = list(args.panel_args or [])
+    return panel_args[1:] if panel_args[:1] == ["--"] else panel_args
 
 
 def _print_demo_principals(home: Path, principal: str | None) -> None:

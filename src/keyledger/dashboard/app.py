@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=APP_SCRIPT)
     parser.add_argument("--home")  # None: kl.open's default ($KEYLEDGER_HOME or ./.keyledger)
     parser.add_argument("--principal")  # None: session_principal's default
+    parser.add_argument("--url", default=os.environ.get("KEYLEDGER_URL") or None)
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    build_app(args.home, args.principal).servable(title=TITLE)
+    build_app(args.home, args.principal, url=args.url).servable(title=TITLE)
 
 
 class Dashboard(Viewer):
@@ -187,16 +188,20 @@ class Dashboard(Viewer):
 
 def build_app(home: str | os.PathLike | None = None, principal: str | None = None, *,
               clock: Callable[[], datetime] | None = None, poll_ms: int = POLL_MS,
-              ledger: Any = None) -> pn.template.BootstrapTemplate:
+              ledger: Any = None, url: str | None = None) -> pn.template.BootstrapTemplate:
     """The dashboard of one browser session, as a servable template.
 
     Opens one ``KeyLedger`` (``ledger`` may be passed instead, e.g. in tests) for the session's
-    principal and closes it when the session ends.
+    principal and closes it when the session ends. With ``url``, the ledger is a client of
+    ``keyledger serve`` there (``kl.connect``; the access key's principal): this process then
+    never holds the PIN or opens the home.
     """
     import keyledger as kl
 
     configure()
-    if ledger is None:
+    if ledger is None and url is not None:
+        ledger, owned = kl.connect(url, region=os.environ.get("KEYLEDGER_REGION", "us-east-1")), True
+    elif ledger is None:
         ledger = kl.open(home, principal=session_principal(principal), clock=clock)
         owned = True
     else:

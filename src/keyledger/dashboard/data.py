@@ -142,6 +142,27 @@ class ChangeDetector:
         return self._catalog_digest
 
 
+class RemoteChangeDetector:
+    """``ChangeDetector`` of a dashboard served as a client of ``keyledger serve``
+    (``--url``): the server derives the token from its home; this process's own actions
+    count as local changes, as they do for a local home."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self.home = ledger.url
+
+    def token(self) -> Token:
+        catalog, activity = self.ledger.change_token()
+        return Token(catalog, tuple(activity), local_changes(self.home))
+
+
+def detector_for(ledger: Any) -> ChangeDetector | RemoteChangeDetector:
+    """The change detector of a local ledger (its home's files) or of a ``RemoteLedger``."""
+    if getattr(ledger, "url", None) is not None:
+        return RemoteChangeDetector(ledger)
+    return ChangeDetector(ledger.home)
+
+
 # -- the cache -----------------------------------------------------------------------------------
 class FrameCache:
     """A small thread-safe LRU of computed frames; entries of older tokens age out."""
@@ -185,7 +206,8 @@ class Data:
         self.token: Hashable = None
 
     def _cached(self, name: str, compute: Callable[[], Any], *args: Hashable) -> Any:
-        key = (str(self.ledger.home), self.ledger.principal, self.token, name, *args)
+        where = getattr(self.ledger, "url", None) or self.ledger.home
+        key = (str(where), self.ledger.principal, self.token, name, *args)
         return self.cache.get_or_compute(key, compute)
 
     def now(self) -> datetime:
@@ -373,5 +395,5 @@ def message(exc: BaseException) -> str:
 
 
 __all__ = ["CACHE", "DEFAULT_RANGE", "TIME_RANGES", "ChangeDetector", "Data", "FrameCache",
-           "bucket_for",
+           "RemoteChangeDetector", "bucket_for", "detector_for",
            "Token", "local_changes", "message", "note_local_change", "range_filters"]

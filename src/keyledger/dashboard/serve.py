@@ -69,8 +69,10 @@ def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.
                   port: int = 5006, principal: str | None = None,
                   basic_auth: str | os.PathLike | None = None, cookie_secret: str | None = None,
                   allow_origin: Sequence[str] | None = None, show: bool = False,
-                  panel_args: Sequence[str] = ()) -> ServeCommand:
-    """Build (and check) the command without running it.
+                  panel_args: Sequence[str] = (), url: str | None = None) -> ServeCommand:
+    """Build (and check) the command without running it. With ``url`` the dashboard is a
+    client of ``keyledger serve`` there (the access key comes from the environment or the
+    credentials file; the home is not opened here).
 
     The checks look at what Panel will make of the whole command line, pass-through
     ``panel_args`` included (they come last, so their ``--address`` or ``--port`` wins)."""
@@ -80,6 +82,9 @@ def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.
     home_path = Path(home).expanduser().absolute() if home is not None else None
     if home_path is not None:
         env["KEYLEDGER_HOME"] = str(home_path)
+    env.pop("KEYLEDGER_URL", None)
+    if url is not None:
+        env["KEYLEDGER_URL"] = url
     argv = [sys.executable, "-m", "panel", "serve", str(dashboard_script()),
             "--address", address, "--port", str(port)]
     notes: list[str] = []
@@ -92,6 +97,10 @@ def serve_command(home: str | os.PathLike | None = None, *, address: str = "127.
     opts = panel_options([*argv[4:], *panel_args], env)
     if opts.basic and opts.oauth:
         raise InvalidInput("choose basic auth or OAuth, not both")
+    if opts.auth != "none" and url is not None:
+        raise InvalidInput("a dashboard with --url acts as its access key's principal, so a "
+                           "login would not change who acts; serve it without a login, or "
+                           "give each user their own access key and dashboard")
     if opts.auth != "none":
         if not any(a.startswith("--logout-template") for a in panel_args):
             argv += ["--logout-template", str(TEMPLATES / "logout.html")]
@@ -219,11 +228,11 @@ def serve(home: str | os.PathLike | None = None, *, address: str = "127.0.0.1",
           port: int = 5006, principal: str | None = None,
           basic_auth: str | os.PathLike | None = None, cookie_secret: str | None = None,
           allow_origin: Sequence[str] | None = None, show: bool = False,
-          panel_args: Sequence[str] = ()) -> int:
+          panel_args: Sequence[str] = (), url: str | None = None) -> int:
     """Serve the dashboard until interrupted; prints the URL first. Returns the exit code."""
     cmd = serve_command(home, address=address, port=port, principal=principal,
                         basic_auth=basic_auth, cookie_secret=cookie_secret,
-                        allow_origin=allow_origin, show=show, panel_args=panel_args)
+                        allow_origin=allow_origin, show=show, panel_args=panel_args, url=url)
     login = {"none": "no login, local only", "basic": "basic auth",
              "oauth": "OAuth"}[cmd.auth]
     print(f"keyledger dashboard: {cmd.url}  ({login})", flush=True)

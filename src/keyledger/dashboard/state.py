@@ -26,7 +26,9 @@ from .data import (
     TIME_RANGES,
     ChangeDetector,
     Data,
+    RemoteChangeDetector,
     Token,
+    detector_for,
     message,
     note_local_change,
     range_filters,
@@ -87,13 +89,14 @@ class DashboardState(param.Parameterized):
     status_level: param.Selector[str] = param.Selector(
         default="info", objects=["info", "success", "warning", "danger"])
 
-    def __init__(self, ledger: KeyLedger, *, detector: ChangeDetector | None = None,
+    def __init__(self, ledger: KeyLedger, *,
+                 detector: ChangeDetector | RemoteChangeDetector | None = None,
                  data: Data | None = None, **params: Any) -> None:
         params.setdefault("principal", ledger.principal)
         super().__init__(**params)
         self.ledger = ledger
-        self.home = ledger.home
-        self.detector = detector or ChangeDetector(ledger.home)
+        self.home = getattr(ledger, "url", None) or ledger.home  # a RemoteLedger: its URL
+        self.detector = detector or detector_for(ledger)
         self.data = data or Data(ledger)
         self._token: Token | None = None
         self._retry = False

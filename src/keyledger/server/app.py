@@ -35,7 +35,7 @@ from ..errors import ConfigError, KeyLedgerError
 from ..service import KeyLedger
 from ..service import open as open_ledger
 from ..services.accesskeys import AccessKeyDirectory
-from . import faults, kms, sigv4
+from . import faults, kms, native, sigv4
 from .errors import ApiError
 from .options import ServeOptions, check_options
 
@@ -45,6 +45,7 @@ CONTENT_TYPES = ("application/x-amz-json-1.1", "application/x-amz-json-1.0")
 JSON_11 = "application/x-amz-json-1.1"
 USED_FLUSH_S = 60.0  # how often access keys' last-use times are written to the store
 _OPERATION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+_METHOD_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # keyledger's own methods (KeyLedger.<method>)
 
 
 class KeyService:
@@ -150,8 +151,9 @@ def _signed_request(request: Request, body: bytes) -> sigv4.SignedRequest:
                                headers, body)
 
 
-def parse_call(request: Request, body: bytes) -> tuple[str, dict[str, Any]]:
-    """(operation, parameters) of a JSON 1.1 call, or ``ApiError``."""
+def parse_call(request: Request, body: bytes) -> tuple[str, str, dict[str, Any]]:
+    """(target prefix, operation, parameters) of a JSON 1.1 call, or ``ApiError``: a KMS
+    operation (``TrentService.``) or a keyledger method (``KeyLedger.``, server/native.py)."""
     if request.method != "POST" or request.url.path != "/":
         raise ApiError("UnknownOperationException",
                        "the KMS API takes POST / with an X-Amz-Target header", 404)
@@ -161,17 +163,19 @@ def parse_call(request: Request, body: bytes) -> tuple[str, dict[str, Any]]:
                        f"Content-Type must be {JSON_11}, not {ctype[:60]!r}")
     target = request.headers.get("x-amz-target", "")
     prefix, _, op = target.partition(".")
-    if f"{prefix}." != kms.TARGET_PREFIX or not _OPERATION_RE.fullmatch(op):
+    known = {kms.TARGET_PREFIX: _OPERATION_RE, native.TARGET_PREFIX: _METHOD_RE}
+    pattern = known.get(f"{prefix}.")
+    if pattern is None or not pattern.fullmatch(op):
         raise ApiError("UnknownOperationException",
-                       f"X-Amz-Target must be {kms.TARGET_PREFIX}<Operation>, not "
-                       f"{target[:80]!r}")
+                       f"X-Amz-Target must be {kms.TARGET_PREFIX}<Operation> or "
+                       f"{native.TARGET_PREFIX}<method>, not {target[:80]!r}")
     try:
         params = json.loads(body) if body.strip() else {}
     except (ValueError, UnicodeDecodeError):
         raise ApiError("SerializationException", "the request body is not valid JSON") from None
     if not isinstance(params, dict):
         raise ApiError("SerializationException", "the request body must be a JSON object")
-    return op, params
+    return f"{prefix}.", op, params
 
 
 def _source(request: Request) -> str:
@@ -212,12 +216,16 @@ def _answer(svc: KeyService, request: Request, body: bytes, request_id: str, tar
             return _error(err, request_id)
         principal = identity.principal
         try:
-            op, params = parse_call(request, body)
+            prefix, op, params = parse_call(request, body)
         except ApiError as err:
             detail = f"{where}; access key {identity.access_key_id}; {err.message[:200]}"
             svc.refused(err, detail, principal)
             return _error(err, request_id)
-        result = kms.dispatch(svc.ledger_for(principal), op, params, config=svc.kms_config)
+        ledger = svc.ledger_for(principal)
+        if prefix == native.TARGET_PREFIX:
+            result = native.dispatch(ledger, op, params)
+        else:
+            result = kms.dispatch(ledger, op, params, config=svc.kms_config)
         return Response(json.dumps(result).encode(), media_type=JSON_11,
                         headers={"x-amzn-RequestId": request_id})
     except ApiError as err:  # dispatch's own refusals (it audits them)
