@@ -123,6 +123,36 @@ def test_widgets_and_analytics_work_over_a_client(admin):
     assert "payments" in inv.detail.value  # the key's details, read through the server
 
 
+def test_charts_and_every_widget_work_over_a_client(estate, admin):
+    """The notebook tools take a RemoteLedger where they take a KeyLedger: the audit browser,
+    the compliance view (evaluated through the server), the dashboard and the charts."""
+    from keyledger import analytics, charts
+    from keyledger.widgets import AuditBrowser, ComplianceView, dashboard
+
+    server, keys = estate
+    app1 = connect(server, keys["app1"])
+    for _ in range(3):
+        app1.encrypt("orders", b"from a notebook elsewhere")
+    app1.close()
+    ab = AuditBrowser(admin, page_size=10)
+    ab.filters["principal"].value = "app1"
+    ab.filters["action"].value = "encrypt"
+    assert ab.total >= 3 and set(ab.page["principal"]) == {"app1"}
+    cv = ComplianceView(admin)
+    cv.evaluate_button.click()
+    assert "evaluated:" in cv.status.value
+    assert cv.chart is not None and "$schema" in cv.chart.to_dict()
+    with local(server) as led:  # the same findings as the home's own evaluation
+        assert set(cv.findings["rule_id"]) == set(led.findings()["rule_id"])
+    spec = charts.rotation_status(analytics.key_status(admin)).to_dict()
+    assert "$schema" in spec and "orders" in json.dumps(spec)
+    ops = analytics.ops_per_period(admin, by="principal", bucket="day")
+    assert "app1" in set(ops["group"].astype(str))
+    assert "$schema" in charts.operations(ops).to_dict()
+    desk = dashboard(admin)
+    assert desk.inventory.grid.rows and desk.audit.total >= 3
+
+
 def test_errors_raise_the_same_classes(estate, admin):
     server, keys = estate
     with pytest.raises(kl.KeyNotFound, match="no-such"):
