@@ -153,6 +153,48 @@ def test_charts_and_every_widget_work_over_a_client(estate, admin):
     assert desk.inventory.grid.rows and desk.audit.total >= 3
 
 
+NOTEBOOK_CELLS = [
+    "import keyledger as kl\nfrom keyledger import analytics as kla, charts as klc\n"
+    "from keyledger.widgets import KeyInventory, ComplianceView\n"
+    "ledger = kl.connect(URL)  # credentials from KEYLEDGER_ACCESS_KEY_ID/..._SECRET_ACCESS_KEY\n"
+    "print('PRINCIPAL', ledger.principal)",
+    "status = kla.key_status(ledger)\nprint('KEYS', sorted(status['name']))\n"
+    "klc.rotation_status(status)",
+    "inventory = KeyInventory(ledger)\ninventory.select_key('orders')\n"
+    "print('SELECTED', inventory.selected)\ninventory",
+    "print(ledger.audit(limit=3).tail())\nComplianceView(ledger)",
+]
+
+
+def test_a_notebook_works_over_a_client_on_a_real_kernel(estate, tmp_path):
+    """A notebook elsewhere (a real ipykernel, via nbclient) uses the service: connect with
+    credentials from the environment, a chart (rendered offline to SVG), the widgets."""
+    import nbformat
+    from nbclient import NotebookClient
+    from test_notebooks import _kernel_manager
+
+    server, keys = estate
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"URL = {server.url!r}")] + [
+        nbformat.v4.new_code_cell(c) for c in NOTEBOOK_CELLS]
+    env = {**os.environ, "KEYLEDGER_ACCESS_KEY_ID": keys["admin"]["AccessKeyId"],
+           "KEYLEDGER_SECRET_ACCESS_KEY": keys["admin"]["SecretAccessKey"],
+           "KEYLEDGER_HOME": str(tmp_path / "no-home-here")}
+    NotebookClient(nb, km=_kernel_manager(tmp_path / "kernels"), timeout=180,
+                   allow_errors=False).execute(env=env)
+    text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "PRINCIPAL admin" in text and "SELECTED orders" in text
+    assert "'orders'" in text.split("KEYS", 1)[1]
+    chart = nb.cells[2].outputs[-1]["data"]
+    assert "image/svg+xml" in chart  # keyledger.notebook.setup's offline renderer
+    widgets = [o for c in nb.cells[3:] for o in c.outputs
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widgets) == 2
+    assert not (tmp_path / "no-home-here").exists()  # the notebook never opened a home
+    reads = records(server, "admin", "list_keys")
+    assert "ok" in set(reads["outcome"])
+
+
 def test_errors_raise_the_same_classes(estate, admin):
     server, keys = estate
     with pytest.raises(kl.KeyNotFound, match="no-such"):
