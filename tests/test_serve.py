@@ -276,6 +276,12 @@ def test_served_over_tls(tmp_path, simulation_template):
         assert len(out["Plaintext"]) == 16
         with pytest.raises(SSLError):  # an unknown certificate is not trusted by default
             client(server.url, keys["app1"]).generate_random(NumberOfBytes=16)
+        creds = {"access_key_id": keys["app1"]["AccessKeyId"],
+                 "secret_access_key": keys["app1"]["SecretAccessKey"]}
+        with kl.connect(server.url, verify=str(cert), **creds) as remote:  # kl.connect too
+            assert remote.principal == "app1"
+        with pytest.raises(kl.ServiceError, match="(?i)certificate|ssl|tls"):
+            kl.connect(server.url, **creds)
     finally:
         assert server.stop() == 0, server.log.read_text()
     assert list(audit(home, principal="app1", action="open")["outcome"]) == ["ok"]
