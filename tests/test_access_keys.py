@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 
-import duckdb
 import pytest
 
 import keyledger as kl
@@ -41,9 +40,9 @@ def test_create_shows_the_secret_once_and_the_server_can_use_it(ledger):
 def test_the_store_alone_does_not_reveal_the_secret(ledger):
     made = ledger.create_access_key("app1")
     ledger.flush_audit()
-    with duckdb.connect(str(ledger.home / "keyledger.duckdb"), read_only=True) as con:
-        sealed, = con.execute("SELECT secret_sealed FROM access_keys").fetchone()
-        audit_text = " ".join(str(r) for r in con.execute("SELECT * FROM audit_log").fetchall())
+    with ledger._rt.db.read() as tx:  # the process's own store lock: no race with its ingest
+        sealed, = tx.execute("SELECT secret_sealed FROM access_keys").one()
+        audit_text = " ".join(str(r) for r in tx.execute("SELECT * FROM audit_log").fetchall())
     assert made.secret_access_key not in sealed and made.secret_access_key not in audit_text
     raw = (ledger.home / "keyledger.duckdb").read_bytes()
     assert made.secret_access_key.encode() not in raw
@@ -51,8 +50,8 @@ def test_the_store_alone_does_not_reveal_the_secret(ledger):
 
 def test_a_row_moved_to_another_principal_no_longer_authenticates(ledger):
     made = ledger.create_access_key("app1")
-    with duckdb.connect(str(ledger.home / "keyledger.duckdb")) as con:
-        con.execute("UPDATE access_keys SET principal = 'alice'")
+    with ledger._rt.db.write(export=False) as tx:  # an edit of the file, under the store lock
+        tx.execute("UPDATE access_keys SET principal = 'alice'")
     (ledger.home / "access_keys.stamp").write_text("changed")
     assert directory(ledger).credentials(made.access_key_id) is None
 
