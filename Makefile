@@ -54,12 +54,24 @@ lint: setup
 # one module per worker at a time; TEST_WORKERS=0 runs it in this process. Bytecode caching is on
 # for the run (an inherited PYTHONDONTWRITEBYTECODE=1 made every worker re-rewrite every test
 # module and every CLI/kernel subprocess recompile keyledger: ~11 s per worker, ~0.1 s per process).
+#
+# The tests' homes (tmp_path) live on tmpfs when the machine has one (/dev/shm): every DuckDB
+# commit, journal group commit and SoftHSM2 token write calls fsync(2), which on a disk costs
+# more wall time than the work itself (test_lifecycle: 85 s -> 59 s wall, 28 -> 24 s CPU,
+# measured under load). The code paths are the same; only the disk's flush is skipped. The
+# folder is the run's own (mktemp) and is removed afterwards, whatever the outcome.
 TEST_WORKERS ?= 3
+TEST_TMPFS ?= /dev/shm
 test: setup
 	$(BIN)/ruff check src tests bench notebooks scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	@if [ -d "$(TEST_TMPFS)" ] && [ -w "$(TEST_TMPFS)" ]; then \
+		tmp=$$(mktemp -d "$(TEST_TMPFS)/keyledger-test.XXXXXX"); base="--basetemp=$$tmp/pytest"; \
+	else tmp=""; base=""; fi; \
+	echo "PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $$base"; \
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $$base; rc=$$?; \
+	if [ -n "$$tmp" ]; then rm -rf "$$tmp"; fi; exit $$rc
 
 # Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.
 demo: setup

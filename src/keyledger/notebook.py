@@ -138,7 +138,7 @@ def interactive_renderer(spec: dict, **metadata: Any) -> tuple[dict[str, Any], d
     JupyterChart.enable_offline(offline=True)
     widget = JupyterChart(chart=Chart.from_dict(spec),
                           embed_options=metadata.get("embed_options"))
-    result = widget._repr_mimebundle_() or ({}, {})
+    result: object = widget._repr_mimebundle_() or ({}, {})
     data, meta = result if isinstance(result, tuple) else (result, {})
     static = svg_renderer(spec)
     return {**data, "image/svg+xml": static["image/svg+xml"], "text/plain": static["text/plain"]}, \

@@ -210,7 +210,7 @@ def build_app(home: str | os.PathLike | None = None, principal: str | None = Non
     dash.start()
     template = dash.template()
     # for tests and for scripts that embed it (an attribute of ours Panel does not declare)
-    template.dashboard = dash  # type: ignore[attr-defined]
+    template.dashboard = dash
     if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
         state = dash.state
 

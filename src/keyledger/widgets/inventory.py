@@ -288,8 +288,7 @@ class KeyInventory(WidgetView):
         self._busy = True  # the grid's sort echo must not re-apply the filters
         try:
             self.grid.rows = json_rows(page, TABLE_COLUMNS)
-            # traitlets types Dict(allow_none=True) as never None
-            self.grid.sort = self._grid_sort()  # type: ignore[assignment]
+            self.grid.sort = self._grid_sort()
         finally:
             self._busy = False
         self.pager.update(len(page), len(frame))
