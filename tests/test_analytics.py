@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import duckdb
@@ -52,6 +53,21 @@ def test_query_runs_one_read_only_select_and_changes_nothing(estate):
     # timestamps come back as UTC; parameters bind
     df = estate.query("SELECT name, created_at FROM keys WHERE name = ?", ["signer"])
     assert list(df["name"]) == ["signer"] and str(df["created_at"].dt.tz) == "UTC"
+
+
+def test_query_inside_keep_store_open_leaves_file_access_to_the_rest(estate, tmp_path):
+    """A query's sandbox (no file access) is its own: a held store used to keep it for the
+    block, so a later audit export (DuckDB's COPY) failed with 'file system operations are
+    disabled'."""
+    with estate.keep_store_open():
+        assert estate.query("SELECT count(*) AS n FROM keys").iloc[0, 0] == 3
+        with pytest.raises(kl.InvalidInput, match="file system operations are disabled"):
+            estate.query("SELECT * FROM read_csv('/etc/passwd')")
+        out = estate.export_audit(tmp_path / "audit.jsonl", format="jsonl")
+        actions = {json.loads(line)["action"] for line in out.read_text().splitlines()}
+        assert {"query", "encrypt", "rotate"} <= actions
+    with pytest.raises(kl.InvalidInput, match="file system operations are disabled"):
+        estate.query("SELECT * FROM read_csv('/etc/passwd')")
 
 
 def test_query_is_for_admins_and_auditors_and_is_audited(estate, clock):

@@ -68,15 +68,16 @@ class ComplianceMixin(Service):
         when = self._when(now)
         ruleset = load_rules(self.home)
         ruleset.resolve_frameworks(frameworks)  # unknown names fail before any work
-        try:
-            self._rt.ingest()
-        except AuditError:  # a ledger that fails its checkpoint: evaluate what is there
-            pass
-        with self._rt.db.write(export=False) as tx:
-            ev = engine.evaluate(tx, ruleset, now=when, frameworks=frameworks,
-                                 principal=self.principal)
-            if collect is not None:
-                collect(tx, ev, ruleset)
+        with self._rt.db.hold():  # the ingest and the evaluation share one open of the store
+            try:
+                self._rt.ingest()
+            except AuditError:  # a ledger that fails its checkpoint: evaluate what is there
+                pass
+            with self._rt.db.write(export=False) as tx:
+                ev = engine.evaluate(tx, ruleset, now=when, frameworks=frameworks,
+                                     principal=self.principal)
+                if collect is not None:
+                    collect(tx, ev, ruleset)
         return ev
 
     def _when(self, now: object) -> datetime:

@@ -188,6 +188,10 @@ def release(backend: Pkcs11Backend) -> None:
                     _Process.backends[ident] = (b, refs - 1)
 
 
+# What _probe_oaep_sha256 found, per (module path, manufacturer, token model) in this process.
+_OAEP_SHA256_BY_MODEL: dict[tuple[str, str, str], bool] = {}
+
+
 class Pkcs11Backend:
     def __init__(self, cfg: HsmConfig, token: Any, login_session: Any) -> None:
         self._cfg = cfg
@@ -288,15 +292,21 @@ class Pkcs11Backend:
         return self._caps
 
     def _probe_oaep_sha256(self, mechs: set) -> bool:
+        """Whether the token encrypts with RSA-OAEP over SHA-256 (BYOK's wrapping), found by
+        trying it on a throwaway key pair, once per process for a module and token model (an
+        RSA-2048 key pair costs SoftHSM2 0.3-1 s of CPU)."""
         if Mechanism.RSA_PKCS_OAEP not in mechs:
             return False
-        try:
-            pub, priv = self._session().generate_keypair(KeyType.RSA, 2048, store=False)
-            pub.encrypt(b"probe", mechanism=Mechanism.RSA_PKCS_OAEP,
-                        mechanism_param=(Mechanism.SHA256, MGF.SHA256, None))
-            return True
-        except px.PKCS11Error:
-            return False
+        model = (self._cfg.module, self._token.manufacturer_id, self._token.model)
+        if model not in _OAEP_SHA256_BY_MODEL:
+            try:
+                pub, _ = self._session().generate_keypair(KeyType.RSA, 2048, store=False)
+                pub.encrypt(b"probe", mechanism=Mechanism.RSA_PKCS_OAEP,
+                            mechanism_param=(Mechanism.SHA256, MGF.SHA256, None))
+                _OAEP_SHA256_BY_MODEL[model] = True
+            except px.PKCS11Error:
+                _OAEP_SHA256_BY_MODEL[model] = False
+        return _OAEP_SHA256_BY_MODEL[model]
 
     # -- lifecycle ---------------------------------------------------------------------------
     @_serialized

@@ -59,15 +59,16 @@ class AuditService(Service):
                 _count(limit, "limit")
             _count(offset, "offset")  # all checked before the ingest below does any work
             self._record_filter(rec, key)
-            self._rt.ingest()
-            with self._rt.db.read() as tx:
-                df = audit_repo.records(
-                    tx, key=key, key_digest=name_digest(key) if key is not None else None,
-                    principal=principal, action=action, outcome=outcome,
-                    since=naive(since) if since is not None else None,
-                    until=naive(until) if until is not None else None,
-                    limit=_count(limit, "limit") if limit is not None else None,
-                    offset=_count(offset, "offset"), newest_first=newest_first)
+            with self._rt.db.hold():  # the ingest and the read share one open of the store
+                self._rt.ingest()
+                with self._rt.db.read() as tx:
+                    df = audit_repo.records(
+                        tx, key=key, key_digest=name_digest(key) if key is not None else None,
+                        principal=principal, action=action, outcome=outcome,
+                        since=naive(since) if since is not None else None,
+                        until=naive(until) if until is not None else None,
+                        limit=_count(limit, "limit") if limit is not None else None,
+                        offset=_count(offset, "offset"), newest_first=newest_first)
             return AuditFrame(normalize(df))
 
     def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,
@@ -141,9 +142,10 @@ class AuditService(Service):
             if not isinstance(journal, str) or type(through_jseq) is not int:
                 raise InvalidInput("journal must be a journal name and through_jseq an int, "
                                    "as verify_audit() names them")
-            self._rt.ingest()
-            with self._rt.db.read() as tx:
-                row = audit_repo.seal_state(tx, journal)
+            with self._rt.db.hold():  # the ingest and the read share one open of the store
+                self._rt.ingest()
+                with self._rt.db.read() as tx:
+                    row = audit_repo.seal_state(tx, journal)
             if row is None or not row[0] < through_jseq <= row[1]:
                 have = (f"its unproven records are {row[0] + 1}-{row[1]}" if row and row[0] <
                         row[1] else "it has no unproven records")

@@ -114,12 +114,13 @@ class CryptoService(Service):
     def _recorded_encryptions(self, key_id: str, version: int) -> int:
         """Encryptions the ledger holds for a version: the start of a usage counter that did
         not exist yet (versions made before call-time limits, restored homes)."""
-        try:
-            self._rt.ingest()
-        except KeyLedgerError:  # busy or tampered: count what is in the store already
-            pass
-        with self._rt.db.read() as tx:
-            counts = audit_repo.encryptions(tx, PROTECT_ACTIONS, key_id, version)
+        with self._rt.db.hold():  # the ingest and the read share one open of the store
+            try:
+                self._rt.ingest()
+            except KeyLedgerError:  # busy or tampered: count what is in the store already
+                pass
+            with self._rt.db.read() as tx:
+                counts = audit_repo.encryptions(tx, PROTECT_ACTIONS, key_id, version)
         return counts.get((key_id, version), 0)
 
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:

@@ -181,10 +181,11 @@ class MaintenanceService(Service):
                 key_id = self._key(rec, name).key_id
             else:
                 self._authorize(rec, "version_usage", None)
-            self._rt.ingest()
-            with self._rt.db.read() as tx:
-                return normalize(audit_repo.version_usage(tx, key_id),
-                                 categories={"state": VERSION_STATES})
+            with self._rt.db.hold():  # the ingest and the read share one open of the store
+                self._rt.ingest()
+                with self._rt.db.read() as tx:
+                    usage = audit_repo.version_usage(tx, key_id)
+            return normalize(usage, categories={"state": VERSION_STATES})
 
     # -- bulk rewrap -------------------------------------------------------------------------------
     def rewrap_many(self, ciphertexts: Iterable[bytes] | pd.Series | str | os.PathLike,

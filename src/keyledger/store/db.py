@@ -44,15 +44,20 @@ class Database:
         self._holds = 0
         self._close_after_hold: list[BinaryIO] = []
 
-    def _connect(self, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
+    def _connect(self, timeout: float | None = None, *,
+                 sandboxed: bool = False) -> duckdb.DuckDBPyConnection:
         """Open the file; while another process holds it, retry for ``timeout`` seconds
-        (default: the busy timeout)."""
+        (default: the busy timeout). ``sandboxed``: with file access off for the instance's
+        whole life (DuckDB can turn it off for a running instance, never on again)."""
         timeout = self.busy_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         delay = 0.002
+        config: dict[str, str | bool | int | float | list[str]] = {"threads": 2}
+        if sandboxed:
+            config["enable_external_access"] = False
         while True:
             try:
-                con = duckdb.connect(str(self.path), config={"threads": 2})
+                con = duckdb.connect(str(self.path), config=config)
                 con.execute("SET enable_progress_bar = false")  # never in a notebook's output
                 return con
             except duckdb.IOException as exc:
@@ -144,13 +149,14 @@ class Database:
 
     @contextlib.contextmanager
     def connect(self, *, write: bool, keep: bool = True, export: bool = True,
-                timeout: float | None = None) -> Iterator[Tx]:
+                timeout: float | None = None, sandboxed: bool = False) -> Iterator[Tx]:
         """A connection inside one transaction; committed on success (rolled back instead when
         ``keep`` is False), rolled back on error. ``timeout``: how long to retry a file another
         process holds (default: the busy timeout); this process's other store calls wait
-        meanwhile."""
-        with _process_lock:
-            con = self._connect(timeout)
+        meanwhile. ``sandboxed``: on an instance of its own with file access off; a held
+        store (``hold``) is closed for the transaction and opened again after it."""
+        with _process_lock, self._set_aside_keeper(sandboxed):
+            con = self._connect(timeout, sandboxed=sandboxed)
             try:
                 con.execute("BEGIN TRANSACTION")
                 tx = Tx(con)
@@ -173,6 +179,21 @@ class Database:
             finally:
                 con.close()
 
+    @contextlib.contextmanager
+    def _set_aside_keeper(self, active: bool) -> Iterator[None]:
+        """Close a held store's keeper for a block that needs an instance of its own (DuckDB
+        refuses a second configuration for a file a process has open), and reopen it after.
+        Call with ``_process_lock`` held, so no other connection of this process is open."""
+        if not active or self._keeper is None:
+            yield
+            return
+        self._keeper.close()
+        self._keeper = None
+        try:
+            yield
+        finally:
+            self._keeper = self._connect()
+
     def write(self, *, export: bool = True,
               timeout: float | None = None) -> contextlib.AbstractContextManager[Tx]:
         """A write transaction; ``export=False`` for writes that leave the catalog (keys,
@@ -183,8 +204,10 @@ class Database:
         return self.connect(write=False)
 
     def snapshot(self) -> contextlib.AbstractContextManager[Tx]:
-        """A read whose transaction is always rolled back: nothing done inside it persists."""
-        return self.connect(write=False, keep=False)
+        """A read for SQL a caller wrote: its transaction is always rolled back (nothing done
+        inside persists) and its instance has file access off (no read_csv of /etc/passwd),
+        even while the store is held for other work."""
+        return self.connect(write=False, keep=False, sandboxed=True)
 
 
 class Tx:

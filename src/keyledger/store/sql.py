@@ -3,6 +3,7 @@ compliance rules) and the ``$name`` parameters a statement uses."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class ReadOnlyCheck:
         return self.parse_error is None and self.kinds == "SELECT"
 
 
+@functools.lru_cache(maxsize=1024)  # rules and dashboards check the same texts again and again
 def check_read_only(sql: str) -> ReadOnlyCheck:
     try:
         statements = duckdb.extract_statements(sql)
