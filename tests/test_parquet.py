@@ -9,10 +9,12 @@ import base64
 import json
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
 import pytest
-from serve_support import new_home, start
+from serve_support import client, new_home, start
 
 import keyledger as kl
 from keyledger import ciphertext as ct
@@ -266,6 +268,39 @@ def test_bad_arguments_are_refused_before_anything_is_written(keys, tmp_path):
     assert not path.exists()
 
 
+def test_duckdb_queries_the_table_keyledger_decrypted(keys, tmp_path):
+    """DuckDB's own Parquet encryption takes raw keys (PRAGMA add_parquet_key), not a KMS: it
+    cannot open the file; it queries the Arrow table pyarrow decrypted."""
+    path = write(keys, tmp_path / "people.parquet")
+    with pytest.raises(duckdb.Error):
+        duckdb.sql(f"SELECT * FROM read_parquet('{path}')").fetchall()
+    people_table = kp.read_table(path, keys)
+    con = duckdb.connect()
+    con.register("people", people_table)
+    assert con.sql("SELECT count(*), max(ssn) FROM people").fetchall() == [(3, max(SSNS))]
+    con.close()
+
+
+class AwsKmsClient(pe.KmsClient):
+    """What a KmsClient of another Parquet implementation (parquet-java for Spark) would do
+    through keyledger serve's AWS KMS API: the same context, the CiphertextBlob in base64."""
+
+    def __init__(self, kms) -> None:
+        super().__init__()
+        self.kms = kms
+
+    def wrap_key(self, key_bytes, master_key_identifier):
+        blob = self.kms.encrypt(KeyId=f"alias/{master_key_identifier}", Plaintext=key_bytes,
+                                EncryptionContext=kp.wrap_context(master_key_identifier))
+        return base64.b64encode(blob["CiphertextBlob"]).decode()
+
+    def unwrap_key(self, wrapped_key, master_key_identifier):
+        return self.kms.decrypt(CiphertextBlob=base64.b64decode(wrapped_key),
+                                KeyId=f"alias/{master_key_identifier}",
+                                EncryptionContext=kp.wrap_context(master_key_identifier)
+                                )["Plaintext"]
+
+
 # -- through keyledger serve ----------------------------------------------------------------------------
 def test_through_kl_connect(tmp_path, simulation_template):
     home, access = new_home(tmp_path, simulation_template)
@@ -289,6 +324,11 @@ def test_through_kl_connect(tmp_path, simulation_template):
             with pytest.raises(kl.AccessDenied, match="master key 'pii'"):
                 kp.read_table(path, app2)
             assert kp.read_table(path, app2, columns=["id"]).num_rows == 3
+        # the AWS KMS API of the same server unwraps the same key material
+        kms = client(server.url, access["app1"])
+        factory = pe.CryptoFactory(lambda _config: AwsKmsClient(kms))
+        props = factory.file_decryption_properties(kp.kms_connection())
+        assert pq.read_table(path, decryption_properties=props).equals(people())
     finally:
         assert server.stop() == 0, server.log.read_text()
     with kl.open(home, principal="admin") as admin:
@@ -300,3 +340,5 @@ def test_through_kl_connect(tmp_path, simulation_template):
                                 ("app1", "encrypt", "footer", "ok"),
                                 ("app1", "encrypt", "pii", "ok")]
     assert ("app2", "decrypt", "pii", "denied") in seen
+    assert sorted(seen[-2:]) == [("app1", "decrypt", "footer", "ok"),  # the AWS KMS API's reads
+                                 ("app1", "decrypt", "pii", "ok")]
