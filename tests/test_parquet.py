@@ -155,8 +155,12 @@ def test_double_wrapping_one_audited_call_per_master_key(keys, tmp_path, monkeyp
 
 def test_single_wrapping_audits_every_key_request(keys, tmp_path, monkeypatch):
     calls = counting(monkeypatch)
-    path = write(keys, tmp_path / "people.parquet", double_wrapping=False)
-    kp.read_table(path, keys)
+    n = 20_000
+    table = pa.table({"id": list(range(n)), "ssn": [f"{i:03d}-00-{i % 9999:04d}" for i in range(n)]})
+    path = tmp_path / "many.parquet"
+    kp.write_table(table, path, keys, footer_key="footer", columns={"ssn": "pii"},
+                   double_wrapping=False, row_group_size=2_000)
+    assert kp.read_table(path, keys).equals(table)  # ten row groups, read by pyarrow's threads
     records = parquet_records(keys)
     # pyarrow asks for a column's key each time it opens that column's metadata or pages
     assert len(calls["unwrap"]) > 2
