@@ -164,19 +164,20 @@ def _column_keys(columns: Mapping[str, str]) -> dict[str, list[str]]:
 
 def encryption_config(footer_key: str, columns: Mapping[str, str], *,
                       double_wrapping: bool = True, plaintext_footer: bool = False,
-                      external_key_material: bool = False,
+                      external_key_material: bool = False, data_key_length_bits: int = 256,
                       **options: Any) -> pe.EncryptionConfiguration:
     """An ``EncryptionConfiguration``: the footer under ``footer_key``, each column of
     ``columns`` (``{column: master key}``) under its key. ``double_wrapping`` (pyarrow's
     default) makes one keyledger call per master key and file; ``external_key_material``
     writes the wrapped keys beside the file (``_KEY_MATERIAL_FOR_<file>.json``), which
-    ``rotate_key_material`` can re-wrap in place. Other ``options`` go to pyarrow as is."""
+    ``rotate_key_material`` can re-wrap in place. Data keys are 256-bit (pyarrow's default is
+    128). Other ``options`` go to pyarrow as is."""
     if not isinstance(footer_key, str) or not footer_key.strip():
         raise InvalidInput("footer_key names the keyledger key of the file's footer")
     return pe.EncryptionConfiguration(
         footer_key, column_keys=_column_keys(columns), double_wrapping=double_wrapping,
         plaintext_footer=plaintext_footer, internal_key_material=not external_key_material,
-        **options)
+        data_key_length_bits=data_key_length_bits, **options)
 
 
 def decryption_config(**options: Any) -> pe.DecryptionConfiguration:
@@ -191,7 +192,9 @@ def write_table(table: pa.Table, path: str | os.PathLike, ledger: Ledger, *, foo
     """Write ``table`` to ``path`` with its footer under ``footer_key`` and each column of
     ``columns`` (``{column: master key}``) under its key; ``write_options`` go to
     ``pyarrow.parquet.write_table``."""
-    missing = sorted(set(columns) - set(table.column_names)) if isinstance(columns, Mapping) else []
+    present = set(table.column_names)  # a nested column is named by its path, "address.zip"
+    missing = sorted(c for c in columns if str(c).split(".")[0] not in present) \
+        if isinstance(columns, Mapping) else []
     if missing:
         raise InvalidInput(f"columns to encrypt not in the table: {', '.join(missing)}")
     config = encryption_config(footer_key, columns, double_wrapping=double_wrapping,
