@@ -130,6 +130,33 @@ def test_wrapped_keys_are_keyledger_ciphertexts_bound_to_their_master_key(keys, 
     assert refused["key"] == "pii" and refused["outcome"] != "ok"
 
 
+class ForeignKms(pe.KmsClient):
+    """Another KMS's key material: ``wrapped`` is what it stores for every key."""
+
+    def __init__(self, wrapped: str) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+
+    def wrap_key(self, key_bytes, master_key_identifier):
+        return self.wrapped
+
+    def unwrap_key(self, wrapped_key, master_key_identifier):
+        raise AssertionError("not read by this KMS")
+
+
+@pytest.mark.parametrize(("wrapped", "says"), [
+    ("not*base64", "not base64 text"),
+    (base64.b64encode(b"x" * 60).decode(), "not a keyledger ciphertext")])
+def test_a_file_of_another_kms_is_refused_clearly(keys, tmp_path, wrapped, says):
+    factory = pe.CryptoFactory(lambda _config: ForeignKms(wrapped))
+    config = kp.encryption_config("footer", {"ssn": "pii"}, double_wrapping=False)
+    path = tmp_path / "foreign.parquet"
+    pq.write_table(people(), path, encryption_properties=factory.file_encryption_properties(
+        kp.kms_connection(), config))
+    with pytest.raises(kl.InvalidCiphertext, match=f"master key 'footer'.*{says}"):
+        kp.read_table(path, keys)
+
+
 def test_plaintext_footer_reads_plain_columns_without_keys(keys, tmp_path):
     path = write(keys, tmp_path / "people.parquet", plaintext_footer=True)
     assert pq.read_table(path, columns=["id"]).column("id").to_pylist() == [1, 2, 3]

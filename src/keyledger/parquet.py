@@ -55,7 +55,10 @@ def wrap_context(master_key_id: str) -> dict[str, str]:
 def _reraise(exc: KeyLedgerError, what: str) -> KeyLedgerError:
     """The same error class, its message prefixed with the Parquet step that failed (pyarrow
     hands the KMS client's exception itself back to the reader or writer)."""
-    return type(exc)(f"{what}: {exc}")
+    try:
+        return type(exc)(f"{what}: {exc}")
+    except TypeError:  # a subclass that wants more than a message: keep the original
+        return exc
 
 
 class KeyLedgerKmsClient(pe.KmsClient):
