@@ -75,7 +75,7 @@ def counting(monkeypatch) -> dict[str, list[str]]:
 
 def key_material(path: Path) -> dict[str, dict]:
     """The external key material beside ``path`` (``external_key_material=True``)."""
-    store = json.loads((path.parent / f"_KEY_MATERIAL_FOR_{path.name}.json").read_text())
+    store = json.loads(kp.key_material_file(path).read_text())
     return {k: json.loads(v) for k, v in store.items()}
 
 
@@ -120,7 +120,8 @@ def test_wrapped_keys_are_keyledger_ciphertexts_bound_to_their_master_key(keys, 
     # the file names a master key the reader may use, but not the one that wrapped the key:
     # the encryption context (master_key_id) refuses it
     keys.create_key("public", spec="AES_256")
-    store = path.parent / f"_KEY_MATERIAL_FOR_{path.name}.json"
+    store = kp.key_material_file(path)
+    assert store == tmp_path / "_KEY_MATERIAL_FOR_people.parquet.json"
     raw = json.loads(store.read_text())
     store.write_text(json.dumps({k: v.replace('"masterKeyID":"pii"', '"masterKeyID":"public"')
                                  for k, v in raw.items()}))
@@ -223,8 +224,12 @@ def test_external_key_material_is_rewrapped_after_rotation(keys, tmp_path, clock
     # version 1 retired: the re-wrapped file reads, the file with key material inside does not
     keys.trim("pii", 2)
     assert kp.read_table(path, keys).equals(people())
-    with pytest.raises(kl.KeyLedgerError, match="master key 'pii'"):
+    with pytest.raises(kl.KeyStateError, match="master key 'pii'.*version 1"):
         kp.read_table(inside, keys)
+    with pytest.raises(kl.InvalidInput, match="inside the file.*rewrite it"):
+        kp.rotate_key_material(inside, keys)
+    with pytest.raises(kl.InvalidInput, match="no Parquet file"):
+        kp.rotate_key_material(tmp_path / "missing.parquet", keys)
 
 
 # -- key states, grants --------------------------------------------------------------------------------

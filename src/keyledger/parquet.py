@@ -25,6 +25,7 @@ import base64
 import binascii
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -224,8 +225,23 @@ def rotate_key_material(path: str | os.PathLike, ledger: Ledger, *,
     master key's latest version (after ``ledger.rotate``), without rewriting the data: the
     Parquet analogue of ``rewrap_many``. Files with key material inside cannot be re-wrapped
     in place; they keep reading as long as their key version is usable."""
-    crypto_factory(ledger).rotate_master_keys(kms_connection(), _path(path),
+    file = Path(_path(path))
+    if not file.is_file():
+        raise InvalidInput(f"no Parquet file at {file}")
+    if not key_material_file(file).is_file():
+        raise InvalidInput(
+            f"{file.name} keeps its key material inside the file (written without "
+            "external_key_material=True), which cannot be re-wrapped in place: it reads while "
+            "its key version is usable; to move it to the latest version, rewrite it "
+            "(read_table, then write_table)")
+    crypto_factory(ledger).rotate_master_keys(kms_connection(), str(file),
                                               double_wrapping=double_wrapping)
+
+
+def key_material_file(path: str | os.PathLike) -> Path:
+    """Where pyarrow keeps a file's external key material (beside it; keep the two together)."""
+    file = Path(_path(path))
+    return file.with_name(f"_KEY_MATERIAL_FOR_{file.name}.json")
 
 
 def _path(path: str | os.PathLike) -> str:
