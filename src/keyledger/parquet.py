@@ -139,7 +139,9 @@ def crypto_factory(ledger: Ledger, *, cache_keys: bool = False) -> pe.CryptoFact
     ``file_decryption_properties`` call with empty caches: each file written or read asks
     keyledger again (one audited call per master key with double wrapping). ``True`` keeps
     pyarrow's caching: fewer calls, but a factory that already unwrapped a file's key keeps
-    reading it after the key is disabled, until ``remove_cache_entries_for_all_tokens()``."""
+    reading it after the key is disabled, until ``remove_cache_entries_for_all_tokens()``.
+    ``pyarrow.dataset`` calls the factory from C++, past the reset: use a new factory per
+    scan (docs/parquet.md)."""
     if not callable(getattr(ledger, "encrypt", None)) or not callable(
             getattr(ledger, "decrypt", None)):
         raise InvalidInput("crypto_factory takes a ledger: kl.open(...) or kl.connect(...)")
