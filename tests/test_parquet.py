@@ -79,6 +79,14 @@ def key_material(path: Path) -> dict[str, dict]:
     return {k: json.loads(v) for k, v in store.items()}
 
 
+def lake(path: Path, factory) -> ds.Dataset:
+    """A folder of encrypted files as an Arrow dataset (docs/parquet.md's ``encrypted_lake``)."""
+    config = ds.ParquetDecryptionConfig(factory, kp.kms_connection(), kp.decryption_config())
+    fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+        decryption_config=config))
+    return ds.dataset(path, format=fmt)
+
+
 # -- round trip, confidentiality ---------------------------------------------------------------------
 @pytest.mark.parametrize("double_wrapping", [True, False])
 def test_encrypted_pii_column_and_footer_round_trip(keys, tmp_path, double_wrapping):
@@ -282,10 +290,7 @@ def test_a_dataset_scan_uses_its_factory_as_pyarrow_caches_it(keys, tmp_path):
         write(keys, tmp_path / "lake" / f"{part}.parquet")
 
     def scan(factory) -> int:
-        config = ds.ParquetDecryptionConfig(factory, kp.kms_connection(), kp.decryption_config())
-        fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
-            decryption_config=config))
-        return ds.dataset(tmp_path / "lake", format=fmt).to_table().num_rows
+        return lake(tmp_path / "lake", factory).to_table().num_rows
 
     kept = crypto_factory(keys)
     assert scan(kept) == 6
@@ -337,6 +342,12 @@ def test_duckdb_queries_the_table_keyledger_decrypted(keys, tmp_path):
     con = duckdb.connect()
     con.register("people", people_table)
     assert con.sql("SELECT count(*), max(ssn) FROM people").fetchall() == [(3, max(SSNS))]
+    # a folder, scanned as an Arrow dataset: pyarrow decrypts as DuckDB pulls batches
+    (tmp_path / "lake").mkdir()
+    for part in ("a", "b"):
+        write(keys, tmp_path / "lake" / f"{part}.parquet")
+    con.register("lake", lake(tmp_path / "lake", crypto_factory(keys)))
+    assert con.sql("SELECT count(*), count(DISTINCT ssn) FROM lake").fetchall() == [(6, 3)]
     con.close()
 
 
