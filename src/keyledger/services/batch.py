@@ -26,6 +26,9 @@ from .context import Audited, as_bytes
 from .crypto import CryptoService
 
 BATCH_ROTATIONS = 16  # automatic rotations one batch may cause at a usage limit
+# items per backend call: the HSM lock is held for one call, so other threads' calls (and the
+# journal's seals) wait at most this many items (~20 ms), at no measurable cost per item
+CHUNK = 1024
 _ERRORS = ("raise", "return")
 _PREFIX_LEN = ct.HEADER_LEN - ct.NONCE_LEN  # magic, format, algorithm, key id, version
 _FORMAT = ct.pack_header(bytes(16), 1, bytes(ct.NONCE_LEN))[:4]  # magic, format, algorithm
@@ -68,7 +71,7 @@ class _Tally:
         parts.append("versions=" + ",".join(f"{v}:{n}" for v, n in sorted(self.used.items())))
         detail = " ".join(parts)
         if first is not None:
-            detail += f"; item {first[0]}: {first[2]}"
+            detail += f"; {first[2]}"
         elif exc is not None:
             detail += f"; {self.note or exc}"
         rec.detail = detail[:1000]
@@ -152,13 +155,15 @@ class BatchService(CryptoService):
         prefix = ct.pack_header(key.key_id_bytes, version.version,
                                 bytes(ct.NONCE_LEN))[:_PREFIX_LEN]
         size = ct.NONCE_LEN
-        nonces = os.urandom(size * len(todo))  # fresh random nonces, one kernel call
-        heads = [prefix + nonces[j:j + size] for j in range(0, len(nonces), size)]
-        calls = [(h[_PREFIX_LEN:], h + ctx, data) for h, (_, data) in zip(heads, todo,
-                                                                            strict=True)]
-        bodies = self._rt.backend.encrypt_gcm_many(version.handle, calls)
-        for (i, _), head, body in zip(todo, heads, bodies, strict=True):
-            out[i] = head + body
+        for start in range(0, len(todo), CHUNK):
+            part = todo[start:start + CHUNK]
+            nonces = os.urandom(size * len(part))  # fresh random nonces, one kernel call
+            heads = [prefix + nonces[j:j + size] for j in range(0, len(nonces), size)]
+            calls = [(h[_PREFIX_LEN:], h + ctx, data) for h, (_, data) in zip(heads, part,
+                                                                                strict=True)]
+            bodies = self._rt.backend.encrypt_gcm_many(version.handle, calls)
+            for (i, _), head, body in zip(part, heads, bodies, strict=True):
+                out[i] = head + body
 
     def decrypt_many(self, values: Any, *, context: Mapping[str, str] | None = None,
                      errors: str = "raise") -> Any:
@@ -205,7 +210,7 @@ class BatchService(CryptoService):
         if version not in key.versions:
             for i, _ in members:
                 tally.fail(i, InvalidCiphertext(f"item {i} {_OPAQUE}"),
-                           f"unknown version {version}")
+                           f"item {i}: unknown version {version}")
             return
         try:
             kv = key.version_for_decrypt(version)
@@ -214,17 +219,19 @@ class BatchService(CryptoService):
                 tally.fail(i, KeyStateError(f"item {i}: {exc}"))
             return
         h = ct.HEADER_LEN
-        plain = self._rt.backend.decrypt_gcm_many(
-            kv.handle, [(b[_PREFIX_LEN:h], b[:h] + ctx, b[h:]) for _, b in members])
         done = 0
-        for (i, _), p in zip(members, plain, strict=True):
-            if p is None:
-                tally.fail(i, InvalidCiphertext(
-                    f"item {i} cannot be decrypted: it was altered or the context differs"),
-                    "authentication failed: tampered data or wrong context")
-            else:
-                out[i] = p
-                done += 1
+        for start in range(0, len(members), CHUNK):
+            part = members[start:start + CHUNK]
+            plain = self._rt.backend.decrypt_gcm_many(
+                kv.handle, [(b[_PREFIX_LEN:h], b[:h] + ctx, b[h:]) for _, b in part])
+            for (i, _), p in zip(part, plain, strict=True):
+                if p is None:
+                    tally.fail(i, InvalidCiphertext(
+                        f"item {i} cannot be decrypted: it was altered or the context differs"),
+                        f"item {i}: authentication failed: tampered data or wrong context")
+                else:
+                    out[i] = p
+                    done += 1
         tally.add(version, done)
 
 
@@ -264,10 +271,10 @@ def _headers(items: list[Any], tally: _Tally,
                     continue
                 break
             v = bytes(v)
-        if len(v) < shortest or v[:4] != _FORMAT or v[20:24] == _NO_VERSION:
+        if len(v) < shortest or not v.startswith(_FORMAT) or v.startswith(_NO_VERSION, 20):
             tally.fail(i, InvalidCiphertext(f"item {i} is not a keyledger ciphertext"),
-                       "malformed ciphertext")
-        elif kid is not None and v[4:20] != kid:
+                       f"item {i}: malformed ciphertext")
+        elif kid is not None and not v.startswith(kid, 4):
             tally.fail(i, InvalidInput(
                 f"item {i} is under another key than the batch's first ciphertext: "
                 "decrypt_many takes one key's ciphertexts per batch"))

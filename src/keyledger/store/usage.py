@@ -82,11 +82,14 @@ class UsageCounters:
 
     def give_back(self, key_id: str, version: int, limit: int, n: int) -> None:
         """Return ``n`` uses spent by ``take_many`` but not used (a batch refused before any
-        encryption) to this process's block; if the block was replaced meanwhile (another
-        limit), they stay counted as used, which never lets a version pass its limit."""
+        encryption) to this process's block (they are claimed in the shared counter); if the
+        block was taken under another limit meanwhile, they stay counted as used, which never
+        lets a version pass its limit."""
         with self._lock:
             block = self._blocks.get((key_id, version))
-            if block is not None and block[1] == limit:
+            if block is None:  # the claim that found the version used up dropped it
+                self._blocks[(key_id, version)] = [n, limit]
+            elif block[1] == limit:
                 block[0] += n
 
     def _claim(self, slot: tuple[str, int], limit: int, seed: Seed) -> bool:
