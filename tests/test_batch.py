@@ -336,3 +336,55 @@ def test_encrypt_and_decrypt_columns_return_new_frames(ledger: kl.KeyLedger) -> 
     assert len(_records(ledger, "encrypt_many")) == 2  # one batch (one record) per column
     with pytest.raises(kl.InvalidInput, match="no column 'nope'"):
         encrypt_columns(ledger, df, {"nope": "pii"})
+
+
+# -- over kl.connect -----------------------------------------------------------------------------
+def test_batches_round_trip_through_keyledger_serve(tmp_path, simulation_template) -> None:
+    from serve_support import audit, new_home, start
+
+    from keyledger.remote import client as remote
+
+    home, keys = new_home(tmp_path, simulation_template)
+    with kl.open(home, principal="admin") as led:
+        led.create_key("pii", spec="AES_256")
+        led.grant("pii", "app1", "user")
+        local_ct = led.encrypt("pii", b"written locally")
+    server = start(home)
+    try:
+        app = kl.connect(server.url, access_key_id=keys["app1"]["AccessKeyId"],
+                         secret_access_key=keys["app1"]["SecretAccessKey"])
+        with app:
+            s = pd.Series([b"a", None, b"c"], index=[5, 6, 7], name="ssn")
+            enc = app.encrypt_many("pii", s, context={"t": "x"})
+            assert isinstance(enc, pd.Series) and list(enc.index) == [5, 6, 7]
+            assert enc.name == "ssn" and enc.iloc[1] is None
+            arr = app.decrypt_many(pa.array(list(enc), type=pa.binary()), context={"t": "x"})
+            assert isinstance(arr, pa.Array) and arr.to_pylist() == [b"a", None, b"c"]
+            assert app.decrypt_many([local_ct]) == [b"written locally"]
+            bad = [enc.iloc[0], enc.iloc[2][:-1] + bytes([enc.iloc[2][-1] ^ 1])]
+            result = app.decrypt_many(bad, context={"t": "x"}, errors="return")
+            assert isinstance(result, BatchResult) and result.values == [b"a", None]
+            assert result.errors[0][:2] == (1, "InvalidCiphertext")
+            with pytest.raises(kl.InvalidCiphertext, match="item 1"):
+                app.decrypt_many(bad, context={"t": "x"})
+            frame = encrypt_columns(app, pd.DataFrame({"ssn": [b"1", b"2"]}), {"ssn": "pii"})
+            assert decrypt_columns(app, frame, ["ssn"])["ssn"].tolist() == [b"1", b"2"]
+            # a column too big for one request travels in parts; indices stay the column's
+            small = remote.BATCH_REQUEST_BYTES
+            remote.BATCH_REQUEST_BYTES = 2_000
+            try:
+                many = app.encrypt_many("pii", [b"%04d" % i for i in range(100)])
+                many[70] = many[70][:-1] + bytes([many[70][-1] ^ 1])
+                with pytest.raises(kl.InvalidCiphertext, match="item 70 "):
+                    app.decrypt_many(many)
+                parted = app.decrypt_many(many, errors="return")
+            finally:
+                remote.BATCH_REQUEST_BYTES = small
+            assert [e[0] for e in parted.errors] == [70]
+            assert parted.values[:70] == [b"%04d" % i for i in range(70)]
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+    recs = audit(home, principal="app1", limit=None)
+    first = recs[recs["action"].isin(["encrypt_many", "decrypt_many"])].iloc[:3]
+    assert list(first["action"]) == ["encrypt_many", "decrypt_many", "decrypt_many"]
+    assert _detail(first.iloc[0]["detail"])["count"] == "3" and set(first["key"]) == {"pii"}
