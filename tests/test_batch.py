@@ -130,6 +130,7 @@ def test_a_10k_batch_round_trips_with_one_record_each(ledger: kl.KeyLedger) -> N
     assert len(_records(ledger, "decrypt_many")) == 1
     usage = ledger.version_usage("pii").set_index("version")
     assert usage.loc[1, "encryptions"] == 10_000 and usage.loc[1, "decryptions"] == 10_000
+    assert ledger.verify_audit().ok  # batch records are chained and checked like any other
 
 
 def test_empty_batches_return_empty_and_are_recorded(ledger: kl.KeyLedger) -> None:
@@ -336,6 +337,20 @@ def test_encrypt_and_decrypt_columns_return_new_frames(ledger: kl.KeyLedger) -> 
     assert len(_records(ledger, "encrypt_many")) == 2  # one batch (one record) per column
     with pytest.raises(kl.InvalidInput, match="no column 'nope'"):
         encrypt_columns(ledger, df, {"nope": "pii"})
+
+
+def test_batches_on_the_in_memory_backend(tmp_path, clock) -> None:
+    from keyledger.hsm import memory
+
+    memory.init_home(tmp_path / "mem")
+    with kl.open(tmp_path / "mem", principal="alice", clock=clock) as led:
+        led.create_key("pii", spec="AES_256")
+        enc = led.encrypt_many("pii", [b"a", None, b"b"])
+        assert led.decrypt(enc[0]) == b"a" and led.decrypt_many(enc) == [b"a", None, b"b"]
+        enc[2] = enc[2][:-1] + bytes([enc[2][-1] ^ 1])
+        result = led.decrypt_many(enc, errors="return")
+        assert result.values == [b"a", None, None] and result.errors[0][:2] == (
+            2, "InvalidCiphertext")
 
 
 # -- over kl.connect -----------------------------------------------------------------------------
