@@ -403,3 +403,10 @@ def test_batches_round_trip_through_keyledger_serve(tmp_path, simulation_templat
     first = recs[recs["action"].isin(["encrypt_many", "decrypt_many"])].iloc[:3]
     assert list(first["action"]) == ["encrypt_many", "decrypt_many", "decrypt_many"]
     assert _detail(first.iloc[0]["detail"])["count"] == "3" and set(first["key"]) == {"pii"}
+
+
+def test_decrypt_many_takes_bytearray_and_memoryview_items(ledger: kl.KeyLedger) -> None:
+    ledger.create_key("pii", spec="AES_256")
+    enc = ledger.encrypt_many("pii", [b"a", b"b", b"c"])
+    items = [bytearray(enc[0]), memoryview(enc[1]), enc[2]]
+    assert ledger.decrypt_many(items) == [b"a", b"b", b"c"]

@@ -257,34 +257,47 @@ def _headers(items: list[Any], tally: _Tally,
     items, and items of another key (one key per batch), are those items' failures; without
     ``keep_going`` nothing after the first failure is looked at."""
     kid: bytes | None = None
+    head = b"\0"  # magic, format, algorithm and the batch's key id, once it is known
     groups: dict[bytes, list[tuple[int, bytes]]] = {}
     shortest = ct.HEADER_LEN + ct.TAG_LEN
     for i, v in enumerate(items):
+        # the usual item: bytes of the batch's key, a version seen before (one test each)
+        if type(v) is bytes and len(v) >= shortest and v.startswith(head):
+            members = groups.get(v[20:24])
+            if members is not None:
+                members.append((i, v))
+                continue
         if v is None:
             tally.nulls += 1
             continue
-        if type(v) is not bytes:
-            if not isinstance(v, bytearray | memoryview):
-                tally.fail(i, InvalidInput(f"item {i} must be bytes (a keyledger ciphertext), "
-                                           f"not {type(v).__name__}"))
-                if keep_going:
-                    continue
-                break
+        failure = _header_failure(i, v, kid)
+        if failure is None:
             v = bytes(v)
-        if len(v) < shortest or not v.startswith(_FORMAT) or v.startswith(_NO_VERSION, 20):
-            tally.fail(i, InvalidCiphertext(f"item {i} is not a keyledger ciphertext"),
-                       f"item {i}: malformed ciphertext")
-        elif kid is not None and not v.startswith(kid, 4):
-            tally.fail(i, InvalidInput(
-                f"item {i} is under another key than the batch's first ciphertext: "
-                "decrypt_many takes one key's ciphertexts per batch"))
-        else:
             kid = v[4:20]
+            head = _FORMAT + kid
             groups.setdefault(v[20:24], []).append((i, v))
             continue
+        tally.fail(i, *failure)
         if not keep_going:
             break
     return kid, {int.from_bytes(b): members for b, members in groups.items()}
+
+
+def _header_failure(i: int, v: object,
+                    kid: bytes | None) -> tuple[KeyLedgerError, str | None] | None:
+    """Why item ``i`` cannot be in the batch (its error, the record's reason), or None."""
+    if not isinstance(v, bytes | bytearray | memoryview):
+        return InvalidInput(f"item {i} must be bytes (a keyledger ciphertext), not "
+                            f"{type(v).__name__}"), None
+    v = bytes(v)
+    if len(v) < ct.HEADER_LEN + ct.TAG_LEN or not v.startswith(_FORMAT) \
+            or v.startswith(_NO_VERSION, 20):
+        return (InvalidCiphertext(f"item {i} is not a keyledger ciphertext"),
+                f"item {i}: malformed ciphertext")
+    if kid is not None and not v.startswith(kid, 4):
+        return InvalidInput(f"item {i} is under another key than the batch's first ciphertext: "
+                            "decrypt_many takes one key's ciphertexts per batch"), None
+    return None
 
 
 def _result(values: Any, tally: _Tally, keep_going: bool) -> Any:
