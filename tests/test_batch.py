@@ -89,7 +89,7 @@ def test_mixed_versions_after_rotate_decrypt_in_one_batch(ledger: kl.KeyLedger) 
     assert ledger.decrypt_many(mixed) == [b"v2-0", b"v1-0", None, b"v2-single", b"v1-1",
                                           b"v2-1", b"v1-2"]
     rec = _records(ledger, "decrypt_many").iloc[-1]
-    assert rec["version"] == 1  # the lowest version used; detail has each version's items
+    assert rec["version"] == 1  # the lowest version read; detail has each version's items
     assert _detail(rec["detail"])["versions"] == "1:3,2:3"
     usage = ledger.version_usage("pii").set_index("version")
     assert usage.loc[1, "decryptions"] == 3 and usage.loc[2, "decryptions"] == 3
@@ -154,7 +154,8 @@ def test_a_batch_across_the_usage_limit_rotates_mid_batch_exactly(ledger: kl.Key
     assert ledger.get_key("pii").latest_version == 3
     assert ledger.decrypt_many(enc) == [b"m%d" % i for i in range(250)]
     rec = _records(ledger, "encrypt_many").iloc[-1]
-    assert _detail(rec["detail"])["versions"] == "1:100,2:100,3:50" and rec["version"] == 1
+    assert _detail(rec["detail"])["versions"] == "1:100,2:100,3:50"
+    assert rec["version"] == 3  # the version the batch ended on: the latest at its time
     # v3 has exactly 50 uses left: a batch of 50 stays on it, the next item rotates
     more = ledger.encrypt_many("pii", [b"n"] * 51)
     assert Counter(_version(c) for c in more) == {3: 50, 4: 1}

@@ -7,8 +7,10 @@ reads what ``encrypt`` wrote.
 The batch's audit record (action ``encrypt_many``/``decrypt_many``, the key, outcome) says in
 ``detail``: ``count=<items> nulls=<n> ok=<items done> failed=<n> [first_failed=<index>]
 versions=<version>:<items>,...`` and, after a failure, ``; item <i>: <reason>``. Its ``version``
-column is the lowest version used; ingest counts the ``versions=`` items into ``usage`` per
-version (store/ingest.py), so ``version_usage`` and usage limits see every item.
+column is, for ``encrypt_many``, the version the batch ended on (the key's latest at the
+record's time, also after an automatic rotation mid-batch), for ``decrypt_many`` the lowest
+version read; ingest counts the ``versions=`` items into ``usage`` per version
+(store/ingest.py), so ``version_usage`` and usage limits see every item.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ class _Tally:
         elif exc is not None:
             detail += f"; {self.note or exc}"
         rec.detail = detail[:1000]
-        if self.used:
-            rec.version = min(self.used)
+        if self.used:  # encrypt: the version it ended on (the latest then); decrypt: the oldest
+            rec.version = max(self.used) if rec.action == "encrypt_many" else min(self.used)
 
 
 def _keep_going(errors: object) -> bool:
