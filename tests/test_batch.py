@@ -183,6 +183,58 @@ def test_a_batch_over_the_limit_without_auto_rotate_is_refused_whole(
     assert ledger.version_usage("pii").set_index("version").loc[1, "encryptions"] == 100
 
 
+_BATCH_SPENDER = """
+import json, sys
+import keyledger as kl
+led = kl.open(sys.argv[1], principal="app")
+print("ready", flush=True)
+sys.stdin.readline()
+ok = 0
+while True:
+    try:
+        ok += len(led.encrypt_many("k", [b"x"] * 50))
+    except kl.PolicyViolation:
+        break
+led.close()  # gives back the uses its block still holds
+print(json.dumps({"ok": ok}))
+"""
+
+
+@pytest.mark.slow
+def test_batches_in_two_processes_never_pass_the_limit_and_count_exactly(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    with kl.open(home, principal="admin") as led:
+        led.create_key("k", spec="AES_256")
+        led.set_policy("k", usage_limit=600, auto_rotate=False)
+        led.grant("k", "app", "user")
+    procs = [subprocess.Popen([sys.executable, "-c", _BATCH_SPENDER, str(home)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        assert proc.stdout.readline() == "ready\n", proc.communicate(timeout=60)[1]
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    made = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        made.append(json.loads(out.strip().splitlines()[-1])["ok"])
+    assert sum(made) <= 600 and sum(made) % 50 == 0  # whole batches, never past the limit
+    with kl.open(home, principal="app") as app:
+        left = 600 - sum(made)  # what the processes' blocks held came back when they closed
+        assert len(app.encrypt_many("k", [b"y"] * left)) == left
+        with pytest.raises(kl.PolicyViolation):
+            app.encrypt_many("k", [b"z"])
+    with kl.open(home, principal="admin") as led:
+        assert led.version_usage("k").set_index("version").loc[1, "encryptions"] == 600
+        assert led.verify_audit().ok
+
+
 # -- per-item errors -----------------------------------------------------------------------------
 def test_errors_return_reports_failed_items_and_raise_names_the_first(
         ledger: kl.KeyLedger) -> None:
