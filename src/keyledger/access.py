@@ -44,7 +44,8 @@ REQUIRED: dict[str, frozenset[Role]] = {
     "list_access_keys": frozenset({A, R}),
     **{a: frozenset({U}) for a in (
         "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt",
-        "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many")},
+        "envelope_decrypt", "sign", "verify", "mac", "verify_mac", "rewrap_many",
+        "encrypt_many", "decrypt_many")},
     **{a: frozenset({A, R}) for a in ("audit", "verify_audit", "export_audit",
                                        "version_usage", "compliance", "compliance_report",
                                        "query")},

@@ -29,6 +29,7 @@ from .runtime import HomeRuntime, ReconcileReport
 from .services.accesskeys import AccessKeySecret, AccessKeyService
 from .services.audit import AUDIT_LIMIT, AuditService
 from .services.backup import BackupService
+from .services.batch import BatchService
 from .services.compliance import ComplianceService
 from .services.context import Audited, Context
 from .services.crypto import CryptoService, DataKey
@@ -69,6 +70,7 @@ class KeyLedger:
         gate's table: which service executes an approved request of each action."""
         self._lifecycle = LifecycleService(ctx)
         self._crypto = CryptoService(ctx, self._lifecycle)
+        self._batch = BatchService(ctx, self._lifecycle)
         self._home = HomeService(ctx)
         self._audit = AuditService(ctx)
         self._compliance = ComplianceService(ctx)
@@ -241,6 +243,19 @@ class KeyLedger:
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt any keyledger ciphertext; the key and version come from its header."""
         return self._crypto.decrypt(ciphertext, context=context)
+
+    def encrypt_many(self, name: str, values: Any, *, context: Mapping[str, str] | None = None,
+                     errors: str = "raise") -> Any:
+        """Encrypt a column (list of bytes, pandas Series or Arrow binary array) under ``name``:
+        the same kind back, nulls null, one audit record (docs/batch.md); ``errors="return"``
+        gives a ``BatchResult`` with per-item errors instead of raising."""
+        return self._batch.encrypt_many(name, values, context=context, errors=errors)
+
+    def decrypt_many(self, values: Any, *, context: Mapping[str, str] | None = None,
+                     errors: str = "raise") -> Any:
+        """Decrypt a column of ciphertexts of one key (any versions): the same kind back, nulls
+        null, one audit record (docs/batch.md)."""
+        return self._batch.decrypt_many(values, context=context, errors=errors)
 
     def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Re-encrypt under the key's latest version without exposing plaintext to the caller."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +63,18 @@ class HsmBackend(Protocol):
     def attributes(self, handle: bytes) -> KeyAttributes: ...
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes: ...
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes: ...
+    def encrypt_gcm_many(self, handle: bytes,
+                         items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        """``encrypt_gcm`` of each ``(nonce, aad, plaintext)`` under one key (a batch: one
+        lock and one key lookup for all); ciphertext||tag per item, in order."""
+        ...
+
+    def decrypt_gcm_many(self, handle: bytes,
+                         items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes | None]:
+        """``decrypt_gcm`` of each ``(nonce, aad, ciphertext||tag)`` under one key; None where
+        an item fails authentication (the others go on), in order."""
+        ...
+
     def sign(self, spec: KeySpec, handle: bytes, message: bytes) -> bytes: ...
     def verify(self, spec: KeySpec, handle: bytes, message: bytes, signature: bytes) -> bool: ...
     def mac(self, handle: bytes, message: bytes) -> bytes: ...

@@ -23,7 +23,7 @@ import contextlib
 import hmac
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -152,6 +152,22 @@ class MemoryBackend:
             return AESGCM(secret).decrypt(nonce, data, aad)
         except (InvalidTag, ValueError):
             raise DecryptFailed("InvalidTag") from None
+
+    def encrypt_gcm_many(self, handle: bytes,
+                         items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        aead = AESGCM(self._secret(handle, "encrypting in the HSM", Family.AES))
+        return [aead.encrypt(nonce, data, aad) for nonce, aad, data in items]
+
+    def decrypt_gcm_many(self, handle: bytes,
+                         items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes | None]:
+        aead = AESGCM(self._secret(handle, "decrypting in the HSM", Family.AES))
+        out: list[bytes | None] = []
+        for nonce, aad, data in items:
+            try:
+                out.append(aead.decrypt(nonce, data, aad))
+            except (InvalidTag, ValueError):
+                out.append(None)
+        return out
 
     def mac(self, handle: bytes, message: bytes) -> bytes:
         secret = self._secret(handle, "computing a MAC in the HSM", Family.HMAC)

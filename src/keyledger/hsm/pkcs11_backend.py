@@ -12,7 +12,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pkcs11
@@ -41,6 +41,9 @@ _CAP = MechanismFlag
 # it holds this process's PKCS#11 lock meanwhile, so only genuinely missing material pays it.
 _APPEAR_WAIT_S = 2.0
 _APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
+# what SoftHSM2 raises when AES-GCM data fails authentication (decrypt_gcm_many: that item)
+_GCM_AUTH_FAILED = (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
+                    px.DataInvalid, px.DataLenRange, px.FunctionFailed)
 _OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256, MGF.SHA256, None)}
 
 
@@ -383,6 +386,38 @@ class Pkcs11Backend:
             except (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
                     px.DataInvalid, px.DataLenRange, px.FunctionFailed) as exc:
                 raise DecryptFailed(type(exc).__name__) from None
+
+        return self._run(handle, ObjectClass.SECRET_KEY, "decrypting in the HSM", op)
+
+    # -- batches (services/batch.py): one lock, one session and one key lookup for N items ----
+    @_serialized
+    def encrypt_gcm_many(self, handle: bytes,
+                         items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        out: list[bytes] = []
+
+        def op(k: Any) -> list[bytes]:
+            encrypt, append, params = k.encrypt, out.append, pkcs11.GCMParams
+            for nonce, aad, data in items[len(out):]:  # a stale handle found again: go on
+                append(encrypt(data, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=params(nonce, aad, 128)))
+            return out
+
+        return self._run(handle, ObjectClass.SECRET_KEY, "encrypting in the HSM", op)
+
+    @_serialized
+    def decrypt_gcm_many(self, handle: bytes,
+                         items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+
+        def op(k: Any) -> list[bytes | None]:
+            decrypt, append, params = k.decrypt, out.append, pkcs11.GCMParams
+            for nonce, aad, data in items[len(out):]:  # a stale handle found again: go on
+                try:
+                    append(decrypt(data, mechanism=Mechanism.AES_GCM,
+                                   mechanism_param=params(nonce, aad, 128)))
+                except _GCM_AUTH_FAILED:
+                    append(None)
+            return out
 
         return self._run(handle, ObjectClass.SECRET_KEY, "decrypting in the HSM", op)
 

@@ -29,6 +29,7 @@ SERVED: tuple[str, ...] = (
     "mark_compromised", "schedule_deletion", "cancel_deletion", "destroy", "set_alias",
     "remove_alias", "move_alias", "set_tags", "set_policy",
     "encrypt", "decrypt", "rewrap", "generate_data_key", "envelope_encrypt", "envelope_decrypt",
+    "encrypt_many", "decrypt_many",
     "sign", "verify", "mac", "verify_mac", "public_key_pem",
     "capabilities", "key_attributes",
     "flush_audit", "audit", "query", "verify_audit", "accept_unproven",

@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from .. import errors
+from ..columns import BatchResult, as_items
 from ..errors import ConfigError, InvalidInput, KeyLedgerError, NotRemote, ServiceError
 from ..runtime import ReconcileReport
 from ..service import KeyLedger
@@ -35,6 +37,8 @@ from .credentials import AccessKey
 
 SERVICE = "kms"  # the SigV4 scope keyledger serve checks (one door for KMS and keyledger calls)
 TIMEOUT_S = 120.0  # a compliance evaluation or run_due can take a while on a big home
+# encoded bytes of one batch request: keyledger serve refuses bodies over 1 MiB (server/app.py)
+BATCH_REQUEST_BYTES = 768 * 1024
 AUTH_CODES = ("InvalidSignatureException", "UnrecognizedClientException",
               "IncompleteSignatureException", "MissingAuthenticationTokenException",
               "InvalidClientTokenId", "ExpiredTokenException")
@@ -155,6 +159,64 @@ class RemoteLedger:
             raise InvalidInput("rewrap_many takes bytes ciphertexts")
         return self._call("rewrap_many", {"ciphertexts": items, "context": context,
                                           "dry_run": dry_run})
+
+
+    # -- batches: the column travels as a list, the answer is rebuilt as the input's kind ------
+    def encrypt_many(self, name: str, values: Any, *, context: Mapping[str, str] | None = None,
+                     errors: str = "raise") -> Any:
+        """``KeyLedger.encrypt_many`` on the server (docs/batch.md, "Over kl.connect")."""
+        return self._batch("encrypt_many", values, {"name": name, "context": context,
+                                                    "errors": errors})
+
+    def decrypt_many(self, values: Any, *, context: Mapping[str, str] | None = None,
+                     errors: str = "raise") -> Any:
+        """``KeyLedger.decrypt_many`` on the server (docs/batch.md, "Over kl.connect")."""
+        return self._batch("decrypt_many", values, {"context": context, "errors": errors})
+
+    def _batch(self, method: str, values: Any, arguments: dict[str, Any]) -> Any:
+        """One request per part of at most ``BATCH_REQUEST_BYTES`` (each a batch, one audit
+        record, on the server); indices in errors are the whole column's."""
+        items, rebuild = as_items(values)
+        out: list[bytes | None] = []
+        failed: list[tuple[int, str, str]] = []
+        for start, part in _parts(items):
+            try:
+                got = self._call(method, {**arguments, "values": part})
+            except KeyLedgerError as exc:
+                raise _shifted(exc, start) from None
+            if isinstance(got, BatchResult):
+                out.extend(got.values)
+                failed.extend((i + start, cls, _shift(text, start)) for i, cls, text in got.errors)
+            else:
+                out.extend(got)
+        return BatchResult(rebuild(out), failed) if arguments["errors"] == "return" \
+            else rebuild(out)
+
+
+def _parts(items: list[Any]) -> list[tuple[int, list[Any]]]:
+    """``items`` cut into (first index, items) parts whose wire form fits one request."""
+    parts: list[tuple[int, list[Any]]] = []
+    start, size = 0, 0
+    for i, v in enumerate(items):
+        n = 4 * (len(v) + 2) // 3 + 20 if isinstance(v, bytes | bytearray | memoryview) \
+            else 6 * len(v) + 10 if isinstance(v, str) else 32
+        if size + n > BATCH_REQUEST_BYTES and i > start:
+            parts.append((start, items[start:i]))
+            start, size = i, 0
+        size += n
+    parts.append((start, items[start:]))
+    return parts
+
+
+def _shift(text: str, start: int) -> str:
+    """A message's ``item <i>`` of a part as the index in the whole column."""
+    if not start:
+        return text
+    return re.sub(r"\bitem (\d+)", lambda m: f"item {int(m[1]) + start}", text)
+
+
+def _shifted(exc: KeyLedgerError, start: int) -> KeyLedgerError:
+    return type(exc)(_shift(str(exc), start)) if start else exc
 
 
 def _remote(name: str) -> Callable[..., Any]:

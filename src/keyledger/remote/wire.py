@@ -30,6 +30,7 @@ import pandas as pd
 
 from ..backup import RestoreTestReport
 from ..byok import WrappedKey
+from ..columns import BatchResult
 from ..display import AuditFrame, FindingsFrame
 from ..errors import InvalidInput
 from ..hsm.backend import Capabilities, KeyAttributes
@@ -45,7 +46,8 @@ _TAGS = ("__bytes__", "__datetime__", "__timedelta__", "__tuple__", "__frozenset
          "__dataclass__", "__enum__", "__spec__", "__frame__", "__float__")
 _CLASSES: dict[str, type] = {c.__name__: c for c in (
     Key, KeyVersion, VerifyReport, DueReport, RewrapResult, DataKey, Capabilities,
-    KeyAttributes, ReconcileReport, AccessKeySecret, WrappedKey, RestoreTestReport)}
+    KeyAttributes, ReconcileReport, AccessKeySecret, WrappedKey, RestoreTestReport,
+    BatchResult)}
 _ENUMS: dict[str, type[enum.Enum]] = {c.__name__: c for c in (KeyState, Purpose, Family)}
 _FRAMES: dict[str, type[pd.DataFrame]] = {c.__name__: c for c in (
     pd.DataFrame, AuditFrame, FindingsFrame)}

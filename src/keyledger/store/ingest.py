@@ -346,18 +346,32 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
             (ends - 1).tolist())
 
 
+# Usage per (key, version, action): one use per successful record, except a batch record
+# (services/batch.py), which counts the items its detail lists per version ("versions=1:600,2:4")
+# whatever its outcome: those items were done in the HSM.
+BATCH_ACTIONS = ("encrypt_many", "decrypt_many")
+_USAGE_SQL = f"""
+    INSERT INTO usage (key_id, version, action, count, last_time)
+    SELECT key_id, version, action, sum(n), max(time) FROM (
+        SELECT key_id, version, action, 1 AS n, time FROM kl_batch
+        WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
+          AND action NOT IN {BATCH_ACTIONS}
+        UNION ALL
+        SELECT key_id, split_part(u, ':', 1)::BIGINT, action, split_part(u, ':', 2)::BIGINT, time
+        FROM (SELECT key_id, action, time, unnest(string_split(
+                  regexp_extract(detail, 'versions=([0-9:,]+)', 1), ',')) AS u
+              FROM kl_batch WHERE action IN {BATCH_ACTIONS} AND key_id IS NOT NULL)
+        WHERE u <> '')
+    GROUP BY ALL
+    ON CONFLICT DO UPDATE SET count = usage.count + excluded.count,
+        last_time = greatest(usage.last_time, excluded.last_time)"""
+
+
 def _insert(con: Tx, batch: pa.Table) -> None:
     con.register("kl_batch", batch)
     try:
         con.execute(_INSERT_SQL)
-        con.execute(
-            """INSERT INTO usage (key_id, version, action, count, last_time)
-               SELECT key_id, version, action, count(*), max(time)
-               FROM kl_batch
-               WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
-               GROUP BY ALL
-               ON CONFLICT DO UPDATE SET count = usage.count + excluded.count,
-                   last_time = greatest(usage.last_time, excluded.last_time)""")
+        con.execute(_USAGE_SQL)
     finally:
         con.unregister("kl_batch")
 

@@ -62,6 +62,36 @@ class UsageCounters:
                 return True
             return self._claim(slot, limit, seed)
 
+    def take_many(self, key_id: str, version: int, limit: int, seed: Seed, n: int) -> int:
+        """Spend up to ``n`` uses of the version at once (a batch); how many were spent (fewer
+        than ``n`` only when the version has no use left under ``limit``)."""
+        slot = (key_id, version)
+        spent = 0
+        with self._lock:
+            while spent < n:
+                block = self._blocks.get(slot)
+                if block is not None and block[0] > 0 and block[1] == limit:
+                    got = min(block[0], n - spent)
+                    block[0] -= got
+                    spent += got
+                elif self._claim(slot, limit, seed):  # a new block, one use of it spent
+                    spent += 1
+                else:
+                    break
+        return spent
+
+    def give_back(self, key_id: str, version: int, limit: int, n: int) -> None:
+        """Return ``n`` uses spent by ``take_many`` but not used (a batch refused before any
+        encryption) to this process's block (they are claimed in the shared counter); if the
+        block was taken under another limit meanwhile, they stay counted as used, which never
+        lets a version pass its limit."""
+        with self._lock:
+            block = self._blocks.get((key_id, version))
+            if block is None:  # the claim that found the version used up dropped it
+                self._blocks[(key_id, version)] = [n, limit]
+            elif block[1] == limit:
+                block[0] += n
+
     def _claim(self, slot: tuple[str, int], limit: int, seed: Seed) -> bool:
         """Claim a new block from the shared counter (called with ``_lock`` held). A block taken
         under another limit is given back first, so a lowered limit holds exactly."""
