@@ -160,17 +160,19 @@ def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
 # time (pytest-xdist --dist loadfile). Modules are handed out in collection order, so the long
 # ones go first (ordered by their measured wall time in a full run, longest first) and the many
 # short ones fill the gaps at the end; a long module left to the end would be the run's tail.
-SLOW_FIRST = (
-    "test_cli.py", "test_crash.py", "test_dashboard_browser.py", "test_compliance.py",
-    "test_demo_fleet.py", "test_multiprocess.py", "test_widgets.py", "test_rotation.py",
-    "test_analytics.py", "test_access.py", "test_jupyterlab_browser.py",
-    "test_notebook_frames.py", "test_notebook7_browser.py", "test_hsm_open.py",
-    "test_backup.py", "test_notebooks.py", "test_usage_limit.py", "test_byok.py",
-    "test_output_paths.py", "test_cli_dashboard.py", "test_rotation_two_years.py",
-    "test_lifecycle.py", "test_quorum.py", "test_journal_seals.py", "test_trusted_time.py",
-    "test_dashboard_state.py", "test_concurrent_rotation.py", "test_audit.py",
-    "test_widget_grid.py", "test_notebook_setup.py", "test_hostile.py", "test_widget_actions.py",
-    "test_inputs.py", "test_due_multiprocess.py",
+SLOW_FIRST = (  # by wall time per module, measured over a whole run (docs/operations.md)
+    "test_dashboard_browser.py", "test_demo_fleet.py", "test_crash.py", "test_cli.py",
+    "test_multiprocess.py", "test_analytics.py", "test_notebook7_browser.py",
+    "test_jupyterlab_browser.py", "test_connect.py", "test_compliance.py", "test_hsm_open.py",
+    "test_parquet.py", "test_rotation.py", "test_usage_limit.py", "test_byok.py",
+    "test_backup.py", "test_notebooks.py", "test_batch.py", "test_cli_dashboard.py",
+    "test_access.py", "test_serve.py", "test_lifecycle.py", "test_access_keys.py",
+    "test_widgets.py", "test_output_paths.py", "test_notebook_frames.py",
+    "test_rotation_two_years.py", "test_trusted_time.py", "test_concurrent_rotation.py",
+    "test_dashboard_state.py", "test_kms_clients.py", "test_journal_seals.py",
+    "test_widget_actions.py", "test_kms_api.py", "test_due_multiprocess.py",
+    "test_notebook_setup.py", "test_quorum.py", "test_inputs.py", "test_widget_grid.py",
+    "test_audit.py",
 )
 
 
