@@ -7,6 +7,7 @@ A home holds ``keyledger.toml`` (settings), ``keyledger.duckdb`` (catalog and le
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
@@ -204,3 +205,14 @@ def require_tool(name: str, package: str) -> str:
             f"{name} is not installed; install the {package} package (make setup does it)"
         )
     return found
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address or origin host stays on this machine (the dashboard and
+    ``keyledger serve`` refuse other addresses without a login or TLS)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -10,7 +10,6 @@ environment variables). With a login, the principal is the logged-in user.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import secrets
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from ..config import is_loopback
 from ..errors import ConfigError, InvalidInput
 
 APP_NAME = "keyledger_dashboard"
@@ -43,15 +43,6 @@ def dashboard_script() -> Path:
             return path
     raise ConfigError(f"cannot find {APP_NAME}.py (looked in "
                       f"{', '.join(str(c.parent) for c in candidates)})")
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

@@ -5,12 +5,12 @@ Kept apart from ``app`` so the CLI can build its parser without importing the AS
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import is_loopback
 from ..errors import ConfigError
 
 DEFAULT_PORT = 8200
@@ -37,15 +37,6 @@ class ServeOptions:
 
 def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def check_options(options: ServeOptions) -> None:
