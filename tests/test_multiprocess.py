@@ -7,12 +7,15 @@ login, its own audit journal and its own short-lived DuckDB connections.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -688,3 +691,48 @@ def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds
     finally:
         if writer.poll() is None:
             writer.kill()
+
+
+# -- a process proves it is alive by its run/<pid>.lock; threads must never lose it ------------
+def _alive_file_is_locked(home: Path) -> bool:
+    """What another process's reconcile asks: does run/<pid>.lock exist, held by its owner?"""
+    try:
+        fd = os.open(home / "run" / f"{os.getpid()}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_thread_opening_while_another_closes_keeps_the_process_alive_for_others(tmp_path):
+    """The last close of a home and an open in another thread used to overlap: the new runtime
+    locked the old run/<pid>.lock just before the closing one unlinked it, so other processes
+    took this live process for dead and rolled back its in-flight rotations."""
+    home = tmp_path / "home"
+    _init_home(home)
+    first = kl.open(home, principal="alice")
+    runtime = first._rt
+    opened: list[kl.KeyLedger] = []
+    opener = threading.Thread(target=lambda: opened.append(kl.open(home, principal="bob")))
+    original = runtime.shutdown
+
+    def shutdown_while_another_thread_opens() -> None:
+        opener.start()
+        time.sleep(1.0)  # the opener runs into this shutdown (or, fixed, waits for it)
+        original()
+
+    runtime.shutdown = shutdown_while_another_thread_opens  # type: ignore[method-assign]
+    first.close()
+    opener.join(timeout=60)
+    assert len(opened) == 1
+    try:
+        assert opened[0]._rt is not runtime
+        assert _alive_file_is_locked(home)
+    finally:
+        opened[0].close()
+    assert not _alive_file_is_locked(home)

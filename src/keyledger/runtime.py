@@ -94,12 +94,16 @@ class HomeRuntime:
             return rt
 
     def release(self) -> None:
+        """Drop one reference; the last one shuts the runtime down. An ``acquire`` of the
+        home in another thread waits for that: a new runtime made meanwhile would lock the
+        old run/<pid>.lock just before the shutdown unlinks it, and other processes would take
+        this live process for dead (and roll back its in-flight changes)."""
         with self._registry_lock:
             self.refs -= 1
             if self.refs > 0:
                 return
             self._registry.pop(self.home, None)
-        self.shutdown()
+            self.shutdown()
 
     def __init__(self, home: Path, *, simulate: bool = False) -> None:
         self.home = home
