@@ -349,3 +349,20 @@ def test_progress_bar_only_when_asked(aes, capfd):
     aes.envelope_encrypt_stream("files", io.BytesIO(data), io.BytesIO(), chunk_size=CHUNK,
                                 progress=True)
     assert "encrypt" in capfd.readouterr().err
+
+
+def test_whole_envelope_in_many_pieces(aes, monkeypatch):
+    """Bodies past AESGCM's 2 GiB per call are sealed and opened piece by piece: the same
+    bytes as one piece (shown with 1 KiB pieces, not 2 GiB of memory)."""
+    from keyledger.services import envelopes
+
+    data = os.urandom(5000)
+    one = aes.envelope_encrypt("files", data, context=CTX)
+    monkeypatch.setattr(envelopes, "_PIECE", 1024)
+    many = aes.envelope_encrypt("files", data, context=CTX)
+    assert aes.envelope_decrypt(many, context=CTX) == data
+    assert aes.envelope_decrypt(one, context=CTX) == data
+    bad = bytearray(many)
+    bad[-TAG - 1] ^= 1
+    with pytest.raises(kl.InvalidCiphertext):
+        aes.envelope_decrypt(bad, context=CTX)

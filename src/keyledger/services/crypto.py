@@ -201,8 +201,8 @@ class CryptoService(Service):
             header, wrapped, nonce, body = ct.parse_envelope(blob)  # body: a view, no copy
             dk = self._decrypt(rec, wrapped, ctx)
             try:
-                return AESGCM(dk).decrypt(nonce, body, header + ctx)
-            except Exception:
+                return envelopes.open_body(dk, nonce, body, header + ctx)
+            except InvalidCiphertext:
                 rec.detail = "envelope body authentication failed"
                 raise InvalidCiphertext("the envelope cannot be decrypted: it was altered or "
                                         "the context differs") from None

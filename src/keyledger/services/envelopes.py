@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from tqdm.auto import tqdm
 
@@ -57,6 +58,34 @@ def seal(data_key: bytes, wrapped: bytes, data: memoryview, ctx: bytes) -> bytes
                 raise KeyLedgerError("AES-GCM returned fewer bytes than it was given")
         enc.finalize()
         out[total - TAG_LEN:] = enc.tag
+    return buf.getvalue()
+
+
+def open_body(data_key: bytes, nonce: bytes, body: memoryview, aad: bytes) -> bytes:
+    """The plaintext of a whole envelope's body (ciphertext || tag), or ``InvalidCiphertext``.
+
+    Decrypted into one buffer that becomes the returned bytes (as ``seal`` does), in pieces, so
+    a body past AESGCM's 2 GiB per call opens too; the buffer is handed out only after the tag
+    checked.
+    """
+    if len(body) < TAG_LEN:
+        raise InvalidCiphertext("the envelope body is too short")
+    size = len(body) - TAG_LEN
+    dec = Cipher(algorithms.AES(data_key), modes.GCM(nonce, bytes(body[size:]))).decryptor()
+    dec.authenticate_additional_data(aad)
+    buf = io.BytesIO()
+    buf.seek(size + _SLACK)  # room for update_into's slack after the last piece
+    buf.write(b"\0")
+    with buf.getbuffer() as out:
+        for at in range(0, size, _PIECE):
+            piece = body[at:min(at + _PIECE, size)]
+            if dec.update_into(piece, out[at:at + len(piece) + _SLACK]) != len(piece):
+                raise KeyLedgerError("AES-GCM returned fewer bytes than it was given")
+        try:
+            dec.finalize()
+        except InvalidTag:
+            raise InvalidCiphertext("the envelope body failed authentication") from None
+    buf.truncate(size)
     return buf.getvalue()
 
 
@@ -209,4 +238,5 @@ def _bar(progress: bool, total: int | None, what: str) -> Any:
                 disable=not progress, leave=False)
 
 
-__all__ = ["CHUNK_SIZE", "check_chunk_size", "decrypt_stream", "encrypt_stream", "seal"]
+__all__ = ["CHUNK_SIZE", "check_chunk_size", "decrypt_stream", "encrypt_stream", "open_body",
+           "seal"]
