@@ -134,7 +134,7 @@ def cmd_public_key(args: argparse.Namespace) -> int:
 def _stream_ends(args: argparse.Namespace, what: str) -> tuple[Any, Any, bool]:
     """(source, sink, progress) of ``encrypt-file``/``decrypt-file``: paths, or ``-`` for
     stdin/stdout; the output path checked (outside the home, new unless ``--force``) first."""
-    if args.infile == "-" and args.outfile == "-" and sys.stdin.isatty():
+    if args.infile == "-" and sys.stdin.isatty():
         raise UsageError("give an input file, or pipe data into stdin")
     if args.outfile == "-":
         _check_binary_out(None, what)
