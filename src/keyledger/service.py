@@ -254,11 +254,13 @@ class KeyLedger:
 
     def envelope_encrypt(self, name: str, data: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
-        """Encrypt large data locally under a fresh data key; the wrapped key travels with it."""
+        """Encrypt large data locally under a fresh data key; the wrapped key travels with it.
+        ``data`` may be bytes, a bytearray or a memoryview (read in place, not copied)."""
         return self._crypto.envelope_encrypt(name, data, context=context)
 
     def envelope_decrypt(self, blob: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
+        """The data of an envelope (bytes, bytearray or memoryview; read in place)."""
         return self._crypto.envelope_decrypt(blob, context=context)
 
     def envelope_encrypt_stream(self, name: str, source: Any, sink: Any, *,
