@@ -137,8 +137,9 @@ def decrypt_stream(unwrap: Callable[[bytes], bytes], source: object, sink: objec
                 except InvalidCiphertext:
                     raise InvalidCiphertext(
                         f"the streamed envelope cannot be decrypted: chunk {opener.chunks} was "
-                        "altered, moved or cut off, or the stream was truncated or extended; "
-                        "discard what was written so far") from None
+                        "altered, moved or cut off, or the stream was truncated or extended "
+                        "(an output path was not written; discard a file-like sink: it may "
+                        "hold the chunks before)") from None
                 _write(dst, plain)
                 done += len(plain)
                 bar.update(len(block))
@@ -169,7 +170,7 @@ def _ends(source: object, sink: object, overwrite: bool, protected: Iterable[Pat
             src = source
         else:
             raise InvalidInput("source must be a path or a binary file-like object (with read), "
-                               f"not {type(source).__name__}")
+                               f"not {type(source).__name__}; wrap bytes in io.BytesIO")
         if isinstance(sink, str | os.PathLike):
             target = outputs.check_target(sink, protected, overwrite=overwrite, what="output file")
             dst: Any = stack.enter_context(outputs.atomic_file(target, overwrite=overwrite))
