@@ -132,6 +132,33 @@ ENVELOPES = [
          plaintext=b"", context=None),
 ]
 
+STREAMS = [
+    dict(name="stream-three-chunks",
+         description="streamed envelope (format 2): 1,024-byte chunks, 2,500 bytes of data, so two "
+                     "full chunks and a last one of 452 bytes",
+         key=KEY_256, key_id=ID_A, version=3, wrap_nonce=nonce(0xB0),
+         data_key=bytes(range(0x20, 0x40)), chunk_size=1024, prefix=bytes(range(0xC0, 0xC7)),
+         plaintext=bytes(i * 7 % 256 for i in range(2500)), context={"file": "orders.parquet"}),
+    dict(name="stream-empty",
+         description="streamed envelope of empty data: one empty last chunk (its tag only)",
+         key=KEY_128, key_id=ID_B, version=1, wrap_nonce=nonce(0xD0),
+         data_key=bytes(range(0x40, 0x60)), chunk_size=1 << 20, prefix=bytes(range(0xD0, 0xD7)),
+         plaintext=b"", context=None),
+]
+
+
+def stream_blob(v: dict, wrapped: bytes) -> tuple[bytes, list[bytes]]:
+    """-> (stream header, sealed chunks): STREAM over the data, by docs/ciphertext.md 5b."""
+    hdr = (ENVELOPE_PREFIX.pack(ENVELOPE_MAGIC, 2, len(wrapped)) + wrapped
+           + struct.pack(">I7s", v["chunk_size"], v["prefix"]))
+    data, size = v["plaintext"], v["chunk_size"]
+    pieces = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+    aad = hdr + canonical_context(v["context"])
+    sealed = [AESGCM(v["data_key"]).encrypt(
+        v["prefix"] + i.to_bytes(4, "big") + bytes([i == len(pieces) - 1]), piece, aad)
+        for i, piece in enumerate(pieces)]
+    return hdr, sealed
+
 
 def _negative() -> list[dict[str, str]]:
     ok_hdr = header(ID_A, 1, nonce(0xA0))
@@ -157,6 +184,7 @@ def build() -> dict:
         "format_version": FORMAT_VERSION,
         "ciphertexts": [],
         "envelopes": [],
+        "streams": [],
         "invalid": _negative(),
     }
     for v in CIPHERTEXTS:
@@ -201,6 +229,29 @@ def build() -> dict:
             "wrapped_key": wrapped.hex(),
             "envelope_header": prefix.hex(),
             "envelope": (prefix + v["body_nonce"] + body).hex(),
+        })
+    for v in STREAMS:
+        _, _, wrapped = seal(v["key"], v["key_id"], v["version"], v["wrap_nonce"], v["data_key"],
+                             v["context"])
+        hdr, sealed = stream_blob(v, wrapped)
+        out["streams"].append({
+            "name": v["name"],
+            "description": v["description"],
+            "key": v["key"].hex(),
+            "key_bits": len(v["key"]) * 8,
+            "key_id": v["key_id"],
+            "version": v["version"],
+            "wrap_nonce": v["wrap_nonce"].hex(),
+            "data_key": v["data_key"].hex(),
+            "chunk_size": v["chunk_size"],
+            "nonce_prefix": v["prefix"].hex(),
+            "plaintext": v["plaintext"].hex(),
+            "context": v["context"],
+            "context_bytes": canonical_context(v["context"]).hex(),
+            "wrapped_key": wrapped.hex(),
+            "stream_header": hdr.hex(),
+            "chunks": len(sealed),
+            "stream": (hdr + b"".join(sealed)).hex(),
         })
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import io
 import json
 import re
 import struct
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 import keyledger as kl
 from keyledger import ciphertext as ct
+from keyledger.services import envelopes
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS_PATH = ROOT / "data" / "ciphertext_vectors.json"
@@ -264,6 +266,25 @@ def test_envelope_vector_parses_and_decrypts(vec):
     plain = AESGCM(data_key).decrypt(blob[8 + w:20 + w], blob[20 + w:],
                                      blob[:8 + w] + _canon(vec["context"]))
     assert plain.hex() == vec["plaintext"]
+
+
+@pytest.mark.parametrize("vec", VECTORS["streams"], ids=_ids(VECTORS["streams"]))
+def test_stream_vector_opens_with_keyledgers_reader(vec):
+    """keyledger's stream reader (the data key given as the vector's) opens a stream written
+    from the doc alone, and parses its header the same way."""
+    blob = bytes.fromhex(vec["stream"])
+    header = bytes.fromhex(vec["stream_header"])
+    assert ct.parse_stream_header(header) == (bytes.fromhex(vec["wrapped_key"]),
+                                              vec["chunk_size"], bytes.fromhex(vec["nonce_prefix"]))
+    data_key = _spec_decrypt(bytes.fromhex(vec["key"]), bytes.fromhex(vec["wrapped_key"]),
+                             vec["context"])
+    assert data_key.hex() == vec["data_key"]
+    sink = io.BytesIO()
+    size, chunks = envelopes.decrypt_stream(
+        lambda wrapped: data_key, io.BytesIO(blob), sink, ctx=_canon(vec["context"]),
+        overwrite=False, progress=False, protected=())
+    assert sink.getvalue().hex() == vec["plaintext"] and chunks == vec["chunks"]
+    assert size == len(bytes.fromhex(vec["plaintext"]))
 
 
 @pytest.mark.parametrize("vec", VECTORS["invalid"], ids=_ids(VECTORS["invalid"]))

@@ -181,6 +181,32 @@ def test_encrypt_decrypt_round_trip_via_files(cli):
     assert (cli.tmp / "again.bin").read_bytes() == BINARY
 
 
+def test_encrypt_file_decrypt_file_stream_any_size_and_write_only_authentic_output(cli):
+    cli.ok("key", "create", "orders", "--spec", "AES_256")
+    data = BINARY * 40  # ~31 KiB: 31 chunks of 1 KiB
+    (cli.tmp / "big.bin").write_bytes(data)
+    cli.ok("encrypt-file", "orders", "big.bin", "big.kle", "--chunk-size", "1024",
+           "--context", "tenant=acme")
+    sealed = (cli.tmp / "big.kle").read_bytes()
+    assert sealed[:4] == b"KLE\x02" and BINARY not in sealed
+    cli.ok("decrypt-file", "big.kle", "back.bin", "--context", "tenant=acme")
+    assert (cli.tmp / "back.bin").read_bytes() == data
+    assert stat.S_IMODE((cli.tmp / "back.bin").stat().st_mode) == 0o600
+    assert "already exists" in refused(cli("decrypt-file", "big.kle", "back.bin",
+                                           "--context", "tenant=acme"))
+    # pipes both ways
+    piped = cli.ok("encrypt-file", "orders", "-", "-", input=data).stdout
+    assert cli.ok("decrypt-file", "-", "-", input=piped).stdout == data
+    # a cut file: refused, and no output file appears
+    (cli.tmp / "cut.kle").write_bytes(sealed[:-500])
+    assert "truncated" in refused(cli("decrypt-file", "cut.kle", "cut.bin",
+                                      "--context", "tenant=acme"))
+    assert "context" in refused(cli("decrypt-file", "big.kle", "x.bin"))
+    assert not (cli.tmp / "cut.bin").exists() and not (cli.tmp / "x.bin").exists()
+    assert "inside the keyledger home" in refused(
+        cli("encrypt-file", "orders", "big.bin", str(cli.home / "x.kle")))
+
+
 def test_encrypt_decrypt_via_stdin_stdout_across_a_rotation(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
     blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=BINARY).stdout

@@ -5,6 +5,7 @@ environment or a private file; the CLI's ``--url``; widgets and analytics over a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -108,6 +109,38 @@ def test_crypto_round_trip(estate, admin):
     env = admin.envelope_encrypt("orders", b"x" * 10_000)
     assert admin.envelope_decrypt(env) == b"x" * 10_000
     assert admin.capabilities() == local_capabilities(estate[0])
+
+
+def test_envelopes_over_a_client_whole_and_streamed(estate, admin, tmp_path):
+    """Whole envelopes travel (bytearray and memoryview too); a streamed one stays here: the
+    server gives the data key (one generate_data_key / decrypt record), the client does the
+    chunks, in the format a local ledger reads."""
+    data = os.urandom(3 * 1024 + 5)
+    env = admin.envelope_encrypt("orders", bytearray(data), context={"t": "1"})
+    assert admin.envelope_decrypt(memoryview(env), context={"t": "1"}) == data
+    (tmp_path / "in.bin").write_bytes(data)
+    assert admin.envelope_encrypt_stream("orders", tmp_path / "in.bin", tmp_path / "s.kle",
+                                         context={"t": "1"}, chunk_size=1024,
+                                         progress=False) == len(data)
+    assert admin.envelope_decrypt_stream(tmp_path / "s.kle", tmp_path / "out.bin",
+                                         context={"t": "1"}, progress=False) == len(data)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    with local(estate[0], "app1") as led:  # a local ledger opens the client's stream
+        sink = io.BytesIO()
+        led.envelope_decrypt_stream(tmp_path / "s.kle", sink, context={"t": "1"},
+                                    progress=False)
+        assert sink.getvalue() == data
+    blob = (tmp_path / "s.kle").read_bytes()
+    with pytest.raises(kl.InvalidCiphertext):
+        admin.envelope_decrypt_stream(io.BytesIO(blob[:-1]), io.BytesIO(),
+                                      context={"t": "1"}, progress=False)
+    with pytest.raises(kl.InvalidCiphertext):  # the server refuses the data key
+        admin.envelope_decrypt_stream(io.BytesIO(blob), io.BytesIO(), progress=False)
+    records = audit(estate[0].home, principal="admin", key="orders", limit=None)
+    mine = records[records["context"] == '{"t":"1"}']
+    assert list(mine["action"]) == ["envelope_encrypt", "envelope_decrypt", "generate_data_key",
+                                    "decrypt", "decrypt"]
+    assert list(mine["outcome"]) == ["ok", "ok", "ok", "ok", "ok"]
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -300,7 +333,8 @@ def test_what_needs_the_servers_files_is_refused_clearly(admin, tmp_path):
 def test_every_public_method_is_served_or_refused_by_name():
     public = {n for n in dir(kl.KeyLedger) if not n.startswith("_")
               and callable(getattr(kl.KeyLedger, n))} - {"close", "now"}
-    assert public == set(api.SERVED) | set(api.NOT_SERVED)
+    assert public == set(api.SERVED) | set(api.NOT_SERVED) | set(api.CLIENT_SIDE)
+    assert all(callable(getattr(RemoteLedger, n)) for n in api.CLIENT_SIDE)
     assert callable(RemoteLedger.now)  # the client's own: the internal "now" call
     assert set(native.METHODS) == set(api.SERVED) | {"whoami", "now", "changes"}
 

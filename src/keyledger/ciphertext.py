@@ -79,6 +79,19 @@ def parse(blob: object) -> tuple[Header, bytes, bytes]:
     return Header(str(uuid.UUID(bytes=kid)), version, nonce), blob[:HEADER_LEN], blob[HEADER_LEN:]
 
 
+def byte_view(value: object, what: str) -> memoryview:
+    """A flat byte view of bytes, a bytearray or a memoryview, without copying (a strided
+    memoryview is copied once); ``InvalidInput`` for anything else."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        if isinstance(value, str):
+            raise InvalidInput(f"{what} must be bytes; encode text first, e.g. s.encode()")
+        raise InvalidInput(f"{what} must be bytes, not {type(value).__name__}")
+    view = memoryview(value)
+    if not view.c_contiguous:
+        return memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
 def pack_envelope(wrapped_key: bytes, nonce: bytes, body: bytes) -> bytes:
     return _ENVELOPE.pack(ENVELOPE_MAGIC, FORMAT_VERSION, len(wrapped_key)) + wrapped_key + nonce + body
 
@@ -87,15 +100,62 @@ def envelope_header(wrapped_key: bytes) -> bytes:
     return _ENVELOPE.pack(ENVELOPE_MAGIC, FORMAT_VERSION, len(wrapped_key)) + wrapped_key
 
 
-def parse_envelope(blob: object) -> tuple[bytes, bytes, bytes, bytes]:
-    """-> (header incl. wrapped key, wrapped key, nonce, body) or raise InvalidCiphertext."""
-    if not isinstance(blob, bytes | bytearray | memoryview):
-        raise InvalidInput(f"envelope must be bytes, not {type(blob).__name__}")
-    blob = bytes(blob)
-    if len(blob) < _ENVELOPE.size:
+def parse_envelope(blob: object) -> tuple[bytes, bytes, bytes, memoryview]:
+    """-> (header incl. wrapped key, wrapped key, nonce, body) or raise InvalidCiphertext.
+
+    The body is a view into ``blob`` (bytes, bytearray or memoryview), never a copy.
+    """
+    view = byte_view(blob, "envelope")
+    if len(view) < _ENVELOPE.size:
         raise InvalidCiphertext("not a keyledger envelope (too short)")
-    magic, fmt, n = _ENVELOPE.unpack_from(blob)
+    magic, fmt, n = _ENVELOPE.unpack_from(view)
     end = _ENVELOPE.size + n
-    if magic != ENVELOPE_MAGIC or fmt != FORMAT_VERSION or len(blob) < end + NONCE_LEN + TAG_LEN:
+    if magic == ENVELOPE_MAGIC and fmt == STREAM_FORMAT:
+        raise InvalidCiphertext("this is a streamed envelope; open it with "
+                                "envelope_decrypt_stream")
+    if magic != ENVELOPE_MAGIC or fmt != FORMAT_VERSION or len(view) < end + NONCE_LEN + TAG_LEN:
         raise InvalidCiphertext("not a keyledger envelope (bad header)")
-    return blob[:end], blob[_ENVELOPE.size : end], blob[end : end + NONCE_LEN], blob[end + NONCE_LEN :]
+    return (bytes(view[:end]), bytes(view[_ENVELOPE.size:end]),
+            bytes(view[end:end + NONCE_LEN]), view[end + NONCE_LEN:])
+
+
+def envelope_size(wrapped_key: bytes, data_len: int) -> int:
+    """The length of an envelope of ``data_len`` bytes: header, wrapped key, nonce, body, tag."""
+    return _ENVELOPE.size + len(wrapped_key) + NONCE_LEN + data_len + TAG_LEN
+
+
+# -- streamed envelopes (format 2): the envelope header, then STREAM chunks (aeadstream.py) -----
+STREAM_FORMAT = 2
+_STREAM_TAIL = struct.Struct(">I7s")  # plaintext bytes per chunk, nonce prefix
+MIN_CHUNK, MAX_CHUNK = 1 << 10, 64 << 20  # a crafted header cannot ask for a huge buffer
+MAX_WRAPPED = 1024  # a wrapped 32-byte data key is 84 bytes
+
+
+def pack_stream_header(wrapped_key: bytes, chunk_size: int, prefix: bytes) -> bytes:
+    """The header of a streamed envelope (also the chunks' associated data, with the context)."""
+    return (_ENVELOPE.pack(ENVELOPE_MAGIC, STREAM_FORMAT, len(wrapped_key)) + wrapped_key
+            + _STREAM_TAIL.pack(chunk_size, prefix))
+
+
+def stream_rest_len(start: bytes) -> int:
+    """How many header bytes follow the first 8 of a streamed envelope, or InvalidCiphertext."""
+    if len(start) < _ENVELOPE.size:
+        raise InvalidCiphertext("not a keyledger streamed envelope (too short)")
+    magic, fmt, n = _ENVELOPE.unpack_from(start)
+    if magic == ENVELOPE_MAGIC and fmt == FORMAT_VERSION:
+        raise InvalidCiphertext("this is a whole (not streamed) envelope; open it with "
+                                "envelope_decrypt")
+    if magic != ENVELOPE_MAGIC or fmt != STREAM_FORMAT or not HEADER_LEN + TAG_LEN <= n <= MAX_WRAPPED:
+        raise InvalidCiphertext("not a keyledger streamed envelope (bad header)")
+    return n + _STREAM_TAIL.size
+
+
+def parse_stream_header(header: bytes) -> tuple[bytes, int, bytes]:
+    """-> (wrapped key, chunk size, nonce prefix) of a whole streamed-envelope header."""
+    n = stream_rest_len(header) - _STREAM_TAIL.size
+    if len(header) != _ENVELOPE.size + n + _STREAM_TAIL.size:
+        raise InvalidCiphertext("not a keyledger streamed envelope (too short)")
+    chunk, prefix = _STREAM_TAIL.unpack_from(header, _ENVELOPE.size + n)
+    if not MIN_CHUNK <= chunk <= MAX_CHUNK:
+        raise InvalidCiphertext("not a keyledger streamed envelope (implausible chunk size)")
+    return header[_ENVELOPE.size:_ENVELOPE.size + n], chunk, prefix

@@ -199,8 +199,9 @@ def atomic_folder(target: Path, *, overwrite: bool) -> Iterator[Path]:
 
 
 def _raise_write_error(exc: BaseException, target: Path) -> NoReturn:
-    """Re-raise ``exc``, an ``OSError`` as a ``KeyLedgerError`` a person can act on."""
-    if isinstance(exc, OSError):
+    """Re-raise ``exc``, an ``OSError`` as a ``KeyLedgerError`` a person can act on (an
+    ``AccessDenied`` raised while writing is a ``PermissionError`` too, and stays itself)."""
+    if isinstance(exc, OSError) and not isinstance(exc, KeyLedgerError):
         raise KeyLedgerError(f"writing {target} failed: {exc.strerror or exc}; check the folder "
                              "is writable and has free space (nothing was written)") from None
     raise exc

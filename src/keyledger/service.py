@@ -33,6 +33,7 @@ from .services.batch import BatchService
 from .services.compliance import ComplianceService
 from .services.context import Audited, Context
 from .services.crypto import CryptoService, DataKey
+from .services.envelopes import CHUNK_SIZE
 from .services.governance import CUSTODIAN_STATEMENT, GovernanceService, Runner
 from .services.home import HomeService
 from .services.importexport import ImportExportService
@@ -268,12 +269,34 @@ class KeyLedger:
 
     def envelope_encrypt(self, name: str, data: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
-        """Encrypt large data locally under a fresh data key; the wrapped key travels with it."""
+        """Encrypt large data locally under a fresh data key; the wrapped key travels with it.
+        ``data`` may be bytes, a bytearray or a memoryview (read in place, not copied)."""
         return self._crypto.envelope_encrypt(name, data, context=context)
 
     def envelope_decrypt(self, blob: bytes, *,
                          context: Mapping[str, str] | None = None) -> bytes:
+        """The data of an envelope (bytes, bytearray or memoryview; read in place)."""
         return self._crypto.envelope_decrypt(blob, context=context)
+
+    def envelope_encrypt_stream(self, name: str, source: Any, sink: Any, *,
+                                context: Mapping[str, str] | None = None,
+                                chunk_size: int = CHUNK_SIZE, overwrite: bool = False,
+                                progress: bool = True) -> int:
+        """Envelope-encrypt a file larger than memory, chunk by chunk: ``source`` a binary
+        file-like or a path, ``sink`` a binary file-like or a new path (written through a
+        temporary file; ``overwrite`` to replace one). Returns the plaintext bytes read."""
+        return self._crypto.envelope_encrypt_stream(
+            name, source, sink, context=context, chunk_size=chunk_size, overwrite=overwrite,
+            progress=progress)
+
+    def envelope_decrypt_stream(self, source: Any, sink: Any, *,
+                                context: Mapping[str, str] | None = None,
+                                overwrite: bool = False, progress: bool = True) -> int:
+        """Decrypt a streamed envelope chunk by chunk; every chunk is authenticated before it
+        is written. A file-like ``sink`` may hold the chunks before a failing one: discard it
+        on error (a path ``sink`` is written only when the whole stream is authentic)."""
+        return self._crypto.envelope_decrypt_stream(
+            source, sink, context=context, overwrite=overwrite, progress=progress)
 
     def sign(self, name: str, message: bytes) -> bytes:
         """RSA-PSS-SHA256, ECDSA (DER) or Ed25519 signature with the latest version."""

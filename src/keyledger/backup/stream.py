@@ -14,10 +14,9 @@ import struct
 from hashlib import sha256
 from typing import BinaryIO
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from ..aeadstream import Opener, Sealer, blocks
 from ..errors import InvalidCiphertext, InvalidInput
 
 MAGIC = b"KLBACKUP"
@@ -52,12 +51,6 @@ def _derive(passphrase: bytes, salt: bytes, log2n: int, r: int, p: int) -> tuple
     return out[:32], out[32:48]
 
 
-def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
-    if counter >= 1 << 32:
-        raise InvalidInput("the backup is too large for the archive format (2^32 chunks)")
-    return prefix + counter.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
-
-
 class SealedWriter:
     """A write-only stream that seals what it is given in AES-256-GCM chunks (STREAM layout)."""
 
@@ -66,8 +59,8 @@ class SealedWriter:
         key, check = _derive(passphrase, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
         self.header = _HEADER.pack(MAGIC, FORMAT_VERSION, KDF_SCRYPT, SCRYPT_LOG2_N, SCRYPT_R,
                                    SCRYPT_P, salt, check, chunk_size, prefix)
-        self._aes, self._prefix, self._size = AESGCM(key), prefix, chunk_size
-        self._out, self._buf, self._counter = out, bytearray(), 0
+        self._sealer, self._size = Sealer(key, prefix, self.header), chunk_size
+        self._out, self._buf = out, bytearray()
         self._hash = sha256()
         self.bytes = 0
         self._emit(self.header)
@@ -78,9 +71,7 @@ class SealedWriter:
         self.bytes += len(data)
 
     def _seal(self, chunk: bytes, last: bool) -> None:
-        nonce = _nonce(self._prefix, self._counter, last)
-        self._emit(self._aes.encrypt(nonce, chunk, self.header))
-        self._counter += 1
+        self._emit(self._sealer.seal(chunk, last))
 
     def write(self, data: bytes) -> int:
         self._buf += data
@@ -120,8 +111,9 @@ class SealedReader:
         if not hmac.compare_digest(check, expect):
             raise InvalidCiphertext(f"wrong passphrase for the backup {name} (or its header was "
                                     "altered); nothing was restored")
-        self.header, self._aes, self._prefix, self._size = header, AESGCM(key), prefix, chunk
-        self._counter, self._buf, self._ahead, self._eof = 0, bytearray(), b"", False
+        self.header, self._opener = header, Opener(key, prefix, header)
+        self._blocks = blocks(self._readinto, chunk + TAG_LEN)
+        self._buf, self._eof = bytearray(), False
 
     def _take(self, n: int) -> bytes:
         parts, want = [], n
@@ -136,24 +128,22 @@ class SealedReader:
         self.bytes += len(data)
         return data
 
+    def _readinto(self, view: memoryview) -> int:
+        n = self._src.readinto(view)  # type: ignore[attr-defined]
+        if n:
+            self._hash.update(view[:n])
+            self.bytes += n
+        return n or 0
+
     def _next_chunk(self) -> None:
-        block = self._ahead + self._take(self._size + TAG_LEN - len(self._ahead))
-        self._ahead = b""
-        last = True
-        if len(block) == self._size + TAG_LEN:
-            self._ahead = self._take(1)
-            last = not self._ahead
+        block, last = next(self._blocks)
         try:
-            if len(block) < TAG_LEN:
-                raise InvalidTag
-            plain = self._aes.decrypt(_nonce(self._prefix, self._counter, last), block,
-                                      self.header)
-        except InvalidTag:
+            plain = self._opener.open(block, last)
+        except InvalidCiphertext:
             raise InvalidCiphertext(
                 f"the backup {self.name} is damaged, truncated or was altered (chunk "
-                f"{self._counter} failed authentication); nothing was restored - use another "
-                "copy") from None
-        self._counter += 1
+                f"{self._opener.chunks} failed authentication); nothing was restored - use "
+                "another copy") from None
         self._buf += plain
         self._eof = last
 

@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 from .. import ciphertext as ct
 from .. import outputs
 from ..errors import InvalidCiphertext, KeyLedgerError
+from ..services.envelopes import CHUNK_SIZE
 from .common import (
     AddCommand,
     UsageError,
@@ -130,6 +131,38 @@ def cmd_public_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_ends(args: argparse.Namespace, what: str) -> tuple[Any, Any, bool]:
+    """(source, sink, progress) of ``encrypt-file``/``decrypt-file``: paths, or ``-`` for
+    stdin/stdout; the output path checked (outside the home, new unless ``--force``) first."""
+    if args.infile == "-" and sys.stdin.isatty():
+        raise UsageError("give an input file, or pipe data into stdin")
+    if args.outfile == "-":
+        _check_binary_out(None, what)
+    target = _output_target(args)
+    source = sys.stdin.buffer if args.infile == "-" else args.infile
+    sink = sys.stdout.buffer if target is None else target
+    return source, sink, not args.no_progress and sys.stderr.isatty()
+
+
+def cmd_encrypt_file(args: argparse.Namespace) -> int:
+    context = pair_dict(args.context, "context key")
+    source, sink, progress = _stream_ends(args, "ciphertext")
+    with ledger_for(args) as led:
+        led.envelope_encrypt_stream(args.name, source, sink, context=context,
+                                    chunk_size=args.chunk_size, overwrite=args.force,
+                                    progress=progress)
+    return 0
+
+
+def cmd_decrypt_file(args: argparse.Namespace) -> int:
+    context = pair_dict(args.context, "context key")
+    source, sink, progress = _stream_ends(args, "plaintext")
+    with ledger_for(args) as led:
+        led.envelope_decrypt_stream(source, sink, context=context, overwrite=args.force,
+                                    progress=progress)
+    return 0
+
+
 def register(sub: Any, add: AddCommand) -> None:
     """``encrypt``, ``decrypt``, ``sign``, ``verify`` and ``public-key``."""
     p = add(sub, "encrypt", cmd_encrypt, "encrypt data with a key (AES-GCM in the HSM)")
@@ -142,6 +175,19 @@ def register(sub: Any, add: AddCommand) -> None:
     p.add_argument("name", nargs="?",
                    help="optional: fail unless the ciphertext was made with this key")
     _io(p)
+    p.add_argument("--context", type=pair, action="append", metavar="K=V",
+                   help="the encryption context used when encrypting (repeatable)")
+    p = add(sub, "encrypt-file", cmd_encrypt_file,
+            "envelope-encrypt a file of any size, chunk by chunk (a streamed envelope)")
+    p.add_argument("name")
+    _file_io(p, "the file to encrypt", "the encrypted file to write")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, metavar="BYTES",
+                   help=f"plaintext bytes per chunk (default {CHUNK_SIZE})")
+    p.add_argument("--context", type=pair, action="append", metavar="K=V",
+                   help="encryption context, bound to every chunk (repeatable)")
+    p = add(sub, "decrypt-file", cmd_decrypt_file,
+            "decrypt a file made by encrypt-file; OUT appears only if all of it is authentic")
+    _file_io(p, "the encrypted file", "the decrypted file to write")
     p.add_argument("--context", type=pair, action="append", metavar="K=V",
                    help="the encryption context used when encrypting (repeatable)")
     p = add(sub, "sign", cmd_sign, "sign data with a signing key")
@@ -164,3 +210,11 @@ def _io(p: argparse.ArgumentParser, out_help: str = "output file (default: stdou
                    "(default: stdin)")
     p.add_argument("--out", dest="outfile", metavar="FILE", help=out_help)
     add_force(p, "an existing --out file")
+
+
+def _file_io(p: argparse.ArgumentParser, in_help: str, out_help: str) -> None:
+    p.add_argument("infile", metavar="IN", help=f"{in_help} (- for stdin)")
+    p.add_argument("outfile", metavar="OUT", help=f"{out_help} (- for stdout)")
+    add_force(p, "an existing OUT file")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none unless stderr is a terminal)")

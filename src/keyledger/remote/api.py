@@ -23,6 +23,15 @@ NOT_SERVED: dict[str, str] = {
     "record_refused": "the server audits refused requests itself",
 }
 
+# each public KeyLedger method the client runs itself over served calls, and how: the data
+# stays on the client's side, only a data key travels (as AWS's SDKs do with KMS)
+CLIENT_SIDE: dict[str, str] = {
+    "envelope_encrypt_stream": "a data key from generate_data_key on the server (audited there), "
+                               "the chunks sealed in the client",
+    "envelope_decrypt_stream": "the wrapped data key opened by decrypt on the server (audited "
+                               "there), the chunks opened in the client",
+}
+
 # the public KeyLedger methods the server serves (server/native.py's table has each one)
 SERVED: tuple[str, ...] = (
     "create_key", "get_key", "list_keys", "rotate", "enable", "disable", "deactivate",
@@ -43,4 +52,4 @@ SERVED: tuple[str, ...] = (
     "delete_access_key",
 )
 
-__all__ = ["CONTENT_TYPE", "NOT_SERVED", "SERVED", "TARGET_PREFIX"]
+__all__ = ["CLIENT_SIDE", "CONTENT_TYPE", "NOT_SERVED", "SERVED", "TARGET_PREFIX"]

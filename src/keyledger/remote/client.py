@@ -26,11 +26,13 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from .. import ciphertext as ct
 from .. import errors
 from ..columns import BatchResult, as_items
 from ..errors import ConfigError, InvalidInput, KeyLedgerError, NotRemote, ServiceError
 from ..runtime import ReconcileReport
 from ..service import KeyLedger
+from ..services import envelopes
 from . import wire
 from .api import CONTENT_TYPE, NOT_SERVED, SERVED, TARGET_PREFIX
 from .credentials import AccessKey
@@ -160,6 +162,40 @@ class RemoteLedger:
         return self._call("rewrap_many", {"ciphertexts": items, "context": context,
                                           "dry_run": dry_run})
 
+
+    # -- streamed envelopes: the data key from the server, the chunks here -------------------------
+    def envelope_encrypt_stream(self, name: str, source: Any, sink: Any, *,
+                                context: Mapping[str, str] | None = None,
+                                chunk_size: int = envelopes.CHUNK_SIZE, overwrite: bool = False,
+                                progress: bool = True) -> int:
+        """``KeyLedger.envelope_encrypt_stream`` with the data key from the server's
+        ``generate_data_key`` (its audit record) and the chunks sealed here: the data never
+        travels. The same format: a local ledger opens what this writes, and the reverse."""
+        ctx = ct.canonical_context(context)
+
+        def data_key() -> tuple[bytes, bytes]:
+            dk = self._call("generate_data_key", {"name": name, "context": context})
+            return dk.plaintext, dk.wrapped
+
+        size, _ = envelopes.encrypt_stream(data_key, source, sink, ctx=ctx,
+                                           chunk_size=chunk_size, overwrite=overwrite,
+                                           progress=progress, protected=())
+        return size
+
+    def envelope_decrypt_stream(self, source: Any, sink: Any, *,
+                                context: Mapping[str, str] | None = None,
+                                overwrite: bool = False, progress: bool = True) -> int:
+        """``KeyLedger.envelope_decrypt_stream`` with the wrapped data key opened by the server's
+        ``decrypt`` (its audit record) and the chunks opened here."""
+        ctx = ct.canonical_context(context)
+
+        def unwrap(wrapped: bytes) -> bytes:
+            key: bytes = self._call("decrypt", {"ciphertext": wrapped, "context": context})
+            return key
+
+        size, _ = envelopes.decrypt_stream(unwrap, source, sink, ctx=ctx, overwrite=overwrite,
+                                           progress=progress, protected=())
+        return size
 
     # -- batches: the column travels as a list, the answer is rebuilt as the input's kind ------
     def encrypt_many(self, name: str, values: Any, *, context: Mapping[str, str] | None = None,
