@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import keyledger as kl
-from keyledger import restore
+from keyledger import outputs, restore
+from keyledger.errors import InvalidInput
 
 PASS = "correct horse battery staple"
 SECRETS = ["user.pin", "so.pin", "keyledger.toml", "softhsm2.conf"]
@@ -301,3 +302,13 @@ def test_cli_outputs_need_force_and_never_go_into_the_home(ledger, home, tmp_pat
     assert stat.S_IMODE(back.stat().st_mode) == 0o600  # plaintext stays private
     out = _cli(home, "audit", "export", str(home / "journal" / "x.jsonl"))
     assert out.returncode == 1 and "outside the home" in out.stderr
+
+
+def test_a_path_with_a_nul_byte_is_refused_clearly(tmp_path):
+    """The OS cannot take such a path; os.* raised a bare ValueError (found by test_hostile
+    through envelope_encrypt_stream)."""
+    for name in ("out\0.bin", "dir\0/out.bin"):
+        with pytest.raises(InvalidInput, match="NUL byte"):
+            outputs.check_target(tmp_path / name, [], overwrite=False)
+        with pytest.raises(InvalidInput, match="NUL byte"):
+            outputs.check_source(str(tmp_path / name))

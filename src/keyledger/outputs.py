@@ -56,6 +56,7 @@ def check_target(path: object, protected: Iterable[Path], *, overwrite: bool,
     if not isinstance(path, str | os.PathLike):
         raise InvalidInput(f"the {what} path must be a file path, not {type(path).__name__}")
     raw = Path(path).expanduser()
+    _refuse_nul(raw)
     if raw.name in ("", ".", ".."):
         raise InvalidInput(f"{path} names no {what}; give a new name, e.g. {raw}/out")
     target = _resolve(raw.absolute().parent) / raw.name
@@ -88,8 +89,14 @@ def check_source(path: object, what: str = "file") -> Path:
     return src
 
 
+def _refuse_nul(path: Path) -> None:
+    if "\0" in str(path):  # the OS cannot take it: os.* raise a bare ValueError
+        raise InvalidInput(f"a path cannot contain a NUL byte: {str(path)!r}")
+
+
 def _resolve(path: Path) -> Path:
     """``path`` with every link followed (``InvalidInput`` for a link loop)."""
+    _refuse_nul(path)
     try:
         return path.resolve()
     except (RuntimeError, OSError) as exc:  # 3.11 raises RuntimeError for a loop
