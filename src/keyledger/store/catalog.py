@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -43,13 +44,17 @@ def _dt(value: str | None) -> datetime | None:
 KeyRows = tuple[tuple, tuple, tuple]  # a key's row, its version rows, its aliases
 
 
-def _key_rows(con: Connection, key_id: str | None = None) -> list[KeyRows]:
-    """The catalog rows of every key (or one), grouped per key."""
-    where, args = ("WHERE key_id = ?", [key_id]) if key_id else ("", [])
+def _key_rows(con: Connection, key_ids: list[str] | None = None) -> list[KeyRows]:
+    """The catalog rows of every key (or of ``key_ids``), grouped per key, keys in the order
+    they were created (the table's row order)."""
+    if key_ids is not None and not key_ids:
+        return []
+    where, args = ("WHERE list_contains(?, key_id)", [key_ids]) if key_ids else ("", [])
     keys = con.execute(
         f"""SELECT key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at,
                   rotation_period_s, exportable, latest_version, min_decryption_version,
-                  min_encryption_version, deletion_due, tags, policy FROM keys {where}""",
+                  min_encryption_version, deletion_due, tags, policy FROM keys {where}
+            ORDER BY rowid""",
         args).fetchall()
     versions: dict[str, list] = {}
     for row in con.execute(
@@ -78,45 +83,125 @@ def _key_doc(rows: KeyRows) -> dict:
 
 def key_docs(con: Connection, key_id: str | None = None) -> list[dict]:
     """Keys as plain documents (the snapshot format), all of them or one."""
-    return [_key_doc(rows) for rows in _key_rows(con, key_id)]
+    return [_key_doc(rows) for rows in _key_rows(con, None if key_id is None else [key_id])]
 
 
 _SEPARATORS = (",", ":")
 
 
+# Per key, a hash of its row, its versions' and its aliases': the exporter compares them with
+# the ones it exported last, so a commit re-reads and re-encodes only the keys that changed,
+# whichever process (or crash) changed them. Keys come in the table's row order.
+_FINGERPRINTS = """
+    SELECT k.key_id,
+           hash(k.name, k.spec, k.purpose, k.state, k.prior_state, k.owner, k.created_at,
+                k.rotated_at, k.rotation_period_s, k.exportable, k.latest_version,
+                k.min_decryption_version, k.min_encryption_version, k.deletion_due, k.tags,
+                k.policy, v.fp, a.fp)
+    FROM keys k
+    LEFT JOIN (SELECT key_id, bit_xor(hash(version, handle, state, created_at, destroyed_at))
+               AS fp FROM versions GROUP BY key_id) v ON v.key_id = k.key_id
+    LEFT JOIN (SELECT key_id, bit_xor(hash(alias)) AS fp FROM aliases GROUP BY key_id) a
+           ON a.key_id = k.key_id
+    ORDER BY k.rowid"""
+_GRANTS_AND_POLICY = """
+    SELECT (SELECT count(*) FROM grants),
+           (SELECT bit_xor(hash(scope, principal, role)) FROM grants),
+           (SELECT value FROM meta WHERE name = 'home_policy')"""
+
+
+class _Exported(NamedTuple):
+    """One key as last exported: its fingerprint, its document and that document's JSON."""
+
+    fingerprint: int
+    doc: dict
+    text: str
+
+
+# what the exporter hands this process's cache after each export: key documents by key_id,
+# grants, the home policy and the stamp of the file just written
+Stamp = tuple[int, int, int]  # see file_stamp
+Installer = Callable[[dict[str, dict], Grants, dict, Stamp | None], None]
+
+
 class SnapshotExporter:
     """Writes catalog.json from the committed catalog (called with the store lock held).
 
-    It remembers what it wrote last: a change touches a key or two, and re-encoding only those
-    keeps an export at 1,000 keys from costing ~40 ms; a commit that changed no catalog row
-    (say, a request or a process opening the home) leaves the file alone, so other processes
-    do not reload it, unless another process replaced the file meanwhile."""
+    Incremental per changed key: one query fingerprints every key in DuckDB, and only the keys
+    whose fingerprint moved since this process's last export (changed here, by another
+    process, or by one that died between its commit and its export) are read and encoded
+    again; grants are read again only when they changed. The file is still written whole,
+    to a temporary name and renamed over catalog.json, so a reader sees the old catalog or
+    the new one, never a mix. A commit that changed no catalog row (say, a request or a
+    process opening the home) leaves the file alone, so other processes do not reload it,
+    unless the file differs from what this process would write. ``install`` (this process's
+    ``CatalogCache.install``) receives what was exported, so the writer never re-reads its
+    own export."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, install: Installer | None = None) -> None:
         self.path = home / SNAPSHOT_NAME
-        self._keys: dict[str, tuple[KeyRows, str]] = {}  # key_id -> (its rows, their JSON)
+        self._install = install
+        self._keys: dict[str, _Exported] = {}  # key_id -> as last exported
+        self._rest: tuple | None = None  # (grant count, grants' hash, home policy JSON)
+        self._grants: tuple[str, Grants] = ("[]", {})  # grants as JSON, and indexed
+        self._home_policy: tuple[str, dict] = ("{}", {})
         self._written: tuple[str, tuple[int, int, int] | None] | None = None  # (text, stamp)
 
     def __call__(self, con: Connection) -> None:
-        keys, parts = {}, []
-        for rows in _key_rows(con):
-            kid = rows[0][0]
-            done = self._keys.get(kid)
-            if done is None or done[0] != rows:
-                done = (rows, json.dumps(_key_doc(rows), separators=_SEPARATORS))
-            keys[kid] = done
-            parts.append(done[1])
+        keys = self._keys_now(con)
+        self._grants_and_policy_now(con)
+        text = (f'{{"keys":[{",".join(e.text for e in keys.values())}],'
+                f'"grants":{self._grants[0]},"home_policy":{self._home_policy[0]}}}')
         self._keys = keys
-        grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
-        text = (f'{{"keys":[{",".join(parts)}],'
-                f'"grants":{json.dumps([list(g) for g in grants], separators=_SEPARATORS)},'
-                f'"home_policy":{json.dumps(read_home_policy(con), separators=_SEPARATORS)}}}')
-        if self._written is not None and self._written == (text, file_stamp(self.path)):
+        stamp = file_stamp(self.path)
+        ours = self._written is not None and self._written[1] == stamp
+        if ours and self._written is not None and self._written[0] == text:
+            return  # nothing changed, and the file is still this process's export
+        if ours or stamp is None or _read(self.path) != text:
+            tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+            stamp = file_stamp(self.path)
+        self._written = (text, stamp)
+        if self._install is not None:
+            self._install({kid: e.doc for kid, e in keys.items()}, self._grants[1],
+                          self._home_policy[1], stamp)
+
+    def _keys_now(self, con: Connection) -> dict[str, _Exported]:
+        """Every key as committed, in row order; only the changed ones read and encoded."""
+        prints = con.execute(_FINGERPRINTS).fetchall()
+        changed = [kid for kid, fp in prints
+                   if (done := self._keys.get(kid)) is None or done.fingerprint != fp]
+        fresh = {rows[0][0]: rows for rows in _key_rows(con, changed)}
+        keys = {}
+        for kid, fp in prints:
+            rows = fresh.get(kid)
+            if rows is None:
+                keys[kid] = self._keys[kid]
+            else:
+                doc = _key_doc(rows)
+                keys[kid] = _Exported(fp, doc, json.dumps(doc, separators=_SEPARATORS))
+        return keys
+
+    def _grants_and_policy_now(self, con: Connection) -> None:
+        rest = con.execute(_GRANTS_AND_POLICY).fetchall()[0]
+        if self._rest is not None and rest == self._rest:
             return
-        tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
-        self._written = (text, file_stamp(self.path))
+        if self._rest is None or rest[:2] != self._rest[:2]:
+            grants = con.execute(
+                "SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
+            self._grants = (json.dumps([list(g) for g in grants], separators=_SEPARATORS),
+                            index_grants(grants))
+        policy = json.loads(rest[2]) if rest[2] else {}
+        self._home_policy = (json.dumps(policy, separators=_SEPARATORS), policy)
+        self._rest = rest
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -141,6 +226,15 @@ def load_key(con: Connection, name: str) -> Key:
     if row is None:
         raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
     return _key_from_doc(key_docs(con, row[0])[0], read_home_policy(con))
+
+
+def key_status(con: Connection, key_id: str) -> tuple[KeyState, int]:
+    """A key's committed state and latest version (two columns, not the whole key)."""
+    rows = con.execute("SELECT state, latest_version FROM keys WHERE key_id = ?",
+                       [key_id]).fetchall()
+    if not rows:
+        raise KeyNotFound(f"no key with id {key_id}; list keys with `keyledger key list`")
+    return KeyState(rows[0][0]), rows[0][1]
 
 
 def _key_from_doc(d: dict, home_policy: dict) -> Key:
@@ -191,6 +285,15 @@ class _View(NamedTuple):
 _EMPTY = _View({}, {}, {}, {}, {}, {})
 
 
+def _view(docs: dict[str, dict], built: dict[str, Key], grants: Grants,
+          home_policy: dict) -> _View:
+    ids = {d["name"]: kid for kid, d in docs.items()}
+    for kid, d in docs.items():
+        for alias in d["aliases"]:
+            ids.setdefault(alias, kid)  # names win over aliases
+    return _View(docs, ids, built, grants, home_policy, {})
+
+
 class CatalogCache:
     """This process's view of the catalog; refreshed from catalog.json when it changes."""
 
@@ -218,14 +321,22 @@ class CatalogCache:
                 self._view, self._stamp = _EMPTY, None
                 return
             doc = json.loads(self._path.read_text())
-            docs = {d["key_id"]: d for d in doc["keys"]}
-            ids = {d["name"]: kid for kid, d in docs.items()}
-            for kid, d in docs.items():
-                for alias in d["aliases"]:
-                    ids.setdefault(alias, kid)
-            grants = index_grants(tuple(g) for g in doc.get("grants", []))
-            self._view = _View(docs, ids, {}, grants, doc.get("home_policy", {}), {})
+            self._view = _view({d["key_id"]: d for d in doc["keys"]}, {}, index_grants(
+                tuple(g) for g in doc.get("grants", [])), doc.get("home_policy", {}))
             self._stamp = stamp
+
+    def install(self, docs: dict[str, dict], grants: Grants, home_policy: dict,
+                stamp: tuple[int, int, int] | None) -> None:
+        """Take the catalog this process just exported (``SnapshotExporter``), as if it had
+        been read back from catalog.json with ``stamp``, without reading it: a change then
+        costs this process no reload. Keys whose documents did not change keep their built
+        ``Key`` (when the home policy, which their rotation periods depend on, is the same)."""
+        with self._lock:
+            old = self._view
+            built = {kid: key for kid, key in old.built.items()
+                     if docs.get(kid) is old.docs[kid]} if home_policy == old.home_policy else {}
+            self._view = _view(docs, built, grants, home_policy)
+            self._stamp, self._checked = stamp, time.monotonic()
 
     @property
     def grants(self) -> Grants:
