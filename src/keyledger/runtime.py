@@ -120,9 +120,10 @@ class HomeRuntime:
         self.backend: HsmBackend = open_backend(settings, simulate=simulate)
         # each export of this process goes straight into its own cache (no re-read)
         self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
+        self.exporter = SnapshotExporter(home, self.catalog.install)
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
-                               on_commit=SnapshotExporter(home, self.catalog.install))
+                               on_commit=self.exporter)
             with self.db.write() as tx:
                 migrate(tx)
                 new_home = meta.get(tx, "home_id") is None

@@ -79,6 +79,7 @@ class LifecycleService(Service):
                                                               exportable=exportable))
                 self._rt.usage.create(key_id, 1)
                 with change.commit() as tx:
+                    self._rt.exporter.expect(key_id)
                     self.catalog_new_key(
                         tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose, state=state,
                         owner=owner, now=now, period=period, exportable=exportable,
@@ -159,6 +160,7 @@ class LifecycleService(Service):
                     key.spec, handle, f"kl:{key.name}:v{version}", exportable=key.exportable))
                 self._rt.usage.create(key.key_id, version)
                 with change.commit() as tx:
+                    self._rt.exporter.expect(key.key_id)
                     fresh = self._current(tx, key)
                     if fresh.latest_version != key.latest_version or fresh.state != key.state:
                         # a state change by another call meanwhile (rotations wait for each
@@ -246,6 +248,7 @@ class LifecycleService(Service):
                 # material goes first; a crash after this is completed on open
                 change.each(handles, self._rt.backend.destroy)
                 with change.commit() as tx:
+                    self._rt.exporter.expect(key.key_id)
                     keys_repo.destroy_versions(tx, key.key_id, now)
                     keys_repo.update(tx, key.key_id, {"state": KeyState.DESTROYED.value,
                                                       "prior_state": None})
@@ -259,6 +262,7 @@ class LifecycleService(Service):
             key = self._key(rec, name)
             validate_name(alias, "alias")
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 if keys_repo.name_taken(tx, alias):
                     raise KeyExists(f"a key or alias named {alias!r} already exists")
                 keys_repo.add_alias(tx, alias, key.key_id)
@@ -271,6 +275,7 @@ class LifecycleService(Service):
         with self._audited("remove_alias", alias) as rec:
             key = self._alias_owner(rec, alias)
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 keys_repo.remove_alias(tx, alias, key.key_id)
             rec.key = key = self._reloaded(key)
             rec.detail = f"alias {alias} removed"
@@ -282,6 +287,8 @@ class LifecycleService(Service):
             key = self._key(rec, name)
             current = self._alias_owner(rec, alias)
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
+                self._rt.exporter.expect(current.key_id)
                 keys_repo.remove_alias(tx, alias, current.key_id)
                 keys_repo.add_alias(tx, alias, key.key_id)
             rec.key = key = self._reloaded(key)
@@ -328,6 +335,7 @@ class LifecycleService(Service):
             key = self._key(rec, name)
             tag_json = self._tags_json(tags)
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 keys_repo.update(tx, key.key_id, {"tags": tag_json})
             return self._exported(key.key_id)
 
@@ -419,6 +427,7 @@ class LifecycleService(Service):
                 self._require_quorum(key, "set_policy",
                                      f"weakening the policy of {key.name!r} ({', '.join(weakens)})")
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 keys_repo.update(tx, key.key_id, updates)
             key = self._exported(key.key_id)
             rec.detail = ", ".join(f"{k}={v}" for k, v in updates.items())
@@ -472,6 +481,7 @@ class LifecycleService(Service):
         self._reason(reason)
         now = naive(self._now())
         with self._rt.db.write() as tx:
+            self._rt.exporter.expect(key.key_id)
             key = cat.load_key(tx, key.name)
             rec.key = key
             target = next_state(action, key.state, key.name, key.prior_state)

@@ -8,7 +8,9 @@ most every ``refresh_ms``). That bounds how long another process may act on a st
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import threading
 import time
@@ -44,28 +46,71 @@ def _dt(value: str | None) -> datetime | None:
 KeyRows = tuple[tuple, tuple, tuple]  # a key's row, its version rows, its aliases
 
 
-def _key_rows(con: Connection, key_ids: list[str] | None = None) -> list[KeyRows]:
+# Hashes of catalog rows, computed by DuckDB: the exporter compares them with those of what it
+# exported last. Every table has a primary key, so no two rows hash alike by repetition.
+_KEY_COLUMNS = ("key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at, "
+                "rotation_period_s, exportable, latest_version, min_decryption_version, "
+                "min_encryption_version, deletion_due, tags, policy")
+_KEY_HASH = f"hash({_KEY_COLUMNS})"
+_VERSION_COLUMNS = "key_id, version, handle, state, created_at, destroyed_at"
+_VERSION_HASH = f"hash({_VERSION_COLUMNS})"
+_ALIAS_HASH = "hash(alias, key_id)"
+_GRANT_HASH = "hash(scope, principal, role)"
+
+# per key: (its row's hash, its versions' and its aliases' hashes xor-ed), in row order
+_KEY_PRINTS = f"""
+    SELECT k.key_id, k.h, v.h, a.h
+    FROM (SELECT rowid AS r, key_id, {_KEY_HASH} AS h FROM keys) k
+    LEFT JOIN (SELECT key_id, bit_xor({_VERSION_HASH}) AS h FROM versions GROUP BY key_id) v
+           ON v.key_id = k.key_id
+    LEFT JOIN (SELECT key_id, bit_xor({_ALIAS_HASH}) AS h FROM aliases GROUP BY key_id) a
+           ON a.key_id = k.key_id
+    ORDER BY k.r"""
+# one row: each catalog table's hashes xor-ed, and the home policy
+_TOTALS = f"""
+    SELECT (SELECT bit_xor({_KEY_HASH}) FROM keys),
+           (SELECT bit_xor({_VERSION_HASH}) FROM versions),
+           (SELECT bit_xor({_ALIAS_HASH}) FROM aliases),
+           (SELECT bit_xor({_GRANT_HASH}) FROM grants),
+           (SELECT value FROM meta WHERE name = 'home_policy')"""
+
+
+def _key_rows(con: Connection, key_ids: list[str] | None = None,
+              prints: dict[str, tuple[int, int, int]] | None = None) -> list[KeyRows]:
     """The catalog rows of every key (or of ``key_ids``), grouped per key, keys in the order
-    they were created (the table's row order)."""
+    they were created (the table's row order). ``prints`` receives each key's hashes, as
+    ``_KEY_PRINTS`` computes them."""
     if key_ids is not None and not key_ids:
         return []
-    where, args = ("WHERE list_contains(?, key_id)", [key_ids]) if key_ids else ("", [])
+    args: list[object] = []
+    where = ""
+    if key_ids is not None:  # one key: a point lookup, several: one scan
+        where = "WHERE key_id = ?" if len(key_ids) == 1 else "WHERE list_contains(?, key_id)"
+        args = [key_ids[0] if len(key_ids) == 1 else key_ids]
+    hashed = prints is not None
     keys = con.execute(
-        f"""SELECT key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at,
-                  rotation_period_s, exportable, latest_version, min_decryption_version,
-                  min_encryption_version, deletion_due, tags, policy FROM keys {where}
-            ORDER BY rowid""",
-        args).fetchall()
+        f"SELECT {_KEY_COLUMNS}{f', {_KEY_HASH}' if hashed else ''} FROM keys {where} "
+        "ORDER BY rowid", args).fetchall()
     versions: dict[str, list] = {}
+    vhash: dict[str, int] = {}
     for row in con.execute(
-            f"SELECT key_id, version, handle, state, created_at, destroyed_at FROM versions "
+            f"SELECT {_VERSION_COLUMNS}{f', {_VERSION_HASH}' if hashed else ''} FROM versions "
             f"{where} ORDER BY version", args).fetchall():
-        versions.setdefault(row[0], []).append(row[1:])
+        versions.setdefault(row[0], []).append(row[1:6])
+        if hashed:
+            vhash[row[0]] = vhash.get(row[0], 0) ^ row[6]
     aliases: dict[str, list[str]] = {}
-    for alias, kid in con.execute(
-            f"SELECT alias, key_id FROM aliases {where} ORDER BY alias", args).fetchall():
-        aliases.setdefault(kid, []).append(alias)
-    return [(k, tuple(versions.get(k[0], ())), tuple(aliases.get(k[0], ()))) for k in keys]
+    ahash: dict[str, int] = {}
+    for row in con.execute(
+            f"SELECT alias, key_id{f', {_ALIAS_HASH}' if hashed else ''} FROM aliases {where} "
+            "ORDER BY alias", args).fetchall():
+        aliases.setdefault(row[1], []).append(row[0])
+        if hashed:
+            ahash[row[1]] = ahash.get(row[1], 0) ^ row[2]
+    if prints is not None:
+        for k in keys:
+            prints[k[0]] = (k[17], vhash.get(k[0], 0), ahash.get(k[0], 0))
+    return [(k[:17], tuple(versions.get(k[0], ())), tuple(aliases.get(k[0], ()))) for k in keys]
 
 
 def _key_doc(rows: KeyRows) -> dict:
@@ -89,70 +134,76 @@ def key_docs(con: Connection, key_id: str | None = None) -> list[dict]:
 _SEPARATORS = (",", ":")
 
 
-# Per key, a hash of its row, its versions' and its aliases': the exporter compares them with
-# the ones it exported last, so a commit re-reads and re-encodes only the keys that changed,
-# whichever process (or crash) changed them. Keys come in the table's row order.
-_FINGERPRINTS = """
-    SELECT k.key_id,
-           hash(k.name, k.spec, k.purpose, k.state, k.prior_state, k.owner, k.created_at,
-                k.rotated_at, k.rotation_period_s, k.exportable, k.latest_version,
-                k.min_decryption_version, k.min_encryption_version, k.deletion_due, k.tags,
-                k.policy, v.fp, a.fp)
-    FROM keys k
-    LEFT JOIN (SELECT key_id, bit_xor(hash(version, handle, state, created_at, destroyed_at))
-               AS fp FROM versions GROUP BY key_id) v ON v.key_id = k.key_id
-    LEFT JOIN (SELECT key_id, bit_xor(hash(alias)) AS fp FROM aliases GROUP BY key_id) a
-           ON a.key_id = k.key_id
-    ORDER BY k.rowid"""
-_GRANTS_AND_POLICY = """
-    SELECT (SELECT count(*) FROM grants),
-           (SELECT bit_xor(hash(scope, principal, role)) FROM grants),
-           (SELECT value FROM meta WHERE name = 'home_policy')"""
-
-
 class _Exported(NamedTuple):
-    """One key as last exported: its fingerprint, its document and that document's JSON."""
+    """One key as last exported: its hashes (row, versions, aliases), document and JSON."""
 
-    fingerprint: int
+    prints: tuple[int, int, int]
     doc: dict
     text: str
 
 
+class _Scope(NamedTuple):
+    """The grants of one scope (a key_id, or ``*``) as last exported."""
+
+    hash: int  # the rows' hashes xor-ed
+    rows: list[tuple[str, str, str]]  # (scope, principal, role), sorted
+    text: str  # the rows as JSON list items
+
+
+Stamp = tuple[int, int, int]  # see file_stamp
 # what the exporter hands this process's cache after each export: key documents by key_id,
 # grants, the home policy and the stamp of the file just written
-Stamp = tuple[int, int, int]  # see file_stamp
 Installer = Callable[[dict[str, dict], Grants, dict, Stamp | None], None]
 
 
 class SnapshotExporter:
     """Writes catalog.json from the committed catalog (called with the store lock held).
 
-    Incremental per changed key: one query fingerprints every key in DuckDB, and only the keys
-    whose fingerprint moved since this process's last export (changed here, by another
-    process, or by one that died between its commit and its export) are read and encoded
-    again; grants are read again only when they changed. The file is still written whole,
-    to a temporary name and renamed over catalog.json, so a reader sees the old catalog or
-    the new one, never a mix. A commit that changed no catalog row (say, a request or a
-    process opening the home) leaves the file alone, so other processes do not reload it,
-    unless the file differs from what this process would write. ``install`` (this process's
-    ``CatalogCache.install``) receives what was exported, so the writer never re-reads its
-    own export."""
+    Incremental per changed key. The writer says which keys its transaction changes
+    (``expect``); the export reads only those keys' rows and grants, with their hashes, and
+    one query checks every catalog table's hashes (xor-ed, computed by DuckDB) against what
+    it then expects. Anything else that changed (another process's commit, one that died
+    between its commit and its export, a write that did not say what it changed) makes the
+    totals differ; then every key's hashes are compared and only the keys that differ are
+    read and encoded. The file is still written whole, to a temporary name and renamed over
+    catalog.json, so a reader sees the old catalog or the new one, never a mix. A commit that
+    changed no catalog row leaves the file alone (other processes do not reload it), unless
+    it differs from what this process would write. ``install`` (this process's
+    ``CatalogCache.install``) receives what was exported: the writer never re-reads it."""
 
     def __init__(self, home: Path, install: Installer | None = None) -> None:
         self.path = home / SNAPSHOT_NAME
         self._install = install
-        self._keys: dict[str, _Exported] = {}  # key_id -> as last exported
-        self._rest: tuple | None = None  # (grant count, grants' hash, home policy JSON)
-        self._grants: tuple[str, Grants] = ("[]", {})  # grants as JSON, and indexed
-        self._home_policy: tuple[str, dict] = ("{}", {})
-        self._written: tuple[str, tuple[int, int, int] | None] | None = None  # (text, stamp)
+        self._expected: set[str] = set()
+        self._keys: dict[str, _Exported] = {}  # key_id -> as last exported, in row order
+        self._sums = (0, 0, 0)  # the exported keys' hashes xor-ed (keys, versions, aliases)
+        self._scopes: dict[str, _Scope] = {}  # grants by scope
+        self._scopes_sum = 0  # their hashes xor-ed
+        self._grants: tuple[Grants, str] = ({}, "[]")  # indexed, and as JSON
+        self._policy: tuple[dict, str] = ({}, "{}")  # the home policy, and as JSON
+        self._totals: tuple = (None,) * 5  # _TOTALS as of the last export
+        self._written: tuple[str, Stamp | None] | None = None  # (text, its file's stamp)
+
+    def expect(self, key_id: str) -> None:
+        """The transaction being written changes this key (or its grants): the next export
+        reads it again. Call inside the transaction; a key that did not change costs one
+        read, a key changed without saying so costs a comparison of every key's hashes."""
+        self._expected.add(key_id)
 
     def __call__(self, con: Connection) -> None:
-        keys = self._keys_now(con)
-        self._grants_and_policy_now(con)
-        text = (f'{{"keys":[{",".join(e.text for e in keys.values())}],'
-                f'"grants":{self._grants[0]},"home_policy":{self._home_policy[0]}}}')
-        self._keys = keys
+        expected, self._expected = self._expected, set()
+        totals = con.execute(_TOTALS).fetchall()[0]
+        if self._written is None or totals != self._totals:
+            self._export_keys(con, expected, totals[:3])
+            self._export_grants(con, expected, totals[3])
+            if self._written is None or totals[4] != self._totals[4]:
+                policy = json.loads(totals[4]) if totals[4] else {}
+                self._policy = (policy, json.dumps(policy, separators=_SEPARATORS))
+            self._totals = totals
+            text = (f'{{"keys":[{",".join(e.text for e in self._keys.values())}],'
+                    f'"grants":{self._grants[1]},"home_policy":{self._policy[1]}}}')
+        else:
+            text = self._written[0]
         stamp = file_stamp(self.path)
         ours = self._written is not None and self._written[1] == stamp
         if ours and self._written is not None and self._written[0] == text:
@@ -164,37 +215,95 @@ class SnapshotExporter:
             stamp = file_stamp(self.path)
         self._written = (text, stamp)
         if self._install is not None:
-            self._install({kid: e.doc for kid, e in keys.items()}, self._grants[1],
-                          self._home_policy[1], stamp)
+            self._install({kid: e.doc for kid, e in self._keys.items()}, self._grants[0],
+                          self._policy[0], stamp)
 
-    def _keys_now(self, con: Connection) -> dict[str, _Exported]:
-        """Every key as committed, in row order; only the changed ones read and encoded."""
-        prints = con.execute(_FINGERPRINTS).fetchall()
-        changed = [kid for kid, fp in prints
-                   if (done := self._keys.get(kid)) is None or done.fingerprint != fp]
-        fresh = {rows[0][0]: rows for rows in _key_rows(con, changed)}
-        keys = {}
-        for kid, fp in prints:
-            rows = fresh.get(kid)
-            if rows is None:
-                keys[kid] = self._keys[kid]
-            else:
-                doc = _key_doc(rows)
-                keys[kid] = _Exported(fp, doc, json.dumps(doc, separators=_SEPARATORS))
-        return keys
+    def _export_keys(self, con: Connection, expected: set[str], totals: tuple) -> None:
+        """Every key as committed, in row order: the expected ones read again, and when the
+        tables' hashes say more changed, every key whose hashes differ."""
+        want = tuple(t or 0 for t in totals)
+        keys, sums = self._reread(con, dict(self._keys), self._sums, list(expected))
+        if sums != want:
+            prints = {kid: (kh, vh or 0, ah or 0)
+                      for kid, kh, vh, ah in con.execute(_KEY_PRINTS).fetchall()}
+            keys, sums = self._reread(con, keys, sums, [
+                kid for kid in keys.keys() | prints.keys()
+                if kid not in keys or keys[kid].prints != prints.get(kid)])
+            keys = {kid: keys[kid] for kid in prints}  # in row order
+        self._keys, self._sums = keys, sums
 
-    def _grants_and_policy_now(self, con: Connection) -> None:
-        rest = con.execute(_GRANTS_AND_POLICY).fetchall()[0]
-        if self._rest is not None and rest == self._rest:
+    @staticmethod
+    def _reread(con: Connection, keys: dict[str, _Exported], sums: tuple[int, int, int],
+                key_ids: list[str]) -> tuple[dict[str, _Exported], tuple[int, int, int]]:
+        """``keys`` with ``key_ids`` read again (those that no longer exist dropped), and
+        the hashes' xor updated."""
+        prints: dict[str, tuple[int, int, int]] = {}
+        rows_of = {rows[0][0]: rows for rows in _key_rows(con, key_ids, prints)}
+        for kid in key_ids:
+            old = keys.pop(kid, None) if kid not in rows_of else keys.get(kid)
+            if old is not None:
+                sums = _xor(sums, old.prints)
+            if kid in rows_of:
+                doc = _key_doc(rows_of[kid])
+                keys[kid] = _Exported(prints[kid], doc, json.dumps(doc, separators=_SEPARATORS))
+                sums = _xor(sums, prints[kid])
+        return keys, sums
+
+    def _export_grants(self, con: Connection, expected: set[str], total: int | None) -> None:
+        """The grants as committed: the expected keys' scopes read again, and all of them
+        when the table's hashes say more changed."""
+        if total == self._totals[3] and not expected and self._written is not None:
             return
-        if self._rest is None or rest[:2] != self._rest[:2]:
-            grants = con.execute(
-                "SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
-            self._grants = (json.dumps([list(g) for g in grants], separators=_SEPARATORS),
-                            index_grants(grants))
-        policy = json.loads(rest[2]) if rest[2] else {}
-        self._home_policy = (json.dumps(policy, separators=_SEPARATORS), policy)
-        self._rest = rest
+        scopes = dict(self._scopes)
+        changed = self._read_scopes(con, scopes, sorted(expected))
+        sums = functools.reduce(operator.xor, (
+            g.hash for scope in changed for g in (self._scopes.get(scope), scopes.get(scope))
+            if g is not None), self._scopes_sum)
+        if sums != (total or 0):
+            scopes, changed = {}, set(scopes) | set(self._scopes)
+            changed |= self._read_scopes(con, scopes, None)
+            sums = functools.reduce(operator.xor, (g.hash for g in scopes.values()), 0)
+        if not changed:
+            return
+        grants = dict(self._grants[0])
+        for scope in changed:
+            for _, principal, _ in self._scopes[scope].rows if scope in self._scopes else ():
+                grants.pop((scope, principal), None)
+            if scope in scopes:
+                grants.update(index_grants(scopes[scope].rows))
+        self._scopes, self._scopes_sum = scopes, sums
+        self._grants = (grants, "[" + ",".join(
+            g.text for _, g in sorted(scopes.items())) + "]")
+
+    @staticmethod
+    def _read_scopes(con: Connection, scopes: dict[str, _Scope],
+                     only: list[str] | None) -> set[str]:
+        """Read the grants of the scopes ``only`` (all when None) into ``scopes``; returns
+        the scopes whose grants changed."""
+        if only is not None and not only:
+            return set()
+        where, args = ("", []) if only is None else ("WHERE list_contains(?, scope)", [only])
+        got: dict[str, list] = {}
+        for *row, h in con.execute(f"SELECT scope, principal, role, {_GRANT_HASH} FROM grants "
+                                   f"{where} ORDER BY ALL", args).fetchall():
+            got.setdefault(row[0], []).append((tuple(row), h))
+        changed = set()
+        for scope in (only if only is not None else got):
+            rows = got.get(scope)
+            new = None if rows is None else _Scope(
+                functools.reduce(operator.xor, (h for _, h in rows), 0), [r for r, _ in rows],
+                ",".join(json.dumps(list(r), separators=_SEPARATORS) for r, _ in rows))
+            if new != scopes.get(scope):
+                changed.add(scope)
+            if new is None:
+                scopes.pop(scope, None)
+            else:
+                scopes[scope] = new
+        return changed
+
+
+def _xor(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int, int]:
+    return a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2]
 
 
 def _read(path: Path) -> str | None:
