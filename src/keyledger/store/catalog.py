@@ -252,8 +252,8 @@ class SnapshotExporter:
     def _export_grants(self, con: Connection, expected: set[str], total: int | None) -> None:
         """The grants as committed: the expected keys' scopes read again, and all of them
         when the table's hashes say more changed."""
-        if total == self._totals[3] and not expected and self._written is not None:
-            return
+        if total == self._totals[3] and self._written is not None:
+            return  # the table's hashes did not move: neither did a grant
         scopes = dict(self._scopes)
         changed = self._read_scopes(con, scopes, sorted(expected))
         sums = functools.reduce(operator.xor, (
