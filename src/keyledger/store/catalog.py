@@ -200,7 +200,7 @@ class SnapshotExporter:
                 policy = json.loads(totals[4]) if totals[4] else {}
                 self._policy = (policy, json.dumps(policy, separators=_SEPARATORS))
             self._totals = totals
-            text = (f'{{"keys":[{",".join(e.text for e in self._keys.values())}],'
+            text = (f'{{"keys":[{",".join([e.text for e in self._keys.values()])}],'
                     f'"grants":{self._grants[1]},"home_policy":{self._policy[1]}}}')
         else:
             text = self._written[0]
