@@ -1,8 +1,9 @@
 """keyledger benchmark: admin work in one process (create_key, rotate) at 100 and 1,000 keys.
 
-For each size, a home with N AES-256 keys ``k-0`` ... (built once with ``keep_store_open()``;
-``--homes DIR`` keeps the built homes for later runs, so runs of different code, e.g. with
-``PYTHONPATH`` pointing at another tree, share them), then rounds of:
+For each size, a copy of a home with exactly N AES-256 keys ``k-0`` ... (built once with
+``keep_store_open()``; ``--homes DIR`` keeps the built homes for later runs, so runs of
+different code, e.g. with ``PYTHONPATH`` pointing at another tree, measure the same homes),
+then rounds of:
 
 * inside ``keep_store_open()`` (the store held, as in a long-running process), per op:
   bare, then ``create_key``, then ``rotate`` of a random ``k-i``;
@@ -38,6 +39,7 @@ from pkcs11 import KeyType
 
 import keyledger as kl
 from keyledger.hsm.pkcs11_backend import _CALL_LOCK
+from keyledger.hsm.softhsm import softhsm_conf_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import log, machine_info  # noqa: E402  (bench/run.py: CPU, versions, commit)
@@ -45,17 +47,28 @@ from run import log, machine_info  # noqa: E402  (bench/run.py: CPU, versions, c
 WAYS = ("bare", "create_held", "rotate_held", "create_plain", "rotate_plain")
 
 
-def build(home: Path, n: int) -> None:
-    """A home with ``n`` AES keys ``k-0`` ... (skipped when ``home`` has them already)."""
-    with kl.open(home, principal="alice") as led:
-        have = len(led.list_keys())
-        if have >= n:
-            return
-        t0 = time.perf_counter()
-        with led.keep_store_open():
-            for i in range(have, n):
-                led.create_key(f"k-{i}", spec="AES_256")
-        log(f"built {home.name}: {n - have} keys in {time.perf_counter() - t0:.1f} s")
+def build(template: Path, n: int) -> None:
+    """A home with exactly ``n`` AES keys ``k-0`` ... (made once: kept when it exists)."""
+    if (template / "keyledger.toml").exists():
+        return
+    partial = template.with_name(template.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    t0 = time.perf_counter()
+    with kl.open(partial, principal="alice") as led, led.keep_store_open():
+        for i in range(n):
+            led.create_key(f"k-{i}", spec="AES_256")
+    partial.rename(template)
+    (template / "softhsm2.conf").write_text(softhsm_conf_text(template / "tokens"))
+    log(f"built {template.name}: {n} keys in {time.perf_counter() - t0:.1f} s")
+
+
+def copy_of(template: Path, home: Path) -> Path:
+    """A copy of the template (each run measures on exactly N keys; the runs add keys and
+    versions); the SoftHSM2 config names its token dir by absolute path, so it is pointed at
+    the copy's own tokens, as a restore does."""
+    shutil.copytree(template, home, symlinks=True, ignore=shutil.ignore_patterns("run"))
+    (home / "softhsm2.conf").write_text(softhsm_conf_text(home / "tokens"))
+    return home
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -163,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops < 1 or args.rounds < 1 or min(sizes) < 1:
         p.error("--sizes, --ops and --rounds must be positive")
     root = args.homes or Path(tempfile.mkdtemp(prefix="keyledger-bench-admin-", dir="/tmp"))
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="keyledger-bench-admin-run-", dir="/tmp"))
     try:
         results = []
         for n in sizes:
-            build(root / f"home-{n}", n)
-            results.append(bench(root / f"home-{n}", n, args.ops, args.rounds))
+            build(root / f"template-{n}", n)
+            home = copy_of(root / f"template-{n}", work / f"home-{n}")
+            results.append(bench(home, n, args.ops, args.rounds))
     finally:
+        shutil.rmtree(work, ignore_errors=True)
         if args.homes is None:
             shutil.rmtree(root, ignore_errors=True)
     machine = machine_info()
