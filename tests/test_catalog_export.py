@@ -211,3 +211,16 @@ def test_a_change_whose_process_died_before_its_export_reaches_catalog_json(ledg
              "grants": [list(g) for g in tx.execute(
                  "SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()],
              "home_policy": cat.read_home_policy(tx.con)}, separators=(",", ":"))
+
+
+def test_a_hand_edited_catalog_json_is_replaced_by_the_next_export(ledger, home):
+    # someone with write access to the home marks a suspended key active in the snapshot
+    ledger.create_key("a", spec="AES_256")
+    ledger.disable("a")
+    ledger.create_key("b", spec="AES_256")
+    path = home / SNAPSHOT_NAME
+    path.write_text(path.read_text().replace('"state":"suspended"', '"state":"active"'))
+    ledger.rotate("b")  # any change: its export compares the file with the catalog's rows
+    assert json.loads(path.read_text())["keys"][0]["state"] == "suspended"
+    ledger._rt.catalog.refresh(force=True)
+    assert ledger.get_key("a").state is kl.KeyState.SUSPENDED
