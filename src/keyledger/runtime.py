@@ -122,9 +122,12 @@ class HomeRuntime:
             settings = Settings(home, hsm_cfg)
         self.settings: Settings = settings
         self.backend: HsmBackend = open_backend(settings, simulate=simulate)
+        # each export of this process goes straight into its own cache (no re-read)
+        self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
+        self.exporter = SnapshotExporter(home, self.catalog.install)
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
-                               on_commit=SnapshotExporter(home))
+                               on_commit=self.exporter)
             with self.db.write() as tx:
                 migrate(tx)
                 new_home = meta.get(tx, "home_id") is None
@@ -136,7 +139,6 @@ class HomeRuntime:
                 if self._seal_key_is_new:
                     self._seal_ingested(tx)
                 self.simulation = self._home_mode(tx, new_home, simulate) == SIMULATION
-            self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
             self.usage = UsageCounters(home / "usage")
             self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
                                          fsync_interval_ms=settings.audit.fsync_interval_ms,

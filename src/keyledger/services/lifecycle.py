@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import uuid
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from datetime import datetime, timedelta
 import pandas as pd
 
 from ..access import WILDCARD, roles_of
-from ..errors import InvalidInput, KeyExists, KeyStateError, PolicyViolation
+from ..errors import InvalidInput, KeyExists, KeyNotFound, KeyStateError, PolicyViolation
 from ..frames import KEY_STATES, normalize
 from ..intents import HsmChange
 from ..model import (
@@ -34,6 +35,7 @@ from ..store import catalog as cat
 from ..store import grants as grants_repo
 from ..store import keys as keys_repo
 from ..store import meta
+from ..store.db import Tx
 from .context import Audited, Service
 
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
@@ -77,13 +79,13 @@ class LifecycleService(Service):
                                                               exportable=exportable))
                 self._rt.usage.create(key_id, 1)
                 with change.commit() as tx:
+                    self._rt.exporter.expect(key_id)
                     self.catalog_new_key(
                         tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose, state=state,
                         owner=owner, now=now, period=period, exportable=exportable,
                         tag_json=tag_json, policy={}, handle=handle, action="create",
                         reason="created", creator_is_user=creator_is_user)
-                    key = cat.load_key(tx, name)
-            self._rt.catalog.refresh(force=True)
+            key = self._exported(key_id)
             rec.key, rec.version = key, 1
             return key
 
@@ -146,8 +148,7 @@ class LifecycleService(Service):
             handle = uuid.uuid4().bytes
             with HsmChange(self._rt, "rotate", self.principal) as change:
                 with self._rt.db.write(export=False) as tx:
-                    key = cat.load_key(tx, key.name)
-                    rec.key = key
+                    key = rec.key = self._current(tx, key)
                     if expect_version is not None and key.latest_version != expect_version:
                         raise KeyStateError(f"{key.name!r} was already rotated to "
                                             f"v{key.latest_version} by another process")
@@ -159,7 +160,8 @@ class LifecycleService(Service):
                     key.spec, handle, f"kl:{key.name}:v{version}", exportable=key.exportable))
                 self._rt.usage.create(key.key_id, version)
                 with change.commit() as tx:
-                    fresh = cat.load_key(tx, key.name)
+                    self._rt.exporter.expect(key.key_id)
+                    fresh = self._current(tx, key)
                     if fresh.latest_version != key.latest_version or fresh.state != key.state:
                         # a state change by another call meanwhile (rotations wait for each
                         # other); leaving the block rolls the new version back
@@ -173,8 +175,7 @@ class LifecycleService(Service):
                                                       "state": KeyState.ACTIVE.value})
                     self._transition(tx, now, key.key_id, version, "rotate", key.state,
                                      KeyState.ACTIVE, reason)
-                    key = cat.load_key(tx, key.name)
-            self._rt.catalog.refresh(force=True)
+            key = self._exported(key.key_id)
             rec.key, rec.version = key, version
             return key
 
@@ -247,14 +248,13 @@ class LifecycleService(Service):
                 # material goes first; a crash after this is completed on open
                 change.each(handles, self._rt.backend.destroy)
                 with change.commit() as tx:
+                    self._rt.exporter.expect(key.key_id)
                     keys_repo.destroy_versions(tx, key.key_id, now)
                     keys_repo.update(tx, key.key_id, {"state": KeyState.DESTROYED.value,
                                                       "prior_state": None})
                     self._transition(tx, now, key.key_id, None, "destroy", key.state,
                                      KeyState.DESTROYED, reason)
-                    key = cat.load_key(tx, key.name)
-            self._rt.catalog.refresh(force=True)
-            rec.key = key
+            key = rec.key = self._exported(key.key_id)
             return key
 
     def set_alias(self, name: str, alias: str) -> Key:
@@ -262,11 +262,11 @@ class LifecycleService(Service):
             key = self._key(rec, name)
             validate_name(alias, "alias")
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 if keys_repo.name_taken(tx, alias):
                     raise KeyExists(f"a key or alias named {alias!r} already exists")
                 keys_repo.add_alias(tx, alias, key.key_id)
-                key = cat.load_key(tx, key.name)
-            self._rt.catalog.refresh(force=True)
+            key = self._exported(key.key_id)
             rec.detail = f"alias {alias}"
             return key
 
@@ -275,6 +275,7 @@ class LifecycleService(Service):
         with self._audited("remove_alias", alias) as rec:
             key = self._alias_owner(rec, alias)
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 keys_repo.remove_alias(tx, alias, key.key_id)
             rec.key = key = self._reloaded(key)
             rec.detail = f"alias {alias} removed"
@@ -286,6 +287,8 @@ class LifecycleService(Service):
             key = self._key(rec, name)
             current = self._alias_owner(rec, alias)
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
+                self._rt.exporter.expect(current.key_id)
                 keys_repo.remove_alias(tx, alias, current.key_id)
                 keys_repo.add_alias(tx, alias, key.key_id)
             rec.key = key = self._reloaded(key)
@@ -296,6 +299,25 @@ class LifecycleService(Service):
         """``key`` as the catalog holds it after this process's last write."""
         self._rt.catalog.refresh(force=True)
         return self._rt.catalog.get(key.name)
+
+    def _exported(self, key_id: str) -> Key:
+        """The key as the commit just made left it: the store's commit hook exported the
+        changed rows and handed them to this process's catalog cache, so this reads neither
+        the store nor catalog.json again (a fresh load cost ~4 queries, and a reload of
+        catalog.json grew with the number of keys)."""
+        self._rt.catalog.refresh(force=True)  # a stat: the file is this process's export
+        key = self._rt.catalog.get_id(key_id)
+        if key is None:  # only if catalog.json was removed meanwhile
+            raise KeyNotFound(f"key {key_id} vanished from catalog.json; reopen the home")
+        return key
+
+    def _current(self, tx: Tx, key: Key) -> Key:
+        """``key`` with its state and latest version as committed (read in ``tx``): what a
+        rotation checks and builds on. Name, spec and exportability never change."""
+        state, latest = cat.key_status(tx, key.key_id)
+        if state is key.state and latest == key.latest_version:
+            return key
+        return dataclasses.replace(key, state=state, latest_version=latest)
 
     def _alias_owner(self, rec: Audited, alias: str) -> Key:
         """The key ``alias`` names, authorised for ``rec.action``; a key's own name is no
@@ -313,10 +335,9 @@ class LifecycleService(Service):
             key = self._key(rec, name)
             tag_json = self._tags_json(tags)
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 keys_repo.update(tx, key.key_id, {"tags": tag_json})
-                key = cat.load_key(tx, key.name)
-            self._rt.catalog.refresh(force=True)
-            return key
+            return self._exported(key.key_id)
 
     def set_policy(self, name: str, *, rotation_period: timedelta | str | None = None,
                    min_decryption_version: int | None = None,
@@ -406,9 +427,9 @@ class LifecycleService(Service):
                 self._require_quorum(key, "set_policy",
                                      f"weakening the policy of {key.name!r} ({', '.join(weakens)})")
             with self._rt.db.write() as tx:
+                self._rt.exporter.expect(key.key_id)
                 keys_repo.update(tx, key.key_id, updates)
-                key = cat.load_key(tx, key.name)
-            self._rt.catalog.refresh(force=True)
+            key = self._exported(key.key_id)
             rec.detail = ", ".join(f"{k}={v}" for k, v in updates.items())
             return key
 
@@ -460,6 +481,7 @@ class LifecycleService(Service):
         self._reason(reason)
         now = naive(self._now())
         with self._rt.db.write() as tx:
+            self._rt.exporter.expect(key.key_id)
             key = cat.load_key(tx, key.name)
             rec.key = key
             target = next_state(action, key.state, key.name, key.prior_state)
@@ -469,9 +491,7 @@ class LifecycleService(Service):
                 keys_repo.compromise_versions(tx, key.key_id)
             keys_repo.update(tx, key.key_id, sets)
             self._transition(tx, now, key.key_id, None, action, key.state, target, reason)
-            key = cat.load_key(tx, key.name)
-        self._rt.catalog.refresh(force=True)
-        rec.key = key
+        key = rec.key = self._exported(key.key_id)
         return key
 
     def _transition(self, tx, now, key_id, version, action, from_state, to_state, reason) -> None:

@@ -8,10 +8,13 @@ most every ``refresh_ms``). That bounds how long another process may act on a st
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -43,24 +46,71 @@ def _dt(value: str | None) -> datetime | None:
 KeyRows = tuple[tuple, tuple, tuple]  # a key's row, its version rows, its aliases
 
 
-def _key_rows(con: Connection, key_id: str | None = None) -> list[KeyRows]:
-    """The catalog rows of every key (or one), grouped per key."""
-    where, args = ("WHERE key_id = ?", [key_id]) if key_id else ("", [])
+# Hashes of catalog rows, computed by DuckDB: the exporter compares them with those of what it
+# exported last. Every table has a primary key, so no two rows hash alike by repetition.
+_KEY_COLUMNS = ("key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at, "
+                "rotation_period_s, exportable, latest_version, min_decryption_version, "
+                "min_encryption_version, deletion_due, tags, policy")
+_KEY_HASH = f"hash({_KEY_COLUMNS})"
+_VERSION_COLUMNS = "key_id, version, handle, state, created_at, destroyed_at"
+_VERSION_HASH = f"hash({_VERSION_COLUMNS})"
+_ALIAS_HASH = "hash(alias, key_id)"
+_GRANT_HASH = "hash(scope, principal, role)"
+
+# per key: (its row's hash, its versions' and its aliases' hashes xor-ed), in row order
+_KEY_PRINTS = f"""
+    SELECT k.key_id, k.h, v.h, a.h
+    FROM (SELECT rowid AS r, key_id, {_KEY_HASH} AS h FROM keys) k
+    LEFT JOIN (SELECT key_id, bit_xor({_VERSION_HASH}) AS h FROM versions GROUP BY key_id) v
+           ON v.key_id = k.key_id
+    LEFT JOIN (SELECT key_id, bit_xor({_ALIAS_HASH}) AS h FROM aliases GROUP BY key_id) a
+           ON a.key_id = k.key_id
+    ORDER BY k.r"""
+# one row: each catalog table's hashes xor-ed, and the home policy
+_TOTALS = f"""
+    SELECT (SELECT bit_xor({_KEY_HASH}) FROM keys),
+           (SELECT bit_xor({_VERSION_HASH}) FROM versions),
+           (SELECT bit_xor({_ALIAS_HASH}) FROM aliases),
+           (SELECT bit_xor({_GRANT_HASH}) FROM grants),
+           (SELECT value FROM meta WHERE name = 'home_policy')"""
+
+
+def _key_rows(con: Connection, key_ids: list[str] | None = None,
+              prints: dict[str, tuple[int, int, int]] | None = None) -> list[KeyRows]:
+    """The catalog rows of every key (or of ``key_ids``), grouped per key, keys in the order
+    they were created (the table's row order). ``prints`` receives each key's hashes, as
+    ``_KEY_PRINTS`` computes them."""
+    if key_ids is not None and not key_ids:
+        return []
+    args: list[object] = []
+    where = ""
+    if key_ids is not None:  # one key: a point lookup, several: one scan
+        where = "WHERE key_id = ?" if len(key_ids) == 1 else "WHERE list_contains(?, key_id)"
+        args = [key_ids[0] if len(key_ids) == 1 else key_ids]
+    hashed = prints is not None
     keys = con.execute(
-        f"""SELECT key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at,
-                  rotation_period_s, exportable, latest_version, min_decryption_version,
-                  min_encryption_version, deletion_due, tags, policy FROM keys {where}""",
-        args).fetchall()
+        f"SELECT {_KEY_COLUMNS}{f', {_KEY_HASH}' if hashed else ''} FROM keys {where} "
+        "ORDER BY rowid", args).fetchall()
     versions: dict[str, list] = {}
+    vhash: dict[str, int] = {}
     for row in con.execute(
-            f"SELECT key_id, version, handle, state, created_at, destroyed_at FROM versions "
+            f"SELECT {_VERSION_COLUMNS}{f', {_VERSION_HASH}' if hashed else ''} FROM versions "
             f"{where} ORDER BY version", args).fetchall():
-        versions.setdefault(row[0], []).append(row[1:])
+        versions.setdefault(row[0], []).append(row[1:6])
+        if hashed:
+            vhash[row[0]] = vhash.get(row[0], 0) ^ row[6]
     aliases: dict[str, list[str]] = {}
-    for alias, kid in con.execute(
-            f"SELECT alias, key_id FROM aliases {where} ORDER BY alias", args).fetchall():
-        aliases.setdefault(kid, []).append(alias)
-    return [(k, tuple(versions.get(k[0], ())), tuple(aliases.get(k[0], ()))) for k in keys]
+    ahash: dict[str, int] = {}
+    for row in con.execute(
+            f"SELECT alias, key_id{f', {_ALIAS_HASH}' if hashed else ''} FROM aliases {where} "
+            "ORDER BY alias", args).fetchall():
+        aliases.setdefault(row[1], []).append(row[0])
+        if hashed:
+            ahash[row[1]] = ahash.get(row[1], 0) ^ row[2]
+    if prints is not None:
+        for k in keys:
+            prints[k[0]] = (k[17], vhash.get(k[0], 0), ahash.get(k[0], 0))
+    return [(k[:17], tuple(versions.get(k[0], ())), tuple(aliases.get(k[0], ()))) for k in keys]
 
 
 def _key_doc(rows: KeyRows) -> dict:
@@ -78,45 +128,189 @@ def _key_doc(rows: KeyRows) -> dict:
 
 def key_docs(con: Connection, key_id: str | None = None) -> list[dict]:
     """Keys as plain documents (the snapshot format), all of them or one."""
-    return [_key_doc(rows) for rows in _key_rows(con, key_id)]
+    return [_key_doc(rows) for rows in _key_rows(con, None if key_id is None else [key_id])]
 
 
 _SEPARATORS = (",", ":")
 
 
+class _Exported(NamedTuple):
+    """One key as last exported: its hashes (row, versions, aliases), document and JSON."""
+
+    prints: tuple[int, int, int]
+    doc: dict
+    text: str
+
+
+class _Scope(NamedTuple):
+    """The grants of one scope (a key_id, or ``*``) as last exported."""
+
+    hash: int  # the rows' hashes xor-ed
+    rows: list[tuple[str, str, str]]  # (scope, principal, role), sorted
+    text: str  # the rows as JSON list items
+
+
+Stamp = tuple[int, int, int]  # see file_stamp
+# what the exporter hands this process's cache after each export: key documents by key_id,
+# grants, the home policy and the stamp of the file just written
+Installer = Callable[[dict[str, dict], Grants, dict, Stamp | None], None]
+
+
 class SnapshotExporter:
     """Writes catalog.json from the committed catalog (called with the store lock held).
 
-    It remembers what it wrote last: a change touches a key or two, and re-encoding only those
-    keeps an export at 1,000 keys from costing ~40 ms; a commit that changed no catalog row
-    (say, a request or a process opening the home) leaves the file alone, so other processes
-    do not reload it, unless another process replaced the file meanwhile."""
+    Incremental per changed key. The writer says which keys its transaction changes
+    (``expect``); the export reads only those keys' rows and grants, with their hashes, and
+    one query checks every catalog table's hashes (xor-ed, computed by DuckDB) against what
+    it then expects. Anything else that changed (another process's commit, one that died
+    between its commit and its export, a write that did not say what it changed) makes the
+    totals differ; then every key's hashes are compared and only the keys that differ are
+    read and encoded. The file is still written whole, to a temporary name and renamed over
+    catalog.json, so a reader sees the old catalog or the new one, never a mix. A commit that
+    changed no catalog row leaves the file alone (other processes do not reload it), unless
+    it differs from what this process would write. ``install`` (this process's
+    ``CatalogCache.install``) receives what was exported: the writer never re-reads it."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, install: Installer | None = None) -> None:
         self.path = home / SNAPSHOT_NAME
-        self._keys: dict[str, tuple[KeyRows, str]] = {}  # key_id -> (its rows, their JSON)
-        self._written: tuple[str, tuple[int, int, int] | None] | None = None  # (text, stamp)
+        self._install = install
+        self._expected: set[str] = set()
+        self._keys: dict[str, _Exported] = {}  # key_id -> as last exported, in row order
+        self._sums = (0, 0, 0)  # the exported keys' hashes xor-ed (keys, versions, aliases)
+        self._scopes: dict[str, _Scope] = {}  # grants by scope
+        self._scopes_sum = 0  # their hashes xor-ed
+        self._grants: tuple[Grants, str] = ({}, "[]")  # indexed, and as JSON
+        self._policy: tuple[dict, str] = ({}, "{}")  # the home policy, and as JSON
+        self._totals: tuple = (None,) * 5  # _TOTALS as of the last export
+        self._written: tuple[str, Stamp | None] | None = None  # (text, its file's stamp)
+
+    def expect(self, key_id: str) -> None:
+        """The transaction being written changes this key (or its grants): the next export
+        reads it again. Call inside the transaction; a key that did not change costs one
+        read, a key changed without saying so costs a comparison of every key's hashes."""
+        self._expected.add(key_id)
 
     def __call__(self, con: Connection) -> None:
-        keys, parts = {}, []
-        for rows in _key_rows(con):
-            kid = rows[0][0]
-            done = self._keys.get(kid)
-            if done is None or done[0] != rows:
-                done = (rows, json.dumps(_key_doc(rows), separators=_SEPARATORS))
-            keys[kid] = done
-            parts.append(done[1])
-        self._keys = keys
-        grants = con.execute("SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()
-        text = (f'{{"keys":[{",".join(parts)}],'
-                f'"grants":{json.dumps([list(g) for g in grants], separators=_SEPARATORS)},'
-                f'"home_policy":{json.dumps(read_home_policy(con), separators=_SEPARATORS)}}}')
-        if self._written is not None and self._written == (text, file_stamp(self.path)):
+        expected, self._expected = self._expected, set()
+        totals = con.execute(_TOTALS).fetchall()[0]
+        if self._written is None or totals != self._totals:
+            self._export_keys(con, expected, totals[:3])
+            self._export_grants(con, expected, totals[3])
+            if self._written is None or totals[4] != self._totals[4]:
+                policy = json.loads(totals[4]) if totals[4] else {}
+                self._policy = (policy, json.dumps(policy, separators=_SEPARATORS))
+            self._totals = totals
+            text = (f'{{"keys":[{",".join([e.text for e in self._keys.values()])}],'
+                    f'"grants":{self._grants[1]},"home_policy":{self._policy[1]}}}')
+        else:
+            text = self._written[0]
+        stamp = file_stamp(self.path)
+        ours = self._written is not None and self._written[1] == stamp
+        if ours and self._written is not None and self._written[0] == text:
+            return  # nothing changed, and the file is still this process's export
+        if ours or stamp is None or _read(self.path) != text:
+            tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+            stamp = file_stamp(self.path)
+        self._written = (text, stamp)
+        if self._install is not None:
+            self._install({kid: e.doc for kid, e in self._keys.items()}, self._grants[0],
+                          self._policy[0], stamp)
+
+    def _export_keys(self, con: Connection, expected: set[str], totals: tuple) -> None:
+        """Every key as committed, in row order: the expected ones read again, and when the
+        tables' hashes say more changed, every key whose hashes differ."""
+        want = tuple(t or 0 for t in totals)
+        keys, sums = self._reread(con, dict(self._keys), self._sums, list(expected))
+        if sums != want:
+            prints = {kid: (kh, vh or 0, ah or 0)
+                      for kid, kh, vh, ah in con.execute(_KEY_PRINTS).fetchall()}
+            keys, sums = self._reread(con, keys, sums, [
+                kid for kid in keys.keys() | prints.keys()
+                if kid not in keys or keys[kid].prints != prints.get(kid)])
+            keys = {kid: keys[kid] for kid in prints}  # in row order
+        self._keys, self._sums = keys, sums
+
+    @staticmethod
+    def _reread(con: Connection, keys: dict[str, _Exported], sums: tuple[int, int, int],
+                key_ids: list[str]) -> tuple[dict[str, _Exported], tuple[int, int, int]]:
+        """``keys`` with ``key_ids`` read again (those that no longer exist dropped), and
+        the hashes' xor updated."""
+        prints: dict[str, tuple[int, int, int]] = {}
+        rows_of = {rows[0][0]: rows for rows in _key_rows(con, key_ids, prints)}
+        for kid in key_ids:
+            old = keys.pop(kid, None) if kid not in rows_of else keys.get(kid)
+            if old is not None:
+                sums = _xor(sums, old.prints)
+            if kid in rows_of:
+                doc = _key_doc(rows_of[kid])
+                keys[kid] = _Exported(prints[kid], doc, json.dumps(doc, separators=_SEPARATORS))
+                sums = _xor(sums, prints[kid])
+        return keys, sums
+
+    def _export_grants(self, con: Connection, expected: set[str], total: int | None) -> None:
+        """The grants as committed: the expected keys' scopes read again, and all of them
+        when the table's hashes say more changed."""
+        if total == self._totals[3] and self._written is not None:
+            return  # the table's hashes did not move: neither did a grant
+        scopes = dict(self._scopes)
+        changed = self._read_scopes(con, scopes, sorted(expected))
+        sums = functools.reduce(operator.xor, (
+            g.hash for scope in changed for g in (self._scopes.get(scope), scopes.get(scope))
+            if g is not None), self._scopes_sum)
+        if sums != (total or 0):
+            scopes, changed = {}, set(scopes) | set(self._scopes)
+            changed |= self._read_scopes(con, scopes, None)
+            sums = functools.reduce(operator.xor, (g.hash for g in scopes.values()), 0)
+        if not changed:
             return
-        tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
-        self._written = (text, file_stamp(self.path))
+        grants = dict(self._grants[0])
+        for scope in changed:
+            for _, principal, _ in self._scopes[scope].rows if scope in self._scopes else ():
+                grants.pop((scope, principal), None)
+            if scope in scopes:
+                grants.update(index_grants(scopes[scope].rows))
+        self._scopes, self._scopes_sum = scopes, sums
+        self._grants = (grants, "[" + ",".join(
+            g.text for _, g in sorted(scopes.items())) + "]")
+
+    @staticmethod
+    def _read_scopes(con: Connection, scopes: dict[str, _Scope],
+                     only: list[str] | None) -> set[str]:
+        """Read the grants of the scopes ``only`` (all when None) into ``scopes``; returns
+        the scopes whose grants changed."""
+        if only is not None and not only:
+            return set()
+        where, args = ("", []) if only is None else ("WHERE list_contains(?, scope)", [only])
+        got: dict[str, list] = {}
+        for *row, h in con.execute(f"SELECT scope, principal, role, {_GRANT_HASH} FROM grants "
+                                   f"{where} ORDER BY ALL", args).fetchall():
+            got.setdefault(row[0], []).append((tuple(row), h))
+        changed = set()
+        for scope in (only if only is not None else got):
+            rows = got.get(scope)
+            new = None if rows is None else _Scope(
+                functools.reduce(operator.xor, (h for _, h in rows), 0), [r for r, _ in rows],
+                ",".join(json.dumps(list(r), separators=_SEPARATORS) for r, _ in rows))
+            if new != scopes.get(scope):
+                changed.add(scope)
+            if new is None:
+                scopes.pop(scope, None)
+            else:
+                scopes[scope] = new
+        return changed
+
+
+def _xor(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int, int]:
+    return a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -141,6 +335,15 @@ def load_key(con: Connection, name: str) -> Key:
     if row is None:
         raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
     return _key_from_doc(key_docs(con, row[0])[0], read_home_policy(con))
+
+
+def key_status(con: Connection, key_id: str) -> tuple[KeyState, int]:
+    """A key's committed state and latest version (two columns, not the whole key)."""
+    rows = con.execute("SELECT state, latest_version FROM keys WHERE key_id = ?",
+                       [key_id]).fetchall()
+    if not rows:
+        raise KeyNotFound(f"no key with id {key_id}; list keys with `keyledger key list`")
+    return KeyState(rows[0][0]), rows[0][1]
 
 
 def _key_from_doc(d: dict, home_policy: dict) -> Key:
@@ -191,6 +394,15 @@ class _View(NamedTuple):
 _EMPTY = _View({}, {}, {}, {}, {}, {})
 
 
+def _view(docs: dict[str, dict], built: dict[str, Key], grants: Grants,
+          home_policy: dict) -> _View:
+    ids = {d["name"]: kid for kid, d in docs.items()}
+    for kid, d in docs.items():
+        for alias in d["aliases"]:
+            ids.setdefault(alias, kid)  # names win over aliases
+    return _View(docs, ids, built, grants, home_policy, {})
+
+
 class CatalogCache:
     """This process's view of the catalog; refreshed from catalog.json when it changes."""
 
@@ -218,14 +430,22 @@ class CatalogCache:
                 self._view, self._stamp = _EMPTY, None
                 return
             doc = json.loads(self._path.read_text())
-            docs = {d["key_id"]: d for d in doc["keys"]}
-            ids = {d["name"]: kid for kid, d in docs.items()}
-            for kid, d in docs.items():
-                for alias in d["aliases"]:
-                    ids.setdefault(alias, kid)
-            grants = index_grants(tuple(g) for g in doc.get("grants", []))
-            self._view = _View(docs, ids, {}, grants, doc.get("home_policy", {}), {})
+            self._view = _view({d["key_id"]: d for d in doc["keys"]}, {}, index_grants(
+                tuple(g) for g in doc.get("grants", [])), doc.get("home_policy", {}))
             self._stamp = stamp
+
+    def install(self, docs: dict[str, dict], grants: Grants, home_policy: dict,
+                stamp: tuple[int, int, int] | None) -> None:
+        """Take the catalog this process just exported (``SnapshotExporter``), as if it had
+        been read back from catalog.json with ``stamp``, without reading it: a change then
+        costs this process no reload. Keys whose documents did not change keep their built
+        ``Key`` (when the home policy, which their rotation periods depend on, is the same)."""
+        with self._lock:
+            old = self._view
+            built = {kid: key for kid, key in old.built.items()
+                     if docs.get(kid) is old.docs[kid]} if home_policy == old.home_policy else {}
+            self._view = _view(docs, built, grants, home_policy)
+            self._stamp, self._checked = stamp, time.monotonic()
 
     @property
     def grants(self) -> Grants:

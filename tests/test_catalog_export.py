@@ -1,0 +1,226 @@
+"""The incremental catalog export (issue 18 §5): a change re-reads and re-encodes only the keys it
+touched, the writer's own cache takes the export without re-reading catalog.json, and still
+every other process sees each change as soon as the call returns, never a torn file, also after
+a process died between its commit and its export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import keyledger as kl
+from keyledger.store import catalog as cat
+from keyledger.store.catalog import SNAPSHOT_NAME
+
+# another process's view: its own runtime and catalog cache, asked after each call returned
+_VIEWER = """
+import json, sys
+import keyledger as kl
+led = kl.open(sys.argv[1], principal="alice")
+print("ready", flush=True)
+for line in sys.stdin:
+    led._rt.catalog.refresh(force=True)  # "after the call returned", not after refresh_ms
+    try:
+        k = led.get_key(line.strip())
+    except kl.KeyLedgerError as exc:
+        print(json.dumps({"error": type(exc).__name__}), flush=True)
+        continue
+    print(json.dumps({"state": k.state.value, "latest": k.latest_version,
+                      "aliases": list(k.aliases), "tags": k.tags, "rotated": str(k.rotated_at),
+                      "versions": {v: s.state for v, s in k.versions.items()}}), flush=True)
+"""
+
+
+def _spawn(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _ask(viewer: subprocess.Popen, name: str) -> dict:
+    assert viewer.stdin is not None and viewer.stdout is not None
+    viewer.stdin.write(name + "\n")
+    viewer.stdin.flush()
+    line = viewer.stdout.readline()
+    if not line:
+        pytest.fail(f"the viewer process died: {viewer.communicate(timeout=30)[1]}")
+    return json.loads(line)
+
+
+def _seen(key: kl.Key) -> dict:
+    return {"state": key.state.value, "latest": key.latest_version, "aliases": list(key.aliases),
+            "tags": key.tags, "rotated": str(key.rotated_at),
+            "versions": {str(v): s.state for v, s in key.versions.items()}}
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["store-held", "store-per-transaction"])
+def test_another_process_sees_each_change_when_the_call_returns(ledger, home, clock, held):
+    ledger.create_key("seed", spec="AES_256")
+    viewer = _spawn(_VIEWER, str(home))
+    try:
+        assert viewer.stdout is not None and viewer.stdout.readline().startswith("ready")
+        with ledger.keep_store_open() if held else contextlib.nullcontext():
+            steps = [
+                ("a", lambda: ledger.create_key("a", spec="AES_256", tags={"team": "pay"})),
+                ("a", lambda: ledger.rotate("a")),
+                ("a", lambda: ledger.set_alias("a", "a-current")),
+                ("a", lambda: ledger.set_tags("a", {"team": "risk"})),
+                ("a", lambda: ledger.disable("a", reason="paused")),
+                ("a", lambda: ledger.enable("a")),
+                ("seed", lambda: ledger.rotate("seed")),
+                ("a", lambda: ledger.schedule_deletion("a", 7)),
+            ]
+            for name, step in steps:
+                returned = step()
+                assert _ask(viewer, name) == _seen(returned)
+            clock.advance(days=8)
+            returned = ledger.destroy("a")
+            assert returned.state is kl.KeyState.DESTROYED
+            assert _ask(viewer, "a") == _seen(returned)
+            assert _ask(viewer, "a-current") == _seen(returned)  # through the alias too
+    finally:
+        viewer.kill()
+        viewer.communicate(timeout=30)
+
+
+def test_the_returned_key_equals_a_fresh_load_after_reopening(ledger, home, clock):
+    with ledger.keep_store_open():
+        returned = {
+            "a": ledger.create_key("a", spec="AES_256", owner="team-pay", rotation_period="30d"),
+            "s": ledger.create_key("s", spec="EC_P256", activate=False),
+        }
+        clock.advance(hours=1)
+        returned["a"] = ledger.rotate("a")
+        returned["a"] = ledger.rotate("a", reason="again")
+        returned["s"] = ledger.set_policy("s", usage_limit=10)
+        returned["a"] = ledger.mark_compromised("a", "leaked")
+    ledger.close()
+    with kl.open(home, principal="alice", clock=clock) as led:
+        for name, key in returned.items():
+            assert led.get_key(name) == key
+            with led._rt.db.read() as tx:
+                assert cat.load_key(tx, name) == key
+
+
+def test_the_writer_never_rereads_its_own_export(ledger, home, monkeypatch):
+    ledger.create_key("other", spec="AES_256")
+    reads: list[Path] = []
+    read_text = Path.read_text
+
+    def spy(self: Path, *args, **kwargs):
+        reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", spy)
+    with ledger.keep_store_open():
+        ledger.create_key("a", spec="AES_256")
+        ledger.rotate("a")
+        ledger.disable("a")
+        ledger.set_tags("other", {"x": "y"})
+    assert home / SNAPSHOT_NAME not in reads
+    # an unchanged key keeps its built Key: a change does not rebuild every key
+    ledger.create_key("b", spec="AES_256")
+    assert ledger._rt.catalog.get("other").tags == {"x": "y"}
+    again = ledger._rt.catalog.get("other")
+    ledger.rotate("b")
+    assert ledger._rt.catalog.get("other") is again
+
+
+_READER = """
+import json, os, sys
+path, stop = sys.argv[1], sys.argv[2]
+reads = torn = shrank = 0
+last = 0
+seen = set()
+while not os.path.exists(stop):
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        continue
+    reads += 1
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        torn += 1
+        continue
+    n = len(doc["keys"])
+    shrank += n < last
+    last = n
+    seen.add(sum(k["latest_version"] for k in doc["keys"]))
+print(json.dumps({"reads": reads, "torn": torn, "shrank": shrank, "states": len(seen)}))
+"""
+
+
+def test_a_reader_never_sees_a_torn_catalog(ledger, home, tmp_path):
+    stop = tmp_path / "stop"
+    reader = _spawn(_READER, str(home / SNAPSHOT_NAME), str(stop))
+    try:
+        with ledger.keep_store_open():
+            for i in range(15):
+                ledger.create_key(f"k{i}", spec="AES_256")
+                ledger.rotate(f"k{i}")
+    finally:
+        stop.touch()
+        out, err = reader.communicate(timeout=60)
+    got = json.loads(out or "{}") if reader.returncode == 0 else pytest.fail(err)
+    assert got["reads"] > 0 and got["torn"] == 0 and got["shrank"] == 0
+    assert got["states"] > 1  # it did read while the catalog changed
+
+
+_DIES_BEFORE_EXPORT = """
+import os, signal, sys
+import keyledger as kl
+from keyledger.store import catalog
+led = kl.open(sys.argv[1], principal="alice")
+def die(self, con):  # the commit is in; the process dies before catalog.json follows
+    os.kill(os.getpid(), signal.SIGKILL)
+catalog.SnapshotExporter.__call__ = die
+led.disable("a", reason="stop using it")
+"""
+
+
+def test_a_change_whose_process_died_before_its_export_reaches_catalog_json(ledger, home):
+    ledger.create_key("a", spec="AES_256")
+    ledger.create_key("b", spec="AES_256")
+    blob = ledger.encrypt("a", b"secret")
+    ledger.rotate("b")  # this long-running process has exported before
+    child = _spawn(_DIES_BEFORE_EXPORT, str(home))
+    child.communicate(timeout=120)  # commits, then dies
+    assert child.returncode == -9
+    assert json.loads((home / SNAPSHOT_NAME).read_text())["keys"][0]["state"] == "active"
+    with ledger.keep_store_open():
+        ledger.rotate("b")  # an unrelated change: its export finds the dead process's commit
+    doc = json.loads((home / SNAPSHOT_NAME).read_text())
+    assert {k["name"]: k["state"] for k in doc["keys"]} == {
+        "a": kl.KeyState.SUSPENDED.value, "b": "active"}
+    assert ledger.get_key("a").state is kl.KeyState.SUSPENDED
+    with pytest.raises(kl.KeyStateError):
+        ledger.encrypt("a", b"more")
+    with pytest.raises(kl.KeyStateError):
+        ledger.decrypt(blob)
+    with ledger._rt.db.snapshot() as tx:
+        assert (home / SNAPSHOT_NAME).read_text() == json.dumps(
+            {"keys": cat.key_docs(tx.con),
+             "grants": [list(g) for g in tx.execute(
+                 "SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()],
+             "home_policy": cat.read_home_policy(tx.con)}, separators=(",", ":"))
+
+
+def test_a_hand_edited_catalog_json_is_replaced_by_the_next_export(ledger, home):
+    # someone with write access to the home marks a suspended key active in the snapshot
+    ledger.create_key("a", spec="AES_256")
+    ledger.disable("a")
+    ledger.create_key("b", spec="AES_256")
+    path = home / SNAPSHOT_NAME
+    path.write_text(path.read_text().replace('"state":"suspended"', '"state":"active"'))
+    ledger.rotate("b")  # any change: its export compares the file with the catalog's rows
+    assert json.loads(path.read_text())["keys"][0]["state"] == "suspended"
+    ledger._rt.catalog.refresh(force=True)
+    assert ledger.get_key("a").state is kl.KeyState.SUSPENDED
