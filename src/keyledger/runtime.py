@@ -92,7 +92,7 @@ class IngestBatching:
 
     BUSY_RECORDS = 1_000
     BUSY_ROUNDS = 5
-    BUSY_BYTES = 16 << 20
+    BUSY_BYTES = 64 << 20
 
     def __init__(self) -> None:
         self.busy = False
