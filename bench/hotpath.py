@@ -126,10 +126,9 @@ def pieces(led: kl.KeyLedger) -> dict[str, float]:
     raw_key = backend._local.keys[(handle, ObjectClass.SECRET_KEY)]
     param = pkcs11.GCMParams(nonce, aad, 128)
     blob = led.encrypt(KEY, PLAINTEXT)
-    now_us = ctx.time_us()  # one time for all records below: they never go back in time
-
-    def record() -> None:
-        journal.append(now_us, "alice", "encrypt", KEY, kid, 1, "ok", None, None, None)
+    def record() -> None:  # dated as the newest record: times never go back in a journal
+        journal.append(journal._last_us, "alice", "encrypt", KEY, kid, 1, "ok", None, None,
+                       None)
 
     def audited() -> None:
         with ctx.audited("encrypt", KEY) as r:
