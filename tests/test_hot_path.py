@@ -81,6 +81,16 @@ def test_a_key_rotated_in_another_process_encrypts_with_the_new_version(
         assert list(led.audit(principal="bob", action="encrypt")["version"]) == [1, 2]
 
 
+def test_a_version_trimmed_in_another_process_no_longer_decrypts(shared_home: Path) -> None:
+    with kl.open(shared_home, principal="bob") as led:
+        old = led.encrypt("k", b"v1")
+        assert led.decrypt(old) == b"v1"  # version 1 checked and remembered
+        _elsewhere(shared_home, "led.rotate('k')\nled.trim('k', 2)")
+        with pytest.raises(KeyStateError, match="destroyed|minimum decryption"):
+            led.decrypt(old)
+        assert led.decrypt(led.encrypt("k", b"v2")) == b"v2"
+
+
 def test_a_grant_revoked_in_another_process_is_refused_by_the_next_call(
         shared_home: Path) -> None:
     with kl.open(shared_home, principal="bob") as led:

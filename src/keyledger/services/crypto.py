@@ -59,6 +59,8 @@ class CryptoService(Service):
         super().__init__(ctx)
         self.lifecycle = lifecycle  # rotates a key at its usage limit (auto_rotate)
         self._plans: dict[str, _Protect] = {}  # key_id -> its encryption plan
+        # (key_id, version) -> (the Key snapshot it was checked on, the version to decrypt with)
+        self._readable: dict[tuple[str, int], tuple[Key, KeyVersion]] = {}
 
     def encrypt(self, name: str, plaintext: bytes, *,
                 context: Mapping[str, str] | None = None) -> bytes:
@@ -168,15 +170,12 @@ class CryptoService(Service):
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         rec.key = key
         self._authorize(rec, rec.action, key)
-        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
-            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
-            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
-        if header.version not in key.versions:
-            rec.detail = f"unknown version {header.version}"
-            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
-        rec.version = header.version
-        check_use(key.state, Use.PROCESS, key.name)
-        version = key.version_for_decrypt(header.version)
+        known = self._readable.get((header.key_id, header.version))
+        if known is not None and known[0] is key:  # checked on this snapshot of the key
+            version = known[1]
+            rec.version = header.version
+        else:
+            version = self._readable_version(rec, key, header.version)
         try:
             return self._rt.backend.decrypt_gcm(version.handle, header.nonce,
                                                 header_bytes + ctx, body)
@@ -185,6 +184,23 @@ class CryptoService(Service):
             raise InvalidCiphertext(
                 "the ciphertext cannot be decrypted: it was altered or the context differs"
             ) from None
+
+    def _readable_version(self, rec: Audited, key: Key, number: int) -> KeyVersion:
+        """The version a ciphertext names, after the purpose, state and version checks;
+        remembered for as long as the catalog hands out this ``Key`` object."""
+        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
+            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        if number not in key.versions:
+            rec.detail = f"unknown version {number}"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        rec.version = number
+        check_use(key.state, Use.PROCESS, key.name)
+        version = key.version_for_decrypt(number)
+        if len(self._readable) >= _PLANS_MAX:
+            self._readable.clear()
+        self._readable[(key.key_id, number)] = (key, version)
+        return version
 
     def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Re-encrypt under the key's latest version without exposing plaintext to the caller."""
