@@ -158,7 +158,9 @@ class Context:
     def key(self, rec: Audited, name: object) -> Key:
         """Resolve a key name or alias and authorise ``rec.action`` on it (deny by default)."""
         if type(name) is not str or name not in _VALID_NAMES:
-            _remember_valid(validate_name(name))
+            validate_name(name)
+            if type(name) is str:  # (a str subclass might hash differently: not kept)
+                _remember_valid(name)
         key = self.rt.catalog.get(name)  # type: ignore[arg-type]
         rec.key = key
         self.authorize(rec, rec.action, key)
