@@ -18,7 +18,7 @@ import json
 import struct
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidCiphertext, InvalidInput
 
@@ -34,8 +34,10 @@ ENVELOPE_MAGIC = b"KLE"
 _ENVELOPE = struct.Struct(">3sBI")  # magic, format version, wrapped-key length
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A ciphertext's header (a named tuple: every decrypt builds one, and a frozen dataclass
+    costs several times as much to make)."""
+
     key_id: str
     version: int
     nonce: bytes
@@ -76,7 +78,20 @@ def parse(blob: object) -> tuple[Header, bytes, bytes]:
     magic, fmt, alg, kid, version, nonce = _HEADER.unpack_from(blob)
     if magic != MAGIC or fmt != FORMAT_VERSION or alg != ALG_AES_GCM or version == 0:
         raise InvalidCiphertext("not a keyledger ciphertext (bad header)")
-    return Header(str(uuid.UUID(bytes=kid)), version, nonce), blob[:HEADER_LEN], blob[HEADER_LEN:]
+    return Header(_key_id_text(kid), version, nonce), blob[:HEADER_LEN], blob[HEADER_LEN:]
+
+
+_KEY_IDS: dict[bytes, str] = {}  # key id bytes -> UUID text (uuid.UUID is most of a parse)
+_KEY_IDS_MAX = 4096  # forged headers cannot grow it past this; later ids are just not kept
+
+
+def _key_id_text(kid: bytes) -> str:
+    text = _KEY_IDS.get(kid)
+    if text is None:
+        text = str(uuid.UUID(bytes=kid))
+        if len(_KEY_IDS) < _KEY_IDS_MAX:
+            _KEY_IDS[kid] = text
+    return text
 
 
 def byte_view(value: object, what: str) -> memoryview:

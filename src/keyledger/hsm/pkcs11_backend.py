@@ -41,9 +41,11 @@ _CAP = MechanismFlag
 # it holds this process's PKCS#11 lock meanwhile, so only genuinely missing material pays it.
 _APPEAR_WAIT_S = 2.0
 _APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
-# what SoftHSM2 raises when AES-GCM data fails authentication (decrypt_gcm_many: that item)
-_GCM_AUTH_FAILED = (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
-                    px.DataInvalid, px.DataLenRange, px.FunctionFailed)
+_AES_GCM = Mechanism.AES_GCM
+_STALE = (px.ObjectHandleInvalid, px.KeyHandleInvalid)  # a cached object destroyed elsewhere
+# what a failed AES-GCM authentication (tampered data, wrong AAD) raises in SoftHSM2
+_GCM_REFUSED = (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
+                px.DataInvalid, px.DataLenRange, px.FunctionFailed)
 _OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256, MGF.SHA256, None)}
 
 
@@ -258,13 +260,18 @@ class Pkcs11Backend:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    def _cached(self, handle: bytes, cls: ObjectClass) -> Any:
+        """The key object this thread already found, or None."""
+        keys = self._local.__dict__.get("keys")
+        return None if keys is None else keys.get((handle, cls))
+
     def _run(self, handle: bytes, cls: ObjectClass, doing: str, op: Callable[[Any], Any]) -> Any:
         """Run ``op(key)``; if a cached handle went stale (destroyed elsewhere), look it up once more."""
         for attempt in (0, 1):
             key = self._find(handle, cls)
             try:
                 return op(key)
-            except (px.ObjectHandleInvalid, px.KeyHandleInvalid):
+            except _STALE:
                 self._local.keys.pop((handle, cls), None)
                 if attempt:
                     raise translate(px.ObjectHandleInvalid(), doing) from None
@@ -369,25 +376,42 @@ class Pkcs11Backend:
                              bool(a[Attribute.NEVER_EXTRACTABLE]))
 
     # -- symmetric -----------------------------------------------------------------------------
-    @_serialized
+    # encrypt_gcm and decrypt_gcm are the hot path: the key object cached in this thread is
+    # used directly (no wrapper, no closure); a miss or a stale handle takes ``_run``.
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
         param = pkcs11.GCMParams(nonce, aad, 128)
-        return self._run(handle, ObjectClass.SECRET_KEY, "encrypting in the HSM",
-                         lambda k: k.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                             mechanism_param=param))
+        with _CALL_LOCK:
+            key = self._cached(handle, ObjectClass.SECRET_KEY)
+            if key is not None:
+                try:
+                    return key.encrypt(plaintext, mechanism=_AES_GCM, mechanism_param=param)
+                except _STALE:
+                    self._local.keys.pop((handle, ObjectClass.SECRET_KEY), None)
+                except px.PKCS11Error as exc:
+                    raise translate(exc, "encrypting in the HSM") from None
+            return self._run(handle, ObjectClass.SECRET_KEY, "encrypting in the HSM",
+                             lambda k: k.encrypt(plaintext, mechanism=_AES_GCM,
+                                                 mechanism_param=param))
 
-    @_serialized
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
         param = pkcs11.GCMParams(nonce, aad, 128)
 
         def op(k: Any) -> bytes:
             try:
-                return k.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
-            except (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
-                    px.DataInvalid, px.DataLenRange, px.FunctionFailed) as exc:
+                return k.decrypt(data, mechanism=_AES_GCM, mechanism_param=param)
+            except _GCM_REFUSED as exc:
                 raise DecryptFailed(type(exc).__name__) from None
 
-        return self._run(handle, ObjectClass.SECRET_KEY, "decrypting in the HSM", op)
+        with _CALL_LOCK:
+            key = self._cached(handle, ObjectClass.SECRET_KEY)
+            if key is not None:
+                try:
+                    return op(key)
+                except _STALE:
+                    self._local.keys.pop((handle, ObjectClass.SECRET_KEY), None)
+                except px.PKCS11Error as exc:
+                    raise translate(exc, "decrypting in the HSM") from None
+            return self._run(handle, ObjectClass.SECRET_KEY, "decrypting in the HSM", op)
 
     # -- batches (services/batch.py): one lock, one session and one key lookup for N items ----
     @_serialized
@@ -415,7 +439,7 @@ class Pkcs11Backend:
                 try:
                     append(decrypt(data, mechanism=Mechanism.AES_GCM,
                                    mechanism_param=params(nonce, aad, 128)))
-                except _GCM_AUTH_FAILED:
+                except _GCM_REFUSED:
                     append(None)
             return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from ..access import WILDCARD, Role, check
+from ..access import WILDCARD, Grants, Role, check
 from ..errors import (
     AccessDenied,
     ConfigError,
@@ -26,6 +26,14 @@ from ..runtime import HomeRuntime
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
+_ALLOWED_MAX = 4096  # remembered authorisations per ledger (per grants snapshot)
+_VALID_NAMES: set[str] = set()  # names that passed validate_name (a name's validity never
+_VALID_NAMES_MAX = 4096  # changes, so the regex runs once per name, not once per call)
+
+
+def _remember_valid(name: str) -> None:
+    if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+        _VALID_NAMES.add(name)
 
 
 class Audited:
@@ -45,6 +53,17 @@ class Audited:
 
     def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
+        key, ctx = self.key, self.ctx
+        if exc is None and key is not None:  # the hot path: a call on a key that worked
+            ctx.rt.journal.append(ctx.time_us(), ctx.principal, self.action, key.name,
+                                  key.key_id, self.version, "ok", None, self.detail,
+                                  self.context.decode() if self.context else None)
+            return False
+        self._record(exc)
+        return False
+
+    def _record(self, exc: BaseException | None) -> None:
+        """Append the record of any call (refused, failed, or on no key)."""
         if exc is None:
             outcome, error, detail = "ok", None, self.detail
         else:
@@ -62,7 +81,6 @@ class Audited:
             self.version, outcome, error, detail,
             self.context.decode() if self.context else None,
         )
-        return False
 
 
 def _refused_name(name: str, exc: BaseException | None) -> bool:
@@ -95,6 +113,9 @@ class Context:
         # trusted time, unless the home's mode lets an injected clock in (accept_clock)
         self.clock: Callable[[], datetime] | None = None
         self.closed = False
+        # (grants snapshot, the (action, key_id) pairs it allowed this principal): a grant
+        # change makes a new snapshot (catalog.json reloaded), which starts an empty set
+        self._allowed: tuple[Grants | None, set[tuple[str, str | None]]] = (None, set())
 
     @property
     def simulation(self) -> bool:
@@ -123,6 +144,9 @@ class Context:
         return now.astimezone(UTC)
 
     def time_us(self) -> int:
+        """``now()`` in microseconds since the epoch (an audit record's time)."""
+        if self.clock is None or not self.rt.simulation:
+            return self.rt.trusted_us()
         return (self.now() - _EPOCH) // _US
 
     def audited(self, action: str, name: object, context: bytes | None = None) -> Audited:
@@ -133,7 +157,10 @@ class Context:
 
     def key(self, rec: Audited, name: object) -> Key:
         """Resolve a key name or alias and authorise ``rec.action`` on it (deny by default)."""
-        validate_name(name)
+        if type(name) is not str or name not in _VALID_NAMES:
+            validate_name(name)
+            if type(name) is str:  # (a str subclass might hash differently: not kept)
+                _remember_valid(name)
         key = self.rt.catalog.get(name)  # type: ignore[arg-type]
         rec.key = key
         self.authorize(rec, rec.action, key)
@@ -155,8 +182,16 @@ class Context:
         if any_scope and any(p == self.principal and Role.ADMIN in r
                              for (_, p), r in grants.items()):
             return
-        check(grants, self.principal, action, key.key_id if key else None,
-              key.name if key else None)
+        key_id = key.key_id if key else None
+        under, allowed = self._allowed
+        if under is not grants:  # another snapshot of the grants: forget what the old allowed
+            allowed = set()
+            self._allowed = (grants, allowed)
+        elif (action, key_id) in allowed:
+            return
+        check(grants, self.principal, action, key_id, key.name if key else None)
+        if len(allowed) < _ALLOWED_MAX:
+            allowed.add((action, key_id))
 
     # -- the quorum gate's question: how many admins must agree --------------------------------
     def quorum(self, key: Key | None) -> int:

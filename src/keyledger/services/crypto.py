@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -24,6 +24,7 @@ from .context import Audited, Context, Service
 from .lifecycle import LifecycleService
 
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
+_NO_CONTEXT = b""  # canonical_context(None)
 
 
 @dataclass(frozen=True)
@@ -40,39 +41,67 @@ class DataKey:
 
 
 
+class _Protect(NamedTuple):
+    """What encrypting with a key needs, worked out from one catalog snapshot of it. The
+    catalog builds a new ``Key`` object for every snapshot (a reload after any change in any
+    process), so a plan is used only while ``key`` is the very object the catalog returns."""
+
+    key: Key
+    version: KeyVersion  # the latest version, allowed to encrypt
+    prefix: bytes  # the ciphertext header up to the nonce
+    limit: int  # the version's usage limit
+
+
+_PLANS_MAX = 4096
+
+
 class CryptoService(Service):
     """Encrypt, decrypt, sign, MAC: read key state from the in-memory catalog, never DuckDB."""
 
     def __init__(self, ctx: Context, lifecycle: LifecycleService) -> None:
         super().__init__(ctx)
         self.lifecycle = lifecycle  # rotates a key at its usage limit (auto_rotate)
+        self._plans: dict[str, _Protect] = {}  # key_id -> its encryption plan
+        # (key_id, version) -> (the Key snapshot it was checked on, the version to decrypt with)
+        self._readable: dict[tuple[str, int], tuple[Key, KeyVersion]] = {}
 
     def encrypt(self, name: str, plaintext: bytes, *,
                 context: Mapping[str, str] | None = None) -> bytes:
         """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
         with self._audited("encrypt", name) as rec:
-            ctx = rec.context = ct.canonical_context(context)
+            ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             data = self._bytes(plaintext, "plaintext")
             key = self._key(rec, name)
             return self._encrypt_with(rec, key, data, ctx)
 
     def _encrypt_with(self, rec: Audited, key: Key, data: bytes, ctx: bytes) -> bytes:
-        self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
-        check_use(key.state, Use.PROTECT, key.name)
-        key, version = self._spend_use(rec, key)
+        plan = self._plans.get(key.key_id)
+        if plan is None or plan.key is not key:  # a new snapshot of the key: check it again
+            plan = self._protect_plan(key)
+        version = plan.version
+        rec.version = version.version
         nonce = os.urandom(ct.NONCE_LEN)
-        header = ct.pack_header(key.key_id_bytes, version.version, nonce)
+        if self._rt.usage.take(key.key_id, version.version, plan.limit,
+                               self._recorded_encryptions):  # spent one use (usage_limit)
+            header = plan.prefix + nonce
+        else:
+            key, version = self._at_usage_limit(rec, key)
+            header = ct.pack_header(key.key_id_bytes, version.version, nonce)
         body = self._rt.backend.encrypt_gcm(version.handle, nonce, header + ctx, data)
         return header + body
 
-    def _spend_use(self, rec: Audited, key: Key) -> tuple[Key, KeyVersion]:
-        """The version to encrypt with, after spending one of its uses (``usage_limit``)."""
+    def _protect_plan(self, key: Key) -> _Protect:
+        """Check that ``key`` may encrypt (purpose, state, minimum version) and remember what
+        encrypting with it needs, for as long as the catalog hands out this ``Key`` object."""
+        self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
+        check_use(key.state, Use.PROTECT, key.name)
         version = key.version_for_protect()
-        rec.version = version.version
-        if self._rt.usage.take(key.key_id, version.version, self._rt.catalog.usage_limit(key),
-                               self._recorded_encryptions):
-            return key, version
-        return self._at_usage_limit(rec, key)
+        header = ct.pack_header(key.key_id_bytes, version.version, bytes(ct.NONCE_LEN))
+        plan = _Protect(key, version, header[:-ct.NONCE_LEN], self._rt.catalog.usage_limit(key))
+        if len(self._plans) >= _PLANS_MAX:
+            self._plans.clear()
+        self._plans[key.key_id] = plan
+        return plan
 
     def _at_usage_limit(self, rec: Audited, key: Key) -> tuple[Key, KeyVersion]:
         """The latest version has no use left: rotate if the key's policy says so
@@ -130,7 +159,7 @@ class CryptoService(Service):
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt any keyledger ciphertext; the key and version come from its header."""
         with self._audited("decrypt", None) as rec:
-            ctx = rec.context = ct.canonical_context(context)
+            ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             return self._decrypt(rec, ciphertext, ctx)
 
     def _decrypt(self, rec: Audited, ciphertext: object, ctx: bytes) -> bytes:
@@ -145,15 +174,12 @@ class CryptoService(Service):
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         rec.key = key
         self._authorize(rec, rec.action, key)
-        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
-            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
-            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
-        if header.version not in key.versions:
-            rec.detail = f"unknown version {header.version}"
-            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
-        rec.version = header.version
-        check_use(key.state, Use.PROCESS, key.name)
-        version = key.version_for_decrypt(header.version)
+        known = self._readable.get((header.key_id, header.version))
+        if known is not None and known[0] is key:  # checked on this snapshot of the key
+            version = known[1]
+            rec.version = header.version
+        else:
+            version = self._readable_version(rec, key, header.version)
         try:
             return self._rt.backend.decrypt_gcm(version.handle, header.nonce,
                                                 header_bytes + ctx, body)
@@ -162,6 +188,23 @@ class CryptoService(Service):
             raise InvalidCiphertext(
                 "the ciphertext cannot be decrypted: it was altered or the context differs"
             ) from None
+
+    def _readable_version(self, rec: Audited, key: Key, number: int) -> KeyVersion:
+        """The version a ciphertext names, after the purpose, state and version checks;
+        remembered for as long as the catalog hands out this ``Key`` object."""
+        if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
+            rec.detail = f"the header names a {key.purpose.value} key, which encrypts nothing"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        if number not in key.versions:
+            rec.detail = f"unknown version {number}"
+            raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
+        rec.version = number
+        check_use(key.state, Use.PROCESS, key.name)
+        version = key.version_for_decrypt(number)
+        if len(self._readable) >= _PLANS_MAX:
+            self._readable.clear()
+        self._readable[(key.key_id, number)] = (key, version)
+        return version
 
     def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Re-encrypt under the key's latest version without exposing plaintext to the caller."""
@@ -178,9 +221,9 @@ class CryptoService(Service):
                           context: Mapping[str, str] | None = None) -> DataKey:
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
         with self._audited("generate_data_key", name) as rec:
-            ctx = rec.context = ct.canonical_context(context)
+            ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             key = self._key(rec, name)
-            plaintext = AESGCM.generate_key(bit_length=256)
+            plaintext = os.urandom(32)  # what AESGCM.generate_key(256) returns
             wrapped = self._encrypt_with(rec, key, plaintext, ctx)
             return DataKey(plaintext, wrapped, key.name, rec.version or 0)
 

@@ -84,6 +84,19 @@ def pending_bytes(journal_dir: Path, known: dict[str, int], skip: str | None = N
     return False
 
 
+def backlog_bytes(journal_dir: Path, known: dict[str, int]) -> int:
+    """Journal bytes (stat only) past what this process last ingested, over every journal."""
+    total = 0
+    try:
+        with os.scandir(journal_dir) as it:
+            for entry in it:
+                if entry.name.endswith(SUFFIX):
+                    total += max(0, entry.stat().st_size - known.get(entry.name[:-len(SUFFIX)], 0))
+    except FileNotFoundError:
+        return 0
+    return total
+
+
 @dataclass
 class _Pending:
     journal: str

@@ -60,6 +60,7 @@ _sha256 = hashlib.sha256
 # the clock and appending, a small clock step) takes the predecessor's time, so time never
 # goes backwards within a journal; a larger step is recorded as it is (verification reports it).
 CLOCK_SLACK_US = 1_000_000
+_MIDDLES_MAX = 1024  # remembered (principal .. outcome) field texts
 SEAL_PREFIX = b'["'  # a record line starts with "[<digit>", a seal line with '["seal"'
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -198,6 +199,7 @@ class JournalWriter:
         self._head = self.journal + SEP  # record_hash's text starts with these ...
         self._tail = f"{SEP}{self.pid}{SEP}"  # ... and ends with these, then prev
         self._prev = genesis(self.journal)
+        self._middles: dict[tuple, tuple[str, str]] = {}  # see append
         self._strict = strict
         self._dirty = False
         self._closed = False
@@ -214,17 +216,21 @@ class JournalWriter:
                key_id: str | None, version: int | None, outcome: str, error: str | None,
                detail: str | None, context: str | None) -> int:
         # Everything that does not depend on the chain is built before taking the lock.
-        # text: record_hash's content without journal, jseq, pid and prev (kept in step with it)
-        text = (f"{SEP}{time_us}{SEP}{principal}{SEP}{action}{SEP}{key or ''}{SEP}{key_id or ''}"
-                f"{SEP}{'' if version is None else version}{SEP}{outcome}{SEP}{error or ''}"
-                f"{SEP}{detail or ''}{SEP}{context or ''}")
-        body = (  # hand-built JSON array, LINE_FIELDS order without jseq and hash
-            f',{time_us},{_q(principal)},{_q(action)},{"null" if key is None else _q(key)},'
-            f'{"null" if key_id is None else _q(key_id)},{"null" if version is None else version},'
-            f'{_q(outcome)},{"null" if error is None else _q(error)},'
-            f'{"null" if detail is None else _q(detail)},'
-            f'{"null" if context is None else _q(context)},"'
-        )
+        # text: record_hash's content without journal, jseq, pid and prev (kept in step with it);
+        # body: the hand-built JSON array, LINE_FIELDS order without jseq and hash. The fields
+        # from principal to outcome repeat from call to call: their text is built once.
+        fixed = (principal, action, key, key_id, version, outcome)
+        mid = self._middles.get(fixed)
+        if mid is None:
+            mid = self._middle(fixed)
+        if error is None and detail is None and context is None:
+            text = f"{SEP}{time_us}{mid[0]}{SEP}{SEP}{SEP}"
+            body = f',{time_us}{mid[1]}null,null,null,"'
+        else:
+            text = f"{SEP}{time_us}{mid[0]}{SEP}{error or ''}{SEP}{detail or ''}{SEP}{context or ''}"
+            body = (f',{time_us}{mid[1]}{"null" if error is None else _q(error)},'
+                    f'{"null" if detail is None else _q(detail)},'
+                    f'{"null" if context is None else _q(context)},"')
         try:
             with self._lock:
                 if self._closed:
@@ -259,6 +265,19 @@ class JournalWriter:
             return self.append(time_us, e(principal), e(action), key and e(key),
                                key_id and e(key_id), version, e(outcome), error and e(error),
                                detail and e(detail), context and e(context))
+
+    def _middle(self, fixed: tuple) -> tuple[str, str]:
+        """The record text and JSON of the fields principal .. outcome, remembered."""
+        principal, action, key, key_id, version, outcome = fixed
+        mid = (f"{SEP}{principal}{SEP}{action}{SEP}{key or ''}{SEP}{key_id or ''}"
+               f"{SEP}{'' if version is None else version}{SEP}{outcome}",
+               f',{_q(principal)},{_q(action)},{"null" if key is None else _q(key)},'
+               f'{"null" if key_id is None else _q(key_id)},'
+               f'{"null" if version is None else version},{_q(outcome)},')
+        if len(self._middles) >= _MIDDLES_MAX:
+            self._middles.clear()
+        self._middles[fixed] = mid
+        return mid
 
     def flush(self) -> None:
         """fsync outside the lock, so appends never wait for the disk."""

@@ -1,0 +1,170 @@
+"""The single-call hot path remembers what is per-key invariant (a valid name, an allowed
+(action, key), an encryption plan, a key id's text) only for one catalog snapshot: a change in
+another process or another ledger of this process is still obeyed by the next call."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import keyledger as kl
+from keyledger import ciphertext as ct
+from keyledger.config import write_config
+from keyledger.errors import AccessDenied, InvalidInput, KeyNotFound, KeyStateError
+from keyledger.runtime import IngestBatching
+
+
+def _refresh_every_call(home: Path) -> None:
+    """catalog_refresh_ms = 0: every call looks at catalog.json, so no test waits for the
+    refresh interval (the caches must then follow each change at once)."""
+    path = home / "keyledger.toml"
+    data = tomllib.loads(path.read_text())
+    data.setdefault("audit", {})["catalog_refresh_ms"] = 0
+    write_config(home, data)
+
+
+@pytest.fixture
+def shared_home(home: Path) -> Path:
+    """A real home with key ``k``; alice is admin and user, bob a user and auditor."""
+    with kl.open(home, principal="alice") as led:
+        led.create_key("k", spec="AES_256")
+        led.grant("*", "bob", "user")
+        led.grant("*", "bob", "auditor")  # reads his own records back
+    _refresh_every_call(home)
+    return home
+
+
+def _elsewhere(home: Path, code: str) -> None:
+    """Run ``code`` with ``led`` (alice's ledger of ``home``) in another process."""
+    script = "import sys\nimport keyledger as kl\nwith kl.open(sys.argv[1], principal='alice') as led:\n"
+    script += textwrap.indent(textwrap.dedent(code), "    ")
+    out = subprocess.run([sys.executable, "-c", script, str(home)], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def _crypto_records(led: kl.KeyLedger) -> pd.DataFrame:
+    records = led.audit(principal="bob")
+    return records[records["action"].isin(["encrypt", "decrypt"])]
+
+
+def test_a_key_disabled_in_another_process_is_refused_by_the_next_call(shared_home: Path) -> None:
+    with kl.open(shared_home, principal="bob") as led:
+        blob = led.encrypt("k", b"secret")  # the plan, the name and the grant are remembered
+        assert led.decrypt(blob) == b"secret"
+        _elsewhere(shared_home, "led.disable('k')")
+        with pytest.raises(KeyStateError):
+            led.encrypt("k", b"secret")
+        with pytest.raises(KeyStateError):
+            led.decrypt(blob)
+        _elsewhere(shared_home, "led.enable('k')")
+        assert led.decrypt(led.encrypt("k", b"again")) == b"again"
+        records = _crypto_records(led)
+    assert list(records["outcome"]) == ["ok", "ok", "failed", "failed", "ok", "ok"]
+
+
+def test_a_key_rotated_in_another_process_encrypts_with_the_new_version(
+        shared_home: Path) -> None:
+    with kl.open(shared_home, principal="bob") as led:
+        old = led.encrypt("k", b"v1")
+        assert ct.parse(old)[0].version == 1
+        _elsewhere(shared_home, "led.rotate('k')")
+        new = led.encrypt("k", b"v2")
+        assert ct.parse(new)[0].version == 2
+        assert (led.decrypt(old), led.decrypt(new)) == (b"v1", b"v2")
+        assert list(led.audit(principal="bob", action="encrypt")["version"]) == [1, 2]
+
+
+def test_a_version_trimmed_in_another_process_no_longer_decrypts(shared_home: Path) -> None:
+    with kl.open(shared_home, principal="bob") as led:
+        old = led.encrypt("k", b"v1")
+        assert led.decrypt(old) == b"v1"  # version 1 checked and remembered
+        _elsewhere(shared_home, "led.rotate('k')\nled.trim('k', 2)")
+        with pytest.raises(KeyStateError, match="destroyed|minimum decryption"):
+            led.decrypt(old)
+        assert led.decrypt(led.encrypt("k", b"v2")) == b"v2"
+
+
+def test_a_grant_revoked_in_another_process_is_refused_by_the_next_call(
+        shared_home: Path) -> None:
+    with kl.open(shared_home, principal="bob") as led:
+        blob = led.encrypt("k", b"secret")
+        assert led.decrypt(blob) == b"secret"  # both allowed once: remembered
+        _elsewhere(shared_home, "led.revoke('*', 'bob', 'user')")
+        with pytest.raises(AccessDenied):
+            led.encrypt("k", b"secret")
+        with pytest.raises(AccessDenied):
+            led.decrypt(blob)
+        records = _crypto_records(led)
+    assert list(records["outcome"]) == ["ok", "ok", "denied", "denied"]
+
+
+def test_a_grant_revoked_by_another_ledger_of_this_process_is_refused(
+        shared_home: Path) -> None:
+    with kl.open(shared_home, principal="alice") as admin, \
+            kl.open(shared_home, principal="bob") as bob:
+        bob.encrypt("k", b"secret")
+        admin.revoke("*", "bob", "user")
+        with pytest.raises(AccessDenied):
+            bob.encrypt("k", b"secret")
+        admin.grant("k", "bob", "user")  # a grant on the key alone is enough again
+        assert bob.decrypt(bob.encrypt("k", b"x")) == b"x"
+
+
+def test_a_key_deleted_and_recreated_under_its_name_is_a_new_key(shared_home: Path) -> None:
+    """The name cache keeps only that a name is well formed, never which key it named."""
+    with kl.open(shared_home, principal="alice") as led:
+        first = led.encrypt("k", b"one")
+        led.create_key("k2", spec="AES_256")
+        led.set_alias("k2", "moving")
+        assert ct.parse(led.encrypt("moving", b"x"))[0].key_id == led.get_key("k2").key_id
+        led.remove_alias("moving")
+        with pytest.raises(KeyNotFound):
+            led.encrypt("moving", b"x")
+        led.set_alias("k", "moving")
+        assert ct.parse(led.encrypt("moving", b"x"))[0].key_id == ct.parse(first)[0].key_id
+
+
+def test_an_invalid_name_is_refused_every_time(shared_home: Path) -> None:
+    with kl.open(shared_home, principal="alice") as led:
+        led.encrypt("k", b"x")
+        for _ in range(2):
+            with pytest.raises(InvalidInput):
+                led.encrypt("k\n", b"x")
+            with pytest.raises(InvalidInput):
+                led.encrypt(["k"], b"x")  # type: ignore[arg-type]
+
+
+# -- the background ingest: every interval while calls are few, batched while they stream ------
+def test_background_ingest_runs_every_interval_while_calls_are_few() -> None:
+    b = IngestBatching()
+    assert not b.due(0)
+    for backlog in (200, 400, 600):
+        assert b.due(backlog)
+        b.ingested(1)
+
+
+def test_background_ingest_batches_while_calls_stream_in() -> None:
+    b = IngestBatching()
+    assert b.due(10_000)
+    b.ingested(5_000)  # a busy round: the next ones wait while the journals grow
+    waits = [b.due(n * 100_000) for n in range(1, b.BUSY_ROUNDS + 1)]
+    assert waits == [False] * (b.BUSY_ROUNDS - 1) + [True]  # at most BUSY_ROUNDS intervals
+
+
+def test_background_ingest_runs_once_calls_stop_or_the_backlog_is_big() -> None:
+    b = IngestBatching()
+    b.ingested(5_000)
+    assert not b.due(100_000)
+    assert b.due(100_000)  # the journals stopped growing: ingest now
+    b.ingested(5_000)
+    assert b.due(b.BUSY_BYTES)  # a big backlog is not left waiting
+    b.ingested(5_000)
+    assert not b.due(0)  # nothing pending: idle again
+    assert b.due(100)
