@@ -392,6 +392,27 @@ def test_encrypt_and_decrypt_columns_return_new_frames(ledger: kl.KeyLedger) -> 
         encrypt_columns(ledger, df, {"nope": "pii"})
 
 
+def test_text_columns_are_encoded_and_come_back_as_text_when_asked(ledger: kl.KeyLedger) -> None:
+    ledger.create_key("pii", spec="AES_256")
+    df = pd.DataFrame({"ssn": ["123-45-6789", None, "987-65-4321"],
+                       "name": pd.array(["Ada", "Grace", pd.NA], dtype="string")})
+    enc = encrypt_columns(ledger, df, {"ssn": "pii", "name": "pii"})
+    assert ledger.decrypt(enc["ssn"].iloc[0]) == b"123-45-6789"  # UTF-8 by default
+    assert enc["ssn"].iloc[1] is None and pd.isna(enc["name"].iloc[2])
+    as_bytes = decrypt_columns(ledger, enc, ["ssn"])
+    assert as_bytes["ssn"].tolist() == [b"123-45-6789", None, b"987-65-4321"]
+    back = decrypt_columns(ledger, enc, ["ssn", "name"], encoding="utf-8")
+    assert back["ssn"].tolist() == ["123-45-6789", None, "987-65-4321"]
+    assert back["name"].tolist()[:2] == ["Ada", "Grace"] and pd.isna(back["name"].iloc[2])
+    with pytest.raises(kl.InvalidInput, match="bytes"):
+        encrypt_columns(ledger, df, {"ssn": "pii"}, encoding=None)  # text refused, as asked
+    with pytest.raises(kl.InvalidInput, match="text encoding"):
+        encrypt_columns(ledger, df, {"ssn": "pii"}, encoding="no-such-codec")
+    binary = encrypt_columns(ledger, pd.DataFrame({"b": [b"\xff\xfe"]}), {"b": "pii"})
+    with pytest.raises(kl.InvalidInput, match="not utf-8 text"):
+        decrypt_columns(ledger, binary, ["b"], encoding="utf-8")
+
+
 def test_batches_on_the_in_memory_backend(tmp_path, clock) -> None:
     from keyledger.hsm import memory
 

@@ -6,6 +6,7 @@ which work over any ledger with those two methods (``kl.open`` or ``kl.connect``
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,30 +108,64 @@ class BatchLedger(Protocol):
 
 
 def encrypt_columns(ledger: BatchLedger, df: pd.DataFrame, keys: Mapping[str, str], *,
-                    context: Mapping[str, str] | None = None) -> pd.DataFrame:
+                    context: Mapping[str, str] | None = None,
+                    encoding: str | None = "utf-8") -> pd.DataFrame:
     """A copy of ``df`` with each column of ``keys`` (column -> key name) encrypted under its
     key: one ``encrypt_many`` (one audit record) per column; nulls stay null, ``df`` is not
-    changed. Text columns are refused: encode them to bytes first."""
+    changed. Text values are encoded with ``encoding`` first (a ciphertext does not say it was
+    text: decrypt with the same ``encoding``); ``encoding=None`` refuses text."""
     if not isinstance(keys, Mapping):
         raise InvalidInput("keys must map column names to key names, e.g. {'ssn': 'pii-key'}")
     _check_frame(df, keys)
+    _check_encoding(encoding)
     out = df.copy()
     for column, name in keys.items():
-        out[column] = ledger.encrypt_many(name, df[column], context=context)
+        out[column] = ledger.encrypt_many(name, _encoded(df[column], encoding), context=context)
     return out
 
 
 def decrypt_columns(ledger: BatchLedger, df: pd.DataFrame, columns: Sequence[str], *,
-                    context: Mapping[str, str] | None = None) -> pd.DataFrame:
+                    context: Mapping[str, str] | None = None,
+                    encoding: str | None = None) -> pd.DataFrame:
     """A copy of ``df`` with ``columns`` decrypted (one ``decrypt_many`` per column; the key
-    comes from each ciphertext); ``df`` is not changed."""
+    comes from each ciphertext); ``df`` is not changed. Values come back as bytes, or as text
+    decoded with ``encoding`` (the one they were encrypted with)."""
     if isinstance(columns, str):
         columns = [columns]
     _check_frame(df, columns)
+    _check_encoding(encoding)
     out = df.copy()
     for column in columns:
-        out[column] = ledger.decrypt_many(df[column], context=context)
+        plain = ledger.decrypt_many(df[column], context=context)
+        out[column] = plain if encoding is None else _decoded(plain, encoding)
     return out
+
+
+def _check_encoding(encoding: object) -> None:
+    if encoding is None:
+        return
+    try:
+        codecs.lookup(encoding)  # type: ignore[arg-type]
+    except (LookupError, TypeError):
+        raise InvalidInput(f"encoding must name a text encoding such as 'utf-8', not "
+                           f"{encoding!r}") from None
+
+
+def _encoded(column: pd.Series, encoding: str | None) -> pd.Series:
+    """The column with its text values as bytes (nulls and bytes as they are)."""
+    if encoding is None or not any(isinstance(v, str) for v in column):
+        return column
+    return pd.Series([v.encode(encoding) if isinstance(v, str) else v for v in column],
+                     index=column.index, name=column.name, dtype=object)
+
+
+def _decoded(column: pd.Series, encoding: str) -> pd.Series:
+    try:
+        return pd.Series([v.decode(encoding) if isinstance(v, bytes) else v for v in column],
+                         index=column.index, name=column.name, dtype=object)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"a decrypted value is not {encoding} text; decrypt without "
+                           "encoding= to get bytes") from None
 
 
 def _check_frame(df: object, columns: object) -> None:
