@@ -15,13 +15,15 @@ version read; ingest counts the ``versions=`` items into ``usage`` per version
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .. import ciphertext as ct
-from ..columns import BatchResult, ItemError, as_items
+from ..columns import BatchResult, ItemError, Rebuild, as_items
 from ..errors import InvalidCiphertext, InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
 from ..model import Key, KeyVersion, Purpose, Use, check_use
 from .context import Audited, as_bytes
@@ -81,6 +83,24 @@ class _Tally:
             rec.version = max(self.used) if rec.action == "encrypt_many" else min(self.used)
 
 
+@dataclass
+class _Batch:
+    """One batch in progress: its record, context, items and where each output goes."""
+
+    rec: Audited
+    ctx: bytes
+    keep_going: bool  # errors="return"
+    items: list[Any]
+    rebuild: Rebuild
+    tally: _Tally
+    out: list[bytes | None]
+
+    def result(self) -> Any:
+        """The input's kind rebuilt from the outputs (a ``BatchResult`` with errors="return")."""
+        values = self.rebuild(self.out)
+        return BatchResult(values, self.tally.errors()) if self.keep_going else values
+
+
 def _keep_going(errors: object) -> bool:
     if errors not in _ERRORS:
         raise InvalidInput(f"errors must be 'raise' or 'return', not {errors!r}")
@@ -95,29 +115,36 @@ class BatchService(CryptoService):
                      errors: str = "raise") -> Any:
         """Encrypt each non-null item under ``name`` (bytes only, like ``encrypt``); the same
         kind back, nulls null. ``errors="return"``: a ``BatchResult`` instead of raising."""
-        with self._audited("encrypt_many", name) as rec:
+        with self._batch("encrypt_many", name, values, context, errors) as run:
+            key = self._key(run.rec, name)
+            self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
+            check_use(key.state, Use.PROTECT, key.name)
+            todo = _plaintexts(run.items, run.tally)
+            if run.tally.failures and not run.keep_going:
+                raise run.tally.first()
+            start = 0
+            for used_key, version, n in self._spend_uses(run.rec, key, len(todo)):
+                self._encrypt_part(used_key, version, todo[start:start + n], run.ctx, run.out)
+                run.tally.add(version.version, n)
+                start += n
+            return run.result()
+
+    @contextlib.contextmanager
+    def _batch(self, action: str, name: str | None, values: Any,
+               context: Mapping[str, str] | None, errors: str) -> Iterator[_Batch]:
+        """One batch call: audited once, its counts (``_Tally``) in the record however it ends."""
+        with self._audited(action, name) as rec:
             ctx = rec.context = ct.canonical_context(context)
             keep_going = _keep_going(errors)
             items, rebuild = as_items(values)
-            tally = _Tally(len(items))
-            out: list[bytes | None] = [None] * len(items)
+            run = _Batch(rec, ctx, keep_going, items, rebuild, _Tally(len(items)),
+                         [None] * len(items))
             try:
-                key = self._key(rec, name)
-                self._require_purpose(key, Purpose.ENCRYPT, Purpose.WRAP)
-                check_use(key.state, Use.PROTECT, key.name)
-                todo = _plaintexts(items, tally)
-                if tally.failures and not keep_going:
-                    raise tally.first()
-                start = 0
-                for used_key, version, n in self._spend_uses(rec, key, len(todo)):
-                    self._encrypt_part(used_key, version, todo[start:start + n], ctx, out)
-                    tally.add(version.version, n)
-                    start += n
+                yield run
             except KeyLedgerError as exc:
-                tally.record(rec, exc)
+                run.tally.record(rec, exc)
                 raise
-            tally.record(rec)
-            return _result(rebuild(out), tally, keep_going)
+            run.tally.record(rec)
 
     def _spend_uses(self, rec: Audited, key: Key, n: int) -> list[tuple[Key, KeyVersion, int]]:
         """How the batch's ``n`` encryptions split over versions, their uses spent: at a usage
@@ -171,25 +198,15 @@ class BatchService(CryptoService):
                      errors: str = "raise") -> Any:
         """Decrypt each non-null ciphertext (one key per batch, any of its versions); the same
         kind back, nulls null. ``errors="return"``: a ``BatchResult`` instead of raising."""
-        with self._audited("decrypt_many", None) as rec:
-            ctx = rec.context = ct.canonical_context(context)
-            keep_going = _keep_going(errors)
-            items, rebuild = as_items(values)
-            tally = _Tally(len(items))
-            out: list[bytes | None] = [None] * len(items)
-            try:
-                kid, groups = _headers(items, tally, keep_going)
-                if kid is not None:
-                    key = self._batch_key(rec, kid, tally)
-                    for version, members in sorted(groups.items()):
-                        self._decrypt_part(key, version, members, ctx, tally, out)
-                if tally.failures and not keep_going:
-                    raise tally.first()
-            except KeyLedgerError as exc:
-                tally.record(rec, exc)
-                raise
-            tally.record(rec)
-            return _result(rebuild(out), tally, keep_going)
+        with self._batch("decrypt_many", None, values, context, errors) as run:
+            kid, groups = _headers(run.items, run.tally, run.keep_going)
+            if kid is not None:
+                key = self._batch_key(run.rec, kid, run.tally)
+                for version, members in sorted(groups.items()):
+                    self._decrypt_part(key, version, members, run.ctx, run.tally, run.out)
+            if run.tally.failures and not run.keep_going:
+                raise run.tally.first()
+            return run.result()
 
     def _batch_key(self, rec: Audited, kid: bytes, tally: _Tally) -> Key:
         """The batch's key, authorised and usable for decryption (else the whole batch fails)."""
@@ -300,10 +317,6 @@ def _header_failure(i: int, v: object,
         return InvalidInput(f"item {i} is under another key than the batch's first ciphertext: "
                             "decrypt_many takes one key's ciphertexts per batch"), None
     return None
-
-
-def _result(values: Any, tally: _Tally, keep_going: bool) -> Any:
-    return BatchResult(values, tally.errors()) if keep_going else values
 
 
 __all__ = ["BATCH_ROTATIONS", "BatchService"]
