@@ -613,27 +613,25 @@ def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path):
 
 
 _WRITER = """
-import json, sys
-import duckdb
+import fcntl, json, sys
 import keyledger as kl
-from keyledger.store import db
+from keyledger.store import storelock
 
-real_connect, refused_opens = duckdb.connect, []
+real_flock, refused = fcntl.flock, []
 
-def counting_connect(*args, **kwargs):  # count the opens the other process's lock refused
+def counting_flock(fd, op):  # count the tries the other process's hold of the store refused
     try:
-        return real_connect(*args, **kwargs)
-    except duckdb.IOException as exc:
-        if db._is_lock_error(exc):
-            refused_opens.append(1)
+        return real_flock(fd, op)
+    except BlockingIOError:
+        refused.append(1)
         raise
 
-duckdb.connect = counting_connect
+storelock.fcntl.flock = counting_flock
 led = kl.open(sys.argv[1], principal="admin")
 print("ready", flush=True)
 sys.stdin.readline()
 led.create_key("written-during-query", spec="AES_256")
-print(json.dumps({"created": True, "waited": len(refused_opens) > 0}), flush=True)
+print(json.dumps({"created": True, "waited": len(refused) > 0}), flush=True)
 led.close()
 """
 

@@ -23,7 +23,8 @@ from typing import BinaryIO
 
 import duckdb
 
-from ..errors import StoreBusy, StoreError
+from ..errors import StoreError
+from .storelock import busy, store_lock
 
 _PID_RE = re.compile(r"PID (\d+)")
 _process_lock = threading.RLock()  # one connection per process at a time, across threads
@@ -43,6 +44,7 @@ class Database:
         self._keeper: duckdb.DuckDBPyConnection | None = None
         self._holds = 0
         self._close_after_hold: list[BinaryIO] = []
+        self._lock = store_lock(path)
 
     def _connect(self, timeout: float | None = None, *,
                  sandboxed: bool = False) -> duckdb.DuckDBPyConnection:
@@ -51,6 +53,23 @@ class Database:
         whole life (DuckDB can turn it off for a running instance, never on again)."""
         timeout = self.busy_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        self._lock.acquire(deadline, self.path, timeout)  # before DuckDB so much as reads it
+        try:
+            return self._open_instance(deadline, timeout, sandboxed)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _close(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Close a connection from ``_connect`` (the instance too, if it was the last one)."""
+        try:
+            con.close()
+        finally:
+            self._lock.release()
+
+    def _open_instance(self, deadline: float, timeout: float, sandboxed: bool) -> duckdb.DuckDBPyConnection:
+        """DuckDB's own lock still refuses a file that a program other than keyledger holds
+        (or an instance something in this process keeps alive): retry it until ``deadline``."""
         delay = 0.002
         config: dict[str, str | bool | int | float | list[str]] = {"threads": 2}
         if sandboxed:
@@ -66,10 +85,7 @@ class Database:
                 if time.monotonic() >= deadline:
                     m = _PID_RE.search(str(exc))
                     holder = f"process {m.group(1)}" if m else "another process"
-                    raise StoreBusy(
-                        f"the store {self.path} has been held by {holder} for more than "
-                        f"{timeout:g} s; wait for it to finish or stop it"
-                    ) from None
+                    raise busy(self.path, holder, timeout) from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.1)
             except duckdb.Error as exc:
@@ -103,7 +119,7 @@ class Database:
             files, self._close_after_hold = self._close_after_hold, []
             try:
                 if keeper is not None:
-                    keeper.close()  # the last connection: DuckDB checkpoints the file
+                    self._close(keeper)  # the last connection: DuckDB checkpoints the file
             except duckdb.Error as exc:
                 if raise_errors:
                     raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
@@ -177,7 +193,7 @@ class Database:
             except duckdb.Error as exc:
                 raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
             finally:
-                con.close()
+                self._close(con)
 
     @contextlib.contextmanager
     def _set_aside_keeper(self, active: bool) -> Iterator[None]:
@@ -187,8 +203,8 @@ class Database:
         if not active or self._keeper is None:
             yield
             return
-        self._keeper.close()
-        self._keeper = None
+        keeper, self._keeper = self._keeper, None
+        self._close(keeper)
         try:
             yield
         finally:
