@@ -396,3 +396,22 @@ def test_docs_recipe_reads_an_archive_without_keyledger(tmp_path, clock):
     assert manifest["keys"] == 3 and manifest["format"] == 1
     with pytest.raises(ValueError, match="wrong passphrase"):
         list(scope["decrypt_backup"](archive, b"not it at all"))
+
+
+def test_cli_restore_test_of_a_file_that_is_not_a_backup_says_error(tmp_path, clock, capsys,
+                                                                     monkeypatch):
+    """A restore test that runs and fails exits 1 with an ``error:`` line on stderr, not only a
+    report on stdout (a script checking stderr would otherwise see nothing wrong)."""
+    from keyledger.cli import main
+
+    home, archive, _ = _backup_home(tmp_path, clock)
+    not_a_backup = tmp_path / "notes.txt"
+    not_a_backup.write_bytes(b"this is not a keyledger backup")
+    monkeypatch.setenv("KEYLEDGER_BACKUP_PASSPHRASE", PASS)
+    assert main(["--home", str(home), "restore-test", str(archive), "--principal", "alice"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["--home", str(home), "restore-test", str(not_a_backup),
+                 "--principal", "alice"]) == 1
+    out, err = capsys.readouterr()
+    assert "FAILED" in out and "not a keyledger backup" in out
+    assert err.startswith(f"error: the restore test of {not_a_backup} failed: ")

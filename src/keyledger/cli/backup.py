@@ -54,7 +54,11 @@ def cmd_restore_test(args: argparse.Namespace) -> int:
     with ledger_for(args) as led:
         report = led.restore_test(args.path, passphrase=_passphrase(confirm=False))
     print(report)
-    return 0 if report.ok else 1
+    if report.ok:
+        return 0
+    problems = "; ".join(report.problems) or "see the report above"
+    print(f"error: the restore test of {args.path} failed: {problems}", file=sys.stderr)
+    return 1
 
 
 def register(sub: Any, add: AddCommand) -> None:
