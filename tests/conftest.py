@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import shutil
@@ -18,6 +19,26 @@ from keyledger.config import find_softhsm_module
 from keyledger.hsm.softhsm import softhsm_conf_text
 from keyledger.runtime import HomeRuntime
 from keyledger.store.journal import journal_pid
+
+# A test that hangs (a deadlock holding the GIL cannot be interrupted from Python) ends its
+# process after this long, with every thread's stack on stderr, instead of hanging the run.
+HANG_LIMIT_S = float(os.environ.get("KEYLEDGER_TEST_HANG_LIMIT_S", "900"))
+_HANG_FD: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _HANG_FD
+    _HANG_FD = os.dup(sys.__stderr__.fileno())  # the terminal's, not a test's captured stderr
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if _HANG_FD is not None:
+        faulthandler.dump_traceback_later(HANG_LIMIT_S, exit=True, file=_HANG_FD)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 class FakeClock:
