@@ -426,3 +426,14 @@ def test_key_list_notes_a_simulation_home_on_stderr(cli, tmp_path):
     proc = cli.ok("--home", str(sim), "key", "list", "--json", home=False)
     assert "SIMULATION \u2014 simulated clock" in proc.stderr.decode()
     assert [k["name"] for k in json.loads(proc.stdout)] == ["k"]
+
+
+def test_an_in_process_call_refuses_to_mix_with_an_open_home(ledger, cli):
+    """tests/cli_support.py: one embedded home per process; with a ledger open here the CLI
+    must run as its own process (which sees the same home as any other process would)."""
+    ledger.create_key("open-here", spec="AES_256")
+    with pytest.raises(AssertionError, match="subprocess=True"):
+        cli("key", "list")
+    assert ledger.home == cli.home  # both are tmp_path / "home"
+    proc = cli.ok("--principal", "alice", "key", "list", "--json", subprocess=True)
+    assert [k["name"] for k in json.loads(proc.stdout)] == ["open-here"]
