@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess as sp
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,24 +59,25 @@ def run_cli(args: Sequence[str], *, input: bytes | str | None = None,
     return sp.CompletedProcess(list(args), code, stdout, stderr)
 
 
-def _open_state() -> tuple[list[Path], list[tuple], dict[str, int]]:
-    """What a CLI command may open in this process: home runtimes, PKCS#11 logins, and the
-    logging handlers of the loggers that exist."""
+def _open_state() -> tuple[list[object], dict[str, int]]:
+    """What a CLI command may open in this process: home runtimes, PKCS#11 logins, keyledger's
+    threads (a runtime's ingester), and the logging handlers of the loggers that exist."""
     loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
                                       if isinstance(lg, logging.Logger))]
-    return (sorted(HomeRuntime._registry), sorted(pkcs11_backend._Process.backends),
-            {lg.name: len(lg.handlers) for lg in loggers})
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("keyledger")]
+    return ([*sorted(HomeRuntime._registry), *sorted(pkcs11_backend._Process.backends),
+             *threads], {lg.name: len(lg.handlers) for lg in loggers})
 
 
 @contextmanager
 def _nothing_left_open() -> Iterator[None]:
-    homes, logins, handlers = _open_state()
-    assert not homes and not logins, (
-        f"this process has {homes or logins} open: running the CLI in-process would embed a "
-        "second home (one SoftHSM2 configuration per process); close it or use subprocess=True")
+    opened, handlers = _open_state()
+    assert not opened, (
+        f"this process has {opened} open: running the CLI in-process would embed a second "
+        "home (one SoftHSM2 configuration per process); close it or use subprocess=True")
     yield
-    after_homes, after_logins, after_handlers = _open_state()
-    assert not after_homes and not after_logins, f"the CLI left {after_homes or after_logins} open"
+    left, after_handlers = _open_state()
+    assert not left, f"the CLI left {left} open"
     grown = {n: c for n, c in after_handlers.items() if c > handlers.get(n, 0)}
     assert not grown, f"the CLI added logging handlers: {grown}"
 
