@@ -8,9 +8,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
+from cli_support import run_cli
 
 import keyledger as kl
 from keyledger.errors import AccessDenied, InvalidInput, KeyExists, KeyNotFound
@@ -138,12 +138,11 @@ def test_cli_create_register_list_disable_delete(tmp_path):
     home = tmp_path / "home"
     env = {**os.environ, "KEYLEDGER_HOME": str(home)}
 
-    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "keyledger.cli", "--principal", "admin",
-                               "access-key", *args], input=stdin, capture_output=True,
-                              text=True, env=env, timeout=120)
+    def cli(*args: str, stdin: str = "", subprocess: bool = False) -> subprocess.CompletedProcess:
+        return run_cli(["--principal", "admin", "access-key", *args], input=stdin, text=True,
+                       env=env, subprocess=subprocess)
 
-    made = json.loads(cli("create", "app1", "--json").stdout)
+    made = json.loads(cli("create", "app1", "--json", subprocess=True).stdout)
     assert set(made) == {"AccessKeyId", "SecretAccessKey"}
     out = cli("create", "ci", "--id", EXISTING_ID, "--secret-stdin", stdin=EXISTING_SECRET + "\n")
     assert out.returncode == 0 and EXISTING_SECRET not in out.stdout + out.stderr

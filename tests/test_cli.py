@@ -1,8 +1,10 @@
-"""The `keyledger` command line, run as a real console script in subprocesses on a tmp home.
+"""The `keyledger` command line on a tmp home.
 
-Each CLI process imports keyledger (~0.6 s) and opens the home, so the tests group several
-checks per home instead of one process per assertion. Usage errors never open a home and are
-checked in-process through ``main(argv)``.
+Most commands run in the test process through ``main(argv)`` (tests/cli_support.py: a real
+process costs ~1.3 s of CPU to start); ``subprocess=True`` runs the installed console script
+where the process boundary is the point: the entry point and its exit statuses, binary data
+through real pipes, the environment alone naming the home, ``demo``, and one command of each
+group. Each CLI process opens the home, so the tests group several checks per home.
 """
 
 from __future__ import annotations
@@ -17,33 +19,32 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from cli_support import run_cli
 from conftest import run_python
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyledger.cli import main
 
-SCRIPT = Path(sys.executable).with_name("keyledger")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "keyledger.cli"]
-
 # Binary payload with NUL bytes, CR/LF, ^Z and every byte value.
 BINARY = b"\x00head\x00\r\n\x1a" + bytes(range(256)) * 3 + b"\x00\x00tail\n"
 
 
 class Cli:
-    """Runs `keyledger --home <home> ...` with cwd in the tmp dir; output kept as bytes."""
+    """Runs `keyledger --home <home> ...` with cwd in the tmp dir; output kept as bytes. In
+    this process unless ``subprocess=True`` (the real console script)."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.home = tmp / "home"
 
     def __call__(self, *args: str, input: bytes | None = None, home: bool = True,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        argv = [*COMMAND, *(["--home", str(self.home)] if home else []), *args]
+                 env: dict[str, str] | None = None,
+                 subprocess: bool = False) -> subprocess.CompletedProcess:
+        argv = [*(["--home", str(self.home)] if home else []), *args]
         base = {k: v for k, v in os.environ.items() if k != "KEYLEDGER_HOME"}
-        return subprocess.run(argv, input=input if input is not None else b"",
-                              capture_output=True, cwd=self.tmp, timeout=120,
-                              env={**base, **(env or {})})
+        return run_cli(argv, input=input, cwd=self.tmp, env={**base, **(env or {})},
+                       subprocess=subprocess)
 
     def ok(self, *args: str, **kw) -> subprocess.CompletedProcess:
         proc = self(*args, **kw)
@@ -71,7 +72,7 @@ def cli(tmp_path: Path) -> Cli:
 # -- usage -----------------------------------------------------------------------------------------
 def test_bad_usage_exits_2_from_the_console_script(cli):
     for args in (["key", "frobnicate", "x"], ["encrypt", "k", "--context", "no-equals-sign"]):
-        proc = cli(*args)
+        proc = cli(*args, subprocess=True)
         assert proc.returncode == 2, (args, proc.stderr)
         assert b"usage:" in proc.stderr and b"Traceback" not in proc.stderr
     assert not cli.home.exists()
@@ -110,7 +111,7 @@ def test_help_exits_0(capsys):
 
 # -- init and keys -----------------------------------------------------------------------------------
 def test_init_provisions_reports_and_never_prints_the_pin(cli):
-    proc = cli.ok("init")
+    proc = cli.ok("init", subprocess=True)
     out = proc.stdout.decode()
     assert str(cli.home) in out and "catalog and HSM agree" in out and "AES_GCM" in out
     report = cli.json("init")
@@ -152,7 +153,8 @@ def test_create_list_show_rotate(cli):
     text = cli.ok("key", "show", "orders").stdout.decode()
     assert "versions:" in text and "retired" in text and "team=pay" in text
 
-    assert "already exists" in refused(cli("key", "create", "orders", "--spec", "AES_256"))
+    assert "already exists" in refused(cli("key", "create", "orders", "--spec", "AES_256",
+                                           subprocess=True))
     err = refused(cli("key", "create", "k2", "--spec", "DES"))
     assert "unknown key spec" in err and "AES_256" in err
 
@@ -195,8 +197,8 @@ def test_encrypt_file_decrypt_file_stream_any_size_and_write_only_authentic_outp
     assert "already exists" in refused(cli("decrypt-file", "big.kle", "back.bin",
                                            "--context", "tenant=acme"))
     # pipes both ways
-    piped = cli.ok("encrypt-file", "orders", "-", "-", input=data).stdout
-    assert cli.ok("decrypt-file", "-", "-", input=piped).stdout == data
+    piped = cli.ok("encrypt-file", "orders", "-", "-", input=data, subprocess=True).stdout
+    assert cli.ok("decrypt-file", "-", "-", input=piped, subprocess=True).stdout == data
     # a cut file: refused, and no output file appears
     (cli.tmp / "cut.kle").write_bytes(sealed[:-500])
     assert "truncated" in refused(cli("decrypt-file", "cut.kle", "cut.bin",
@@ -209,14 +211,15 @@ def test_encrypt_file_decrypt_file_stream_any_size_and_write_only_authentic_outp
 
 def test_encrypt_decrypt_via_stdin_stdout_across_a_rotation(cli):
     cli.ok("key", "create", "orders", "--spec", "AES_256")
-    blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=BINARY).stdout
+    blob = cli.ok("encrypt", "orders", "--context", "tenant=acme", input=BINARY,
+                  subprocess=True).stdout
     assert blob[:2] == b"KL" and len(blob) == len(BINARY) + 36 + 16
     assert blob[20:24] == (1).to_bytes(4, "big")  # key version in the header
     back = cli.ok("decrypt", "--in", "-", "--out", "-", "--context", "tenant=acme",
-                  input=blob).stdout
+                  input=blob, subprocess=True).stdout
     assert back == BINARY
     cli.ok("key", "rotate", "orders")
-    new = cli.ok("encrypt", "orders", input=b"").stdout  # empty input is data too
+    new = cli.ok("encrypt", "orders", input=b"", subprocess=True).stdout  # empty input is data
     assert new[20:24] == (2).to_bytes(4, "big")
     assert cli.ok("decrypt", "--context", "tenant=acme", input=blob).stdout == BINARY
 
@@ -267,7 +270,8 @@ def test_sign_verify_and_tampered_file(cli):
     pub.verify(sig, BINARY, ec.ECDSA(hashes.SHA256()))
 
     (cli.tmp / "artifact.bin").write_bytes(BINARY + b"!")
-    proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig")
+    proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig",
+               subprocess=True)
     assert proc.returncode == 1 and b"INVALID" in proc.stderr and b"Traceback" not in proc.stderr
     proc = cli("verify", "release", "--in", "artifact.bin", "--signature", "artifact.sig",
                "--json")
@@ -281,7 +285,7 @@ def test_sign_verify_and_tampered_file(cli):
 
 def test_ed25519_signature_via_stdout(cli):
     cli.ok("key", "create", "ed", "--spec", "ED25519")
-    sig = cli.ok("sign", "ed", input=b"hello").stdout
+    sig = cli.ok("sign", "ed", input=b"hello", subprocess=True).stdout
     assert len(sig) == 64
     (cli.tmp / "s.sig").write_bytes(sig)
     cli.ok("verify", "ed", "--signature", "s.sig", input=b"hello")
@@ -311,7 +315,7 @@ def test_audit_verify_tail_and_principal(cli):
     assert denied.returncode == 1 and b"keyledger grant orders bob user" in denied.stderr
     cli.ok("grant", "orders", "bob", "user")
     cli.ok("--principal", "bob", "encrypt", "orders", "--context", "tenant=acme", input=b"x")
-    proc = cli.ok("audit", "verify")
+    proc = cli.ok("audit", "verify", subprocess=True)
     assert b"audit ledger OK" in proc.stdout
 
     tail = cli.json("audit", "tail", "-n", "5")
@@ -336,7 +340,7 @@ def test_audit_verify_exits_1_when_the_ledger_was_tampered_with(cli):
                     "WHERE seq = (SELECT min(seq) FROM audit_log WHERE action = 'create_key')")
     finally:
         con.close()
-    proc = cli("audit", "verify")
+    proc = cli("audit", "verify", subprocess=True)
     assert proc.returncode == 1 and b"BROKEN" in proc.stdout and b"First bad record" in proc.stdout
     proc = cli("audit", "verify", "--json")
     report = json.loads(proc.stdout)
@@ -361,7 +365,7 @@ def test_audit_export_jsonl_and_parquet(cli):
 def test_home_from_env_default_home_and_options_after_the_command(cli):
     env_home = cli.tmp / "env-home"
     cli.ok("key", "create", "k", "--spec", "HMAC_SHA256", home=False,
-           env={"KEYLEDGER_HOME": str(env_home)})
+           env={"KEYLEDGER_HOME": str(env_home)}, subprocess=True)
     assert (env_home / "keyledger.duckdb").exists() and not cli.home.exists()
     keys = json.loads(cli.ok("key", "list", "--json", "--home", str(env_home),
                              home=False).stdout)
@@ -372,8 +376,8 @@ def test_home_from_env_default_home_and_options_after_the_command(cli):
 
 
 def test_demo_tour_runs_twice_on_the_same_home(cli):
-    first = cli.ok("demo", "--tour")
-    second = cli.ok("demo", "--tour", "--home", str(cli.home), home=False)
+    first = cli.ok("demo", "--tour", subprocess=True)
+    second = cli.ok("demo", "--tour", "--home", str(cli.home), home=False, subprocess=True)
     out1, out2 = first.stdout.decode(), second.stdout.decode()
     assert "demo-1-orders" in out1 and "demo-2-orders" in out2
     for out in (out1, out2):
@@ -391,7 +395,8 @@ def test_request_trim_executes_with_quorum_one_and_needs_min_version(cli):
     old = cli("encrypt", "t", input=b"v1 data").stdout
     cli.ok("key", "rotate", "t")
     assert cli("request", "trim", "t", "--reason", "x").returncode == 2  # no --min-version
-    cli.ok("request", "trim", "t", "--min-version", "2", "--reason", "v1 unused")
+    cli.ok("request", "trim", "t", "--min-version", "2", "--reason", "v1 unused",
+           subprocess=True)
     assert cli.json("key", "show", "t")["min_decryption_version"] == 2
     refused = cli("decrypt", input=old)
     assert refused.returncode == 1 and b"version 1" in refused.stderr
@@ -421,3 +426,14 @@ def test_key_list_notes_a_simulation_home_on_stderr(cli, tmp_path):
     proc = cli.ok("--home", str(sim), "key", "list", "--json", home=False)
     assert "SIMULATION \u2014 simulated clock" in proc.stderr.decode()
     assert [k["name"] for k in json.loads(proc.stdout)] == ["k"]
+
+
+def test_an_in_process_call_refuses_to_mix_with_an_open_home(ledger, cli):
+    """tests/cli_support.py: one embedded home per process; with a ledger open here the CLI
+    must run as its own process (which sees the same home as any other process would)."""
+    ledger.create_key("open-here", spec="AES_256")
+    with pytest.raises(AssertionError, match="subprocess=True"):
+        cli("key", "list")
+    assert ledger.home == cli.home  # both are tmp_path / "home"
+    proc = cli.ok("--principal", "alice", "key", "list", "--json", subprocess=True)
+    assert [k["name"] for k in json.loads(proc.stdout)] == ["open-here"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_support import run_cli
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -439,9 +440,8 @@ def test_cli_url_runs_key_audit_and_compliance_commands_remotely(estate, tmp_pat
            "KEYLEDGER_SECRET_ACCESS_KEY": keys["admin"]["SecretAccessKey"],
            "KEYLEDGER_HOME": str(tmp_path / "no-home")}
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "keyledger.cli", "--url", server.url, *args],
-                              env=env, capture_output=True, text=True, timeout=120)
+    def cli(*args: str) -> subprocess.CompletedProcess:  # in this process: no home is opened
+        return run_cli(["--url", server.url, *args], env=env, text=True)
 
     made = cli("key", "create", "cli-remote", "--spec", "AES_256", "--json")
     assert made.returncode == 0, made.stderr

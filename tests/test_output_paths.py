@@ -13,10 +13,10 @@ import errno
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_support import run_cli
 
 import keyledger as kl
 from keyledger import outputs, restore
@@ -263,11 +263,12 @@ def test_restore_never_writes_into_a_home(ledger, home, tmp_path, clock):
 
 
 # -- the command line ------------------------------------------------------------------------------
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(home: Path, *args: str, subprocess: bool = False) -> subprocess.CompletedProcess:
+    """`keyledger --home home --principal alice *args`, in this process unless ``subprocess``
+    (tests/cli_support.py)."""
     env = {k: v for k, v in os.environ.items() if k != "KEYLEDGER_HOME"}
-    return subprocess.run([sys.executable, "-m", "keyledger.cli", "--home", str(home),
-                           "--principal", "alice", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return run_cli(["--home", str(home), "--principal", "alice", *args], text=True, env=env,
+                   subprocess=subprocess)
 
 
 def test_cli_outputs_need_force_and_never_go_into_the_home(ledger, home, tmp_path):
@@ -275,7 +276,7 @@ def test_cli_outputs_need_force_and_never_go_into_the_home(ledger, home, tmp_pat
     ledger.close()
     report = tmp_path / "report.md"
     report.write_text("keep me")
-    out = _cli(home, "compliance", "report", str(report))
+    out = _cli(home, "compliance", "report", str(report), subprocess=True)
     assert out.returncode == 1 and "already exists" in out.stderr and "--force" in out.stderr
     assert report.read_text() == "keep me"
     out = _cli(home, "compliance", "report", str(report), "--force")
