@@ -15,14 +15,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from .errors import InvalidInput
 from .frames import VERSION_STATES, normalize
 from .model import KeyState
 from .store.journal import READ_ACTIONS
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .service import KeyLedger
 
 DECRYPT_ACTIONS = ("decrypt", "envelope_decrypt")
@@ -100,6 +100,8 @@ class Filters:
 
     def match_keys(self, df: pd.DataFrame) -> pd.DataFrame:
         """Rows of a ``list_keys()``-shaped frame that pass the key filters."""
+        import pandas as pd
+
         mask = pd.Series(True, index=df.index)
         if self.keys:
             mask &= df["name"].isin(self.keys)
@@ -140,6 +142,8 @@ def key_status(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
 def key_status_of(keys: pd.DataFrame, filters: Filters = EVERYTHING, *, now: datetime,
                   due_soon_days: int = DUE_SOON_DAYS) -> pd.DataFrame:
     """``key_status`` of a ``list_keys()`` frame already read (the dashboard's cached one)."""
+    import pandas as pd
+
     df = filters.match_keys(keys).copy()
     days = (df["next_rotation_due"] - pd.Timestamp(now)).dt.total_seconds() / 86400
     df["days_to_due"] = days.round(1)
@@ -160,6 +164,8 @@ def key_status_of(keys: pd.DataFrame, filters: Filters = EVERYTHING, *, now: dat
 
 def keys_by_state(status: pd.DataFrame) -> pd.DataFrame:
     """Counts of ``key_status`` rows per state (every known state, zeros included)."""
+    import pandas as pd
+
     counts = status["state"].value_counts()
     states = list(STATES) + sorted(set(counts.index) - set(STATES))
     return normalize(pd.DataFrame({"state": states,
@@ -169,6 +175,8 @@ def keys_by_state(status: pd.DataFrame) -> pd.DataFrame:
 
 def upcoming(status: pd.DataFrame, *, now: datetime, days: int = 30) -> pd.DataFrame:
     """Rotations and deletions due within ``days`` (overdue rotations included), soonest first."""
+    import pandas as pd
+
     horizon = pd.Timestamp(now) + pd.Timedelta(days=days)
     rot = status[(status["state"] == "active") & status["next_rotation_due"].notna()
                  & (status["next_rotation_due"] <= horizon)]
@@ -209,6 +217,8 @@ def ops_per_period(ledger: KeyLedger, filters: Filters = EVERYTHING, *, by: str 
     ``bucket`` (day or week) defaults to days for ranges up to 120 days, weeks beyond.
     Reads of the catalog and ledger (list_keys, query, ...: ``READ_ACTIONS``) are left out
     unless ``include_reads``: a dashboard looking at the ledger is not key activity."""
+    import pandas as pd
+
     if by not in GROUPINGS:
         raise InvalidInput(f"by must be one of {', '.join(GROUPINGS)}, not {by!r}")
     if bucket not in (None, "day", "week"):
@@ -340,6 +350,8 @@ def audit_window(ledger: KeyLedger, filters: Filters = EVERYTHING, *,
     """(matching records, the highest ``seq`` among them), at or below ``max_seq``: one query
     that both counts a view and pins it for paging, so records added while paging do not shift
     pages; ``include_reads=False`` leaves out reads of the catalog and ledger (``READ_ACTIONS``)."""
+    import pandas as pd
+
     cond, args = _audit_where(filters, principal, action, outcome, max_seq, include_reads)
     df = ledger.query(f"SELECT count(*) AS n, max(seq) AS top FROM audit_log WHERE {cond}", args,
                       label="analytics.audit_window")
@@ -402,6 +414,8 @@ SEVERITY_ORDER = ("critical", "high", "medium", "low", "info")
 
 def compliance_matrix(findings: pd.DataFrame) -> pd.DataFrame:
     """Findings counted per framework x severity, with every cell present (zeros included)."""
+    import pandas as pd
+
     frameworks = sorted(findings["framework"].dropna().unique()) if len(findings) else []
     grid = pd.MultiIndex.from_product([frameworks, SEVERITY_ORDER],
                                       names=["framework", "severity"])

@@ -7,14 +7,16 @@ which work over any ledger with those two methods (``kl.open`` or ``kl.connect``
 from __future__ import annotations
 
 import codecs
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import pandas as pd
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 # one failed item: (its index in the batch, the error's class name, the error's message)
 ItemError = tuple[int, str, str]
@@ -53,17 +55,23 @@ def _length(values: Any) -> int:
 
 def as_items(values: object) -> tuple[list[Any], Rebuild]:
     """The batch's items (None where null) and how to rebuild the input's kind from outputs."""
+    # pandas and pyarrow are loaded by the caller that made such values, never here: a library
+    # that was never imported has no objects to pass (``import keyledger`` stays light)
+    pandas, pyarrow = sys.modules.get("pandas"), sys.modules.get("pyarrow")
     if isinstance(values, list | tuple):
-        return [None if v is pd.NA else v for v in values], list
-    if isinstance(values, pd.Series):
+        na = pandas.NA if pandas is not None else None
+        return [None if v is na else v for v in values], list
+    if pandas is not None and isinstance(values, pandas.Series):
         return _series_items(values)
-    if isinstance(values, pa.Array | pa.ChunkedArray):
+    if pyarrow is not None and isinstance(values, pyarrow.Array | pyarrow.ChunkedArray):
         return _arrow_items(values)
     raise InvalidInput(f"values must be a list of bytes, a pandas Series or a pyarrow binary "
                        f"array, not {type(values).__name__}")
 
 
 def _series_items(series: pd.Series) -> tuple[list[Any], Rebuild]:
+    import pandas as pd
+
     if isinstance(series.dtype, pd.StringDtype):
         raise InvalidInput("values is a Series of text; encode it to bytes first, "
                            "e.g. s.str.encode('utf-8')")
@@ -79,6 +87,8 @@ def _series_items(series: pd.Series) -> tuple[list[Any], Rebuild]:
 
 
 def _arrow_items(array: pa.Array | pa.ChunkedArray) -> tuple[list[Any], Rebuild]:
+    import pyarrow as pa
+
     kind = array.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         raise InvalidInput("values is an Arrow array of text; cast it to binary first, "
@@ -155,11 +165,15 @@ def _encoded(column: pd.Series, encoding: str | None) -> pd.Series:
     """The column with its text values as bytes (nulls and bytes as they are)."""
     if encoding is None or not any(isinstance(v, str) for v in column):
         return column
+    import pandas as pd
+
     return pd.Series([v.encode(encoding) if isinstance(v, str) else v for v in column],
                      index=column.index, name=column.name, dtype=object)
 
 
 def _decoded(column: pd.Series, encoding: str) -> pd.Series:
+    import pandas as pd
+
     try:
         return pd.Series([v.decode(encoding) if isinstance(v, bytes) else v for v in column],
                          index=column.index, name=column.name, dtype=object)
@@ -169,7 +183,8 @@ def _decoded(column: pd.Series, encoding: str) -> pd.Series:
 
 
 def _check_frame(df: object, columns: object) -> None:
-    if not isinstance(df, pd.DataFrame):
+    pandas = sys.modules.get("pandas")  # never loaded: df cannot be a DataFrame
+    if pandas is None or not isinstance(df, pandas.DataFrame):
         raise InvalidInput(f"df must be a pandas DataFrame, not {type(df).__name__}")
     missing = [c for c in columns if c not in df.columns]  # type: ignore[attr-defined]
     if missing:

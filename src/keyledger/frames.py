@@ -21,13 +21,38 @@ without surprises:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .model import KeyState
 
-TIME_DTYPE = pd.DatetimeTZDtype("us", "UTC")
-TEXT_DTYPE = pd.StringDtype(na_value=pd.NA)
+if TYPE_CHECKING:
+    import pandas as pd
+
+    TIME_DTYPE: pd.DatetimeTZDtype
+    TEXT_DTYPE: pd.StringDtype
+
+
+def _dtype(name: str) -> Any:
+    """TIME_DTYPE or TEXT_DTYPE, made (and kept) on first use: pandas is loaded by the first
+    frame keyledger hands out, not by ``import keyledger`` (which CLI runs and servers pay)."""
+    if name not in globals():
+        import pandas as pd
+
+        globals().update(TIME_DTYPE=pd.DatetimeTZDtype("us", "UTC"),
+                         TEXT_DTYPE=pd.StringDtype(na_value=pd.NA))
+    return globals()[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TIME_DTYPE", "TEXT_DTYPE"):
+        return _dtype(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "TIME_DTYPE", "TEXT_DTYPE"})
+
+
 # Orders of the ordered categoricals: a key's lifecycle (model.KeyState) and a version's.
 KEY_STATES = tuple(s.value for s in KeyState)
 VERSION_STATES = ("active", "retired", "compromised", "destroyed")
@@ -40,6 +65,8 @@ def normalize(df: pd.DataFrame, *, times: Iterable[str] = (),
     ``times`` names columns that hold times even when no value says so (all missing);
     ``categories`` maps a column to its words in ascending order (values outside them are
     kept, ordered after them)."""
+    import pandas as pd
+
     times, categories = set(times), dict(categories or {})
     for i, col in enumerate(df.columns):  # by position: query() may repeat a column name
         values = df.iloc[:, i]
@@ -54,6 +81,8 @@ def normalize(df: pd.DataFrame, *, times: Iterable[str] = (),
 
 def ordered(values: pd.Series, order: Sequence[str]) -> pd.Series:
     """``values`` as an ordered Categorical of ``order`` (unknown words appended, sorted)."""
+    import pandas as pd
+
     text = values.astype(object).where(values.notna(), None).map(
         lambda v: None if v is None else str(v))
     extra = sorted(set(text.dropna()) - set(order))
@@ -63,11 +92,16 @@ def ordered(values: pd.Series, order: Sequence[str]) -> pd.Series:
 
 def utc(values: pd.Series) -> pd.Series:
     """Times as ``datetime64[us, UTC]``; naive values are UTC already (the store's rule)."""
+    import pandas as pd
+
     out = pd.to_datetime(values, utc=True)
-    return out.astype(TIME_DTYPE)
+    return out.astype(_dtype("TIME_DTYPE"))
 
 
 def _plain(values: pd.Series) -> pd.Series:
+    import pandas as pd
+
+    text_dtype = _dtype("TEXT_DTYPE")
     dtype = values.dtype
     if isinstance(dtype, pd.CategoricalDtype | pd.DatetimeTZDtype):
         return values
@@ -76,17 +110,19 @@ def _plain(values: pd.Series) -> pd.Series:
     if pd.api.types.is_integer_dtype(dtype):
         return values.astype("Int64")
     if pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype):
-        return values.astype(TEXT_DTYPE)
+        return values.astype(text_dtype)
     if pd.api.types.is_object_dtype(dtype):
         kinds = {type(v) for v in values if v is not None and not _na(v)}
         if kinds <= {str}:  # text (or nothing but missing values, as in an empty frame)
-            return values.astype(object).where(values.notna(), None).astype(TEXT_DTYPE)
+            return values.astype(object).where(values.notna(), None).astype(text_dtype)
         if kinds <= {bool}:
             return values.astype(object).where(values.notna(), None).astype("boolean")
     return values
 
 
 def _na(value: object) -> bool:
+    import pandas as pd
+
     try:
         return bool(pd.isna(value))
     except (TypeError, ValueError):  # arrays, lists: not a missing scalar

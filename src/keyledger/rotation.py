@@ -8,11 +8,13 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .frames import normalize
 from .model import Key, KeyState, Purpose, invalid_usage_limit, usage_limit
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Originator-usage period (NIST SP 800-57 Table 1): after it, a key that is not rotated
 # automatically stops applying protection (it is deactivated; it still decrypts/verifies).
@@ -91,6 +93,8 @@ class DueReport:
     compliance: str | None = None  # the compliance evaluation that closed the run
 
     def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
         rows = [{"outcome": "done", **d} for d in self.done]
         rows += [{"outcome": "skipped", **d} for d in self.skipped]
         return normalize(pd.DataFrame(rows, columns=["outcome", "action", "key", "reason"]))

@@ -10,9 +10,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from . import outputs
 from .access import WILDCARD
@@ -20,7 +18,6 @@ from .backup import RESTORE_TEST_SAMPLE, BackupInfo, RestoreTestReport
 from .backup.restore import restore_files
 from .byok import WrappedKey
 from .config import default_home
-from .display import AuditFrame
 from .errors import InvalidInput, KeyStateError
 from .hsm.backend import Capabilities
 from .model import Key, validate_name
@@ -40,6 +37,11 @@ from .services.importexport import ImportExportService
 from .services.lifecycle import MAX_DELETION_DAYS, MIN_DELETION_DAYS, LifecycleService
 from .services.maintenance import MaintenanceService, RewrapResult
 from .store.verify import VerifyReport
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .display import AuditFrame
 
 _Audited = Audited  # the name docs and older scripts use
 __all__ = ["MAX_DELETION_DAYS", "MIN_DELETION_DAYS", "DataKey", "KeyLedger", "open", "restore"]

@@ -12,8 +12,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .. import outputs
 from ..errors import AuditError, InvalidInput, KeyLedgerError
@@ -23,6 +22,9 @@ from .archive import Layout, as_error, write_archive
 from .reports import BackupInfo, RestoreTestReport, record_event
 from .restore import Restored
 from .stream import check_passphrase
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RESTORE_TEST_SAMPLE = 32
 

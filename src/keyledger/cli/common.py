@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..demo import format_table
 from ..service import KeyLedger
 from ..service import open as open_ledger
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # ``add(parent, name, func, help, json_flag=False, **kw)``: registers one command (see
 # ``keyledger.cli.build_parser``).
@@ -62,6 +64,17 @@ def format_period(td: timedelta | None) -> str | None:
     return f"{secs}s"
 
 
+def _missing(value: Any) -> bool:
+    """Whether ``value`` is a missing scalar in pandas' sense. pandas is asked only once it is
+    loaded (or for numpy's scalars): before that no value can be NaT or pd.NA, and a CLI command
+    that prints no frame does not pay for importing it."""
+    if "pandas" not in sys.modules and not type(value).__module__.startswith("numpy"):
+        return isinstance(value, float) and math.isnan(value)
+    import pandas as pd
+
+    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON types (missing values -> None, datetimes -> ISO text)."""
     if isinstance(value, dict):
@@ -70,7 +83,7 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if value is None or isinstance(value, bool | str):
         return value
-    if pd.api.types.is_scalar(value) and pd.isna(value):  # NaN, NaT, pd.NA
+    if _missing(value):  # NaN, NaT, pd.NA
         return None
     if isinstance(value, Enum):
         return value.value

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from ..analytics import SEVERITY_ORDER
 from ..demo import format_table
 from .common import AddCommand, add_force, ledger_for, print_json
@@ -36,6 +34,8 @@ def cmd_compliance_list(args: argparse.Namespace) -> int:
     elif df.empty:
         print("no open findings")
     else:
+        import pandas as pd  # loaded already: df is a DataFrame
+
         rows = [(r.severity, r.rule_id, r.key or "-", "-" if pd.isna(r.version) else r.version,
                  r.principal or "-", r.title) for r in df.itertuples()]
         print(format_table(("SEVERITY", "RULE", "KEY", "VER", "PRINCIPAL", "TITLE"), rows))

@@ -18,8 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidInput, KeyExists, KeyNotFound
 from ..frames import normalize
@@ -30,6 +29,9 @@ from ..store import access_keys as repo
 from ..store import meta
 from ..store.db import Tx
 from .context import Service
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("keyledger")
 SEAL_META = "access_key_seal"

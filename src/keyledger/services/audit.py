@@ -6,11 +6,9 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .. import outputs
-from ..display import AuditFrame
 from ..errors import AuditError, InvalidInput
 from ..frames import normalize
 from ..model import name_digest, validate_bool, validate_when
@@ -21,6 +19,11 @@ from ..store.seals import ACCEPT_ACTION, accept_detail
 from ..store.verify import VerifyReport
 from ..store.verify import verify as verify_ledger
 from .context import Service
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..display import AuditFrame
 
 MAX_QUERY_TIMEOUT_S = 3600
 AUDIT_LIMIT = 1000  # audit() returns the newest this many records unless told otherwise
@@ -69,6 +72,8 @@ class AuditService(Service):
                         until=naive(until) if until is not None else None,
                         limit=_count(limit, "limit") if limit is not None else None,
                         offset=_count(offset, "offset"), newest_first=newest_first)
+            from ..display import AuditFrame  # pandas: loaded by the first call that returns a frame
+
             return AuditFrame(normalize(df))
 
     def query(self, sql: str, params: Sequence[object] | Mapping[str, object] | None = None, *,

@@ -19,7 +19,6 @@ from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from tqdm.auto import tqdm
 
 from .. import ciphertext as ct
 from .. import outputs
@@ -235,6 +234,8 @@ def _write(dst: Any, data: bytes) -> None:
 
 
 def _bar(progress: bool, total: int | None, what: str) -> Any:
+    from tqdm.auto import tqdm  # ~0.15 s of imports (asyncio with it): only when a file streams
+
     return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not progress, leave=False)
 

@@ -9,9 +9,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..access import WILDCARD, Role, index_grants, parse_role, roles_of
 from ..errors import InvalidInput, KeyNotFound, KeyStateError, PolicyViolation
@@ -22,6 +20,9 @@ from ..store import grants as grants_repo
 from ..store import requests as requests_repo
 from .context import Audited, Context, Service
 from .lifecycle import SET_POLICY_PARAMS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Actions that need M distinct admins when the key's (or the home's) quorum is above 1.
 # Each has a runner (name, reason, params) in the quorum gate's table that executes it once
@@ -137,6 +138,8 @@ class GovernanceService(Service):
         """Which grant rows this principal may see (the list_keys visibility rule)."""
         grants = self._rt.catalog.grants_now()
         if roles_of(grants, self.principal, None) & {Role.ADMIN, Role.AUDITOR}:
+            import pandas as pd
+
             return pd.Series(True, index=df.index)
         listable = {s for s in set(df["scope"]) - {WILDCARD}
                     if roles_of(grants, self.principal, s)}

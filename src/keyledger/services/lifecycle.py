@@ -9,8 +9,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..access import WILDCARD, roles_of
 from ..errors import InvalidInput, KeyExists, KeyNotFound, KeyStateError, PolicyViolation
@@ -37,6 +36,9 @@ from ..store import keys as keys_repo
 from ..store import meta
 from ..store.db import Tx
 from .context import Audited, Service
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MIN_DELETION_DAYS, MAX_DELETION_DAYS = 7, 30
 # what set_policy takes besides the name: also what a set_policy request may carry
@@ -96,6 +98,8 @@ class LifecycleService(Service):
 
     def list_keys(self) -> pd.DataFrame:
         """One row per key: name, spec, purpose, state, latest_version, owner, created_at, ..."""
+        import pandas as pd
+
         with self._audited("list_keys", None) as rec:
             self._rt.catalog.refresh(force=True)
             grants = self._rt.catalog.grants

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from .. import ciphertext as ct
 from ..errors import InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
@@ -30,7 +26,17 @@ from .context import Context, Service
 from .crypto import CryptoService
 from .lifecycle import LifecycleService
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
 LEASE_SECONDS = 600
+
+
+def _empty_frame() -> pd.DataFrame:
+    import pandas as pd  # loaded by the first result that needs a frame, not by import keyledger
+
+    return pd.DataFrame()
 
 
 @dataclass
@@ -39,7 +45,7 @@ class RewrapResult:
 
     ciphertexts: list[bytes | None]
     counts: pd.DataFrame  # key, version, ciphertexts (before)
-    errors: pd.DataFrame = field(default_factory=pd.DataFrame)  # index, error, message
+    errors: pd.DataFrame = field(default_factory=_empty_frame)  # index, error, message
     dry_run: bool = False
     seconds: float = 0.0
 
@@ -208,6 +214,8 @@ class MaintenanceService(Service):
             started = time.perf_counter()
             out_items: list[bytes | None] = []
             errors: list[tuple[int, str, str]] = []
+            from tqdm.auto import tqdm  # ~0.15 s of imports: only when a batch is rewrapped
+
             bar = tqdm(items, desc="rewrap", unit="ct", disable=not progress, leave=False)
             for i, blob in enumerate(bar):
                 try:
@@ -218,6 +226,9 @@ class MaintenanceService(Service):
             result = RewrapResult(out_items, counts, _errors(errors), False,
                                   time.perf_counter() - started)
             if table is not None and out is not None:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
                 arr = pa.array(out_items, type=pa.binary())
                 pq.write_table(table.set_column(table.schema.get_field_index(column), column,
                                                 arr), out)
@@ -227,6 +238,8 @@ class MaintenanceService(Service):
     def _header_counts(self, items: list[Any], rec: Any = None) -> pd.DataFrame:
         """Ciphertexts per key version; with ``rec`` (a dry run) the caller must hold the user
         role on every key named, as a real rewrap would need."""
+        import pandas as pd
+
         tally: dict[tuple[str, int], int] = {}
         allowed: set[str] = set()
         for blob in items:
@@ -289,6 +302,8 @@ def _load_items(source: Any, column: str) -> tuple[list[Any], pa.Table | None]:
         path = Path(source)
         if not path.exists():
             raise InvalidInput(f"no Parquet file at {path}")
+        import pyarrow.parquet as pq
+
         table = pq.read_table(path)
         if column not in table.column_names:
             raise InvalidInput(f"{path} has no column {column!r} (columns: "
@@ -296,7 +311,8 @@ def _load_items(source: Any, column: str) -> tuple[list[Any], pa.Table | None]:
         return table.column(column).to_pylist(), table
     if isinstance(source, bytes | str):
         raise InvalidInput("pass many ciphertexts (a list, a pandas Series or a .parquet path)")
-    if isinstance(source, pd.Series):
+    pandas = sys.modules.get("pandas")  # not loaded yet: source cannot be a pandas Series
+    if pandas is not None and isinstance(source, pandas.Series):
         return source.tolist(), None
     try:
         return list(source), None
@@ -306,6 +322,8 @@ def _load_items(source: Any, column: str) -> tuple[list[Any], pa.Table | None]:
 
 
 def _errors(rows: list[tuple[int, str, str]]) -> pd.DataFrame:
+    import pandas as pd
+
     return normalize(pd.DataFrame(rows, columns=["index", "error", "message"]))
 
 

@@ -7,11 +7,12 @@ store alone never reveals it. ``state`` is ``active`` or ``disabled``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NamedTuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, NamedTuple
 
 from .db import Tx
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ACTIVE, DISABLED = "active", "disabled"
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .db import Tx
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # proven: covered by a journal seal made in the HSM (docs/audit.md "Seals")
 _RECORDS = ("SELECT seq, time, principal, action, key, version, outcome, error, detail, "

@@ -16,14 +16,15 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pandas as pd
-import pyarrow as pa
 
 from ..errors import ConfigError, KeyLedgerError, StoreError
 from ..model import SEVERITIES, SPECS, Purpose, configured_usage_limit, resolve_rotation_period
 from .sql import referenced_parameters
 
 if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
     # rules as data, parsed above the store: only their attributes are used here
     from ..compliance.rules import Rule, RuleSet
 
@@ -93,6 +94,8 @@ def key_policy_table(con: Any) -> pa.Table:
 
     Computed with the same function the service uses (catalog-sized, not ledger-sized).
     """
+    import pyarrow as pa
+
     rows = con.execute("SELECT key_id, spec, purpose, tags, rotation_period_s, policy, rotated_at "
                        "FROM keys").fetchall()
     meta = con.execute("SELECT value FROM meta WHERE name = 'home_policy'").fetchall()
@@ -141,6 +144,8 @@ def _json_obj(text: str | None) -> dict:
 
 
 def rules_table(rules: list[Rule]) -> pa.Table:
+    import pyarrow as pa
+
     return pa.table({
         "rule_id": [r.id for r in rules], "framework": [r.framework for r in rules],
         "control": [r.control for r in rules], "severity": [r.severity for r in rules],
@@ -317,6 +322,8 @@ def _findings(con: Any, run_id: int, now: datetime) -> pd.DataFrame:
 
 
 def tidy_findings(df: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     df = df.reindex(columns=FINDING_COLUMNS)
     df["version"] = df["version"].astype("Int64")
     df["first_seen"] = pd.to_datetime(df["first_seen"]).dt.tz_localize("UTC")
@@ -328,6 +335,8 @@ def tidy_findings(df: pd.DataFrame) -> pd.DataFrame:
 def stored_findings(con: Any, rules: pa.Table, now: datetime,
                     frameworks: list[str] | None = None) -> pd.DataFrame:
     """Open finding episodes of the stored evaluations, newest run's view, no re-evaluation."""
+    import pandas as pd
+
     ensure_tables(con)
     con.register("kl_rule_text", rules)
     where = "AND list_contains($fws, f.framework)" if frameworks is not None else ""
@@ -356,6 +365,8 @@ def stored_findings(con: Any, rules: pa.Table, now: datetime,
 
 def trend(con: Any, frameworks: list[str] | None = None) -> pd.DataFrame:
     """Per run, framework and severity: open, opened, resolved, accepted and open days."""
+    import pandas as pd
+
     ensure_tables(con)
     where, args = "", {}
     if frameworks is not None:
@@ -382,6 +393,8 @@ def add_exception(con: Any, *, exception_id: str, rule_id: str, framework: str,
 
 def exceptions(con: Any, now: datetime) -> pd.DataFrame:
     """Every recorded exception with whether it is active at ``now``."""
+    import pandas as pd
+
     ensure_tables(con)
     df = con.execute(
         """SELECT exception_id, rule_id, framework, key, reason, accepted_by, accepted_at, until,

@@ -12,17 +12,14 @@ encoding is CSV with ``"`` quotes and ``\`` escapes, except for the escapes ``\b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
+from typing import TYPE_CHECKING
 
 from .checkpoints import Signer, write_checkpoint
 from .db import Tx
@@ -39,22 +36,75 @@ from .journal import (
 from .offsets import OFFSET_COLUMNS, Offset, journal_files, read_offsets, tail_intact
 from .seals import SealCheck
 
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
 _STRING_FIELDS = ("principal", "action", "key", "key_id", "outcome", "error", "detail",
                   "context")
-_CSV_READ = pacsv.ReadOptions(column_names=list(LINE_FIELDS), block_size=1 << 22)
-_CSV_PARSE = pacsv.ParseOptions(delimiter=",", quote_char='"', escape_char="\\",
-                                double_quote=False, newlines_in_values=False,
-                                ignore_empty_lines=False)
-_CSV_CONVERT = pacsv.ConvertOptions(
-    column_types={name: pa.int64() if name in ("time_us", "version") else pa.string()
-                  for name in LINE_FIELDS},  # jseq arrives as "[123", hash as "<hex>]"
-    null_values=["null"], strings_can_be_null=True, quoted_strings_can_be_null=False)
 _JSON_ONLY_ESCAPE = re.compile(rb"\\[bfnrtu]")
 _BATCH_BYTES = 128 << 20  # journal bytes per Arrow batch: bounds the memory an ingest needs
 _ROW_GROUP_ROWS = 122_880  # DuckDB's row group size
-# glibc malloc: with Arrow's default (mimalloc) the first touch of fresh memory made parsing a
-# large batch about twice as slow
-_POOL = pa.system_memory_pool()
+
+
+# numpy and pyarrow are imported by the first ingest that has records, not by ``import
+# keyledger`` (every CLI run and worker pays for that). Arrays are made with
+# ``Array.from_buffers``, never ``pa.array``: that imports pandas (pyarrow 26), which a
+# process that hands out no DataFrame never needs.
+@functools.cache
+def _csv_options() -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    return (pacsv.ReadOptions(column_names=list(LINE_FIELDS), block_size=1 << 22),
+            pacsv.ParseOptions(delimiter=",", quote_char='"', escape_char="\\",
+                               double_quote=False, newlines_in_values=False,
+                               ignore_empty_lines=False),
+            pacsv.ConvertOptions(
+                column_types={name: pa.int64() if name in ("time_us", "version") else pa.string()
+                              for name in LINE_FIELDS},  # jseq arrives as "[123", hash as "<hex>]"
+                null_values=["null"], strings_can_be_null=True, quoted_strings_can_be_null=False))
+
+
+@functools.cache
+def _pool() -> pa.MemoryPool:
+    """glibc malloc: with Arrow's default (mimalloc) the first touch of fresh memory made
+    parsing a large batch about twice as slow."""
+    import pyarrow as pa
+
+    return pa.system_memory_pool()
+
+
+def _int_array(values: np.ndarray) -> pa.Array:
+    """A numpy integer array as an Arrow array (no copy)."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
+                                 [None, pa.py_buffer(values)])
+
+
+def _bits(flags: np.ndarray) -> pa.Buffer:
+    import numpy as np
+    import pyarrow as pa
+
+    return pa.py_buffer(np.packbits(flags.astype(bool), bitorder="little"))
+
+
+def _string_array(values: list[str | None]) -> pa.Array:
+    """Python strings (None: null) as an Arrow string array."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = [b"" if v is None else v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(data) + 1, np.int32)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    valid = np.array([v is not None for v in values], dtype=bool)
+    return pa.Array.from_buffers(pa.string(), len(data),
+                                 [None if valid.all() else _bits(valid), pa.py_buffer(offsets),
+                                  pa.py_buffer(b"".join(data))])
 
 AUDIT_COLUMNS = ("seq", "journal", "jseq", "time", "principal", "action", "key", "key_id",
                  "version", "outcome", "error", "detail", "context", "pid", "prev", "hash")
@@ -236,6 +286,10 @@ def _read_batch(todo: list[_Pending], offsets: dict[str, Offset]
 
 def _json_fallback(columns: dict[str, pa.Array], data: memoryview) -> None:
     """Re-decode, with a real JSON parser, the lines holding escapes the CSV reader misreads."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     line_ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
     rows = sorted({int(np.searchsorted(line_ends, m.start()))
                    for m in _JSON_ONLY_ESCAPE.finditer(data)})
@@ -248,11 +302,11 @@ def _json_fallback(columns: dict[str, pa.Array], data: memoryview) -> None:
             values[name].append(record[name])
     mask = np.zeros(len(line_ends), dtype=bool)
     mask[rows] = True
-    mask_arr = pa.array(mask)
+    mask_arr = pa.Array.from_buffers(pa.bool_(), len(mask), [None, _bits(mask)])
     for name in _STRING_FIELDS:
         columns[name] = pc.replace_with_mask(columns[name], mask_arr,
-                                             pa.array(values[name], pa.string()),
-                                             memory_pool=_POOL)
+                                             _string_array(values[name]),
+                                             memory_pool=_pool())
 
 
 def _hash_columns(column: pa.ChunkedArray, starts: list[str], first_rows: np.ndarray
@@ -262,6 +316,9 @@ def _hash_columns(column: pa.ChunkedArray, starts: list[str], first_rows: np.nda
     The reader gives ``<64 hex>]`` for the last field of a line. prev[i] = hash[i - 1], except
     at ``first_rows``, whose prev is the matching entry of ``starts`` (the stored tips).
     """
+    import numpy as np
+    import pyarrow as pa
+
     views: list[np.ndarray] = []
     buffers: list[pa.Buffer] = []
     for arr in column.chunks:
@@ -305,14 +362,24 @@ def _hash_columns(column: pa.ChunkedArray, starts: list[str], first_rows: np.nda
 
 
 def _read_csv(data: memoryview, options: pacsv.ReadOptions) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    _, parse, convert = _csv_options()
     return pacsv.read_csv(pa.BufferReader(pa.py_buffer(data)), read_options=options,
-                          parse_options=_CSV_PARSE, convert_options=_CSV_CONVERT,
-                          memory_pool=_POOL)
+                          parse_options=parse, convert_options=convert,
+                          memory_pool=_pool())
 
 
 def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, list[int]]:
     """Journal lines -> an Arrow table with audit_log's columns (seq from ``base + 1``), and
     the row of each chunk's last line."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    pool = _pool()
     data = memoryview(buf)
     counts = np.array([buf.count(b"\n", c.begin, c.end) for c in chunks], dtype=np.int64)
     ends = np.cumsum(counts)
@@ -320,7 +387,7 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
     k = len(chunks)
     try:
         try:
-            raw = _read_csv(data, _CSV_READ)
+            raw = _read_csv(data, _csv_options()[0])
         except pa.ArrowInvalid as exc:
             if "straddl" not in str(exc):
                 raise
@@ -331,25 +398,25 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
             raise ValueError(f"{raw.num_rows} records in {n} lines")
         # One contiguous chunk per column: DuckDB inserts that about twice as fast as the
         # reader's many blocks.
-        columns = {name: raw.column(name).combine_chunks(memory_pool=_POOL)
+        columns = {name: raw.column(name).combine_chunks(memory_pool=pool)
                    for name in _STRING_FIELDS + ("time_us", "version")}
         if _JSON_ONLY_ESCAPE.search(data):
             _json_fallback(columns, data)
-        jseq = pc.cast(pc.utf8_slice_codeunits(raw.column("jseq"), 1, memory_pool=_POOL),
-                       pa.int64(), memory_pool=_POOL).combine_chunks(memory_pool=_POOL)
+        jseq = pc.cast(pc.utf8_slice_codeunits(raw.column("jseq"), 1, memory_pool=pool),
+                       pa.int64(), memory_pool=pool).combine_chunks(memory_pool=pool)
         # prev = the hash of the line before; a chunk's first line links to the stored tip.
         hashes, prevs = _hash_columns(raw.column("hash"), [c.prev for c in chunks],
                                       ends - counts)
     except (pa.ArrowException, ValueError) as exc:
         raise _Unreadable(str(exc).splitlines()[0][:200]) from None
-    journal_index = pa.array(np.repeat(np.arange(k, dtype=np.int32), counts))
+    journal_index = _int_array(np.repeat(np.arange(k, dtype=np.int32), counts))
     columns.update(
-        seq=pa.array(np.arange(base + 1, base + 1 + n, dtype=np.int64)),
+        seq=_int_array(np.arange(base + 1, base + 1 + n, dtype=np.int64)),
         journal=pa.DictionaryArray.from_arrays(journal_index,
-                                               pa.array([c.journal for c in chunks])),
+                                               _string_array([c.journal for c in chunks])),
         jseq=jseq,
         time=columns.pop("time_us").cast(pa.timestamp("us")),
-        pid=pa.array(np.repeat(np.array([c.pid for c in chunks], dtype=np.int32), counts)),
+        pid=_int_array(np.repeat(np.array([c.pid for c in chunks], dtype=np.int32), counts)),
         prev=prevs,
         hash=hashes,
     )
@@ -387,6 +454,11 @@ def _insert(con: Tx, batch: pa.Table) -> None:
         con.execute(_USAGE_SQL)
     finally:
         con.unregister("kl_batch")
+
+
+_OFFSET_TYPES = {"journal": "VARCHAR", "file_offset": "BIGINT", "tip_jseq": "BIGINT",
+                 "tip_hash": "VARCHAR", "seal_jseq": "BIGINT", "seal_hash": "VARCHAR",
+                 "seal_mac": "VARCHAR", "bad_seal_jseq": "BIGINT"}
 
 
 class _Ingest:
@@ -469,18 +541,12 @@ class _Ingest:
         names = sorted(self.moved)
         columns = {name: [getattr(self.offsets[j], name) for j in names]
                    for name in OFFSET_COLUMNS}
-        self.con.register("kl_offsets", pa.table({
-            "journal": names, **columns}, schema=pa.schema(
-                [("journal", pa.string()), ("file_offset", pa.int64()), ("tip_jseq", pa.int64()),
-                 ("tip_hash", pa.string()), ("seal_jseq", pa.int64()), ("seal_hash", pa.string()),
-                 ("seal_mac", pa.string()), ("bad_seal_jseq", pa.int64())])))
         cols = ", ".join(("journal",) + OFFSET_COLUMNS)
+        # one row per journal: the lists side by side (unnest zips them), one statement
+        rows = ", ".join(f"unnest(${c}::{kind}[]) AS {c}" for c, kind in _OFFSET_TYPES.items())
         updates = ", ".join(f"{c} = excluded.{c}" for c in OFFSET_COLUMNS)
-        try:
-            self.con.execute(f"INSERT INTO journal_offsets ({cols}) SELECT {cols} FROM kl_offsets "
-                             f"ON CONFLICT DO UPDATE SET {updates}")
-        finally:
-            self.con.unregister("kl_offsets")
+        self.con.execute(f"INSERT INTO journal_offsets ({cols}) SELECT {rows} "
+                         f"ON CONFLICT DO UPDATE SET {updates}", {"journal": names, **columns})
 
 
 def ingest(con: Tx, journal_dir: Path, sign: Signer,

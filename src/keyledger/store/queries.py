@@ -6,13 +6,16 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import duckdb
-import pandas as pd
 
 from ..errors import InvalidInput
 from .db import Database
 from .sql import check_read_only
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def check_query(sql: str) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .db import Tx
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def add(tx: Tx, *, request_id: str, action: str, key_id: str, reason: str, params: str,
