@@ -25,9 +25,9 @@ from ..store import audit as audit_repo
 from ..store import catalog as cat
 from ..store import keys as keys_repo
 from ..store import meta
+from .batch import BatchService
 from .compliance import ComplianceService
 from .context import Context, Service
-from .batch import BatchService
 from .lifecycle import LifecycleService
 
 LEASE_SECONDS = 600
