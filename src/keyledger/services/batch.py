@@ -11,6 +11,10 @@ column is, for ``encrypt_many``, the version the batch ended on (the key's lates
 record's time, also after an automatic rotation mid-batch), for ``decrypt_many`` the lowest
 version read; ingest counts the ``versions=`` items into ``usage`` per version
 (store/ingest.py), so ``version_usage`` and usage limits see every item.
+
+``rewrap_chunk`` is ``rewrap_many``'s batch path (docs/rotation.md): one ``rewrap_many`` record
+per chunk and key (``count= ok= failed= versions=<new>:<n> from=<old>:<n>``), every item it
+does not take left to a single ``rewrap``.
 """
 
 from __future__ import annotations
@@ -330,7 +334,7 @@ class BatchService(CryptoService):
     def _rewrap_read(self, key: Key, number: int, members: list[tuple[int, bytes]],
                      ctx: bytes) -> list[tuple[int, bytes]]:
         """(index, plaintext) of one version's items that decrypt; none if the version cannot
-        be read (unknown, destroyed, below the minimum)."""
+        be read (unknown, destroyed, below the minimum, an HSM error)."""
         if number not in key.versions:
             return []
         try:
@@ -341,8 +345,11 @@ class BatchService(CryptoService):
         got: list[tuple[int, bytes]] = []
         for start in range(0, len(members), CHUNK):
             part = members[start:start + CHUNK]
-            plain = self._rt.backend.decrypt_gcm_many(
-                kv.handle, [(b[_PREFIX_LEN:h], b[:h] + ctx, b[h:]) for _, b in part])
+            try:
+                plain = self._rt.backend.decrypt_gcm_many(
+                    kv.handle, [(b[_PREFIX_LEN:h], b[:h] + ctx, b[h:]) for _, b in part])
+            except KeyLedgerError:  # e.g. the version destroyed meanwhile: item by item
+                continue
             got += [(i, p) for (i, _), p in zip(part, plain, strict=True) if p is not None]
         return got
 
