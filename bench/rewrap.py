@@ -19,7 +19,9 @@ One process, one fresh temporary SoftHSM2 home (removed at the end unless ``--ho
 3. ``rewrap_many(..., dry_run=True)`` (header counting only) is timed once.
 
 Reported: ops/s of each (median over rounds), the ratios rewrap_many / bare and rewrap_many /
-per-item (medians of the per-round ratios).
+per-item (medians of the per-round ratios), and the CPU ratio per-item / rewrap_many (process
+CPU of each way including the untimed flush, i.e. the ingest of the records it wrote: steadier
+than wall clock on a busy machine).
 
 Usage: ``.venv/bin/python bench/rewrap.py [--n 30000] [--rounds 3] [--size 32] [--home PATH]
 [--json]``
@@ -94,9 +96,11 @@ def bench(led: kl.KeyLedger, n: int, rounds: int, size: int) -> dict:
 
         rates: dict[str, list[float]] = {"bare": [], "rewrap_many": [], "per_item": []}
         ways = list(rates)
+        cpu: dict[str, list[float]] = {who: [] for who in ways}
         for r in range(rounds):
             order = ways[r % 3:] + ways[:r % 3]  # each way goes first once every 3 rounds
             for who in order:
+                c0 = time.process_time()
                 if who == "bare":
                     with _CALL_LOCK:
                         t0 = time.perf_counter()
@@ -118,8 +122,10 @@ def bench(led: kl.KeyLedger, n: int, rounds: int, size: int) -> dict:
                                          f"{result.errors.head()}")
                     last = result.ciphertexts
                 rates[who].append(n / secs)
-                log(f"  round {r + 1}/{rounds} {who:12s} {n / secs:10,.0f} ops/s ({secs:.2f} s)")
                 led.flush_audit()  # untimed: leave no backlog to the next measurement
+                cpu[who].append(time.process_time() - c0)  # with the ingest of its records
+                log(f"  round {r + 1}/{rounds} {who:12s} {n / secs:10,.0f} ops/s ({secs:.2f} s,"
+                    f" {cpu[who][-1]:.2f} s CPU with its ingest)")
     finally:
         with _CALL_LOCK:
             session.close()
@@ -133,6 +139,7 @@ def bench(led: kl.KeyLedger, n: int, rounds: int, size: int) -> dict:
 
     ratios = [k / b for b, k in zip(rates["bare"], rates["rewrap_many"], strict=True)]
     vs_item = [k / i for i, k in zip(rates["per_item"], rates["rewrap_many"], strict=True)]
+    cpu_vs_item = [i / k for i, k in zip(cpu["per_item"], cpu["rewrap_many"], strict=True)]
     return {
         "n": n, "size": size, "rounds": rounds,
         "encrypt_ops_s": n / encrypt_s,
@@ -141,6 +148,7 @@ def bench(led: kl.KeyLedger, n: int, rounds: int, size: int) -> dict:
         "per_item_ops_s": statistics.median(rates["per_item"]),
         "ratio": statistics.median(ratios),
         "ratio_per_item": statistics.median(vs_item),
+        "cpu_ratio_per_item": statistics.median(cpu_vs_item),
         "dry_run_ops_s": n / dry_s,
         "per_round": {**rates, "ratio": ratios, "ratio_per_item": vs_item},
     }
@@ -152,7 +160,7 @@ def render(res: dict) -> str:
         f"keyledger rewrap bench: {m['nproc']} CPU(s), {m['cpu']}, Python {m['python']}, "
         f"python-pkcs11 {m['packages']['python-pkcs11']}, "
         f"{m['softhsm2'] and 'SoftHSM ' + m['softhsm2']}, commit {m['commit']}",
-        f"{b['n']:,} ciphertexts of {b['size']} B, {b['rounds']} alternating rounds (medians); "
+        f"{b['n']:,} ciphertexts of {b['size']} B, {b['rounds']} rotating rounds (medians); "
         f"1-min load average {m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end",
         "",
         f"{'measurement':52s} {'ops/s':>10s}",
@@ -162,6 +170,7 @@ def render(res: dict) -> str:
         f"{'per item: KeyLedger.rewrap each (audited)':52s} {b['per_item_ops_s']:10,.0f}",
         f"{'ratio rewrap_many / bare':52s} {b['ratio']:10.1%}",
         f"{'ratio rewrap_many / per-item path (speed-up)':52s} {b['ratio_per_item']:10.2f}x",
+        f"{'CPU per-item path / rewrap_many (with ingest)':52s} {b['cpu_ratio_per_item']:10.2f}x",
         "",
         f"{'KeyLedger.encrypt_many, making the input':52s} {b['encrypt_ops_s']:10,.0f}",
         f"{'rewrap_many dry_run (header counts only)':52s} {b['dry_run_ops_s']:10,.0f}",
