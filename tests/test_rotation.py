@@ -31,6 +31,7 @@ from conftest import FakeClock
 from conftest import hsm_labels as token_labels
 
 import keyledger as kl
+from keyledger.services.maintenance import REWRAP_CHUNK
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PKCS11_TOOL = shutil.which("pkcs11-tool")
@@ -411,10 +412,18 @@ def test_rewrap_many_over_a_list(ledger: kl.KeyLedger, corpus: Corpus) -> None:
     assert not result.dry_run and result.ok == len(corpus.items) and result.errors.empty
     assert counts_of(result) == corpus.counts  # the "before" picture
     assert_rewrapped(ledger, corpus, result.ciphertexts)
-    audit = ledger.audit(action="rewrap")
-    assert len(audit) == len(corpus.items) and set(audit["outcome"]) == {"ok"}
-    assert ledger.audit(action="rewrap_many")["detail"].tolist() == [
-        f"{len(corpus.items)} rewrapped, 0 failed"]
+    # one rewrap_many record per key of the chunk, with its counts; the call's own without a key
+    assert ledger.audit(action="rewrap").empty
+    ctx_text = ledger.audit(action="encrypt")["context"].iloc[0]
+    records = ledger.audit(action="rewrap_many").sort_values("seq")
+    records = records[["key", "version", "outcome", "detail", "context"]].astype(object)
+    assert records.where(records.notna(), None).values.tolist() == [
+        ["a", 3, "ok", "count=5 ok=5 failed=0 versions=3:5 from=1:3,2:2", ctx_text],
+        ["b", 2, "ok", "count=4 ok=4 failed=0 versions=2:4 from=1:4", ctx_text],
+        [None, None, "ok", f"{len(corpus.items)} rewrapped, 0 failed", None]]
+    usage = ledger.version_usage().set_index(["key", "version"])["encryptions"]
+    assert usage.to_dict() == {("a", 1): 3, ("a", 2): 2, ("a", 3): 5,
+                               ("b", 1): 4, ("b", 2): 4}
 
 
 def test_rewrap_many_over_a_pandas_series(ledger: kl.KeyLedger, corpus: Corpus) -> None:
@@ -518,8 +527,7 @@ def test_version_usage_shows_decryptions_and_last_decrypt(ledger: kl.KeyLedger,
 def test_rewrap_many_moves_100_000_ciphertexts(ledger: kl.KeyLedger) -> None:
     n = 100_000
     key = ledger.create_key("bulk", spec="AES_256")
-    encrypt = ledger.encrypt
-    blobs = [encrypt("bulk", i.to_bytes(4, "big")) for i in range(n)]
+    blobs = ledger.encrypt_many("bulk", [i.to_bytes(4, "big") for i in range(n)])  # setup
     ledger.rotate("bulk")
     assert counts_of(ledger.rewrap_many(blobs, dry_run=True)) == {("bulk", 1): n}
     result = ledger.rewrap_many(blobs, progress=False)
@@ -532,6 +540,78 @@ def test_rewrap_many_moves_100_000_ciphertexts(ledger: kl.KeyLedger) -> None:
     assert ledger.decrypt(new[-1]) == (n - 1).to_bytes(4, "big")
     usage = ledger.version_usage("bulk").set_index("version")
     assert usage.loc[1, "encryptions"] == n and usage.loc[2, "encryptions"] == n
+    records = ledger.audit(action="rewrap_many", key="bulk", limit=None)
+    assert len(records) == -(-n // REWRAP_CHUNK) and ledger.audit(action="rewrap").empty
+    assert sum(int(d.split()[1][3:]) for d in records["detail"]) == n  # ok=<items>
+
+
+def test_rewrap_many_of_single_encrypt_calls_across_chunks_keeps_item_errors(
+        ledger: kl.KeyLedger) -> None:
+    """Ciphertexts of single ``encrypt`` calls over two chunks, one tampered in the second: it
+    fails as a single ``rewrap`` would (same error, same failed record), the rest move."""
+    n, bad = REWRAP_CHUNK + 3, REWRAP_CHUNK + 1
+    key = ledger.create_key("single", spec="AES_256")
+    blobs = [ledger.encrypt("single", i.to_bytes(4, "big"), context=CTX) for i in range(n)]
+    blobs[bad] = blobs[bad][:-1] + bytes([blobs[bad][-1] ^ 1])
+    ledger.rotate("single")
+    with pytest.raises(kl.InvalidCiphertext) as single:
+        ledger.rewrap(blobs[bad], context=CTX)
+    result = ledger.rewrap_many(blobs, context=CTX, progress=False)
+    assert result.ok == n - 1 and result.ciphertexts[bad] is None
+    assert result.errors.values.tolist() == [[bad, "InvalidCiphertext", str(single.value)]]
+    assert {header_of(b) for b in result.ciphertexts if b} == {(key.key_id, 2)}
+    assert ledger.decrypt(result.ciphertexts[-1], context=CTX) == (n - 1).to_bytes(4, "big")
+    failed = ledger.audit(action="rewrap", limit=None)
+    assert failed[["outcome", "error"]].values.tolist() == [["failed", "InvalidCiphertext"]] * 2
+    details = ledger.audit(action="rewrap_many", key="single", limit=None).sort_values("seq")
+    assert details["detail"].tolist() == [
+        f"count={REWRAP_CHUNK} ok={REWRAP_CHUNK} failed=0 versions=2:{REWRAP_CHUNK} "
+        f"from=1:{REWRAP_CHUNK}", "count=2 ok=2 failed=0 versions=2:2 from=1:2"]
+    usage = ledger.version_usage("single").set_index("version")
+    assert usage.loc[2, "encryptions"] == n - 1 and usage.loc[1, "decryptions"] == 0
+
+
+def test_rewrap_many_at_a_usage_limit_rotates_mid_chunk_or_goes_item_by_item(
+        ledger: kl.KeyLedger) -> None:
+    ledger.create_key("lim", spec="AES_256")
+    blobs = ledger.encrypt_many("lim", [bytes([i]) for i in range(25)])
+    ledger.rotate("lim")
+    ledger.set_policy("lim", usage_limit=10)  # auto_rotate on: v2 x10, v3 x10, v4 x5
+    result = ledger.rewrap_many(blobs, progress=False)
+    assert result.ok == 25 and [header_of(b)[1] for b in result.ciphertexts] == \
+        [2] * 10 + [3] * 10 + [4] * 5
+    record = ledger.audit(action="rewrap_many", key="lim").iloc[0]
+    assert record["detail"] == "count=25 ok=25 failed=0 versions=2:10,3:10,4:5 from=1:25"
+    assert record["version"] == 4
+    usage = ledger.version_usage("lim").set_index("version")["encryptions"]
+    assert usage.to_dict() == {1: 25, 2: 10, 3: 10, 4: 5}
+    # auto_rotate off: the 5 uses v4 has left go, each other item fails as a single rewrap does
+    ledger.set_policy("lim", usage_limit=10, auto_rotate=False)
+    result = ledger.rewrap_many(blobs, progress=False)
+    assert result.ok == 5 and set(result.errors["error"]) == {"PolicyViolation"}
+    assert result.errors["index"].tolist() == list(range(5, 25))
+    assert ledger.get_key("lim").latest_version == 4
+    usage = ledger.version_usage("lim").set_index("version")["encryptions"]
+    assert usage[4] == 10
+
+
+def test_rewrap_many_refuses_items_of_keys_the_caller_may_not_use_one_by_one(
+        ledger: kl.KeyLedger, home: Path, clock: FakeClock) -> None:
+    for name in ("mine", "theirs"):
+        ledger.create_key(name, spec="AES_256")
+    blobs = [ledger.encrypt("mine", b"m1"), ledger.encrypt("theirs", b"t1"),
+             ledger.encrypt("mine", b"m2")]
+    ledger.grant("mine", "bob", "user")
+    ledger.rotate("mine")
+    with kl.open(home, principal="bob", clock=clock) as bob:
+        with pytest.raises(kl.AccessDenied) as single:
+            bob.rewrap(blobs[1])
+        result = bob.rewrap_many(blobs, progress=False)
+    assert result.ok == 2 and result.errors.values.tolist() == [
+        [1, "AccessDenied", str(single.value)]]
+    assert ledger.decrypt(result.ciphertexts[2]) == b"m2"
+    denied = ledger.audit(action="rewrap", outcome="denied", limit=None)
+    assert denied["principal"].tolist() == ["bob", "bob"]
 
 
 # == 5. trim ==========================================================================================

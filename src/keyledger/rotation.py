@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 # automatically stops applying protection (it is deactivated; it still decrypts/verifies).
 DEFAULT_OUP = {Purpose.ENCRYPT: timedelta(days=730), Purpose.WRAP: timedelta(days=730),
                Purpose.MAC: timedelta(days=730), Purpose.SIGN: timedelta(days=1095)}
-PROTECT_ACTIONS = ("encrypt", "generate_data_key", "envelope_encrypt", "rewrap", "encrypt_many")
+PROTECT_ACTIONS = ("encrypt", "generate_data_key", "envelope_encrypt", "rewrap", "encrypt_many",
+                   "rewrap_many")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class KeyLedger:
         self._home = HomeService(ctx)
         self._audit = AuditService(ctx)
         self._compliance = ComplianceService(ctx)
-        self._maintenance = MaintenanceService(ctx, self._lifecycle, self._crypto,
+        self._maintenance = MaintenanceService(ctx, self._lifecycle, self._batch,
                                                self._compliance)
         self._io = ImportExportService(ctx, self._lifecycle)
         self._backup = BackupService(ctx)
@@ -460,8 +460,10 @@ class KeyLedger:
 
         ``ciphertexts``: an iterable of bytes, a pandas Series, or a Parquet file (``column``;
         with ``out`` the rewrapped file is written there). ``dry_run`` counts ciphertexts per key
-        version from their headers, touching no key. Each rewrapped item is audited as a
-        ``rewrap``; the batch as one ``rewrap_many`` record.
+        version from their headers, touching no key. Audited as one ``rewrap_many`` record
+        per chunk of up to 4,096 items and key (its counts in ``detail``), a ``rewrap`` record
+        per item the batch path leaves to a single call (every failed item is one), and one
+        ``rewrap_many`` record for the whole call (docs/rotation.md).
         """
         return self._maintenance.rewrap_many(
             ciphertexts, context=context, dry_run=dry_run, column=column, out=out,

@@ -11,6 +11,10 @@ column is, for ``encrypt_many``, the version the batch ended on (the key's lates
 record's time, also after an automatic rotation mid-batch), for ``decrypt_many`` the lowest
 version read; ingest counts the ``versions=`` items into ``usage`` per version
 (store/ingest.py), so ``version_usage`` and usage limits see every item.
+
+``rewrap_chunk`` is ``rewrap_many``'s batch path (docs/rotation.md): one ``rewrap_many`` record
+per chunk and key (``count= ok= failed= versions=<new>:<n> from=<old>:<n>``), every item it
+does not take left to a single ``rewrap``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 from .. import ciphertext as ct
 from ..columns import BatchResult, ItemError, Rebuild, as_items
 from ..errors import InvalidCiphertext, InvalidInput, KeyLedgerError, KeyStateError, PolicyViolation
-from ..model import Key, KeyVersion, Purpose, Use, check_use
+from ..model import Family, Key, KeyVersion, Purpose, Use, check_use
 from .context import Audited, as_bytes
 from .crypto import CryptoService
 
@@ -252,6 +256,123 @@ class BatchService(CryptoService):
                     out[i] = p
                     done += 1
         tally.add(version, done)
+
+
+    # -- rewrap_many's batch path (services/maintenance.py, docs/rotation.md) --------------------
+    def rewrap_chunk(self, blobs: list[Any],
+                     context: Mapping[str, str] | None) -> list[bytes | KeyLedgerError]:
+        """Rewrap each item to its key's latest version: per key, its items read per version
+        and encrypted in batches under one ``rewrap_many`` record with the key. Every item the
+        batch path does not take (not bytes, malformed, an unknown key or version, refused, a
+        failed tag, a key spec without AES-GCM batches, a usage limit it cannot fit under)
+        goes through ``rewrap`` one by one, so its result, error and record are a single
+        call's. -> the new ciphertext or the item's error, in order."""
+        out: list[Any] = [None] * len(blobs)
+        try:
+            ctx = ct.canonical_context(context)
+        except KeyLedgerError:  # every item fails as a single rewrap would (and is audited)
+            ctx = None
+        if ctx is not None:
+            for kid, groups in _rewrap_groups(blobs).items():
+                self._rewrap_key(kid, groups, ctx, out)
+        for i, blob in enumerate(blobs):
+            if out[i] is None:
+                try:
+                    out[i] = self.rewrap(blob, context=context)
+                except KeyLedgerError as exc:
+                    out[i] = exc
+        return out
+
+    def _rewrap_key(self, kid: bytes, groups: dict[int, list[tuple[int, bytes]]], ctx: bytes,
+                    out: list[Any]) -> None:
+        """One key's items of a chunk; those it cannot do stay None (for the per-item path)."""
+        key = self._rt.catalog.get_id(str(uuid.UUID(bytes=kid)))
+        if key is None:
+            return
+        rec = self._audited("rewrap_many", key.name)  # written only once it encrypts
+        rec.key, rec.context = key, ctx
+        if not self._rewrap_ready(rec, key):
+            return
+        plain: list[tuple[int, bytes]] = []
+        read: dict[int, int] = {}
+        for number, members in sorted(groups.items()):
+            got = self._rewrap_read(key, number, members, ctx)
+            if got:
+                plain += got
+                read[number] = len(got)
+        if not plain:
+            return
+        try:
+            plan = self._spend_uses(rec, key, len(plain))
+        except KeyLedgerError:  # e.g. a usage limit and auto_rotate off: item by item
+            return
+        used: dict[int, int] = {}
+        with contextlib.suppress(KeyLedgerError), rec:
+            rec.detail = _rewrap_detail(len(plain), used, read)
+            start = 0
+            for used_key, version, n in plan:
+                self._encrypt_part(used_key, version, plain[start:start + n], ctx, out)
+                used[version.version] = used.get(version.version, 0) + n
+                start += n
+                rec.detail = _rewrap_detail(len(plain), used, read)
+
+    def _rewrap_ready(self, rec: Audited, key: Key) -> bool:
+        """Whether the batch path takes this key: an AES-GCM key the caller may rewrap with,
+        usable to decrypt and to encrypt (else each item is refused as a single call)."""
+        if key.spec.family is not Family.AES or key.purpose not in (Purpose.ENCRYPT,
+                                                                     Purpose.WRAP):
+            return False
+        try:
+            self._authorize(rec, "rewrap", key)
+            check_use(key.state, Use.PROCESS, key.name)
+            check_use(key.state, Use.PROTECT, key.name)
+            key.version_for_protect()
+        except KeyLedgerError:
+            return False
+        return True
+
+    def _rewrap_read(self, key: Key, number: int, members: list[tuple[int, bytes]],
+                     ctx: bytes) -> list[tuple[int, bytes]]:
+        """(index, plaintext) of one version's items that decrypt; none if the version cannot
+        be read (unknown, destroyed, below the minimum, an HSM error)."""
+        if number not in key.versions:
+            return []
+        try:
+            kv = key.version_for_decrypt(number)
+        except KeyStateError:
+            return []
+        h = ct.HEADER_LEN
+        got: list[tuple[int, bytes]] = []
+        for start in range(0, len(members), CHUNK):
+            part = members[start:start + CHUNK]
+            try:
+                plain = self._rt.backend.decrypt_gcm_many(
+                    kv.handle, [(b[_PREFIX_LEN:h], b[:h] + ctx, b[h:]) for _, b in part])
+            except KeyLedgerError:  # e.g. the version destroyed meanwhile: item by item
+                continue
+            got += [(i, p) for (i, _), p in zip(part, plain, strict=True) if p is not None]
+        return got
+
+
+def _rewrap_groups(blobs: list[Any]) -> dict[bytes, dict[int, list[tuple[int, bytes]]]]:
+    """Well-formed bytes items by key id and version (what ``ct.parse`` accepts)."""
+    shortest = ct.HEADER_LEN + ct.TAG_LEN
+    keys: dict[bytes, dict[int, list[tuple[int, bytes]]]] = {}
+    for i, v in enumerate(blobs):
+        if type(v) is bytes and len(v) >= shortest and v.startswith(_FORMAT) \
+                and not v.startswith(_NO_VERSION, 20):
+            versions = keys.setdefault(v[4:20], {})
+            versions.setdefault(int.from_bytes(v[20:24]), []).append((i, v))
+    return keys
+
+
+def _rewrap_detail(count: int, used: dict[int, int], read: dict[int, int]) -> str:
+    """A ``rewrap_many`` record's counts: items, done, per new version (``versions=``, which
+    ingest counts as encryptions) and per version read (``from=``)."""
+    done = sum(used.values())
+    return (f"count={count} ok={done} failed={count - done} versions="
+            + ",".join(f"{v}:{n}" for v, n in sorted(used.items()))
+            + " from=" + ",".join(f"{v}:{n}" for v, n in sorted(read.items())))
 
 
 def _plaintexts(items: list[Any], tally: _Tally) -> list[tuple[int, bytes]]:

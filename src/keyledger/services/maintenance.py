@@ -21,9 +21,9 @@ from ..store import audit as audit_repo
 from ..store import catalog as cat
 from ..store import keys as keys_repo
 from ..store import meta
+from .batch import BatchService
 from .compliance import ComplianceService
 from .context import Context, Service
-from .crypto import CryptoService
 from .lifecycle import LifecycleService
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 LEASE_SECONDS = 600
+# items per rewrap_many chunk: one progress step and one record per key; the HSM is still
+# called batch.CHUNK items at a time
+REWRAP_CHUNK = 4096
 
 
 def _empty_frame() -> pd.DataFrame:
@@ -80,7 +83,7 @@ class RewrapResult:
 class MaintenanceService(Service):
     """Periodic and bulk work over many keys, built on the lifecycle and crypto services."""
 
-    def __init__(self, ctx: Context, lifecycle: LifecycleService, crypto: CryptoService,
+    def __init__(self, ctx: Context, lifecycle: LifecycleService, crypto: BatchService,
                  compliance: ComplianceService) -> None:
         super().__init__(ctx)
         self.lifecycle, self.crypto, self.compliance = lifecycle, crypto, compliance
@@ -202,8 +205,11 @@ class MaintenanceService(Service):
 
         ``ciphertexts``: an iterable of bytes, a pandas Series, or a Parquet file (``column``;
         with ``out`` the rewrapped file is written there). ``dry_run`` counts ciphertexts per key
-        version from their headers, touching no key. Each rewrapped item is audited as a
-        ``rewrap``; the batch as one ``rewrap_many`` record.
+        version from their headers, touching no key. The items go REWRAP_CHUNK at a time
+        through the batch path (``BatchService.rewrap_chunk``): one ``rewrap_many`` record per
+        chunk and key with the counts; an item it does not take (a failure, a key spec without
+        batches) is one ``rewrap`` call and record, as are its errors; the whole call is one
+        ``rewrap_many`` record without a key.
         """
         with self._audited("rewrap_many", None) as rec:
             items, table = _load_items(ciphertexts, column)
@@ -216,13 +222,17 @@ class MaintenanceService(Service):
             errors: list[tuple[int, str, str]] = []
             from tqdm.auto import tqdm  # ~0.15 s of imports: only when a batch is rewrapped
 
-            bar = tqdm(items, desc="rewrap", unit="ct", disable=not progress, leave=False)
-            for i, blob in enumerate(bar):
-                try:
-                    out_items.append(self.crypto.rewrap(blob, context=context))
-                except KeyLedgerError as exc:
-                    out_items.append(None)
-                    errors.append((i, type(exc).__name__, str(exc)))
+            with tqdm(total=len(items), desc="rewrap", unit="ct", disable=not progress,
+                      leave=False) as bar:
+                for start in range(0, len(items), REWRAP_CHUNK):
+                    chunk = self.crypto.rewrap_chunk(items[start:start + REWRAP_CHUNK], context)
+                    for i, got in enumerate(chunk, start):
+                        if isinstance(got, KeyLedgerError):
+                            out_items.append(None)
+                            errors.append((i, type(got).__name__, str(got)))
+                        else:
+                            out_items.append(got)
+                    bar.update(len(chunk))
             result = RewrapResult(out_items, counts, _errors(errors), False,
                                   time.perf_counter() - started)
             if table is not None and out is not None:

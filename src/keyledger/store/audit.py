@@ -128,14 +128,16 @@ def version_usage(tx: Tx, key_id: str | None = None) -> pd.DataFrame:
     """Per key version (of one key, or all): state, encryptions, decryptions, last uses."""
     sql = """SELECT k.name AS key, v.version, v.state, v.created_at,
                coalesce(sum(u.count) FILTER (u.action IN ('encrypt', 'generate_data_key',
-                   'envelope_encrypt', 'rewrap', 'encrypt_many')), 0)::BIGINT AS encryptions,
+                   'envelope_encrypt', 'rewrap', 'encrypt_many', 'rewrap_many')), 0)::BIGINT
+                   AS encryptions,
                coalesce(sum(u.count) FILTER (u.action IN ('decrypt', 'envelope_decrypt',
                    'decrypt_many')), 0)::BIGINT AS decryptions,
                max(u.last_time) FILTER (u.action IN ('decrypt', 'envelope_decrypt',
                    'decrypt_many')) AS last_decrypt,
                max(u.last_time) FILTER (u.action IN ('encrypt', 'decrypt', 'rewrap',
                    'generate_data_key', 'envelope_encrypt', 'envelope_decrypt', 'sign',
-                   'verify', 'mac', 'verify_mac', 'encrypt_many', 'decrypt_many')) AS last_used,
+                   'verify', 'mac', 'verify_mac', 'encrypt_many', 'decrypt_many', 'rewrap_many'))
+                   AS last_used,
                v.version < k.min_decryption_version AS below_min_decryption
              FROM versions v JOIN keys k USING (key_id)
              LEFT JOIN usage u ON u.key_id = v.key_id AND u.version = v.version"""

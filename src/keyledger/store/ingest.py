@@ -427,9 +427,10 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
 
 
 # Usage per (key, version, action): one use per successful record, except a batch record
-# (services/batch.py), which counts the items its detail lists per version ("versions=1:600,2:4")
-# whatever its outcome: those items were done in the HSM.
-BATCH_ACTIONS = ("encrypt_many", "decrypt_many")
+# (services/batch.py; a rewrap_many record with a key is one chunk of a bulk rewrap), which
+# counts the items its detail lists per version ("versions=1:600,2:4") whatever its outcome:
+# those items were done in the HSM.
+BATCH_ACTIONS = ("encrypt_many", "decrypt_many", "rewrap_many")
 _USAGE_SQL = f"""
     INSERT INTO usage (key_id, version, action, count, last_time)
     SELECT key_id, version, action, sum(n), max(time) FROM (
