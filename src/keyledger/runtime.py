@@ -120,16 +120,26 @@ class HomeRuntime:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def acquire(cls, home: Path, *, simulate: bool = False) -> HomeRuntime:
+    def acquire(cls, home: Path, *, simulate: bool = False,
+                held: contextlib.ExitStack | None = None) -> HomeRuntime:
         """The process's runtime of ``home``; ``simulate`` only matters when it creates the home
-        (a new home becomes a simulation home), never for an existing one."""
+        (a new home becomes a simulation home), never for an existing one. ``held``: keep the
+        store open (``Database.hold``) on this stack from the runtime's first transaction until
+        the stack closes, so the rest of an open reuses that one start of DuckDB."""
         with cls._registry_lock:
             rt = cls._registry.get(home)
+            made = rt is None
             if rt is None:
-                rt = cls(home, simulate=simulate)
+                rt = cls(home, simulate=simulate, held=held)
                 cls._registry[home] = rt
             rt.refs += 1
-            return rt
+        if held is not None and not made:
+            try:
+                held.enter_context(rt.db.hold())
+            except BaseException:
+                rt.release()
+                raise
+        return rt
 
     def release(self) -> None:
         """Drop one reference; the last one shuts the runtime down. An ``acquire`` of the
@@ -143,7 +153,8 @@ class HomeRuntime:
             self._registry.pop(self.home, None)
             self.shutdown()
 
-    def __init__(self, home: Path, *, simulate: bool = False) -> None:
+    def __init__(self, home: Path, *, simulate: bool = False,
+                 held: contextlib.ExitStack | None = None) -> None:
         self.home = home
         self.refs = 0
         self._time_lock = threading.Lock()
@@ -166,6 +177,8 @@ class HomeRuntime:
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
                                on_commit=self.exporter)
+            if held is not None:
+                held.enter_context(self.db.hold())
             with self.db.write() as tx:
                 migrate(tx)
                 new_home = meta.get(tx, "home_id") is None

@@ -56,15 +56,18 @@ class KeyLedger:
                  clock: Callable[[], datetime] | None = None) -> None:
         self.home = home
         self.principal = principal
-        self._rt = HomeRuntime.acquire(home, simulate=clock is not None)
-        self._ctx = ctx = Context(home, principal, self._rt)
-        self._build_services(ctx)
-        self.last_reconcile: ReconcileReport = ReconcileReport()
-        try:
-            self.last_reconcile = self._home.open(clock)
-        except BaseException:
-            self.close()
-            raise
+        # the whole open (the runtime's setup, the first admin, reconcile) runs back to back
+        # on one start of the store instead of one per transaction
+        with contextlib.ExitStack() as held:
+            self._rt = HomeRuntime.acquire(home, simulate=clock is not None, held=held)
+            self._ctx = ctx = Context(home, principal, self._rt)
+            self._build_services(ctx)
+            self.last_reconcile: ReconcileReport = ReconcileReport()
+            try:
+                self.last_reconcile = self._home.open(clock)
+            except BaseException:
+                self.close()
+                raise
 
     def _build_services(self, ctx: Context) -> None:
         """The services, each with the context and the peers it builds on, and the quorum
