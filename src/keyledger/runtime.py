@@ -307,12 +307,14 @@ class HomeRuntime:
             return False
         return self.owner_running(pid, "")
 
-    def await_seals(self) -> dict[str, int]:
+    def await_seals(self, *, wait: bool = True) -> dict[str, int] | None:
         """Give the running writers one seal round for the unsealed records ingested so far.
 
         Returns, per live journal, the jseq through which a seal is now due: what is still
         unsealed there after the wait is a finding; newer records are pending. A writer seals
         every ``fsync_interval_ms``, so the wait is short and only happens while one is busy.
+        ``wait=False`` (for a caller holding the store, which must not sleep on it): None
+        instead of waiting when a live writer still owes a seal.
         """
         self.ingest()
         interval = self.settings.audit.fsync_interval_ms / 1000
@@ -326,6 +328,8 @@ class HomeRuntime:
             if not any(j in due and sealed < due[j] for j, _, sealed in rows) \
                     or time.monotonic() > deadline:
                 return due
+            if not wait:
+                return None
             time.sleep(interval)
             self.ingest()
 
