@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import re
@@ -106,12 +107,13 @@ def ledger(home: Path, clock: FakeClock, simulation_template: HomeTemplate):
         led = kl.open(home, principal="alice", clock=clock)
     else:
         copy_home(simulation_template, home)
-        rt = HomeRuntime.acquire(home)
-        try:
-            rt.mode_note = simulation_template.mode_note
-            led = kl.open(home, principal="alice", clock=clock)
-        finally:
-            rt.release()
+        with contextlib.ExitStack() as held:  # one start of the store for the whole open
+            rt = HomeRuntime.acquire(home, held=held)
+            try:
+                rt.mode_note = simulation_template.mode_note
+                led = kl.open(home, principal="alice", clock=clock)
+            finally:
+                rt.release()
     try:
         yield led
     finally:

@@ -324,7 +324,8 @@ class ImportExportMixin(Service):
                 self._require_quorum(None, "import_key", f"importing key {name!r}")
             now = naive(self._now())
             key_id, handle = str(uuid.uuid4()), uuid.uuid4().bytes
-            with HsmChange(self._rt, "import", self.principal) as change:
+            # unwrapping is quick: the intent and the commit share one start of the store
+            with self._rt.db.hold(), HsmChange(self._rt, "import", self.principal) as change:
                 with self._rt.db.write() as tx:
                     self._name_free(tx, name)
                     row = imports.token(tx, token)

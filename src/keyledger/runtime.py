@@ -120,16 +120,26 @@ class HomeRuntime:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def acquire(cls, home: Path, *, simulate: bool = False) -> HomeRuntime:
+    def acquire(cls, home: Path, *, simulate: bool = False,
+                held: contextlib.ExitStack | None = None) -> HomeRuntime:
         """The process's runtime of ``home``; ``simulate`` only matters when it creates the home
-        (a new home becomes a simulation home), never for an existing one."""
+        (a new home becomes a simulation home), never for an existing one. ``held``: keep the
+        store open (``Database.hold``) on this stack from the runtime's first transaction until
+        the stack closes, so the rest of an open reuses that one start of DuckDB."""
         with cls._registry_lock:
             rt = cls._registry.get(home)
+            made = rt is None
             if rt is None:
-                rt = cls(home, simulate=simulate)
+                rt = cls(home, simulate=simulate, held=held)
                 cls._registry[home] = rt
             rt.refs += 1
-            return rt
+        if held is not None and not made:
+            try:
+                held.enter_context(rt.db.hold())
+            except BaseException:
+                rt.release()
+                raise
+        return rt
 
     def release(self) -> None:
         """Drop one reference; the last one shuts the runtime down. An ``acquire`` of the
@@ -143,7 +153,8 @@ class HomeRuntime:
             self._registry.pop(self.home, None)
             self.shutdown()
 
-    def __init__(self, home: Path, *, simulate: bool = False) -> None:
+    def __init__(self, home: Path, *, simulate: bool = False,
+                 held: contextlib.ExitStack | None = None) -> None:
         self.home = home
         self.refs = 0
         self._time_lock = threading.Lock()
@@ -166,6 +177,8 @@ class HomeRuntime:
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
                                on_commit=self.exporter)
+            if held is not None:
+                held.enter_context(self.db.hold())
             with self.db.write() as tx:
                 migrate(tx)
                 new_home = meta.get(tx, "home_id") is None
@@ -294,12 +307,14 @@ class HomeRuntime:
             return False
         return self.owner_running(pid, "")
 
-    def await_seals(self) -> dict[str, int]:
+    def await_seals(self, *, wait: bool = True) -> dict[str, int] | None:
         """Give the running writers one seal round for the unsealed records ingested so far.
 
         Returns, per live journal, the jseq through which a seal is now due: what is still
         unsealed there after the wait is a finding; newer records are pending. A writer seals
         every ``fsync_interval_ms``, so the wait is short and only happens while one is busy.
+        ``wait=False`` (for a caller holding the store, which must not sleep on it): None
+        instead of waiting when a live writer still owes a seal.
         """
         self.ingest()
         interval = self.settings.audit.fsync_interval_ms / 1000
@@ -313,6 +328,8 @@ class HomeRuntime:
             if not any(j in due and sealed < due[j] for j, _, sealed in rows) \
                     or time.monotonic() > deadline:
                 return due
+            if not wait:
+                return None
             time.sleep(interval)
             self.ingest()
 

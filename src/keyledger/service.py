@@ -58,14 +58,18 @@ class KeyLedger:
                  clock: Callable[[], datetime] | None = None) -> None:
         self.home = home
         self.principal = principal
-        self._rt = HomeRuntime.acquire(home, simulate=clock is not None)
-        self._ctx = ctx = Context(home, principal, self._rt)
-        self._build_services(ctx)
         self.last_reconcile: ReconcileReport = ReconcileReport()
         try:
-            self.last_reconcile = self._home.open(clock)
+            # the whole open (the runtime's setup, the first admin, reconcile) runs back to
+            # back on one start of the store instead of one per transaction
+            with contextlib.ExitStack() as held:
+                self._rt = HomeRuntime.acquire(home, simulate=clock is not None, held=held)
+                self._ctx = ctx = Context(home, principal, self._rt)
+                self._build_services(ctx)
+                self.last_reconcile = self._home.open(clock)
         except BaseException:
-            self.close()
+            if hasattr(self, "_ctx"):  # (also when closing the held store failed)
+                self.close()
             raise
 
     def _build_services(self, ctx: Context) -> None:

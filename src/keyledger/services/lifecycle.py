@@ -16,7 +16,9 @@ from ..errors import InvalidInput, KeyExists, KeyNotFound, KeyStateError, Policy
 from ..frames import KEY_STATES, normalize
 from ..intents import HsmChange
 from ..model import (
+    Family,
     Key,
+    KeySpec,
     KeyState,
     Purpose,
     default_rotation_period,
@@ -71,7 +73,7 @@ class LifecycleService(Service):
             state = KeyState.ACTIVE if activate else KeyState.PRE_ACTIVATION
             creator_is_user = self._rt.creator_is_user
             # intents are not in catalog.json: no snapshot export for the first transaction
-            with HsmChange(self._rt, "create", self.principal) as change:
+            with self._held_for(kspec), HsmChange(self._rt, "create", self.principal) as change:
                 with self._rt.db.write(export=False) as tx:
                     if keys_repo.name_taken(tx, name):
                         raise KeyExists(f"a key or alias named {name!r} already exists")
@@ -90,6 +92,12 @@ class LifecycleService(Service):
             key = self._exported(key_id)
             rec.key, rec.version = key, 1
             return key
+
+    def _held_for(self, spec: KeySpec) -> contextlib.AbstractContextManager[None]:
+        """The store held across a change whose HSM step is quick (AES, HMAC, EC, Ed25519: a
+        few ms), so its intent and its commit share one start of DuckDB. Not across an RSA
+        key's generation (seconds for RSA-4096): other processes must not wait for that."""
+        return contextlib.nullcontext() if spec.family is Family.RSA else self._rt.db.hold()
 
     def get_key(self, name: str) -> Key:
         """The key's current metadata: a copy, so changing it changes nothing else."""
@@ -148,6 +156,7 @@ class LifecycleService(Service):
                 self._reason(reason)
             held.enter_context(self._rt.key_lock(key.key_id, key.name,
                                                  2 * self._rt.settings.store_busy_timeout_s))
+            held.enter_context(self._held_for(key.spec))  # after the key's lock, never before
             now = naive(self._now())
             handle = uuid.uuid4().bytes
             with HsmChange(self._rt, "rotate", self.principal) as change:
@@ -236,7 +245,8 @@ class LifecycleService(Service):
             if not approved:
                 self._require_quorum(key, "destroy", f"destroy {key.name!r}")
             now = naive(self._now())
-            with HsmChange(self._rt, "destroy", self.principal) as change:
+            # destroying objects is quick: the intent and the commit share one start of the store
+            with self._rt.db.hold(), HsmChange(self._rt, "destroy", self.principal) as change:
                 with self._rt.db.write(export=False) as tx:
                     key = cat.load_key(tx, key.name)
                     rec.key = key

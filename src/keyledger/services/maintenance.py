@@ -286,7 +286,8 @@ class MaintenanceService(Service):
             if not approved:
                 self._require_quorum(key, "trim", f"trimming {key.name!r}")
             now = naive(self._now())
-            with HsmChange(self._rt, "trim", self.principal) as change:
+            # destroying objects is quick: the intent and the commit share one start of the store
+            with self._rt.db.hold(), HsmChange(self._rt, "trim", self.principal) as change:
                 with self._rt.db.write() as tx:
                     key = cat.load_key(tx, key.name)
                     if key.state.value == "destroyed":

@@ -68,7 +68,7 @@ class StoreLock:
                     if time.monotonic() >= deadline:
                         raise busy(store, self._holder(fd), timeout) from None
                     time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 0.05)
+                    delay = min(delay * 2, 0.01)  # short: a waiter polling slowly starves
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the next waiter's message
         except BaseException:
