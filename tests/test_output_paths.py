@@ -313,3 +313,18 @@ def test_a_path_with_a_nul_byte_is_refused_clearly(tmp_path):
             outputs.check_target(tmp_path / name, [], overwrite=False)
         with pytest.raises(InvalidInput, match="NUL byte"):
             outputs.check_source(str(tmp_path / name))
+
+
+def test_a_path_with_a_lone_surrogate_is_refused_clearly(tmp_path):
+    """'\\ud800' cannot be encoded as a file name: os.* raised a bare UnicodeEncodeError (found
+    by test_hostile through export_audit)."""
+    for name in ("out\ud800.csv", "dir\udfff/out.csv"):
+        with pytest.raises(InvalidInput, match="valid text"):
+            outputs.check_target(tmp_path / name, [], overwrite=False)
+        with pytest.raises(InvalidInput, match="valid text"):
+            outputs.check_source(str(tmp_path / name))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for home in (tmp_path / "home\ud800", tmp_path / "home\0"):
+        with pytest.raises(InvalidInput):  # was a bare UnicodeEncodeError / ValueError
+            kl.open(home, principal="alice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made

@@ -56,7 +56,7 @@ def check_target(path: object, protected: Iterable[Path], *, overwrite: bool,
     if not isinstance(path, str | os.PathLike):
         raise InvalidInput(f"the {what} path must be a file path, not {type(path).__name__}")
     raw = Path(path).expanduser()
-    _refuse_nul(raw)
+    refuse_unusable(raw)
     if raw.name in ("", ".", ".."):
         raise InvalidInput(f"{path} names no {what}; give a new name, e.g. {raw}/out")
     target = _resolve(raw.absolute().parent) / raw.name
@@ -89,14 +89,21 @@ def check_source(path: object, what: str = "file") -> Path:
     return src
 
 
-def _refuse_nul(path: Path) -> None:
-    if "\0" in str(path):  # the OS cannot take it: os.* raise a bare ValueError
+def refuse_unusable(path: Path) -> None:
+    """Refuse what the OS cannot take as a path: os.* would raise a bare ValueError (a NUL
+    byte) or UnicodeEncodeError (a lone surrogate such as '\\ud800')."""
+    if "\0" in str(path):
         raise InvalidInput(f"a path cannot contain a NUL byte: {str(path)!r}")
+    try:
+        os.fsencode(str(path))
+    except UnicodeEncodeError:
+        raise InvalidInput(f"a path must be valid text: {str(path)!r} cannot be encoded as a "
+                           "file name") from None
 
 
 def _resolve(path: Path) -> Path:
     """``path`` with every link followed (``InvalidInput`` for a link loop)."""
-    _refuse_nul(path)
+    refuse_unusable(path)
     try:
         return path.resolve()
     except (RuntimeError, OSError) as exc:  # 3.11 raises RuntimeError for a loop

@@ -649,6 +649,7 @@ def open(home: str | os.PathLike | None = None, *, principal: str | None = None,
     if clock is not None and not callable(clock):
         raise InvalidInput("clock must be a function returning a timezone-aware datetime")
     path = Path(home).expanduser().absolute() if home is not None else default_home()
+    outputs.refuse_unusable(path)
     who = principal if principal is not None else getpass.getuser()
     validate_name(who, "principal")
     return KeyLedger(path, principal=who, clock=clock)
