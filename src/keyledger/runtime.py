@@ -39,6 +39,7 @@ from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter, journal_pid, seal_message
 from .store.schema import migrate
+from .store.storelock import flock_until
 from .store.usage import UsageCounters
 
 log = logging.getLogger("keyledger")
@@ -451,19 +452,9 @@ class HomeRuntime:
         """
         fd = os.open(self._run_dir / f"key-{key_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            deadline = time.monotonic() + timeout
-            pause = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise KeyStateError(
-                            f"another rotation of {name!r} has been running for more than "
-                            f"{timeout:g} s; retry once it has finished") from None
-                    time.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+            if not flock_until(fd, time.monotonic() + timeout, 0.05):
+                raise KeyStateError(f"another rotation of {name!r} has been running for more "
+                                    f"than {timeout:g} s; retry once it has finished")
             yield
         finally:
             os.close(fd)  # drops the lock

@@ -32,6 +32,21 @@ def busy(store: Path, holder: str, timeout: float) -> StoreBusy:
                      "wait for it to finish or stop it")
 
 
+def flock_until(fd: int, deadline: float, max_pause: float) -> bool:
+    """Take an exclusive flock on ``fd``, retrying with backoff until ``deadline`` (monotonic);
+    False if another holder kept it that long."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, max_pause)
+
+
 def store_lock(db_path: Path) -> StoreLock:
     """The one lock object of this process for the store at ``db_path`` (every Database of
     one file shares it, so two of them never wait on each other)."""
@@ -58,17 +73,9 @@ class StoreLock:
             self._count += 1
             return
         fd = self._open()
-        delay = 0.001
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise busy(store, self._holder(fd), timeout) from None
-                    time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 0.01)  # short: a waiter polling slowly starves
+            if not flock_until(fd, deadline, 0.01):  # short pauses: a slow poller starves
+                raise busy(store, self._holder(fd), timeout)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the next waiter's message
         except BaseException:
