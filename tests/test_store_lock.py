@@ -13,7 +13,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import duckdb
 import pytest
 
 import keyledger as kl
@@ -82,9 +81,9 @@ def test_a_held_store_is_not_even_opened_by_another_process(tmp_path, monkeypatc
     try:
         assert holder.stdout.readline() == "holding\n", holder.communicate(timeout=30)[1]
         opened: list[str] = []
-        real_connect = duckdb.connect
-        monkeypatch.setattr(store_db.duckdb, "connect",
-                            lambda *a, **k: opened.append(str(a[0])) or real_connect(*a, **k))
+        real_attach = store_db.host.attach  # where DuckDB opens (and first reads) the file
+        monkeypatch.setattr(store_db.host, "attach",
+                            lambda *a, **k: opened.append(str(a[0])) or real_attach(*a, **k))
         busy = f"held by process {holder.pid} for more than"
         with pytest.raises(kl.StoreBusy, match=busy), Database(path).write(timeout=0.3):
             pass

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import duckdb
 
 from ..errors import StoreError
+from . import host
 from .storelock import busy, store_lock
 
 _PID_RE = re.compile(r"PID (\d+)")
@@ -60,23 +61,26 @@ class Database:
             self._lock.release()
             raise
 
-    def _close(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Close a connection from ``_connect`` (the instance too, if it was the last one)."""
+    def _close(self, con: duckdb.DuckDBPyConnection, *, sandboxed: bool = False) -> None:
+        """Close a connection from ``_connect`` (and detach the file after the last one)."""
         try:
-            con.close()
+            if sandboxed:
+                con.close()
+            else:
+                host.detach(self.path, con)
         finally:
             self._lock.release()
 
     def _open_instance(self, deadline: float, timeout: float, sandboxed: bool) -> duckdb.DuckDBPyConnection:
-        """DuckDB's own lock still refuses a file that a program other than keyledger holds
-        (or an instance something in this process keeps alive): retry it until ``deadline``."""
+        """Attach the file to the process's DuckDB instance (``host``), or open an instance of
+        its own with file access off when ``sandboxed``. DuckDB's own lock still refuses a file
+        that a program other than keyledger holds: retry it until ``deadline``."""
         delay = 0.002
-        config: dict[str, str | bool | int | float | list[str]] = {"threads": 2}
-        if sandboxed:
-            config["enable_external_access"] = False
         while True:
             try:
-                con = duckdb.connect(str(self.path), config=config)
+                if not sandboxed:
+                    return host.attach(self.path)
+                con = duckdb.connect(str(self.path), config={"threads": 2, "enable_external_access": False})
                 con.execute("SET enable_progress_bar = false")  # never in a notebook's output
                 return con
             except duckdb.IOException as exc:
@@ -193,7 +197,7 @@ class Database:
             except duckdb.Error as exc:
                 raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
             finally:
-                self._close(con)
+                self._close(con, sandboxed=sandboxed)
 
     @contextlib.contextmanager
     def _set_aside_keeper(self, active: bool) -> Iterator[None]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from . import host
 from .checkpoints import OFFSETS_TIPS_SQL, TIPS_SQL, ZERO, checkpoint_hash, tips_digest
 from .db import Tx
 from .journal import SEP, genesis
@@ -150,7 +151,7 @@ def verify(con: Tx, verify_signature: Callable[[bytes, bytes], bool],
     # The link scan (one thread: a streaming window) runs beside the row hashes (all threads)
     # on a second connection of this process; nothing was written in this transaction yet,
     # so both see the same ledger.
-    cursor = getattr(con, "con", con).cursor()
+    cursor = host.sibling(con.con)
     found: list = []
 
     def scan_links() -> None:
