@@ -186,8 +186,10 @@ class Database:
                     return
                 con.execute("COMMIT")
                 # Still holding the file lock, so no other writer can interleave with these.
-                if write and export and self._on_commit is not None:
-                    self._on_commit(con)
+                if write and export:
+                    self._lock.commits += 1
+                    if self._on_commit is not None:
+                        self._on_commit(con)
                 for hook in tx.after_commit:
                     hook()
             except duckdb.Error as exc:
