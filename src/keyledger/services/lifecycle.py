@@ -532,7 +532,7 @@ class LifecycleService(Service):
         grants: list[tuple[str, str, str]] = []
         if creator_is_user:  # one person can work alone; the separation-of-duties rule reports it
             grants_repo.add(tx, scope=key_id, principal=self.principal, role="user",
-                            granted_by=self.principal, now=now)
+                            granted_by=self.principal, now=now, new_scope=True)
             grants.append((key_id, self.principal, "user"))
         self._rt.exporter.wrote(tx, key_id, row, versions=[version], grants=grants)
 
