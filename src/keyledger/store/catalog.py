@@ -303,10 +303,12 @@ class SnapshotExporter:
             versions.update((row[1], _version_doc(row[1:])) for row in w.versions)
             doc["versions"] = [versions[v] for v in sorted(versions)]
             self._keys[w.key_id] = _Exported(None, doc, json.dumps(doc, separators=_SEPARATORS))
-            if w.grants is not None:
+            if w.grants:
                 rows = sorted(w.grants)
                 scopes[w.key_id] = _Scope(None, rows, ",".join(
                     json.dumps(list(r), separators=_SEPARATORS) for r in rows))
+            elif w.grants is not None:
+                scopes.pop(w.key_id, None)  # a scope without grants is no scope
         self._sums = sums
         changed = {w.key_id for w in wrote if w.grants is not None}
         if changed:
