@@ -205,7 +205,7 @@ class SnapshotExporter:
         self.path = home / SNAPSHOT_NAME
         self._install = install
         self._lock = lock
-        self._since: tuple[int, int] | None = None  # lock.since() after the last full export
+        self._since: tuple[int, int] | None = None  # lock.since() after the last export
         self._wrote: list[_Wrote] = []
         self._expected: set[str] = set()
         self._keys: dict[str, _Exported] = {}  # key_id -> as last exported, in row order
