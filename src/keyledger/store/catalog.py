@@ -252,6 +252,7 @@ class SnapshotExporter:
         stamp = file_stamp(self.path)
         ours = self._written is not None and self._written[1] == stamp
         if ours and self._written is not None and self._written[0] == text:
+            self._since = now
             return  # nothing changed, and the file is still this process's export
         if ours or stamp is None or _read(self.path) != text:
             tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
