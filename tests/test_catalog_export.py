@@ -224,3 +224,143 @@ def test_a_hand_edited_catalog_json_is_replaced_by_the_next_export(ledger, home)
     assert json.loads(path.read_text())["keys"][0]["state"] == "suspended"
     ledger._rt.catalog.refresh(force=True)
     assert ledger.get_key("a").state is kl.KeyState.SUSPENDED
+
+
+# -- a held store: create and rotate export what they wrote, without reading it back -----------------
+def _committed_encoding(led: kl.KeyLedger) -> str:
+    """catalog.json as a full encoding of the committed catalog would be, read through the held
+    store (a snapshot would set the keeper aside and end the unbroken hold)."""
+    with led._rt.db.read() as tx:
+        doc = {"keys": cat.key_docs(tx),
+               "grants": [list(g) for g in tx.execute(
+                   "SELECT scope, principal, role FROM grants ORDER BY ALL").fetchall()],
+               "home_policy": cat.read_home_policy(tx)}
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def _fresh_key(led: kl.KeyLedger, name: str) -> kl.Key:
+    with led._rt.db.read() as tx:
+        return cat.load_key(tx, name)
+
+
+def test_held_creates_and_rotations_export_exactly_what_they_committed(ledger, home, clock,
+                                                                       monkeypatch):
+    full_checks: list[int] = []
+    full = cat.SnapshotExporter._export
+
+    def counting(self, con, expected):
+        full_checks.append(1)
+        return full(self, con, expected)
+
+    monkeypatch.setattr(cat.SnapshotExporter, "_export", counting)
+    ledger.create_key("before", spec="AES_256")
+    steps = [
+        ("a", lambda: ledger.create_key("a", spec="AES_256", tags={"team": "pay"},
+                                        owner="team-pay", rotation_period="30d")),
+        ("s", lambda: ledger.create_key("s", spec="EC_P256", activate=False)),
+        ("a", lambda: ledger.rotate("a")),
+        ("a", lambda: ledger.rotate("a", reason="again")),
+        ("before", lambda: ledger.rotate("before")),
+        ("m", lambda: ledger.create_key("m", spec="HMAC_SHA256")),
+    ]
+    with ledger.keep_store_open():
+        ledger.create_key("first-in-hold", spec="AES_256")  # checks the tables once
+        full_checks.clear()
+        for i, (name, step) in enumerate(steps):
+            clock.advance(minutes=5)
+            returned = step()
+            assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger), i
+            assert returned == _fresh_key(ledger, name) == ledger.get_key(name), i
+        assert full_checks == []  # none of them read the catalog back
+        # other changes still check the tables, and read again what the fast ones built
+        for name, step in [("a", lambda: ledger.set_alias("a", "a-now")),
+                           ("a", lambda: ledger.rotate("a")),  # keeps the alias
+                           ("s", lambda: ledger.mark_compromised("s", "leaked")),
+                           ("s", lambda: ledger.rotate("s")),  # from compromised
+                           ("a", lambda: ledger.disable("a")),
+                           ("a", lambda: ledger.enable("a")),
+                           ("a", lambda: ledger.mark_compromised("a", "leaked")),
+                           ("a", lambda: ledger.rotate("a"))]:  # from compromised
+            returned = step()
+            assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger), name
+            assert returned == _fresh_key(ledger, name), name
+    assert full_checks  # the state changes above did
+    doc = json.loads((home / SNAPSHOT_NAME).read_text())
+    a = next(k for k in doc["keys"] if k["name"] == "a")
+    assert a["aliases"] == ["a-now"] and [v[2] for v in a["versions"]] == [
+        "compromised", "compromised", "compromised", "compromised", "active"]
+
+
+def test_a_held_create_without_the_creators_grant(ledger, home):
+    ledger.set_policy("*", creator_is_user=False)
+    with ledger.keep_store_open():
+        ledger.create_key("x", spec="AES_256")
+        ledger.create_key("y", spec="AES_256")
+        assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger)
+
+
+_OTHER_PROCESS = """
+import os, signal, sys
+import keyledger as kl
+from keyledger.store import catalog
+led = kl.open(sys.argv[1], principal="alice")
+if sys.argv[2] == "dies":
+    def die(self, con):  # the commit is in; the process dies before catalog.json follows
+        os.kill(os.getpid(), signal.SIGKILL)
+    catalog.SnapshotExporter.__call__ = die
+led.disable("a", reason="from another process")
+led.create_key("theirs", spec="AES_256")
+led.close()
+"""
+
+
+@pytest.mark.parametrize("other", ["exports", "dies"])
+def test_another_process_commit_between_holds_is_in_the_next_held_export(ledger, home, other):
+    with ledger.keep_store_open():
+        ledger.create_key("a", spec="AES_256")
+        ledger.create_key("b", spec="AES_256")  # built from its rows: this process's view
+    child = _spawn(_OTHER_PROCESS, str(home), other)
+    child.communicate(timeout=120)
+    assert child.returncode == (-9 if other == "dies" else 0)
+    with ledger.keep_store_open():
+        ledger.create_key("c", spec="AES_256")  # the first export of this hold
+        ledger.rotate("b")
+        doc = json.loads((home / SNAPSHOT_NAME).read_text())
+        assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger)
+    names = {k["name"]: k["state"] for k in doc["keys"]}
+    assert names["a"] == kl.KeyState.SUSPENDED.value
+    assert ("theirs" in names) == (other == "exports")  # a dead process made no second change
+    assert ledger.get_key("a").state is kl.KeyState.SUSPENDED
+
+
+def test_rows_of_a_transaction_rolled_back_are_never_exported(ledger, home):
+    with ledger.keep_store_open():
+        key = ledger.create_key("a", spec="AES_256")
+        with pytest.raises(RuntimeError), ledger._rt.db.write() as tx:
+            tx.execute("UPDATE keys SET state = 'suspended' WHERE key_id = ?", [key.key_id])
+            ledger._rt.exporter.wrote(tx, key.key_id, {"state": "suspended"})
+            raise RuntimeError("the transaction fails after naming its rows")
+        ledger.create_key("b", spec="AES_256")
+        assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger)
+    assert ledger.get_key("a").state is kl.KeyState.ACTIVE
+
+
+def test_a_state_change_during_a_held_rotation_rolls_it_back(ledger, home, monkeypatch):
+    ledger.create_key("a", spec="AES_256")
+    backend = ledger._rt.backend
+    generate = backend.generate
+
+    def disabled_meanwhile(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        ledger.disable("a", reason="meanwhile")  # between the intent and the commit
+        return out
+
+    with ledger.keep_store_open():
+        monkeypatch.setattr(backend, "generate", disabled_meanwhile)
+        with pytest.raises(kl.KeyStateError, match="became suspended during the rotation"):
+            ledger.rotate("a")
+        monkeypatch.undo()
+        assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger)
+    key = ledger.get_key("a")
+    assert key.state is kl.KeyState.SUSPENDED and key.latest_version == 1
+    assert ledger.reconcile().problems == []

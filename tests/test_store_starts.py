@@ -52,3 +52,14 @@ def test_a_change_starts_the_store_once_unless_its_hsm_step_is_slow(ledger, star
     assert starts(lambda: ledger.verify_audit()) == 1
     # an RSA key's generation takes up to seconds: the store is released across it
     assert starts(lambda: ledger.create_key("r", spec="RSA_2048")) == 2
+
+
+def test_a_transaction_on_a_held_store_has_duckdbs_progress_bar_off(ledger):
+    # a held store's transactions run on cursors of the kept connection, without keyledger's
+    # SET: DuckDB 2.0.1's cursors start with the progress bar off (its connections turn it on;
+    # both checked inside a notebook kernel too), and nothing may print into a notebook's output
+    with ledger.keep_store_open():
+        for tx_of in (ledger._rt.db.read, ledger._rt.db.write):
+            with tx_of() as tx:
+                assert tx.execute(
+                    "SELECT current_setting('enable_progress_bar')").one()[0] is False

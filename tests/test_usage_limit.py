@@ -261,3 +261,18 @@ def test_spending_uses_needs_no_store(tmp_path: Path) -> None:
             holder.stdin.flush()
             holder.wait(30)
     assert len(blobs) == 50
+
+
+def test_a_new_versions_zero_counter_lost_to_a_power_loss_still_holds_the_limit(
+        ledger: kl.KeyLedger) -> None:
+    # create and rotate write a version's zero counter without fsync: after a power loss the
+    # file may be empty; the first claim then starts from the ledger, and the limit is exact
+    ledger.create_key("k", spec="AES_256")
+    ledger.set_policy("k", usage_limit=30, auto_rotate=False)
+    key = ledger.rotate("k")
+    for version in (1, 2):
+        (ledger.home / "usage" / f"{key.key_id}-v{version}").write_bytes(b"")
+    blobs = [ledger.encrypt("k", b"m%d" % i) for i in range(30)]
+    with pytest.raises(kl.PolicyViolation):
+        ledger.encrypt("k", b"one too many")
+    assert {_version(b) for b in blobs} == {2}

@@ -39,7 +39,7 @@ from .store.catalog import CatalogCache, SnapshotExporter
 from .store.db import Database, Tx
 from .store.journal import JournalWriter, journal_pid, seal_message
 from .store.schema import migrate
-from .store.storelock import flock_until
+from .store.storelock import flock_until, store_lock
 from .store.usage import UsageCounters
 
 log = logging.getLogger("keyledger")
@@ -172,9 +172,11 @@ class HomeRuntime:
             settings = Settings(home, hsm_cfg)
         self.settings: Settings = settings
         self.backend: HsmBackend = open_backend(settings, simulate=simulate)
-        # each export of this process goes straight into its own cache (no re-read)
+        # each export of this process goes straight into its own cache (no re-read); the
+        # store's lock tells it whether another process can have committed since its last
         self.catalog = CatalogCache(home, settings.audit.catalog_refresh_ms)
-        self.exporter = SnapshotExporter(home, self.catalog.install)
+        self.exporter = SnapshotExporter(home, self.catalog.install,
+                                         store_lock(settings.db_path))
         try:
             self.db = Database(settings.db_path, settings.store_busy_timeout_s,
                                on_commit=self.exporter)

@@ -83,7 +83,6 @@ class LifecycleService(Service):
                                                               exportable=exportable))
                 self._rt.usage.create(key_id, 1)
                 with change.commit() as tx:
-                    self._rt.exporter.expect(key_id)
                     self.catalog_new_key(
                         tx, key_id=key_id, name=name, spec=kspec, purpose=kpurpose, state=state,
                         owner=owner, now=now, period=period, exportable=exportable,
@@ -173,21 +172,24 @@ class LifecycleService(Service):
                     key.spec, handle, f"kl:{key.name}:v{version}", exportable=key.exportable))
                 self._rt.usage.create(key.key_id, version)
                 with change.commit() as tx:
-                    self._rt.exporter.expect(key.key_id)
-                    fresh = self._current(tx, key)
-                    if fresh.latest_version != key.latest_version or fresh.state != key.state:
+                    changes = {"latest_version": version, "rotated_at": now,
+                               "state": KeyState.ACTIVE.value}
+                    if not keys_repo.update(tx, key.key_id, changes, only_if={
+                            "latest_version": key.latest_version, "state": key.state.value}):
                         # a state change by another call meanwhile (rotations wait for each
                         # other); leaving the block rolls the new version back
                         raise KeyStateError(
-                            f"key {key.name!r} became {fresh.state.value} during the rotation; "
-                            "nothing changed: check its state and retry")
+                            f"key {key.name!r} became {self._current(tx, key).state.value} "
+                            "during the rotation; nothing changed: check its state and retry")
                     old_state = "compromised" if key.state is KeyState.COMPROMISED else "retired"
-                    keys_repo.retire_latest(tx, key.key_id, key.latest_version, old_state)
-                    keys_repo.insert_version(tx, key.key_id, version, handle, now)
-                    keys_repo.update(tx, key.key_id, {"latest_version": version, "rotated_at": now,
-                                                      "state": KeyState.ACTIVE.value})
+                    retired = keys_repo.retire_latest(tx, key.key_id, key.latest_version,
+                                                      old_state)
+                    added = keys_repo.insert_version(tx, key.key_id, version, handle, now)
                     self._transition(tx, now, key.key_id, version, "rotate", key.state,
                                      KeyState.ACTIVE, reason)
+                    self._rt.exporter.wrote(
+                        tx, key.key_id, changes, versions=[added],
+                        states={key.latest_version: old_state} if retired else None)
             key = self._exported(key.key_id)
             rec.key, rec.version = key, version
             return key
@@ -518,16 +520,21 @@ class LifecycleService(Service):
                          period: timedelta | None, exportable: bool, tag_json: str,
                          policy: dict, handle: bytes, action: str, reason: str,
                          creator_is_user: bool) -> None:
-        """Catalog rows of a new key's version 1 (created or imported), in the caller's tx."""
-        keys_repo.insert_key(tx, key_id=key_id, name=name, spec=spec.name, purpose=purpose.value,
-                             state=state.value, owner=owner, now=now,
-                             rotation_period_s=int(period.total_seconds()) if period else None,
-                             exportable=exportable, tags=tag_json, policy=policy)
-        keys_repo.insert_version(tx, key_id, 1, handle, now)
+        """Catalog rows of a new key's version 1 (created or imported), in the caller's tx;
+        the export builds the key's document from the rows written (``SnapshotExporter.wrote``)."""
+        row = keys_repo.insert_key(
+            tx, key_id=key_id, name=name, spec=spec.name, purpose=purpose.value,
+            state=state.value, owner=owner, now=now,
+            rotation_period_s=int(period.total_seconds()) if period else None,
+            exportable=exportable, tags=tag_json, policy=policy)
+        version = keys_repo.insert_version(tx, key_id, 1, handle, now)
         self._transition(tx, now, key_id, 1, action, None, state, reason)
+        grants: list[tuple[str, str, str]] = []
         if creator_is_user:  # one person can work alone; the separation-of-duties rule reports it
             grants_repo.add(tx, scope=key_id, principal=self.principal, role="user",
-                            granted_by=self.principal, now=now)
+                            granted_by=self.principal, now=now, new_scope=True)
+            grants.append((key_id, self.principal, "user"))
+        self._rt.exporter.wrote(tx, key_id, row, versions=[version], grants=grants)
 
 
 def _period_s(value: object) -> int:

@@ -14,10 +14,10 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..access import Grants, index_grants
 from ..errors import KeyNotFound
@@ -31,6 +31,8 @@ from ..model import (
     usage_limit,
 )
 from .db import Connection
+from .keys import KEY_COLUMNS, VERSION_COLUMNS
+from .storelock import StoreLock
 
 SNAPSHOT_NAME = "catalog.json"
 
@@ -48,12 +50,8 @@ KeyRows = tuple[tuple, tuple, tuple]  # a key's row, its version rows, its alias
 
 # Hashes of catalog rows, computed by DuckDB: the exporter compares them with those of what it
 # exported last. Every table has a primary key, so no two rows hash alike by repetition.
-_KEY_COLUMNS = ("key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at, "
-                "rotation_period_s, exportable, latest_version, min_decryption_version, "
-                "min_encryption_version, deletion_due, tags, policy")
-_KEY_HASH = f"hash({_KEY_COLUMNS})"
-_VERSION_COLUMNS = "key_id, version, handle, state, created_at, destroyed_at"
-_VERSION_HASH = f"hash({_VERSION_COLUMNS})"
+_KEY_HASH = f"hash({KEY_COLUMNS})"
+_VERSION_HASH = f"hash({VERSION_COLUMNS})"
 _ALIAS_HASH = "hash(alias, key_id)"
 _GRANT_HASH = "hash(scope, principal, role)"
 
@@ -89,12 +87,12 @@ def _key_rows(con: Connection, key_ids: list[str] | None = None,
         args = [key_ids[0] if len(key_ids) == 1 else key_ids]
     hashed = prints is not None
     keys = con.execute(
-        f"SELECT {_KEY_COLUMNS}{f', {_KEY_HASH}' if hashed else ''} FROM keys {where} "
+        f"SELECT {KEY_COLUMNS}{f', {_KEY_HASH}' if hashed else ''} FROM keys {where} "
         "ORDER BY rowid", args).fetchall()
     versions: dict[str, list] = {}
     vhash: dict[str, int] = {}
     for row in con.execute(
-            f"SELECT {_VERSION_COLUMNS}{f', {_VERSION_HASH}' if hashed else ''} FROM versions "
+            f"SELECT {VERSION_COLUMNS}{f', {_VERSION_HASH}' if hashed else ''} FROM versions "
             f"{where} ORDER BY version", args).fetchall():
         versions.setdefault(row[0], []).append(row[1:6])
         if hashed:
@@ -121,9 +119,19 @@ def _key_doc(rows: KeyRows) -> dict:
             "rotation_period_s": k[9], "exportable": k[10], "latest_version": k[11],
             "min_decryption_version": k[12], "min_encryption_version": k[13],
             "deletion_due": _ts(k[14]), "tags": json.loads(k[15]), "policy": json.loads(k[16]),
-            "aliases": list(aliases),
-            "versions": [[v, handle, state, _ts(created), _ts(destroyed)]
-                         for v, handle, state, created, destroyed in versions]}
+            "aliases": list(aliases), "versions": [_version_doc(v) for v in versions]}
+
+
+# how a changed key column's value appears in a key document (the others as they are)
+_DOC_VALUE: dict[str, Callable[[Any], object]] = {
+    "created_at": _ts, "rotated_at": _ts, "deletion_due": _ts, "tags": json.loads,
+    "policy": json.loads}
+
+
+def _version_doc(row: tuple) -> list:
+    """One version (version, handle, state, created_at, destroyed_at) as in a key document."""
+    version, handle, state, created, destroyed = row
+    return [version, handle, state, _ts(created), _ts(destroyed)]
 
 
 def key_docs(con: Connection, key_id: str | None = None) -> list[dict]:
@@ -135,9 +143,11 @@ _SEPARATORS = (",", ":")
 
 
 class _Exported(NamedTuple):
-    """One key as last exported: its hashes (row, versions, aliases), document and JSON."""
+    """One key as last exported: its hashes (row, versions, aliases), document and JSON.
+    ``prints`` is None for a document built from the rows a writer returned (``wrote``): the
+    next export that checks the tables' hashes reads that key again."""
 
-    prints: tuple[int, int, int]
+    prints: tuple[int, int, int] | None
     doc: dict
     text: str
 
@@ -145,7 +155,7 @@ class _Exported(NamedTuple):
 class _Scope(NamedTuple):
     """The grants of one scope (a key_id, or ``*``) as last exported."""
 
-    hash: int  # the rows' hashes xor-ed
+    hash: int | None  # the rows' hashes xor-ed; None when built from a writer's rows
     rows: list[tuple[str, str, str]]  # (scope, principal, role), sorted
     text: str  # the rows as JSON list items
 
@@ -154,6 +164,18 @@ Stamp = tuple[int, int, int]  # see file_stamp
 # what the exporter hands this process's cache after each export: key documents by key_id,
 # grants, the home policy and the stamp of the file just written
 Installer = Callable[[dict[str, dict], Grants, dict, Stamp | None], None]
+_UNKNOWN = (object(),) * 5  # the tables' hashes after an export that did not compute them
+
+
+class _Wrote(NamedTuple):
+    """What one transaction wrote to the catalog rows of one key (``wrote``)."""
+
+    con: object  # the transaction's connection: rows of a transaction rolled back never count
+    key_id: str
+    key: tuple | Mapping[str, object]  # a new row (KEY_COLUMNS), or the columns it set
+    versions: tuple[tuple, ...]  # version rows it inserted (VERSION_COLUMNS)
+    states: Mapping[int, str]  # versions whose state it set
+    grants: tuple[tuple[str, str, str], ...] | None  # a new scope's grants, all of them
 
 
 class SnapshotExporter:
@@ -169,11 +191,22 @@ class SnapshotExporter:
     catalog.json, so a reader sees the old catalog or the new one, never a mix. A commit that
     changed no catalog row leaves the file alone (other processes do not reload it), unless
     it differs from what this process would write. ``install`` (this process's
-    ``CatalogCache.install``) receives what was exported: the writer never re-reads it."""
+    ``CatalogCache.install``) receives what was exported: the writer never re-reads it.
 
-    def __init__(self, home: Path, install: Installer | None = None) -> None:
+    A writer that names every row it changes, as the writes returned them (``wrote``: create
+    and rotate), spares even those reads: when this process has held the store without a break
+    since its last export (``lock``, the store's ``StoreLock``) and committed no other catalog
+    write meanwhile, nothing else can have changed, so the key's document is built from those
+    rows and the tables' hashes are not checked. Those keys are read again by the next export
+    that checks them (the first one of the next hold, or after any other write)."""
+
+    def __init__(self, home: Path, install: Installer | None = None,
+                 lock: StoreLock | None = None) -> None:
         self.path = home / SNAPSHOT_NAME
         self._install = install
+        self._lock = lock
+        self._since: tuple[int, int] | None = None  # lock.since() after the last export
+        self._wrote: list[_Wrote] = []
         self._expected: set[str] = set()
         self._keys: dict[str, _Exported] = {}  # key_id -> as last exported, in row order
         self._sums = (0, 0, 0)  # the exported keys' hashes xor-ed (keys, versions, aliases)
@@ -190,23 +223,36 @@ class SnapshotExporter:
         read, a key changed without saying so costs a comparison of every key's hashes."""
         self._expected.add(key_id)
 
+    def wrote(self, tx: Connection, key_id: str, key: tuple | Mapping[str, object], *,
+              versions: Iterable[tuple] = (), states: Mapping[int, str] | None = None,
+              grants: Iterable[tuple[str, str, str]] | None = None) -> None:
+        """The transaction ``tx`` changes the catalog rows of key ``key_id`` so: ``key`` is its
+        new row as the INSERT returned it, or the columns an UPDATE set (values as bound);
+        ``versions`` the version rows inserted (as returned), ``states`` the versions whose
+        state was set; with ``grants`` (a new key's) every grant of the key's scope. Call inside
+        the transaction, after the writes; a transaction that calls this must name every
+        catalog row it changes so (a key it only ``expect``-s turns the tables' check back on)."""
+        self._wrote.append(_Wrote(getattr(tx, "con", tx), key_id, key, tuple(versions),
+                                  dict(states or {}),
+                                  None if grants is None else tuple(grants)))
+
     def __call__(self, con: Connection) -> None:
         expected, self._expected = self._expected, set()
-        totals = con.execute(_TOTALS).fetchall()[0]
-        if self._written is None or totals != self._totals:
-            self._export_keys(con, expected, totals[:3])
-            self._export_grants(con, expected, totals[3])
-            if self._written is None or totals[4] != self._totals[4]:
-                policy = json.loads(totals[4]) if totals[4] else {}
-                self._policy = (policy, json.dumps(policy, separators=_SEPARATORS))
-            self._totals = totals
-            text = (f'{{"keys":[{",".join([e.text for e in self._keys.values()])}],'
-                    f'"grants":{self._grants[1]},"home_policy":{self._policy[1]}}}')
+        wrote, self._wrote = self._wrote, []
+        since, self._since = self._since, None  # set again once this export is complete
+        now = None if self._lock is None else self._lock.since()
+        if (wrote and not expected and since is not None and now == (since[0], since[1] + 1)
+                and all(w.con is getattr(con, "con", con) and (
+                    isinstance(w.key, tuple) or w.key_id in self._keys) for w in wrote)):
+            self._patch(wrote)  # nothing but these rows changed since the last export
+            self._totals = _UNKNOWN
+            text = self._text()
         else:
-            text = self._written[0]
+            text = self._export(con, expected | {w.key_id for w in wrote})
         stamp = file_stamp(self.path)
         ours = self._written is not None and self._written[1] == stamp
         if ours and self._written is not None and self._written[0] == text:
+            self._since = now
             return  # nothing changed, and the file is still this process's export
         if ours or stamp is None or _read(self.path) != text:
             tmp = self.path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.tmp")
@@ -217,6 +263,59 @@ class SnapshotExporter:
         if self._install is not None:
             self._install({kid: e.doc for kid, e in self._keys.items()}, self._grants[0],
                           self._policy[0], stamp)
+        self._since = now
+
+    def _export(self, con: Connection, expected: set[str]) -> str:
+        """The catalog's text after checking every table's hashes: the expected keys (and
+        any built from a writer's rows) read again, and whatever else the hashes say changed."""
+        totals = con.execute(_TOTALS).fetchall()[0]
+        if self._written is not None and totals == self._totals:
+            return self._written[0]
+        expected |= {kid for kid, e in self._keys.items() if e.prints is None}
+        expected |= {scope for scope, g in self._scopes.items() if g.hash is None}
+        self._export_keys(con, expected, totals[:3])
+        self._export_grants(con, expected, totals[3])
+        if self._written is None or totals[4] != self._totals[4]:
+            policy = json.loads(totals[4]) if totals[4] else {}
+            self._policy = (policy, json.dumps(policy, separators=_SEPARATORS))
+        self._totals = totals
+        return self._text()
+
+    def _text(self) -> str:
+        return (f'{{"keys":[{",".join([e.text for e in self._keys.values()])}],'
+                f'"grants":{self._grants[1]},"home_policy":{self._policy[1]}}}')
+
+    def _patch(self, wrote: list[_Wrote]) -> None:
+        """Build the written keys' documents (and a new key's grants) from what their writes
+        wrote, on top of what was last exported; their hashes are left unknown."""
+        sums, scopes = self._sums, dict(self._scopes)
+        for w in wrote:
+            old = self._keys.get(w.key_id)
+            if old is not None and old.prints is not None:
+                sums = _xor(sums, old.prints)
+            if isinstance(w.key, tuple):
+                doc = _key_doc((w.key, (), () if old is None else old.doc["aliases"]))
+            else:
+                assert old is not None  # checked before
+                doc = {**old.doc, **{c: _DOC_VALUE.get(c, _same)(v) for c, v in w.key.items()}}
+            versions = {} if old is None else {v[0]: v for v in old.doc["versions"]}
+            for v, state in w.states.items():
+                versions[v] = [v, versions[v][1], state, *versions[v][3:]]
+            versions.update((row[1], _version_doc(row[1:])) for row in w.versions)
+            doc["versions"] = [versions[v] for v in sorted(versions)]
+            self._keys[w.key_id] = _Exported(None, doc, json.dumps(doc, separators=_SEPARATORS))
+            if w.grants:
+                rows = sorted(w.grants)
+                scopes[w.key_id] = _Scope(None, rows, ",".join(
+                    json.dumps(list(r), separators=_SEPARATORS) for r in rows))
+            elif w.grants is not None:
+                scopes.pop(w.key_id, None)  # a scope without grants is no scope
+        self._sums = sums
+        changed = {w.key_id for w in wrote if w.grants is not None}
+        if changed:
+            self._set_scopes(scopes, changed, functools.reduce(operator.xor, (
+                g.hash for scope in changed for g in (self._scopes.get(scope),)
+                if g is not None and g.hash is not None), self._scopes_sum))
 
     def _export_keys(self, con: Connection, expected: set[str], totals: tuple) -> None:
         """Every key as committed, in row order: the expected ones read again, and when the
@@ -241,7 +340,7 @@ class SnapshotExporter:
         rows_of = {rows[0][0]: rows for rows in _key_rows(con, key_ids, prints)}
         for kid in key_ids:
             old = keys.pop(kid, None) if kid not in rows_of else keys.get(kid)
-            if old is not None:
+            if old is not None and old.prints is not None:
                 sums = _xor(sums, old.prints)
             if kid in rows_of:
                 doc = _key_doc(rows_of[kid])
@@ -258,13 +357,17 @@ class SnapshotExporter:
         changed = self._read_scopes(con, scopes, sorted(expected))
         sums = functools.reduce(operator.xor, (
             g.hash for scope in changed for g in (self._scopes.get(scope), scopes.get(scope))
-            if g is not None), self._scopes_sum)
+            if g is not None and g.hash is not None), self._scopes_sum)
         if sums != (total or 0):
             scopes, changed = {}, set(scopes) | set(self._scopes)
             changed |= self._read_scopes(con, scopes, None)
-            sums = functools.reduce(operator.xor, (g.hash for g in scopes.values()), 0)
-        if not changed:
-            return
+            sums = functools.reduce(operator.xor, (g.hash or 0 for g in scopes.values()), 0)
+        if changed:
+            self._set_scopes(scopes, changed, sums)
+
+    def _set_scopes(self, scopes: dict[str, _Scope], changed: set[str], sums: int) -> None:
+        """Take ``scopes`` as the grants, re-indexing the ``changed`` ones; ``sums``: the
+        hashes of those whose hash is known, xor-ed."""
         grants = dict(self._grants[0])
         for scope in changed:
             for _, principal, _ in self._scopes[scope].rows if scope in self._scopes else ():
@@ -300,6 +403,10 @@ class SnapshotExporter:
             else:
                 scopes[scope] = new
         return changed
+
+
+def _same(value: object) -> object:
+    return value
 
 
 def _xor(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -8,10 +8,11 @@ from .db import Tx
 
 
 def add(tx: Tx, *, scope: str, principal: str, role: str, granted_by: str,
-        now: datetime) -> None:
-    """Grant a role; granting one already held changes nothing."""
+        now: datetime, new_scope: bool = False) -> None:
+    """Grant a role; granting one already held changes nothing. ``new_scope``: the scope is a
+    key made in this transaction, so nothing can conflict (DuckDB's ON CONFLICT costs ~2.5 ms)."""
     tx.execute("INSERT INTO grants (scope, principal, role, granted_by, granted_at) "
-               "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+               f"VALUES (?, ?, ?, ?, ?){'' if new_scope else ' ON CONFLICT DO NOTHING'}",
                [scope, principal, role, granted_by, now])
 
 

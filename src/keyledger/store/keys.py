@@ -11,6 +11,12 @@ from datetime import datetime
 
 from .db import Tx
 
+# a key's and a version's catalog columns, in the order the catalog's documents read them
+# (``catalog.py``); inserts return the rows they wrote, as stored
+KEY_COLUMNS = ("key_id, name, spec, purpose, state, prior_state, owner, created_at, rotated_at, "
+               "rotation_period_s, exportable, latest_version, min_decryption_version, "
+               "min_encryption_version, deletion_due, tags, policy")
+VERSION_COLUMNS = "key_id, version, handle, state, created_at, destroyed_at"
 # keys columns a caller may set with ``update``: never key_id or name
 _UPDATABLE = frozenset({
     "state", "prior_state", "owner", "rotated_at", "rotation_period_s", "latest_version",
@@ -25,19 +31,24 @@ def name_taken(tx: Tx, name: str) -> bool:
 
 def insert_key(tx: Tx, *, key_id: str, name: str, spec: str, purpose: str, state: str,
                owner: str | None, now: datetime, rotation_period_s: int | None,
-               exportable: bool, tags: str, policy: dict) -> None:
-    """A new key at version 1 (its version row comes from ``insert_version``)."""
-    tx.execute("INSERT INTO keys (key_id, name, spec, purpose, state, prior_state, owner, "
-               "created_at, rotated_at, rotation_period_s, exportable, latest_version, "
-               "min_decryption_version, min_encryption_version, deletion_due, tags, policy) "
-               "VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL, ?, ?)",
-               [key_id, name, spec, purpose, state, owner, now, now, rotation_period_s,
-                exportable, tags, json.dumps(policy, sort_keys=True)])
+               exportable: bool, tags: str, policy: dict) -> tuple:
+    """A new key at version 1 (its version row comes from ``insert_version``); returns its row
+    as stored (``KEY_COLUMNS``)."""
+    return tx.execute(
+        "INSERT INTO keys (key_id, name, spec, purpose, state, prior_state, owner, "
+        "created_at, rotated_at, rotation_period_s, exportable, latest_version, "
+        "min_decryption_version, min_encryption_version, deletion_due, tags, policy) "
+        f"VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL, ?, ?) RETURNING {KEY_COLUMNS}",
+        [key_id, name, spec, purpose, state, owner, now, now, rotation_period_s,
+         exportable, tags, json.dumps(policy, sort_keys=True)]).one()
 
 
-def insert_version(tx: Tx, key_id: str, version: int, handle: bytes, now: datetime) -> None:
-    tx.execute("INSERT INTO versions (key_id, version, handle, state, created_at, destroyed_at) "
-               "VALUES (?, ?, ?, 'active', ?, NULL)", [key_id, version, handle.hex(), now])
+def insert_version(tx: Tx, key_id: str, version: int, handle: bytes, now: datetime) -> tuple:
+    """A new active version; returns its row as stored (``VERSION_COLUMNS``)."""
+    return tx.execute(
+        "INSERT INTO versions (key_id, version, handle, state, created_at, destroyed_at) "
+        f"VALUES (?, ?, ?, 'active', ?, NULL) RETURNING {VERSION_COLUMNS}",
+        [key_id, version, handle.hex(), now]).one()
 
 
 def add_transition(tx: Tx, *, now: datetime, key_id: str, version: int | None, action: str,
@@ -48,19 +59,27 @@ def add_transition(tx: Tx, *, now: datetime, key_id: str, version: int | None, a
                [now, key_id, version, action, from_state, to_state, actor, reason])
 
 
-def update(tx: Tx, key_id: str, changes: dict[str, object]) -> None:
-    """Set some columns of a key's row (names from a fixed list, values bound)."""
-    bad = set(changes) - _UPDATABLE
+def update(tx: Tx, key_id: str, changes: dict[str, object], *,
+           only_if: dict[str, object] | None = None) -> bool:
+    """Set some columns of a key's row (names from a fixed list, values bound); ``only_if``:
+    only while these columns still hold these values. Whether the row was changed.
+    (No RETURNING here: DuckDB 2.0.1 turns an UPDATE ... RETURNING of an indexed table into a
+    delete and insert, which moves the row to the end of the table's row order.)"""
+    only_if = only_if or {}
+    bad = (set(changes) | set(only_if)) - _UPDATABLE
     if bad:
         raise ValueError(f"not updatable key columns: {sorted(bad)}")
     sets = ", ".join(f"{c} = ?" for c in changes)
-    tx.execute(f"UPDATE keys SET {sets} WHERE key_id = ?", [*changes.values(), key_id])
+    checks = "".join(f" AND {c} = ?" for c in only_if)
+    return tx.execute(f"UPDATE keys SET {sets} WHERE key_id = ?{checks}",
+                      [*changes.values(), key_id, *only_if.values()]).one()[0] > 0
 
 
-def retire_latest(tx: Tx, key_id: str, version: int, state: str) -> None:
-    """The previous latest version stops protecting (``retired`` or ``compromised``)."""
-    tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
-               "AND state = 'active'", [state, key_id, version])
+def retire_latest(tx: Tx, key_id: str, version: int, state: str) -> bool:
+    """The previous latest version stops protecting (``retired`` or ``compromised``); False
+    when it was no longer active (nothing changed)."""
+    return tx.execute("UPDATE versions SET state = ? WHERE key_id = ? AND version = ? "
+                      "AND state = 'active'", [state, key_id, version]).one()[0] > 0
 
 
 def compromise_versions(tx: Tx, key_id: str) -> None:

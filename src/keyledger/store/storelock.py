@@ -63,6 +63,8 @@ class StoreLock:
         self._fd: int | None = None
         self._count = 0
         self._pid = 0
+        self.holds = 0  # how often this process took the flock (a new number per unbroken hold)
+        self.commits = 0  # committed writes that may change the catalog (``Database.connect``)
 
     def acquire(self, deadline: float, store: Path, timeout: float) -> None:
         """Take the lock (or count one more user of it), retrying with backoff while another
@@ -82,6 +84,13 @@ class StoreLock:
             os.close(fd)
             raise
         self._fd, self._count = fd, 1
+        self.holds += 1
+
+    def since(self) -> tuple[int, int]:
+        """(this hold's number, catalog commits so far): a later value is the same hold with
+        one more commit only when no other process can have committed in between and this
+        process committed only that one catalog write (``SnapshotExporter``)."""
+        return self.holds, self.commits
 
     def release(self) -> None:
         if self._pid != os.getpid() or not self._count:
