@@ -58,10 +58,6 @@ class Database:
         deadline = time.monotonic() + timeout
         self._lock.acquire(deadline, self.path, timeout)  # before DuckDB so much as reads it
         try:
-            if self._keeper is not None and not sandboxed:
-                # the held instance: a cursor skips DuckDB's instance lookup and the SET
-                # (~0.5 ms a transaction); it starts with DuckDB's defaults (no progress bar)
-                return self._keeper.cursor()
             return self._open_instance(deadline, timeout, sandboxed)
         except BaseException:
             self._lock.release()
