@@ -92,3 +92,19 @@ def test_a_file_that_is_not_a_store_is_a_store_error_and_leaves_nothing_attached
     good = Database(tmp_path / "good.duckdb")
     with good.write() as tx:  # the instance is still usable
         tx.execute("CREATE TABLE t (v INTEGER)")
+
+
+def test_snapshots_share_a_sandbox_that_keeps_refusing_files_and_lets_go_of_the_store(tmp_path):
+    path = tmp_path / "s.duckdb"
+    db = Database(path)
+    with db.write() as tx:
+        tx.execute("CREATE TABLE t AS SELECT range AS v FROM range(3)")
+    for _ in range(3):  # the second and third reuse the sandbox: file access stays off
+        with pytest.raises(StoreError, match="Permission"), db.snapshot() as tx:
+            assert tx.execute("SELECT count(*) FROM t").one() == (3,)
+            tx.execute("SELECT * FROM read_csv('/etc/passwd')")
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # detached after each read
+            assert pool.apply(_count, (str(path),)) == 3
+    with db.hold(), db.snapshot() as tx:  # a held store is set aside for the sandbox
+        assert tx.execute("SELECT count(*) FROM t").one() == (3,)
+    assert len(host._sandboxes) <= host.SANDBOXES_KEPT

@@ -67,24 +67,20 @@ class Database:
         """Close a connection from ``_connect`` (and detach the file after the last one)."""
         try:
             if sandboxed:
-                con.close()
+                host.detach_sandboxed(self.path, con)
             else:
                 host.detach(self.path, con)
         finally:
             self._lock.release()
 
     def _open_instance(self, deadline: float, timeout: float, sandboxed: bool) -> duckdb.DuckDBPyConnection:
-        """Attach the file to the process's DuckDB instance (``host``), or open an instance of
-        its own with file access off when ``sandboxed``. DuckDB's own lock still refuses a file
+        """Attach the file to the process's DuckDB instance (``host``), or to its sandbox
+        instance (file access off) when ``sandboxed``. DuckDB's own lock still refuses a file
         that a program other than keyledger holds: retry it until ``deadline``."""
         delay = 0.002
         while True:
             try:
-                if not sandboxed:
-                    return host.attach(self.path)
-                con = duckdb.connect(str(self.path), config={"threads": 2, "enable_external_access": False})
-                con.execute("SET enable_progress_bar = false")  # never in a notebook's output
-                return con
+                return host.attach_sandboxed(self.path) if sandboxed else host.attach(self.path)
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):
                     raise StoreError(f"cannot open the store {self.path}: {exc}") from None

@@ -9,6 +9,11 @@ checkpoints the file and drops DuckDB's lock on it, as closing an instance does)
 connection is a cursor of that instance whose default database is the attached file, so SQL
 names tables without a catalog.
 
+A caller's SQL runs on a *sandbox* instead: an in-memory instance per store file (the newest
+few kept) with file access turned off after its first ``ATTACH`` (DuckDB can turn file access
+off for a running instance but never on again; the attached file's own paths stay allowed, so
+it can be detached after each read and attached again for the next).
+
 Attach and detach are counted per file and must be called with the process's store lock
 (``db._process_lock``) and the file's ``StoreLock`` held. A forked child starts its own
 instance: the parent's belongs to the parent's threads.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import duckdb
@@ -26,6 +32,8 @@ _host: duckdb.DuckDBPyConnection | None = None
 _host_pid = 0
 _aliases = itertools.count(1)
 _attached: dict[Path, tuple[str, int]] = {}  # file -> (its catalog name, connections using it)
+_sandboxes: OrderedDict[Path, tuple[int, duckdb.DuckDBPyConnection]] = OrderedDict()
+SANDBOXES_KEPT = 4
 
 
 def _instance() -> duckdb.DuckDBPyConnection:
@@ -86,3 +94,42 @@ def detach(path: Path, con: duckdb.DuckDBPyConnection | None) -> None:
             _attached[key] = (alias, 0)  # kept until DETACH succeeds (see ``attach``)
             _instance().execute(f"DETACH {alias}")
             del _attached[key]
+
+
+def attach_sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
+    """A connection to the store file at ``path`` on its sandbox instance (file access off:
+    no ``read_csv`` of /etc/passwd, no ``COPY TO``, no ``ATTACH`` of another file). Close it
+    with ``detach_sandboxed``."""
+    key = Path(os.path.abspath(path))
+    attach_sql = f"ATTACH '{str(key).replace(chr(39), chr(39) * 2)}' AS kl_store"
+    pid, instance = _sandboxes.pop(key, (0, None))
+    if instance is None or pid != os.getpid():
+        instance = duckdb.connect(":memory:", config={"threads": 2})
+        instance.execute(attach_sql)
+        instance.execute("SET enable_external_access = false")
+    else:
+        instance.execute(attach_sql)  # the file's own paths stay allowed
+    _sandboxes[key] = (os.getpid(), instance)
+    while len(_sandboxes) > SANDBOXES_KEPT:
+        _, (old_pid, old) = _sandboxes.popitem(last=False)
+        if old_pid == os.getpid():
+            old.close()
+    try:
+        con = instance.cursor()
+        con.execute("USE kl_store")
+        con.execute("SET enable_progress_bar = false")
+        return con
+    except BaseException:
+        instance.execute("DETACH kl_store")
+        raise
+
+
+def detach_sandboxed(path: Path, con: duckdb.DuckDBPyConnection) -> None:
+    """Close ``con`` (from ``attach_sandboxed``) and detach the file from its sandbox."""
+    key = Path(os.path.abspath(path))
+    try:
+        con.close()
+    finally:
+        entry = _sandboxes.get(key)
+        if entry is not None:
+            entry[1].execute("DETACH kl_store")
