@@ -15,6 +15,9 @@ baseline, and where the per-call overhead goes.
    (``encrypt_gcm`` minus the bare python-pkcs11 call on the same key object), and decrypt's
    ``ciphertext.parse``. Under load these microbenchmarks (hot caches) understate what the same
    code costs between two HSM calls in the real loop; the ratios are what counts.
+3. Load-independent measures. CPU per call: the bare worker's (it has one thread) against the
+   calling thread's of keyledger, and their ratio. Bytecodes: the Python bytecodes executed and
+   Python functions entered by one call (``sys.settrace``), keyledger's against the baseline's.
 
 Usage: ``.venv/bin/python bench/hotpath.py [--seconds 2] [--rounds 5] [--json]``; run it with
 ``PYTHONPATH=<tree>/src`` to measure another tree (the "before" column of docs/benchmarks.md).
@@ -33,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keyledger as kl
 from keyledger import ciphertext as ct
@@ -51,14 +55,16 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measured(fn: Callable[[], object], seconds: float) -> tuple[float, float]:
-    """(calls/s, CPU microseconds per call spent by this process's other threads)."""
+def measured(fn: Callable[[], object], seconds: float) -> tuple[float, float, float]:
+    """(calls/s, CPU microseconds per call of the calling thread, and of this process's
+    other threads)."""
     cpu0, main0 = _cpu_s(), time.thread_time()
     t0 = time.perf_counter()
     ops = rate(fn, seconds)
     calls = ops * (time.perf_counter() - t0)  # includes the warm-up batch: close enough
-    background = (_cpu_s() - cpu0) - (time.thread_time() - main0)
-    return ops, max(background, 0.0) / calls * 1e6
+    main = time.thread_time() - main0
+    background = (_cpu_s() - cpu0) - main
+    return ops, main / calls * 1e6, max(background, 0.0) / calls * 1e6
 
 
 def ratios(led: kl.KeyLedger, bare: BareWorker, seconds: float, rounds: int) -> dict:
@@ -68,26 +74,63 @@ def ratios(led: kl.KeyLedger, bare: BareWorker, seconds: float, rounds: int) -> 
         "decrypt": lambda: led.decrypt(blob),
         "data_key": lambda: led.generate_data_key(KEY),
     }
-    out: dict[str, dict] = {op: {"bare": [], "keyledger": [], "background_us": []} for op in pairs}
+    out: dict[str, dict] = {op: {"bare": [], "keyledger": [], "background_us": [],
+                                 "bare_cpu_us": [], "main_cpu_us": []} for op in pairs}
     for r in range(rounds):
         for op, fn in pairs.items():
             order = ["bare", "keyledger"] if r % 2 == 0 else ["keyledger", "bare"]
             for who in order:
                 if who == "bare":
-                    ops = bare.rate(op, seconds)
+                    ops, cpu = bare.measure(op, seconds)
+                    out[op]["bare_cpu_us"].append(cpu)
                 else:
-                    ops, bg = measured(fn, seconds)
+                    ops, cpu, bg = measured(fn, seconds)
+                    out[op]["main_cpu_us"].append(cpu)
                     out[op]["background_us"].append(bg)
                 out[op][who].append(ops)
-                log(f"  round {r + 1}/{rounds} {op:8s} {who:9s} {ops:9,.0f} ops/s")
+                log(f"  round {r + 1}/{rounds} {op:8s} {who:9s} {ops:9,.0f} ops/s "
+                    f"{cpu:6.1f} us CPU/call")
     for row in out.values():
         row["ratio"] = statistics.median(k / b for b, k in zip(row["bare"], row["keyledger"],
                                                                   strict=True))
+        # the same in CPU: bare CPU per call / keyledger's calling-thread CPU per call (less
+        # swayed by load than wall time, but CPU time also stretches on a busy machine)
+        row["cpu_ratio"] = statistics.median(
+            b / k for b, k in zip(row["bare_cpu_us"], row["main_cpu_us"], strict=True))
         row["bare_ops_s"] = statistics.median(row["bare"])
         row["keyledger_ops_s"] = statistics.median(row["keyledger"])
         row["overhead_us"] = 1e6 / row["keyledger_ops_s"] - 1e6 / row["bare_ops_s"]
         row["background_us_median"] = statistics.median(row["background_us"])
+        row["bare_cpu_us_median"] = statistics.median(row["bare_cpu_us"])
+        row["main_cpu_us_median"] = statistics.median(row["main_cpu_us"])
     return out
+
+
+def bytecodes(fns: dict[str, Callable[[], object]]) -> dict[str, tuple[int, int]]:
+    """Python bytecodes executed and Python functions entered by one call of each function:
+    the interpreter's share of a call, counted (not timed), so load does not move it."""
+    return {name: _count_one(fn) for name, fn in fns.items()}
+
+
+def _count_one(fn: Callable[[], object]) -> tuple[int, int]:
+    fn()
+    fn()  # warm: caches filled, plans made
+    counts = [0, 0]
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            counts[0] += 1
+        elif event == "call":
+            counts[1] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return counts[0], counts[1]
 
 
 def per_call_us(*fns: Callable[[], object], n: int = 20_000, repeats: int = 7) -> list[float]:
@@ -161,6 +204,31 @@ def pieces(led: kl.KeyLedger) -> dict[str, float]:
     }
 
 
+def interpreter_share(led: kl.KeyLedger) -> dict[str, tuple[int, int]]:
+    """``bytecodes`` of the three audited calls and of the bare python-pkcs11 encrypt that the
+    baseline makes (same key object, same AAD length)."""
+    import pkcs11
+    from pkcs11 import Mechanism, ObjectClass
+
+    key = led._ctx.rt.catalog.get(KEY)
+    handle = key.versions[key.latest_version].handle
+    backend = led._ctx.rt.backend
+    aad = ct.pack_header(key.key_id_bytes, 1, bytes(ct.NONCE_LEN))
+    backend.encrypt_gcm(handle, bytes(ct.NONCE_LEN), aad, PLAINTEXT)  # caches the key object
+    raw_key = backend._local.keys[(handle, ObjectClass.SECRET_KEY)]
+    blob = led.encrypt(KEY, PLAINTEXT)
+
+    def bare() -> bytes:  # bench/bare.py's encrypt
+        nonce = os.urandom(ct.NONCE_LEN)
+        return raw_key.encrypt(PLAINTEXT, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=pkcs11.GCMParams(nonce, aad, 128))
+
+    return bytecodes({"encrypt 32 B": lambda: led.encrypt(KEY, PLAINTEXT),
+                      "decrypt 32 B": lambda: led.decrypt(blob),
+                      "generate_data_key": lambda: led.generate_data_key(KEY),
+                      "bare encrypt (the baseline's call)": bare})
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     lines = [f"keyledger hot path: {m['nproc']} CPU(s), Python {m['python']}, commit "
@@ -172,6 +240,8 @@ def render(res: dict) -> str:
              "",
              f"{'call':22s} {'bare ops/s':>11s} {'keyledger':>10s} {'ratio':>7s} {'target':>7s} "
              f"{'result':>6s} {'overhead us':>12s} {'bg CPU us':>10s}", "-" * 92]
+    cpu_lines = ["", f"{'CPU per call (us)':22s} {'bare':>8s} {'keyledger main thread':>22s} "
+                     f"{'CPU ratio':>10s}", "-" * 66]
     labels = {"encrypt": "encrypt 32 B", "decrypt": "decrypt 32 B",
               "data_key": "generate_data_key"}
     for op, label in labels.items():
@@ -180,6 +250,14 @@ def render(res: dict) -> str:
         lines.append(f"{label:22s} {row['bare_ops_s']:11,.0f} {row['keyledger_ops_s']:10,.0f} "
                      f"{row['ratio']:7.2f} {TARGET:7.2f} {ok:>6s} {row['overhead_us']:12.1f} "
                      f"{row['background_us_median']:10.1f}")
+        cpu_lines.append(f"{label:22s} {row['bare_cpu_us_median']:8.1f} "
+                         f"{row['main_cpu_us_median']:22.1f} {row['cpu_ratio']:10.2f}")
+    lines += cpu_lines
+    if res.get("bytecodes"):
+        lines += ["", f"{'one call, counted':40s} {'bytecodes':>10s} {'Python calls':>13s}",
+                  "-" * 66]
+        lines += [f"{name:40s} {ops:10d} {calls:13d}"
+                  for name, (ops, calls) in res["bytecodes"].items()]
     lines += ["", f"{'piece (us per call, best of 7 runs)':52s} {'us':>6s}", "-" * 60]
     for name, us in res["pieces"].items():
         lines.append(f"{name:52s} {us:6.2f}")
@@ -209,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert led.decrypt(bare.sample) == PLAINTEXT, "bare ciphertext does not decrypt"
                 log("ratios: bare python-pkcs11 (own process) vs KeyLedger (audited)")
                 res["ratios"] = ratios(led, bare, args.seconds, args.rounds)
+            res["bytecodes"] = interpreter_share(led)
             if not args.no_pieces:
                 log("pieces")
                 res["pieces"] = pieces(led)

@@ -70,15 +70,17 @@ def canonical_context(context: Mapping[str, str] | None) -> bytes:
 
 def parse(blob: object) -> tuple[Header, bytes, bytes]:
     """Split a ciphertext into (header, header bytes, ciphertext||tag) or raise InvalidCiphertext."""
-    if not isinstance(blob, bytes | bytearray | memoryview):
-        raise InvalidInput(f"ciphertext must be bytes, not {type(blob).__name__}")
-    blob = bytes(blob)
+    if type(blob) is not bytes:  # (the usual case, bytes, skips the union isinstance)
+        if not isinstance(blob, bytes | bytearray | memoryview):
+            raise InvalidInput(f"ciphertext must be bytes, not {type(blob).__name__}")
+        blob = bytes(blob)
     if len(blob) < HEADER_LEN + TAG_LEN:
         raise InvalidCiphertext("not a keyledger ciphertext (too short)")
     magic, fmt, alg, kid, version, nonce = _HEADER.unpack_from(blob)
     if magic != MAGIC or fmt != FORMAT_VERSION or alg != ALG_AES_GCM or version == 0:
         raise InvalidCiphertext("not a keyledger ciphertext (bad header)")
-    return Header(_key_id_text(kid), version, nonce), blob[:HEADER_LEN], blob[HEADER_LEN:]
+    key_id = _KEY_IDS.get(kid) or _key_id_text(kid)
+    return Header(key_id, version, nonce), blob[:HEADER_LEN], blob[HEADER_LEN:]
 
 
 _KEY_IDS: dict[bytes, str] = {}  # key id bytes -> UUID text (uuid.UUID is most of a parse)

@@ -55,9 +55,11 @@ class Audited:
                  tb: TracebackType | None) -> Literal[False]:
         key, ctx = self.key, self.ctx
         if exc is None and key is not None:  # the hot path: a call on a key that worked
-            ctx.rt.journal.append(ctx.time_us(), ctx.principal, self.action, key.name,
-                                  key.key_id, self.version, "ok", None, self.detail,
-                                  self.context.decode() if self.context else None)
+            rt = ctx.rt  # time_us inline: trusted time unless a simulation's injected clock
+            now = rt.trusted_us() if ctx.clock is None else ctx.time_us()
+            rt.journal.append(now, ctx.principal, self.action, key.name, key.key_id,
+                              self.version, "ok", None, self.detail,
+                              self.context.decode() if self.context else None)
             return False
         self._record(exc)
         return False

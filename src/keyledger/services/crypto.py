@@ -70,7 +70,7 @@ class CryptoService(Service):
         """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
         with self._audited("encrypt", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
-            data = self._bytes(plaintext, "plaintext")
+            data = plaintext if type(plaintext) is bytes else self._bytes(plaintext, "plaintext")
             key = self._key(rec, name)
             return self._encrypt_with(rec, key, data, ctx)
 

@@ -559,7 +559,8 @@ class CatalogCache:
         return self._view.grants
 
     def grants_now(self) -> Grants:
-        self.refresh()
+        if time.monotonic() - self._checked >= self._refresh_s:  # refresh()'s own test, inline
+            self.refresh()
         return self._view.grants
 
     def home_policy(self) -> dict:
@@ -567,11 +568,16 @@ class CatalogCache:
         return self._view.home_policy
 
     def get(self, name: str) -> Key:
-        self.refresh()
+        # every audited call on a key asks this: refresh()'s test and the built key inline
+        if time.monotonic() - self._checked >= self._refresh_s:
+            self.refresh()
         view = self._view
-        key = view.key(view.ids.get(name))
+        key_id = view.ids.get(name)
+        key = view.built.get(key_id) if key_id is not None else None
         if key is None:
-            raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
+            key = view.key(key_id)
+            if key is None:
+                raise KeyNotFound(f"no key named {name!r}; list keys with `keyledger key list`")
         return key
 
     def usage_limit(self, key: Key) -> int:
@@ -585,8 +591,11 @@ class CatalogCache:
         return limit
 
     def get_id(self, key_id: str) -> Key | None:
-        self.refresh()
-        return self._view.key(key_id)
+        if time.monotonic() - self._checked >= self._refresh_s:  # as in get: every decrypt asks
+            self.refresh()
+        view = self._view
+        key = view.built.get(key_id)
+        return key if key is not None else view.key(key_id)
 
     def all_keys(self) -> list[Key]:
         self.refresh()

@@ -223,12 +223,13 @@ class JournalWriter:
         mid = self._middles.get(fixed)
         if mid is None:
             mid = self._middle(fixed)
+        t = str(time_us)  # (once: an int's decimal text is not cached)
         if error is None and detail is None and context is None:
-            text = f"{SEP}{time_us}{mid[0]}{SEP}{SEP}{SEP}"
-            body = f',{time_us}{mid[1]}null,null,null,"'
+            text = f"{SEP}{t}{mid[0]}{SEP}{SEP}{SEP}"
+            body = f',{t}{mid[1]}null,null,null,"'
         else:
-            text = f"{SEP}{time_us}{mid[0]}{SEP}{error or ''}{SEP}{detail or ''}{SEP}{context or ''}"
-            body = (f',{time_us}{mid[1]}{"null" if error is None else _q(error)},'
+            text = f"{SEP}{t}{mid[0]}{SEP}{error or ''}{SEP}{detail or ''}{SEP}{context or ''}"
+            body = (f',{t}{mid[1]}{"null" if error is None else _q(error)},'
                     f'{"null" if detail is None else _q(detail)},'
                     f'{"null" if context is None else _q(context)},"')
         try:
