@@ -1045,6 +1045,19 @@ def test_malformed_rule_file_names_the_file_and_the_rule(ledger, home, text, mes
     assert ledger.audit(action="compliance")["outcome"].tolist() == ["failed"]
 
 
+def test_a_rule_file_that_is_not_utf8_is_a_config_error_and_a_fixed_one_loads(ledger, home):
+    """Was a bare UnicodeDecodeError; and a file changed in place is read again (rule files
+    are parsed once per content)."""
+    path = user_rules(home, "latin1.toml", "")
+    path.write_bytes('framework = "Café"\n'.encode("latin-1"))
+    with pytest.raises(kl.ConfigError, match="not valid TOML.*UTF-8") as err:
+        ledger.compliance()
+    assert str(path) in str(err.value)
+    path.write_bytes('framework = "Café"\n'.encode())
+    ledger.compliance()  # evaluates again
+    assert "Café" in load_rules(home).frameworks
+
+
 def test_rule_with_wrong_output_is_a_config_error(ledger, home):
     user_rules(home, "bad-columns.toml", """
         framework = "A"
