@@ -112,3 +112,25 @@ with kl.open("home", principal="alice") as ledger:
     assert report["name"] == "string" and report["dir"] is True
     assert report["batch"] == ["Series", True]
     assert report["findings"] == "FindingsFrame"
+
+
+def test_the_dashboard_command_refuses_a_bad_home_or_bind_without_loading_the_app(tmp_path: Path
+                                                                                ) -> None:
+    """The app (Panel's widgets, Altair, jsonschema: ~9 s of CPU to import here) loads only in
+    the server process, after every check has passed; a folder that is not a home is refused
+    before even Panel loads (the bind check reads options with Panel's own parser)."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "keyledger.toml").write_text("")  # looks like a home: the bind is checked
+    report = fresh(f"""
+import contextlib, io, sys
+from keyledger.cli import main
+ui = lambda: [m for m in ("panel", "altair", "jsonschema") if m in sys.modules]
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    not_home = main(["dashboard", "--home", {str(tmp_path / "nothing")!r}])
+    after_not_home = ui()
+    public = main(["dashboard", "--home", {str(tmp_path / "home")!r}, "--address", "0.0.0.0"])
+out = {{"codes": [not_home, public], "err": err.getvalue(), "ui": [after_not_home, ui()]}}
+""", tmp_path)
+    assert report["codes"] == [1, 1], report
+    assert "not a keyledger home" in report["err"] and "without a login" in report["err"]
+    assert report["ui"] == [[], ["panel"]]
