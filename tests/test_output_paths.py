@@ -328,3 +328,20 @@ def test_a_path_with_a_lone_surrogate_is_refused_clearly(tmp_path):
         with pytest.raises(InvalidInput):  # was a bare UnicodeEncodeError / ValueError
             kl.open(home, principal="alice")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made
+
+
+def test_a_path_too_long_for_the_file_system_is_refused_clearly(tmp_path, ledger):
+    """A 300-byte name (or a 5,000-byte path): os.* raised a bare OSError (ENAMETOOLONG; found
+    by test_hostile through export_audit). Refused, audited, nothing made."""
+    for path in (tmp_path / ("1" * 300), tmp_path.joinpath(*["d" * 200] * 25, "out.csv")):
+        with pytest.raises(InvalidInput, match="too long for the file system"):
+            outputs.check_target(path, [], overwrite=False)
+        with pytest.raises(InvalidInput, match="too long"):
+            outputs.check_source(str(path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InvalidInput, match="too long"):
+        ledger.export_audit(tmp_path / ("a" * 256 + ".csv"))
+    assert ledger.audit(action="export_audit")["outcome"].tolist() == ["failed"]
+    with pytest.raises(InvalidInput, match="too long"):
+        kl.open(tmp_path / ("h" * 300), principal="alice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -32,6 +32,7 @@ from .errors import InvalidInput, KeyLedgerError
 if TYPE_CHECKING:
     from .config import Settings
 
+NAME_MAX, PATH_MAX = 255, 4095  # bytes (Linux and most file systems)
 OVERWRITE_HINT = "pass overwrite=True (--force on the command line) to replace it"
 
 
@@ -60,21 +61,25 @@ def check_target(path: object, protected: Iterable[Path], *, overwrite: bool,
     if raw.name in ("", ".", ".."):
         raise InvalidInput(f"{path} names no {what}; give a new name, e.g. {raw}/out")
     target = _resolve(raw.absolute().parent) / raw.name
-    _refuse_protected(path, target, protected, what, folder)
-    if target.is_symlink():
-        raise InvalidInput(f"{target} is a symbolic link (to {os.readlink(target)}); keyledger "
-                           f"does not write through links - give the real path of the {what}")
-    if not target.parent.is_dir():
-        raise InvalidInput(f"the folder {target.parent} does not exist; create it first or "
-                           f"choose another folder for the {what}")
-    if folder:
-        _check_folder(target, overwrite, replaceable, what)
-    elif target.is_dir():
-        raise InvalidInput(f"{target} is a directory; give a file name inside it, e.g. "
-                           f"{target / ('new-' + what.replace(' ', '-'))}")
-    elif target.exists() and not overwrite:
-        raise InvalidInput(f"{target} already exists; choose a new name for the {what}, or "
-                           f"{OVERWRITE_HINT}")
+    try:  # a folder we may not look into: PermissionError from the checks below
+        _refuse_protected(path, target, protected, what, folder)
+        if target.is_symlink():
+            raise InvalidInput(f"{target} is a symbolic link (to {os.readlink(target)}); keyledger "
+                               f"does not write through links - give the real path of the {what}")
+        if not target.parent.is_dir():
+            raise InvalidInput(f"the folder {target.parent} does not exist; create it first or "
+                               f"choose another folder for the {what}")
+        if folder:
+            _check_folder(target, overwrite, replaceable, what)
+        elif target.is_dir():
+            raise InvalidInput(f"{target} is a directory; give a file name inside it, e.g. "
+                               f"{target / ('new-' + what.replace(' ', '-'))}")
+        elif target.exists() and not overwrite:
+            raise InvalidInput(f"{target} already exists; choose a new name for the {what}, or "
+                               f"{OVERWRITE_HINT}")
+    except OSError as exc:
+        raise InvalidInput(f"cannot check {target}: {exc.strerror or exc}; choose a folder "
+                           "you can read and write") from None
     return target
 
 
@@ -95,10 +100,19 @@ def refuse_unusable(path: Path) -> None:
     if "\0" in str(path):
         raise InvalidInput(f"a path cannot contain a NUL byte: {str(path)!r}")
     try:
-        os.fsencode(str(path))
+        encoded = os.fsencode(str(path))
     except UnicodeEncodeError:
         raise InvalidInput(f"a path must be valid text: {str(path)!r} cannot be encoded as a "
                            "file name") from None
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > NAME_MAX or len(encoded) > PATH_MAX:  # os.* would raise ENAMETOOLONG
+        raise InvalidInput(f"a path too long for the file system: {_abbreviate(str(path))} "
+                           f"({len(encoded)} bytes, a name of {longest}; the limits are "
+                           f"{NAME_MAX} bytes a name and {PATH_MAX} a path)")
+
+
+def _abbreviate(text: str, keep: int = 60) -> str:
+    return text if len(text) <= 2 * keep else f"{text[:keep]}...{text[-keep:]}"
 
 
 def _resolve(path: Path) -> Path:
