@@ -57,8 +57,7 @@ def attach(path: Path) -> duckdb.DuckDBPyConnection:
         del _attached[key]
     if not users:
         alias = f"kl_store_{next(_aliases)}"
-        quoted = str(key).replace("'", "''")
-        host.execute(f"ATTACH '{quoted}' AS {alias}")
+        host.execute(_attach_sql(key, alias))
     _attached[key] = (alias, users + 1)
     try:
         con = host.cursor()
@@ -68,6 +67,11 @@ def attach(path: Path) -> duckdb.DuckDBPyConnection:
     except BaseException:
         detach(path, None)
         raise
+
+
+def _attach_sql(path: Path, alias: str) -> str:
+    quoted = str(path).replace("'", "''")
+    return f"ATTACH '{quoted}' AS {alias}"
 
 
 def sibling(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
@@ -101,7 +105,7 @@ def attach_sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
     no ``read_csv`` of /etc/passwd, no ``COPY TO``, no ``ATTACH`` of another file). Close it
     with ``detach_sandboxed``."""
     key = Path(os.path.abspath(path))
-    attach_sql = f"ATTACH '{str(key).replace(chr(39), chr(39) * 2)}' AS kl_store"
+    attach_sql = _attach_sql(key, "kl_store")
     pid, instance = _sandboxes.pop(key, (0, None))
     if instance is None or pid != os.getpid():
         instance = duckdb.connect(":memory:", config={"threads": 2})
