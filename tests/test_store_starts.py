@@ -63,3 +63,7 @@ def test_a_transaction_on_a_held_store_has_duckdbs_progress_bar_off(ledger):
             with tx_of() as tx:
                 assert tx.execute(
                     "SELECT current_setting('enable_progress_bar')").one()[0] is False
+    db = ledger._rt.db  # not held, and a caller's SQL on its sandbox: cursors too (store/host.py)
+    for tx_of in (db.read, db.write, db.snapshot):
+        with tx_of() as tx:
+            assert tx.execute("SELECT current_setting('enable_progress_bar')").one()[0] is False

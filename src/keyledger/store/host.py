@@ -60,13 +60,19 @@ def attach(path: Path) -> duckdb.DuckDBPyConnection:
         host.execute(_attach_sql(key, alias))
     _attached[key] = (alias, users + 1)
     try:
-        con = host.cursor()
-        con.execute(f"USE {alias}")
-        con.execute("SET enable_progress_bar = false")  # never in a notebook's output
-        return con
+        return _cursor(host, alias)
     except BaseException:
         detach(path, None)
         raise
+
+
+def _cursor(instance: duckdb.DuckDBPyConnection, alias: str) -> duckdb.DuckDBPyConnection:
+    """A connection of ``instance`` on the attached database ``alias``. DuckDB 2.0's cursors
+    start with the progress bar off (never in a notebook's output; its ``connect`` turns it on),
+    so no ``SET`` per transaction: ``tests/test_store_starts.py`` checks it."""
+    con = instance.cursor()
+    con.execute(f"USE {alias}")
+    return con
 
 
 def _attach_sql(path: Path, alias: str) -> str:
@@ -119,10 +125,7 @@ def attach_sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
         if old_pid == os.getpid():
             old.close()
     try:
-        con = instance.cursor()
-        con.execute("USE kl_store")
-        con.execute("SET enable_progress_bar = false")
-        return con
+        return _cursor(instance, "kl_store")
     except BaseException:
         instance.execute("DETACH kl_store")
         raise
