@@ -96,7 +96,8 @@ def check_source(path: object, what: str = "file") -> Path:
 
 def refuse_unusable(path: Path) -> None:
     """Refuse what the OS cannot take as a path: os.* would raise a bare ValueError (a NUL
-    byte) or UnicodeEncodeError (a lone surrogate such as '\\ud800')."""
+    byte), UnicodeEncodeError (a lone surrogate such as '\\ud800') or OSError (a name or a
+    path too long for the file system)."""
     if "\0" in str(path):
         raise InvalidInput(f"a path cannot contain a NUL byte: {str(path)!r}")
     try:
