@@ -117,7 +117,8 @@ SELECT rotated_at + INTERVAL 8 DAY, key_id, NULL, 'destroy', 'pending-deletion',
        substr(md5('r' || i), 1, 12) || ', approved by admin-0, admin-3)' ELSE 'due: deletion window ended' END
 FROM bk WHERE state = 'destroyed';
 
-INSERT INTO requests
+INSERT INTO requests (request_id, action, key_id, reason, params, requested_by, requested_at,
+                      expires_at, quorum, status, executed_at, executed_by)
 SELECT substr(md5('r' || i), 1, 12), 'destroy', key_id, 'decommissioned', '{}', 'admin-3',
        rotated_at + INTERVAL 7 DAY, rotated_at + INTERVAL 10 DAY, 2, 'executed',
        rotated_at + INTERVAL 8 DAY, 'admin-0'

@@ -1089,6 +1089,29 @@ def test_rule_with_wrong_output_is_a_config_error(ledger, home):
         ledger.compliance()
 
 
+@pytest.mark.parametrize("ending", ["; ", "\n-- the end of the check", ";\n-- done\n"])
+def test_a_rule_sql_ending_in_a_comment_or_semicolon_finds_what_it_should(ledger, home, ending):
+    """The engine runs a rule's SQL inside its own statement: what the file's SQL ends with
+    must not change what the rule finds."""
+    user_rules(home, "ending.toml", f"""
+        framework = "A"
+        [[rule]]
+        id = "a.end"
+        control = "1"
+        severity = "low"
+        title = "t"
+        rationale = "r"
+        remediation = "m"
+        sql = '''SELECT name AS key, NULL AS version, NULL AS principal,
+                 {{'spec': spec}} AS evidence FROM keys WHERE spec = 'AES_256'{ending}'''
+    """)
+    ledger.create_key("found", spec="AES_256")
+    ledger.create_key("not-found", spec="EC_P256")
+    findings = ledger.compliance(frameworks=["A"])
+    assert findings["key"].tolist() == ["found"]
+    assert json.loads(findings["evidence"].iloc[0]) == {"spec": "AES_256"}
+
+
 # -- reports -------------------------------------------------------------------------------------
 def test_html_report_for_an_auditor(ledger, clock, tmp_path):
     ledger.create_key("orders", spec="AES_256", owner="payments",

@@ -19,7 +19,7 @@ import duckdb
 
 from ..errors import ConfigError, KeyLedgerError, StoreError
 from ..model import SEVERITIES, SPECS, Purpose, configured_usage_limit, resolve_rotation_period
-from .sql import referenced_parameters
+from .sql import referenced_parameters, without_final_semicolon
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -154,32 +154,51 @@ def rules_table(rules: list[Rule]) -> pa.Table:
     })
 
 
+# rule SQL whose output columns this process has checked -> its text as a subquery
+_CHECKED_SQL: dict[str, str] = {}
+
+# one rule's findings into kl_current, in one statement (each DuckDB statement costs a few ms
+# of CPU even over a handful of rows; a temp table per rule cost three more); the rule id is
+# a literal, as ids are letters, digits and . _ - (rules.py), so no name can clash with the
+# rule's own parameters
+_INSERT_FINDINGS = """INSERT INTO kl_current (rule_id, key, version, principal, evidence)
+    SELECT '{rule_id}', key, version, principal,
+           CASE WHEN count(*) = 1 THEN any_value(evidence)
+                ELSE CAST(to_json(list(CAST(evidence AS JSON))) AS VARCHAR) END
+    FROM (SELECT CAST(key AS VARCHAR) AS key, CAST(version AS BIGINT) AS version,
+                 CAST(principal AS VARCHAR) AS principal,
+                 CAST(CAST(evidence AS JSON) AS VARCHAR) AS evidence
+          FROM ({sql}
+          ) kl_out)
+    GROUP BY ALL"""
+
+
 def _run_rule(con: Any, rule: Rule, now: datetime) -> None:
-    """Materialise one rule's findings into kl_current (rule_id, key, version, principal, evidence)."""
+    """Add one rule's findings to kl_current (rule_id, key, version, principal, evidence)."""
     params = {**rule.bound_parameters()}
     if "now" in _refs(rule):
         params["now"] = now
     try:
-        con.execute("DROP TABLE IF EXISTS kl_out")
-        con.execute(f"CREATE TEMP TABLE kl_out AS {rule.sql}", params or None)
-        columns = {row[0] for row in con.execute("DESCRIBE kl_out").fetchall()}
-        missing = [c for c in _REQUIRED_OUTPUT if c not in columns]
-        if missing:
-            raise ConfigError(f"rule file {rule.source}, rule {rule.id!r}: its sql returns no "
-                              f"column(s) {', '.join(missing)}; a rule returns key, version, "
-                              "principal and evidence")
-        con.execute(
-            """INSERT INTO kl_current (rule_id, key, version, principal, evidence)
-               SELECT $rule_id, key, version, principal,
-                      CASE WHEN count(*) = 1 THEN any_value(evidence)
-                           ELSE CAST(to_json(list(CAST(evidence AS JSON))) AS VARCHAR) END
-               FROM (SELECT CAST(key AS VARCHAR) AS key, CAST(version AS BIGINT) AS version,
-                            CAST(principal AS VARCHAR) AS principal,
-                            CAST(CAST(evidence AS JSON) AS VARCHAR) AS evidence FROM kl_out)
-               GROUP BY ALL""", {"rule_id": rule.id})
+        sql = _CHECKED_SQL.get(rule.sql)
+        if sql is None:
+            sql = without_final_semicolon(rule.sql)
+            _check_output(con, rule, sql, params)
+            _CHECKED_SQL[rule.sql] = sql
+        con.execute(_INSERT_FINDINGS.format(rule_id=rule.id, sql=sql), params or None)
     except (duckdb.Error, StoreError) as exc:
         msg = str(exc).splitlines()[0][:400]
         raise ConfigError(f"rule file {rule.source}, rule {rule.id!r} failed: {msg}") from None
+
+
+def _check_output(con: Any, rule: Rule, sql: str, params: dict[str, Any]) -> None:
+    """A rule returns key, version, principal and evidence: say so plainly when one is missing
+    (DuckDB would only name the first column it cannot find)."""
+    columns = set(con.execute(f"SELECT * FROM ({sql}\n) kl_out LIMIT 0", params or None).columns())
+    missing = [c for c in _REQUIRED_OUTPUT if c not in columns]
+    if missing:
+        raise ConfigError(f"rule file {rule.source}, rule {rule.id!r}: its sql returns no "
+                          f"column(s) {', '.join(missing)}; a rule returns key, version, "
+                          "principal and evidence")
 
 
 def _refs(rule: Rule) -> list[str]:

@@ -271,6 +271,12 @@ class Result:
             raise StoreError("a query that always returns one row returned none")
         return row
 
+    def columns(self) -> list[str]:
+        """The result's column names (its rows are read and dropped)."""
+        names = [d[0] for d in self._cur.description or ()]
+        self._cur.fetchall()
+        return names
+
     def df(self):
         return self._cur.df()
 

@@ -39,6 +39,16 @@ def check_read_only(sql: str) -> ReadOnlyCheck:
     return ReadOnlyCheck(None, ", ".join(s.type.name for s in statements) or "nothing")
 
 
+def without_final_semicolon(sql: str) -> str:
+    """One statement's text without the ``;`` that may end it (comments after it go too), so
+    it can stand as a subquery; a trailing ``--`` comment is left for the caller to end with a
+    newline."""
+    tokens = [t for t in duckdb.tokenize(sql) if t[1] != duckdb.token_type.comment]
+    if tokens and tokens[-1][1] == duckdb.token_type.operator and sql[tokens[-1][0]] == ";":
+        return sql[:tokens[-1][0]]
+    return sql
+
+
 def _bare(sql: str) -> str:
     """The SQL without comments, string literals emptied."""
     return _STRING_RE.sub("''", _COMMENT_RE.sub(" ", sql))
