@@ -107,8 +107,8 @@ def compare(old: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ledger", type=int, default=20_000, help="records preloaded (20000)")
-    p.add_argument("--repeats", type=int, default=7, help="rounds per case (7)")
+    p.add_argument("--ledger", type=int, default=10_000, help="records preloaded (10000)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per case (5)")
     p.add_argument("--compare", metavar="OLD_SRC", help="before/after against another tree")
     p.add_argument("--profile", metavar="CASE", help='e.g. "idle, not held"')
     p.add_argument("--json", action="store_true")

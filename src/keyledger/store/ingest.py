@@ -431,44 +431,25 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
 # Usage per (key, version, action): one use per successful record, except a batch record
 # (services/batch.py; a rewrap_many record with a key is one chunk of a bulk rewrap), which
 # counts the items its detail lists per version ("versions=1:600,2:4") whatever its outcome:
-# those items were done in the HSM. Summed in Arrow, then written by UPDATE (and INSERT for a
-# new triple): an INSERT ... ON CONFLICT over the batch cost ~10-14 ms of CPU a round, a
-# one-row UPDATE ~3 ms (bench/ingest_round.py).
+# those items were done in the HSM. Summed by one SELECT over the batch, then written by UPDATE
+# (an INSERT for a new triple): an INSERT ... ON CONFLICT over the batch cost ~10-14 ms of CPU
+# a round, the SELECT and a one-row UPDATE ~5 ms (bench/ingest_round.py). Not summed in Arrow:
+# its group_by imports pyarrow.acero (~55 ms once per process) and ``pa.array`` pandas.
 BATCH_ACTIONS = ("encrypt_many", "decrypt_many", "rewrap_many")
-_BATCH_VERSIONS = re.compile(r"versions=([0-9:,]+)")
+_USAGE_SQL = f"""
+    SELECT key_id, version, action, sum(n)::BIGINT, max(time) FROM (
+        SELECT key_id, version, action, 1 AS n, time FROM kl_batch
+        WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
+          AND action NOT IN {BATCH_ACTIONS}
+        UNION ALL
+        SELECT key_id, split_part(u, ':', 1)::BIGINT, action, split_part(u, ':', 2)::BIGINT, time
+        FROM (SELECT key_id, action, time, unnest(string_split(
+                  regexp_extract(detail, 'versions=([0-9:,]+)', 1), ',')) AS u
+              FROM kl_batch WHERE action IN {BATCH_ACTIONS} AND key_id IS NOT NULL)
+        WHERE u <> '')
+    GROUP BY ALL"""
 _ROW_STATEMENTS = 2  # up to this many rows change by one UPDATE each, more by one statement
 UsageKey = tuple[str, int, str]  # (key_id, version, action)
-
-
-def usage_of(batch: pa.Table) -> dict[UsageKey, tuple[int, datetime]]:
-    """(uses, newest time) per (key_id, version, action) that the batch's records add."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    batch = batch.select(["key_id", "version", "action", "outcome", "time", "detail"])
-    is_batch = pc.is_in(batch.column("action"), value_set=pa.array(BATCH_ACTIONS))
-    single = batch.filter(pc.and_kleene(pc.and_kleene(
-        pc.equal(batch.column("outcome"), "ok"), pc.invert(is_batch)),
-        pc.and_kleene(pc.is_valid(batch.column("version")), pc.is_valid(batch.column("key_id")))))
-    out: dict[UsageKey, tuple[int, datetime]] = {}
-    for row in single.group_by(["key_id", "version", "action"], use_threads=False).aggregate(
-            [([], "count_all"), ("time", "max")]).to_pylist():
-        _add(out, (row["key_id"], row["version"], row["action"]), row["count_all"],
-             row["time_max"])
-    bulk = batch.filter(pc.and_kleene(is_batch, pc.is_valid(batch.column("key_id"))))
-    for row in bulk.to_pylist():
-        m = _BATCH_VERSIONS.search(row["detail"] or "")
-        for item in m.group(1).split(",") if m else ():
-            version, n = (item.split(":") + [""])[:2]  # as DuckDB's split_part
-            if version and n:
-                _add(out, (row["key_id"], int(version), row["action"]), int(n), row["time"])
-    return out
-
-
-def _add(usage: dict[UsageKey, tuple[int, datetime]], key: UsageKey, n: int,
-         time: datetime) -> None:
-    old = usage.get(key)
-    usage[key] = (n, time) if old is None else (old[0] + n, max(old[1], time))
 
 
 _USAGE_UPDATE = ("UPDATE usage SET count = count + ?, last_time = greatest(last_time, ?) "
@@ -502,9 +483,10 @@ def _insert(con: Tx, batch: pa.Table) -> None:
     con.register("kl_batch", batch)
     try:
         con.execute(_INSERT_SQL)
+        usage = {(k, v, a): (n, t) for k, v, a, n, t in con.execute(_USAGE_SQL).fetchall()}
     finally:
         con.unregister("kl_batch")
-    add_usage(con, usage_of(batch))
+    add_usage(con, usage)
 
 
 _OFFSET_TYPES = {"journal": "VARCHAR", "file_offset": "BIGINT", "tip_jseq": "BIGINT",
