@@ -112,9 +112,10 @@ def write_checkpoint(con: Tx, sign: Signer, now: datetime, last: Newest, added: 
     ``last.max_seq``) to the ledger ``last`` describes (checked by ``check_before_extend`` in
     the same transaction), ``tips`` being the bookkeeping's new ``tips_digest``: one INSERT,
     no re-read of the ledger. Returns (cp_seq, hash)."""
-    cp_seq, prev, n = (last.checkpoint[0] + 1, last.checkpoint[5], last.checkpoint[2]) \
-        if last.checkpoint else (1, ZERO, 0)
-    last_seq, n = (last.max_seq or 0) + added, n + added
+    cp_seq, n, prev = 0, 0, ZERO
+    if last.checkpoint:
+        cp_seq, _, n, _, _, prev, _ = last.checkpoint  # the newest one's hash chains this one
+    cp_seq, last_seq, n = cp_seq + 1, (last.max_seq or 0) + added, n + added
     h = checkpoint_hash(cp_seq, last_seq, n, tips, prev)
     signature = sign(bytes.fromhex(h)).hex()
     con.execute("INSERT INTO checkpoints (cp_seq, time, last_seq, n_records, tips_digest, "

@@ -450,8 +450,6 @@ _USAGE_SQL = f"""
     GROUP BY ALL"""
 _ROW_STATEMENTS = 2  # up to this many rows change by one UPDATE each, more by one statement
 UsageKey = tuple[str, int, str]  # (key_id, version, action)
-
-
 _USAGE_UPDATE = ("UPDATE usage SET count = count + ?, last_time = greatest(last_time, ?) "
                  "WHERE key_id = ? AND version = ? AND action = ?")
 _USAGE_MERGE = """MERGE INTO usage USING (SELECT unnest($k::VARCHAR[]) AS key_id,
