@@ -384,23 +384,30 @@ class HomeRuntime:
                                                            self._known_offsets, skip):
                 return ingest_repo.IngestResult()
             with self.db.write(export=False, timeout=busy_timeout) as tx:
-                checkpoints.check_before_extend(tx, self.verify_checkpoint, self.audit_head(tx))
+                def guard(last: checkpoints.Newest, offsets_tips: str) -> None:
+                    head = self.audit_head(tx, last.checkpoint is not None)
+                    checkpoints.check_before_extend(tx, self.verify_checkpoint, head, last,
+                                                    offsets_tips)
+
                 result = ingest_repo.ingest(tx, self.settings.journal_dir, self.sign_checkpoint,
-                                            self.trusted_now(), self._known_offsets, self.check_seal)
+                                            self.trusted_now(), self._known_offsets,
+                                            self.check_seal, guard)
                 if result.checkpoint is not None:
-                    h = audit_repo.checkpoint_hash(tx, result.checkpoint)
-                    value = checkpoints.head_value(result.checkpoint, h)
+                    value = checkpoints.head_value(result.checkpoint, result.checkpoint_hash)
                     tx.after_commit.append(lambda: self.backend.put_data(self.head_label, value))
             return result
 
-    def audit_head(self, tx: Tx | None = None) -> tuple[int, str] | None:
+    def audit_head(self, tx: Tx | None = None,
+                   has_checkpoints: bool | None = None) -> tuple[int, str] | None:
         """The newest checkpoint as kept in the HSM, read while holding the store (so no other
         process moves it meanwhile). SoftHSM2 can briefly hide an object that another process
-        is replacing, so an empty answer is retried when checkpoints exist."""
+        is replacing, so an empty answer is retried when checkpoints exist (``has_checkpoints``:
+        whether they do, when the caller already knows)."""
         if tx is None:
             with self.db.read() as own:
                 return self.audit_head(own)
-        has_checkpoints = audit_repo.has_checkpoints(tx)
+        if has_checkpoints is None:
+            has_checkpoints = audit_repo.has_checkpoints(tx)
         for delay in (0, 0.01, 0.02, 0.05, 0.1) if has_checkpoints else (0,):
             time.sleep(delay)
             head = checkpoints.parse_head(self.backend.get_data(self.head_label))

@@ -103,10 +103,6 @@ def set_seal(tx: Tx, journal: str, jseq: int, tip: str, mac: str) -> None:
                "WHERE journal = ?", [jseq, tip, mac, journal])
 
 
-def checkpoint_hash(tx: Tx, cp_seq: int) -> str:
-    return tx.execute("SELECT hash FROM checkpoints WHERE cp_seq = ?", [cp_seq]).one()[0]
-
-
 def has_checkpoints(tx: Tx) -> bool:
     return bool(tx.execute("SELECT count(*) > 0 FROM checkpoints").one()[0])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from ..errors import AuditError
@@ -46,23 +47,48 @@ def tips_digest(tips: list[tuple[str, int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Newest:
+    """The newest checkpoint's row (``NEWEST_SQL``'s columns; None: no checkpoint yet) and the
+    ledger's newest seq (None: no record), read together in one statement per ingest round."""
+
+    checkpoint: tuple | None
+    max_seq: int | None
+
+
+# the newest checkpoint by max(cp_seq), not ORDER BY ... LIMIT 1: a top-N sort of the whole
+# table (one row per ingest round) cost ~8 ms at 100,000 checkpoints, this ~2 ms
+NEWEST_SQL = """SELECT (SELECT max(seq) FROM audit_log), c.cp_seq, c.last_seq, c.n_records,
+    c.tips_digest, c.prev_hash, c.hash, c.signature
+    FROM (SELECT max(cp_seq) AS top FROM checkpoints) t LEFT JOIN checkpoints c ON c.cp_seq = t.top"""
+
+
+def newest(con: Tx) -> Newest:
+    max_seq, *checkpoint = con.execute(NEWEST_SQL).fetchall()[0]
+    return Newest(tuple(checkpoint) if checkpoint[0] is not None else None, max_seq)
+
+
 def check_before_extend(con: Tx,
                         verify_signature: Callable[[bytes, bytes], bool],
-                        head: tuple[int, str] | None) -> None:
+                        head: tuple[int, str] | None, last: Newest | None = None,
+                        offsets_tips: str | None = None) -> None:
     """Refuse to sign a new checkpoint on top of a store that no longer matches the last one.
 
     Without this, a forger who rewrites records and recomputes every hash would have the next
     ingest sign the forgery. The newest checkpoint must carry a valid HSM signature, match the
     head kept in the HSM, and its tips digest must equal the ingest bookkeeping's.
+    ``last`` and ``offsets_tips`` (the bookkeeping's ``tips_digest``): as ingest already read
+    them in this transaction (read here when not given).
     """
-    last = con.execute("SELECT cp_seq, last_seq, n_records, tips_digest, prev_hash, hash, "
-                       "signature FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
-    if last is None:
-        if head is not None or con.execute("SELECT count(*) FROM audit_log").one()[0]:
+    last = newest(con) if last is None else last
+    if last.checkpoint is None:
+        if head is not None or last.max_seq is not None:
             raise AuditError("the audit ledger lost its checkpoints; run `keyledger audit "
                              "verify` - new records stay safe in the journals")
         return
-    cp_seq, last_seq, n, tips, prev, h, sig = last
+    cp_seq, last_seq, n, tips, prev, h, sig = last.checkpoint
+    if offsets_tips is None:
+        offsets_tips = con.execute(OFFSETS_TIPS_SQL).one()[0]
     problem = None
     if checkpoint_hash(cp_seq, last_seq, n, tips, prev) != h:
         problem = f"checkpoint {cp_seq} was altered"
@@ -70,9 +96,9 @@ def check_before_extend(con: Tx,
         problem = f"checkpoint {cp_seq} does not carry a valid HSM signature"
     elif head is not None and (head[0] > cp_seq or (head[0] == cp_seq and head[1] != h)):
         problem = f"the HSM-held head (checkpoint {head[0]}) does not match the store"
-    elif con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").one()[0] != last_seq:
+    elif (last.max_seq or 0) != last_seq:
         problem = "records were added after the last signed checkpoint"
-    elif con.execute(OFFSETS_TIPS_SQL).one()[0] != tips:
+    elif offsets_tips != tips:
         problem = "the ingest bookkeeping does not match the last signed checkpoint"
     if problem:
         raise AuditError(f"the audit ledger does not match its last signed checkpoint "
@@ -80,18 +106,22 @@ def check_before_extend(con: Tx,
                          "in the journals and are not ingested until this is resolved")
 
 
-def write_checkpoint(con: Tx, sign: Signer, now: datetime) -> int:
-    last = con.execute(
-        "SELECT cp_seq, hash FROM checkpoints ORDER BY cp_seq DESC LIMIT 1").fetchone()
-    cp_seq, prev = (last[0] + 1, last[1]) if last else (1, ZERO)
-    last_seq, n = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM audit_log").one()
-    tips = con.execute(OFFSETS_TIPS_SQL).one()[0]
+def write_checkpoint(con: Tx, sign: Signer, now: datetime, last: Newest, added: int,
+                     tips: str) -> tuple[int, str]:
+    """Sign and append the checkpoint after an ingest that added ``added`` records (seq after
+    ``last.max_seq``) to the ledger ``last`` describes (checked by ``check_before_extend`` in
+    the same transaction), ``tips`` being the bookkeeping's new ``tips_digest``: one INSERT,
+    no re-read of the ledger. Returns (cp_seq, hash)."""
+    cp_seq, n, prev = 0, 0, ZERO
+    if last.checkpoint:
+        cp_seq, _, n, _, _, prev, _ = last.checkpoint  # the newest one's hash chains this one
+    cp_seq, last_seq, n = cp_seq + 1, (last.max_seq or 0) + added, n + added
     h = checkpoint_hash(cp_seq, last_seq, n, tips, prev)
     signature = sign(bytes.fromhex(h)).hex()
     con.execute("INSERT INTO checkpoints (cp_seq, time, last_seq, n_records, tips_digest, "
                 "prev_hash, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [cp_seq, now.replace(tzinfo=None), last_seq, n, tips, prev, h, signature])
-    return cp_seq
+    return cp_seq, h
 
 
 def head_value(cp_seq: int, cp_hash: str) -> bytes:

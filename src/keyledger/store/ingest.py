@@ -16,12 +16,13 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoints import Signer, write_checkpoint
+from .checkpoints import Newest, Signer, newest, tips_digest, write_checkpoint
 from .db import Tx
 from .journal import (
     LINE_FIELDS,
@@ -117,6 +118,7 @@ class IngestResult:
     records: int = 0
     journals: int = 0
     checkpoint: int | None = None
+    checkpoint_hash: str = ""
 
 
 def pending_bytes(journal_dir: Path, known: dict[str, int], skip: str | None = None) -> bool:
@@ -429,11 +431,13 @@ def _parse(buf: bytearray, chunks: list[_Chunk], base: int) -> tuple[pa.Table, l
 # Usage per (key, version, action): one use per successful record, except a batch record
 # (services/batch.py; a rewrap_many record with a key is one chunk of a bulk rewrap), which
 # counts the items its detail lists per version ("versions=1:600,2:4") whatever its outcome:
-# those items were done in the HSM.
+# those items were done in the HSM. Summed by one SELECT over the batch, then written by UPDATE
+# (an INSERT for a new triple): an INSERT ... ON CONFLICT over the batch cost ~10-14 ms of CPU
+# a round, the SELECT and a one-row UPDATE ~5 ms (bench/ingest_round.py). Not summed in Arrow:
+# its group_by imports pyarrow.acero (~55 ms once per process) and ``pa.array`` pandas.
 BATCH_ACTIONS = ("encrypt_many", "decrypt_many", "rewrap_many")
 _USAGE_SQL = f"""
-    INSERT INTO usage (key_id, version, action, count, last_time)
-    SELECT key_id, version, action, sum(n), max(time) FROM (
+    SELECT key_id, version, action, sum(n)::BIGINT, max(time) FROM (
         SELECT key_id, version, action, 1 AS n, time FROM kl_batch
         WHERE outcome = 'ok' AND version IS NOT NULL AND key_id IS NOT NULL
           AND action NOT IN {BATCH_ACTIONS}
@@ -443,18 +447,44 @@ _USAGE_SQL = f"""
                   regexp_extract(detail, 'versions=([0-9:,]+)', 1), ',')) AS u
               FROM kl_batch WHERE action IN {BATCH_ACTIONS} AND key_id IS NOT NULL)
         WHERE u <> '')
-    GROUP BY ALL
-    ON CONFLICT DO UPDATE SET count = usage.count + excluded.count,
-        last_time = greatest(usage.last_time, excluded.last_time)"""
+    GROUP BY ALL"""
+_ROW_STATEMENTS = 2  # up to this many rows change by one UPDATE each, more by one statement
+UsageKey = tuple[str, int, str]  # (key_id, version, action)
+_USAGE_UPDATE = ("UPDATE usage SET count = count + ?, last_time = greatest(last_time, ?) "
+                 "WHERE key_id = ? AND version = ? AND action = ?")
+_USAGE_MERGE = """MERGE INTO usage USING (SELECT unnest($k::VARCHAR[]) AS key_id,
+        unnest($v::BIGINT[]) AS version, unnest($a::VARCHAR[]) AS action,
+        unnest($n::BIGINT[]) AS n, unnest($t::TIMESTAMP[]) AS t) b USING (key_id, version, action)
+    WHEN MATCHED THEN UPDATE SET count = usage.count + b.n,
+        last_time = greatest(usage.last_time, b.t)
+    WHEN NOT MATCHED THEN INSERT (key_id, version, action, count, last_time)
+        VALUES (b.key_id, b.version, b.action, b.n, b.t)"""
+
+
+def add_usage(con: Tx, usage: dict[UsageKey, tuple[int, datetime]]) -> None:
+    """Add the counts to the ``usage`` table: a few triples by one-row UPDATEs (an INSERT for a
+    triple no row has yet), more by one MERGE."""
+    if len(usage) > _ROW_STATEMENTS:
+        keys = list(usage)
+        con.execute(_USAGE_MERGE, {"k": [k[0] for k in keys], "v": [k[1] for k in keys],
+                                   "a": [k[2] for k in keys],
+                                   "n": [usage[k][0] for k in keys],
+                                   "t": [usage[k][1] for k in keys]})
+        return
+    for (key_id, version, action), (n, time) in usage.items():
+        if not con.execute(_USAGE_UPDATE, [n, time, key_id, version, action]).one()[0]:
+            con.execute("INSERT INTO usage (key_id, version, action, count, last_time) "
+                        "VALUES (?, ?, ?, ?, ?)", [key_id, version, action, n, time])
 
 
 def _insert(con: Tx, batch: pa.Table) -> None:
     con.register("kl_batch", batch)
     try:
         con.execute(_INSERT_SQL)
-        con.execute(_USAGE_SQL)
+        usage = {(k, v, a): (n, t) for k, v, a, n, t in con.execute(_USAGE_SQL).fetchall()}
     finally:
         con.unregister("kl_batch")
+    add_usage(con, usage)
 
 
 _OFFSET_TYPES = {"journal": "VARCHAR", "file_offset": "BIGINT", "tip_jseq": "BIGINT",
@@ -466,9 +496,10 @@ class _Ingest:
     """One ingest transaction: batches in, bookkeeping and seals updated per journal."""
 
     def __init__(self, con: Tx, offsets: dict[str, Offset],
-                 check_seal: SealCheck) -> None:
+                 check_seal: SealCheck, base: int) -> None:
         self.con, self.offsets, self.check_seal = con, offsets, check_seal
-        self.base = con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").one()[0]
+        self.stored = set(offsets)  # the journals journal_offsets has a row for
+        self.base = base  # the ledger's newest seq
         self.records = 0
         self.moved: set[str] = set()
 
@@ -539,31 +570,66 @@ class _Ingest:
             off.bad_seal_jseq = min(jseq, off.bad_seal_jseq or jseq)
 
     def store_offsets(self) -> None:
+        """Write the bookkeeping of the journals this ingest moved: UPDATE the rows that exist
+        (one statement per row for a few, else one for all), INSERT the new journals' (no
+        ON CONFLICT: an upsert cost ~8-10 ms of CPU a round, a one-row UPDATE ~3 ms)."""
         names = sorted(self.moved)
-        columns = {name: [getattr(self.offsets[j], name) for j in names]
-                   for name in OFFSET_COLUMNS}
-        cols = ", ".join(("journal",) + OFFSET_COLUMNS)
-        # one row per journal: the lists side by side (unnest zips them), one statement
-        rows = ", ".join(f"unnest(${c}::{kind}[]) AS {c}" for c, kind in _OFFSET_TYPES.items())
-        updates = ", ".join(f"{c} = excluded.{c}" for c in OFFSET_COLUMNS)
-        self.con.execute(f"INSERT INTO journal_offsets ({cols}) SELECT {rows} "
-                         f"ON CONFLICT DO UPDATE SET {updates}", {"journal": names, **columns})
+        old = [j for j in names if j in self.stored]
+        if 0 < len(old) <= _ROW_STATEMENTS:
+            sets = ", ".join(f"{c} = ?" for c in OFFSET_COLUMNS)
+            for j in old:
+                self.con.execute(f"UPDATE journal_offsets SET {sets} WHERE journal = ?",
+                                 [*(getattr(self.offsets[j], c) for c in OFFSET_COLUMNS), j])
+        elif old:
+            sets = ", ".join(f"{c} = b.{c}" for c in OFFSET_COLUMNS)
+            self.con.execute(f"UPDATE journal_offsets SET {sets} FROM ({self._rows_sql()}) b "
+                             "WHERE journal_offsets.journal = b.journal", self._rows(old))
+        new = [j for j in names if j not in self.stored]
+        if new:
+            cols = ", ".join(("journal",) + OFFSET_COLUMNS)
+            self.con.execute(f"INSERT INTO journal_offsets ({cols}) {self._rows_sql()}",
+                             self._rows(new))
+
+    @staticmethod
+    def _rows_sql() -> str:
+        """One row per journal: the lists of ``_rows`` side by side (unnest zips them)."""
+        return "SELECT " + ", ".join(f"unnest(${c}::{kind}[]) AS {c}"
+                                     for c, kind in _OFFSET_TYPES.items())
+
+    def _rows(self, names: list[str]) -> dict[str, list]:
+        return {"journal": names, **{c: [getattr(self.offsets[j], c) for j in names]
+                                     for c in OFFSET_COLUMNS}}
 
 
-def ingest(con: Tx, journal_dir: Path, sign: Signer,
-           now: datetime, known: dict[str, int], check_seal: SealCheck) -> IngestResult:
+# Called (in the ingest's transaction) before the ledger is extended, with its newest
+# checkpoint and the bookkeeping's tips digest: raises AuditError when they disagree
+# (``checkpoints.check_before_extend``).
+Guard = Callable[[Newest, str], None]
+
+
+def _tips(offsets: dict[str, Offset]) -> str:
+    return tips_digest([(j, o.tip_jseq, o.tip_hash) for j, o in offsets.items()])
+
+
+def ingest(con: Tx, journal_dir: Path, sign: Signer, now: datetime, known: dict[str, int],
+           check_seal: SealCheck, guard: Guard) -> IngestResult:
     """Move new complete journal lines into audit_log; runs inside the caller's transaction.
 
     Seal lines are taken out before parsing; the newest valid seal of each journal is kept in
     journal_offsets. Lines that do not parse stop only their own journal (its lines before
-    them are ingested); verification names them.
+    them are ingested); verification names them. A round that finds nothing new reads
+    journal_offsets only: no check, no checkpoint, no HSM call. One that does calls ``guard``
+    first and writes audit_log, usage, journal_offsets and a checkpoint from what it read
+    (no statement that re-reads the ledger).
     """
     offsets = read_offsets(con)
     todo = _pending(journal_dir, offsets, known)
     result = IngestResult()
     if not todo:
         return result
-    run = _Ingest(con, offsets, check_seal)
+    last = newest(con)
+    guard(last, _tips(offsets))
+    run = _Ingest(con, offsets, check_seal, last.max_seq or 0)
     run.run(todo)
     result.records = run.records
     if not run.moved:
@@ -573,6 +639,6 @@ def ingest(con: Tx, journal_dir: Path, sign: Signer,
         known[journal] = offsets[journal].file_offset
     result.journals = len(run.moved)
     if run.records:
-        result.checkpoint = write_checkpoint(con, sign, now)
+        result.checkpoint, result.checkpoint_hash = write_checkpoint(
+            con, sign, now, last, run.records, _tips(offsets))
     return result
-
