@@ -83,8 +83,8 @@ class IngestBatching:
     """When the background ingest runs a round: every ``ingest_interval_ms`` while calls are
     few, but in bigger batches while they stream in.
 
-    A round costs ~0.1 s of CPU whatever it moves (DuckDB's open, and its checkpoint on close),
-    so while the previous round moved at least ``BUSY_RECORDS`` records and the journals keep
+    A round with records costs ~35-70 ms of CPU whatever it moves (the store's attach, its
+    checks and checkpoint, the detach's checkpoint: bench/ingest_round.py), so while the previous round moved at least ``BUSY_RECORDS`` records and the journals keep
     growing, rounds are skipped: for up to ``BUSY_ROUNDS`` intervals, or until ``BUSY_BYTES``
     are pending. Nothing waits for them: the records are in the journals (written before each
     call returned, fsynced in groups, sealed), and every read (``audit``, ``query``, the
