@@ -103,7 +103,7 @@ class CryptoService(Service):
             aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
             key = catalog.get(name)
             plan = self._plans.get(key.key_id)
-            under, allowed = ctx.allowed
+            under, allowed = ctx.allowed  # (catalog.grants: of the snapshot get() just used)
             if (plan is None or plan.key is not key or under is not catalog.grants
                     or (action, key.key_id) not in allowed):
                 return None
@@ -210,8 +210,8 @@ class CryptoService(Service):
         # Anything else, and a ciphertext that does not authenticate, takes the full path
         # below, which checks, decrypts and records it.
         known = self._readable.get(ciphertext[:_PREFIX]) if type(ciphertext) is bytes else None
-        ctx = self.ctx
-        if known is not None and len(ciphertext) >= _SHORTEST and not ctx.closed:
+        caller = self.ctx
+        if known is not None and len(ciphertext) >= _SHORTEST and not caller.closed:
             rt = self._rt
             catalog = rt.catalog
             key, version = known
@@ -219,7 +219,7 @@ class CryptoService(Service):
             try:
                 aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
                 found = catalog.get_id(key.key_id)
-                under, allowed = ctx.allowed
+                under, allowed = caller.allowed
                 if (found is key and under is catalog.grants
                         and ("decrypt", key.key_id) in allowed):
                     number = version.version
@@ -229,11 +229,11 @@ class CryptoService(Service):
             except DecryptFailed:
                 pass
             except BaseException as exc:
-                ctx.record_failure("decrypt", None, aad, found, number, exc)
+                caller.record_failure("decrypt", None, aad, found, number, exc)
                 raise
             if plaintext is not None:
-                rt.journal.append(rt.trusted_us() if ctx.clock is None else ctx.time_us(),
-                                  ctx.principal, "decrypt", key.name, key.key_id, number, "ok",
+                rt.journal.append(rt.trusted_us() if caller.clock is None else caller.time_us(),
+                                  caller.principal, "decrypt", key.name, key.key_id, number, "ok",
                                   None, None, aad.decode() if aad else None)
                 return plaintext
         with self._audited("decrypt", None) as rec:
