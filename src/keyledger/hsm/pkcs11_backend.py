@@ -42,6 +42,8 @@ _CAP = MechanismFlag
 _APPEAR_WAIT_S = 2.0
 _APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
 _AES_GCM = Mechanism.AES_GCM
+_GCM_PARAMS = pkcs11.GCMParams  # (module names: one lookup less per hot-path call)
+_SECRET = ObjectClass.SECRET_KEY
 _STALE = (px.ObjectHandleInvalid, px.KeyHandleInvalid)  # a cached object destroyed elsewhere
 # what a failed AES-GCM authentication (tampered data, wrong AAD) raises in SoftHSM2
 _GCM_REFUSED = (px.GeneralError, px.EncryptedDataInvalid, px.EncryptedDataLenRange,
@@ -387,10 +389,10 @@ class Pkcs11Backend:
     # encrypt_gcm and decrypt_gcm are the hot path: the key object cached in this thread is
     # used directly (no wrapper, no closure); a miss or a stale handle takes ``_run``.
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
-        param = pkcs11.GCMParams(nonce, aad, 128)
+        param = _GCM_PARAMS(nonce, aad, 128)
         with _CALL_LOCK:
             keys = self._local.__dict__.get("keys")  # _cached, inline: the hot path
-            key = None if keys is None else keys.get((handle, ObjectClass.SECRET_KEY))
+            key = None if keys is None else keys.get((handle, _SECRET))
             if key is not None:
                 try:
                     return key.encrypt(plaintext, mechanism=_AES_GCM, mechanism_param=param)
@@ -403,10 +405,10 @@ class Pkcs11Backend:
                                                  mechanism_param=param))
 
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
-        param = pkcs11.GCMParams(nonce, aad, 128)
+        param = _GCM_PARAMS(nonce, aad, 128)
         with _CALL_LOCK:
             keys = self._local.__dict__.get("keys")  # _cached, inline: the hot path
-            key = None if keys is None else keys.get((handle, ObjectClass.SECRET_KEY))
+            key = None if keys is None else keys.get((handle, _SECRET))
             if key is not None:
                 try:
                     return key.decrypt(data, mechanism=_AES_GCM, mechanism_param=param)

@@ -27,13 +27,15 @@ from ..runtime import HomeRuntime
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _ALLOWED_MAX = 4096  # remembered authorisations per ledger (per grants snapshot)
-_VALID_NAMES: set[str] = set()  # names that passed validate_name (a name's validity never
-_VALID_NAMES_MAX = 4096  # changes, so the regex runs once per name, not once per call)
+# names that passed validate_name (a name's validity never changes, so the regex runs once per
+# name, not once per call; services/crypto.py's hot path reads it too)
+VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 4096
 
 
 def _remember_valid(name: str) -> None:
-    if len(_VALID_NAMES) < _VALID_NAMES_MAX:
-        _VALID_NAMES.add(name)
+    if len(VALID_NAMES) < _VALID_NAMES_MAX:
+        VALID_NAMES.add(name)
 
 
 class Audited:
@@ -116,8 +118,9 @@ class Context:
         self.clock: Callable[[], datetime] | None = None
         self.closed = False
         # (grants snapshot, the (action, key_id) pairs it allowed this principal): a grant
-        # change makes a new snapshot (catalog.json reloaded), which starts an empty set
-        self._allowed: tuple[Grants | None, set[tuple[str, str | None]]] = (None, set())
+        # change makes a new snapshot (catalog.json reloaded), which starts an empty set.
+        # Replaced whole, never changed in place but by adding; the crypto hot path reads it.
+        self.allowed: tuple[Grants | None, set[tuple[str, str | None]]] = (None, set())
 
     @property
     def simulation(self) -> bool:
@@ -157,9 +160,19 @@ class Context:
             raise KeyStateError("this KeyLedger is closed; open the home again")
         return Audited(self, action, name if isinstance(name, str) else None, context)
 
+    def record_failure(self, action: str, name: object, context: bytes | None, key: Key | None,
+                       version: int | None, exc: BaseException,
+                       detail: str | None = None) -> None:
+        """The record of a call that failed on the hot path (``CryptoService``'s one function
+        per action, which has no ``Audited``): the same record ``Audited`` writes for a call
+        that reached the same point (``key``, ``version``, ``detail`` set or not)."""
+        rec = Audited(self, action, name if isinstance(name, str) else None, context)
+        rec.key, rec.version, rec.detail = key, version, detail
+        rec._record(exc)
+
     def key(self, rec: Audited, name: object) -> Key:
         """Resolve a key name or alias and authorise ``rec.action`` on it (deny by default)."""
-        if type(name) is not str or name not in _VALID_NAMES:
+        if type(name) is not str or name not in VALID_NAMES:
             validate_name(name)
             if type(name) is str:  # (a str subclass might hash differently: not kept)
                 _remember_valid(name)
@@ -185,10 +198,10 @@ class Context:
                              for (_, p), r in grants.items()):
             return
         key_id = key.key_id if key else None
-        under, allowed = self._allowed
+        under, allowed = self.allowed
         if under is not grants:  # another snapshot of the grants: forget what the old allowed
             allowed = set()
-            self._allowed = (grants, allowed)
+            self.allowed = (grants, allowed)
         elif (action, key_id) in allowed:
             return
         check(grants, self.principal, action, key_id, key.name if key else None)

@@ -20,7 +20,7 @@ from ..model import Family, Key, KeyVersion, Purpose, Use, check_use, validate_v
 from ..rotation import PROTECT_ACTIONS
 from ..store import audit as audit_repo
 from . import envelopes
-from .context import Audited, Context, Service
+from .context import VALID_NAMES, Audited, Context, Service
 from .lifecycle import LifecycleService
 
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
@@ -53,6 +53,8 @@ class _Protect(NamedTuple):
 
 
 _PLANS_MAX = 4096
+_PREFIX = ct.HEADER_LEN - ct.NONCE_LEN  # a header up to the nonce: names the key and version
+_SHORTEST = ct.HEADER_LEN + ct.TAG_LEN  # the shortest ciphertext ct.parse accepts
 
 
 class CryptoService(Service):
@@ -62,17 +64,62 @@ class CryptoService(Service):
         super().__init__(ctx)
         self.lifecycle = lifecycle  # rotates a key at its usage limit (auto_rotate)
         self._plans: dict[str, _Protect] = {}  # key_id -> its encryption plan
-        # (key_id, version) -> (the Key snapshot it was checked on, the version to decrypt with)
-        self._readable: dict[tuple[str, int], tuple[Key, KeyVersion]] = {}
+        # a ciphertext header up to the nonce (key id and version) -> (the Key snapshot it was
+        # checked on, the version to decrypt with)
+        self._readable: dict[bytes, tuple[Key, KeyVersion]] = {}
+        self._seed = self._recorded_encryptions  # (bound once: every encryption passes it)
 
     def encrypt(self, name: str, plaintext: bytes, *,
                 context: Mapping[str, str] | None = None) -> bytes:
         """AES-GCM in the HSM; returns a self-describing ciphertext (see docs/ciphertext.md)."""
+        done = self._encrypt_now("encrypt", name, plaintext, context)
+        if done is not None:
+            return done[0]
         with self._audited("encrypt", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             data = plaintext if type(plaintext) is bytes else self._bytes(plaintext, "plaintext")
             key = self._key(rec, name)
             return self._encrypt_with(rec, key, data, ctx)
+
+    def _encrypt_now(self, action: str, name: object, data: object,
+                     context: Mapping[str, str] | None) -> tuple[bytes, _Protect] | None:
+        """The hot path of ``encrypt`` and ``generate_data_key``, in one function: resolve the
+        key, check that this ledger may use it (an authorisation remembered for this grants
+        snapshot, an encryption plan for this snapshot of the key), spend one use, encrypt in
+        the HSM and append the record, as the ``Audited`` path does, without its object and
+        per-step calls. -> (ciphertext, plan), or None when the call needs the full path (a
+        ledger closed, non-bytes data, a name not checked yet, the first call on a key or on a
+        new snapshot of it or of the grants, the version's uses spent): nothing happened then,
+        and the full path does and records the call. A failure on the way is recorded here,
+        with what the full path would have known at that point (``Context.record_failure``)."""
+        ctx = self.ctx
+        if (type(data) is not bytes or type(name) is not str or name not in VALID_NAMES
+                or ctx.closed):
+            return None
+        rt = self._rt
+        catalog = rt.catalog
+        aad = key = number = None
+        try:
+            aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
+            key = catalog.get(name)
+            plan = self._plans.get(key.key_id)
+            under, allowed = ctx.allowed  # (catalog.grants: of the snapshot get() just used)
+            if (plan is None or plan.key is not key or under is not catalog.grants
+                    or (action, key.key_id) not in allowed):
+                return None
+            number = plan.version.version
+            if not rt.usage.take(key.key_id, number, plan.limit, self._seed):
+                return None  # no use was spent: the full path rotates (auto_rotate) or refuses
+            nonce = os.urandom(ct.NONCE_LEN)
+            header = plan.prefix + nonce
+            body = rt.backend.encrypt_gcm(plan.version.handle, nonce, header + aad, data)
+        except BaseException as exc:
+            ctx.record_failure(action, name, aad, key, number, exc)
+            raise
+        rt.journal.append(rt.trusted_us() if ctx.clock is None else ctx.time_us(), ctx.principal,
+                          action, key.name, key.key_id, number, "ok", None, None,
+                          aad.decode() if aad else None)
+        return header + body, plan
 
     def _encrypt_with(self, rec: Audited, key: Key, data: bytes, ctx: bytes) -> bytes:
         plan = self._plans.get(key.key_id)
@@ -82,7 +129,7 @@ class CryptoService(Service):
         rec.version = version.version
         nonce = os.urandom(ct.NONCE_LEN)
         if self._rt.usage.take(key.key_id, version.version, plan.limit,
-                               self._recorded_encryptions):  # spent one use (usage_limit)
+                               self._seed):  # spent one use (usage_limit)
             header = plan.prefix + nonce
         else:
             key, version = self._at_usage_limit(rec, key)
@@ -158,6 +205,37 @@ class CryptoService(Service):
 
     def decrypt(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt any keyledger ciphertext; the key and version come from its header."""
+        # The hot path, in this function (as _encrypt_now for encryption): a key version this
+        # ledger has decrypted with, on the same snapshot of the key and of the grants.
+        # Anything else, and a ciphertext that does not authenticate, takes the full path
+        # below, which checks, decrypts and records it.
+        known = self._readable.get(ciphertext[:_PREFIX]) if type(ciphertext) is bytes else None
+        caller = self.ctx
+        if known is not None and len(ciphertext) >= _SHORTEST and not caller.closed:
+            rt = self._rt
+            catalog = rt.catalog
+            key, version = known
+            aad = found = number = plaintext = None
+            try:
+                aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
+                found = catalog.get_id(key.key_id)
+                under, allowed = caller.allowed
+                if (found is key and under is catalog.grants
+                        and ("decrypt", key.key_id) in allowed):
+                    number = version.version
+                    plaintext = rt.backend.decrypt_gcm(
+                        version.handle, ciphertext[_PREFIX:ct.HEADER_LEN],
+                        ciphertext[:ct.HEADER_LEN] + aad, ciphertext[ct.HEADER_LEN:])
+            except DecryptFailed:
+                pass
+            except BaseException as exc:
+                caller.record_failure("decrypt", None, aad, found, number, exc)
+                raise
+            if plaintext is not None:
+                rt.journal.append(rt.trusted_us() if caller.clock is None else caller.time_us(),
+                                  caller.principal, "decrypt", key.name, key.key_id, number, "ok",
+                                  None, None, aad.decode() if aad else None)
+                return plaintext
         with self._audited("decrypt", None) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             return self._decrypt(rec, ciphertext, ctx)
@@ -174,12 +252,12 @@ class CryptoService(Service):
             raise InvalidCiphertext("the ciphertext cannot be decrypted with any key here")
         rec.key = key
         self._authorize(rec, rec.action, key)
-        known = self._readable.get((header.key_id, header.version))
+        known = self._readable.get(header_bytes[:_PREFIX])
         if known is not None and known[0] is key:  # checked on this snapshot of the key
             version = known[1]
             rec.version = header.version
         else:
-            version = self._readable_version(rec, key, header.version)
+            version = self._readable_version(rec, key, header.version, header_bytes[:_PREFIX])
         try:
             return self._rt.backend.decrypt_gcm(version.handle, header.nonce,
                                                 header_bytes + ctx, body)
@@ -189,7 +267,8 @@ class CryptoService(Service):
                 "the ciphertext cannot be decrypted: it was altered or the context differs"
             ) from None
 
-    def _readable_version(self, rec: Audited, key: Key, number: int) -> KeyVersion:
+    def _readable_version(self, rec: Audited, key: Key, number: int,
+                          prefix: bytes) -> KeyVersion:
         """The version a ciphertext names, after the purpose, state and version checks;
         remembered for as long as the catalog hands out this ``Key`` object."""
         if key.purpose not in (Purpose.ENCRYPT, Purpose.WRAP):  # a forged header
@@ -203,7 +282,7 @@ class CryptoService(Service):
         version = key.version_for_decrypt(number)
         if len(self._readable) >= _PLANS_MAX:
             self._readable.clear()
-        self._readable[(key.key_id, number)] = (key, version)
+        self._readable[prefix] = (key, version)
         return version
 
     def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
@@ -220,6 +299,11 @@ class CryptoService(Service):
     def generate_data_key(self, name: str, *,
                           context: Mapping[str, str] | None = None) -> DataKey:
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
+        plaintext = os.urandom(32)  # what AESGCM.generate_key(256) returns
+        done = self._encrypt_now("generate_data_key", name, plaintext, context)
+        if done is not None:
+            plan = done[1]
+            return DataKey(plaintext, done[0], plan.key.name, plan.version.version)
         with self._audited("generate_data_key", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             key = self._key(rec, name)

@@ -199,7 +199,7 @@ class JournalWriter:
         self._head = self.journal + SEP  # record_hash's text starts with these ...
         self._tail = f"{SEP}{self.pid}{SEP}"  # ... and ends with these, then prev
         self._prev = genesis(self.journal)
-        self._middles: dict[tuple, tuple[str, str]] = {}  # see append
+        self._middles: dict[tuple, tuple[str, str, str, str]] = {}  # see append
         self._strict = strict
         self._dirty = False
         self._closed = False
@@ -219,14 +219,16 @@ class JournalWriter:
         # text: record_hash's content without journal, jseq, pid and prev (kept in step with it);
         # body: the hand-built JSON array, LINE_FIELDS order without jseq and hash. The fields
         # from principal to outcome repeat from call to call: their text is built once.
+        # A call that worked on a key has no error, detail or context: its fields after the
+        # time are the remembered text whole (mid[2], mid[3]).
         fixed = (principal, action, key, key_id, version, outcome)
         mid = self._middles.get(fixed)
         if mid is None:
             mid = self._middle(fixed)
         t = str(time_us)  # (once: an int's decimal text is not cached)
         if error is None and detail is None and context is None:
-            text = f"{SEP}{t}{mid[0]}{SEP}{SEP}{SEP}"
-            body = f',{t}{mid[1]}null,null,null,"'
+            text = SEP + t + mid[2]
+            body = "," + t + mid[3]
         else:
             text = f"{SEP}{t}{mid[0]}{SEP}{error or ''}{SEP}{detail or ''}{SEP}{context or ''}"
             body = (f',{t}{mid[1]}{"null" if error is None else _q(error)},'
@@ -267,14 +269,16 @@ class JournalWriter:
                                key_id and e(key_id), version, e(outcome), error and e(error),
                                detail and e(detail), context and e(context))
 
-    def _middle(self, fixed: tuple) -> tuple[str, str]:
-        """The record text and JSON of the fields principal .. outcome, remembered."""
+    def _middle(self, fixed: tuple) -> tuple[str, str, str, str]:
+        """The record text and JSON of the fields principal .. outcome, remembered; then the
+        same followed by empty error, detail and context (text) and nulls (JSON)."""
         principal, action, key, key_id, version, outcome = fixed
-        mid = (f"{SEP}{principal}{SEP}{action}{SEP}{key or ''}{SEP}{key_id or ''}"
-               f"{SEP}{'' if version is None else version}{SEP}{outcome}",
-               f',{_q(principal)},{_q(action)},{"null" if key is None else _q(key)},'
-               f'{"null" if key_id is None else _q(key_id)},'
-               f'{"null" if version is None else version},{_q(outcome)},')
+        text = (f"{SEP}{principal}{SEP}{action}{SEP}{key or ''}{SEP}{key_id or ''}"
+                f"{SEP}{'' if version is None else version}{SEP}{outcome}")
+        body = (f',{_q(principal)},{_q(action)},{"null" if key is None else _q(key)},'
+                f'{"null" if key_id is None else _q(key_id)},'
+                f'{"null" if version is None else version},{_q(outcome)},')
+        mid = (text, body, f"{text}{SEP}{SEP}{SEP}", f'{body}null,null,null,"')
         if len(self._middles) >= _MIDDLES_MAX:
             self._middles.clear()
         self._middles[fixed] = mid
