@@ -217,6 +217,7 @@ class SnapshotExporter:
         self._docs: dict[str, dict] = {}
         self._texts: list[str] = []
         self._pos: dict[str, int] = {}
+        self._names: set[str] = set()  # every key's name and alias
         self._sums = (0, 0, 0)  # the exported keys' hashes xor-ed (keys, versions, aliases)
         self._scopes: dict[str, _Scope] = {}  # grants by scope
         self._scopes_sum = 0  # their hashes xor-ed
@@ -232,6 +233,24 @@ class SnapshotExporter:
         reads it again. Call inside the transaction; a key that did not change costs one
         read, a key changed without saying so costs a comparison of every key's hashes."""
         self._expected.add(key_id)
+
+    def current(self) -> bool:
+        """Whether the last export is still the whole committed catalog: this process has held
+        the store without a break since (``lock``) and committed no catalog write meanwhile, so
+        no other process can have written either. Ask inside a transaction (a writer's checks)."""
+        return (self._lock is not None and self._since is not None
+                and self._lock.since() == self._since)
+
+    def name_taken(self, name: str) -> bool | None:
+        """Whether a key or an alias has this name, as the last export knows when it is
+        ``current`` (no query); None when only the store can say."""
+        return (name in self._names) if self.current() else None
+
+    def status(self, key_id: str) -> tuple[KeyState, int] | None:
+        """A key's state and latest version, as the last export knows when it is ``current``;
+        None when only the store can say."""
+        doc = self._docs.get(key_id) if self.current() else None
+        return None if doc is None else (KeyState(doc["state"]), doc["latest_version"])
 
     def wrote(self, tx: Connection, key_id: str, key: tuple | Mapping[str, object], *,
               versions: Iterable[tuple] = (), states: Mapping[int, str] | None = None,
@@ -345,6 +364,7 @@ class SnapshotExporter:
         self._docs = {kid: e.doc for kid, e in keys.items()}
         self._texts = [e.text for e in keys.values()]
         self._pos = {kid: i for i, kid in enumerate(keys)}
+        self._names = {n for e in keys.values() for n in (e.doc["name"], *e.doc["aliases"])}
 
     def _put(self, key_id: str, exported: _Exported) -> None:
         """Take one key's new export (a new key goes last, as its row does)."""
@@ -354,6 +374,7 @@ class SnapshotExporter:
         if i is None:
             self._pos[key_id] = len(self._texts)
             self._texts.append(exported.text)
+            self._names.update((exported.doc["name"], *exported.doc["aliases"]))
         else:
             self._texts[i] = exported.text
 
