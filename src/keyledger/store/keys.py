@@ -36,18 +36,19 @@ def insert_key(tx: Tx, *, key_id: str, name: str, spec: str, purpose: str, state
     """A new key at version 1 (its version row comes from ``insert_version``); returns its row
     (``KEY_COLUMNS``) as the values bound, which DuckDB stores unchanged (no ``RETURNING``:
     ~0.5 ms per insert; ``tests/test_catalog_export.py`` compares them with a fresh read)."""
-    row = (key_id, name, spec, purpose, state, None, owner, now, now, rotation_period_s,
-           exportable, 1, 1, 1, None, tags, json.dumps(policy, sort_keys=True))
+    bound = [key_id, name, spec, purpose, state, owner, now, now, rotation_period_s,
+             exportable, tags, json.dumps(policy, sort_keys=True)]
     tx.execute(f"INSERT INTO keys ({KEY_COLUMNS}) VALUES "
-               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(row))
-    return row
+               "(?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, 1, 1, 1, NULL, ?, ?)", bound)
+    return (*bound[:5], None, *bound[5:10], 1, 1, 1, None, *bound[10:])
 
 
 def insert_version(tx: Tx, key_id: str, version: int, handle: bytes, now: datetime) -> tuple:
     """A new active version; returns its row (``VERSION_COLUMNS``), as ``insert_key`` does."""
-    row = (key_id, version, handle.hex(), "active", now, None)
-    tx.execute(f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", list(row))
-    return row
+    bound = [key_id, version, handle.hex(), now]
+    tx.execute(f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, 'active', ?, NULL)",
+               bound)
+    return (*bound[:3], "active", now, None)
 
 
 def add_transition(tx: Tx, *, now: datetime, key_id: str, version: int | None, action: str,
