@@ -10,12 +10,14 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
 import keyledger as kl
 from keyledger.store import catalog as cat
+from keyledger.store import db
 from keyledger.store.catalog import SNAPSHOT_NAME
 
 # another process's view: its own runtime and catalog cache, asked after each call returned
@@ -364,3 +366,82 @@ def test_a_state_change_during_a_held_rotation_rolls_it_back(ledger, home, monke
     key = ledger.get_key("a")
     assert key.state is kl.KeyState.SUSPENDED and key.latest_version == 1
     assert ledger.reconcile().problems == []
+
+
+def test_held_creates_and_rotations_read_nothing_the_last_export_knows(ledger, home, clock,
+                                                                       monkeypatch):
+    """Issue 18 §5, flat in the number of keys: while the store is held and nothing else can
+    have changed, a create's name check and a rotation's state check come from the last
+    export (no SELECT), and the process's catalog takes the changed key without a pass over
+    every key (no rebuilt view)."""
+    main = threading.get_ident()
+    statements: list[str] = []
+    recording = [False]
+    execute = db.Tx.execute
+
+    def counting(self, sql, params=None):
+        if recording[0] and threading.get_ident() == main:  # not the background ingest
+            statements.append(" ".join(sql.split()))
+        return execute(self, sql, params)
+
+    rebuilt: list[int] = []
+    whole_view = cat._view
+
+    def counting_view(*args):
+        rebuilt.append(1)
+        return whole_view(*args)
+
+    ledger.create_key("old", spec="AES_256")
+    with ledger.keep_store_open():
+        ledger.create_key("first", spec="AES_256")  # the hold's first export checks the tables
+        monkeypatch.setattr(db.Tx, "execute", counting)
+        monkeypatch.setattr(cat, "_view", counting_view)
+        for step in (lambda: ledger.create_key("a", spec="AES_256"),
+                     lambda: ledger.rotate("a"), lambda: ledger.rotate("old"),
+                     lambda: ledger.create_key("b", spec="EC_P256")):
+            clock.advance(minutes=1)
+            recording[0] = True
+            step()
+            recording[0] = False
+            assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger)
+        recording[0] = True
+        with pytest.raises(kl.KeyExists):
+            ledger.create_key("old", spec="AES_256")  # refused from the export's names
+        monkeypatch.undo()
+    assert [s for s in statements if s.startswith("SELECT")] == []
+    assert rebuilt == []
+    assert ledger.get_key("a").latest_version == 2 and ledger.get_key("old").latest_version == 2
+    assert ledger.get_key("b").spec.name == "EC_P256"
+
+
+_TAKES_NAMES = """
+import sys
+import keyledger as kl
+with kl.open(sys.argv[1], principal="alice") as led:
+    led.create_key("theirs", spec="AES_256")
+    led.set_alias("a", "a-alias")
+    led.rotate("a")
+"""
+
+
+def test_held_checks_see_what_another_process_and_other_calls_changed(ledger, home):
+    with ledger.keep_store_open():
+        ledger.create_key("a", spec="AES_256")
+        ledger.create_key("b", spec="AES_256")
+    child = _spawn(_TAKES_NAMES, str(home))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    with ledger.keep_store_open():
+        ledger.create_key("c", spec="AES_256")  # the first export of this hold reads theirs
+        for taken in ("theirs", "a-alias", "a"):
+            with pytest.raises(kl.KeyExists):
+                ledger.create_key(taken, spec="AES_256")
+        assert ledger.rotate("a").latest_version == 3  # on top of the other process's v2
+        ledger.set_alias("c", "c-alias")  # another kind of change, in this process
+        with pytest.raises(kl.KeyExists):
+            ledger.create_key("c-alias", spec="AES_256")
+        ledger.disable("b")
+        with pytest.raises(kl.KeyStateError):
+            ledger.rotate("b")
+        assert (home / SNAPSHOT_NAME).read_text() == _committed_encoding(ledger)
+    assert ledger.get_key("b").latest_version == 1

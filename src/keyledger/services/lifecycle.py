@@ -75,7 +75,7 @@ class LifecycleService(Service):
             # intents are not in catalog.json: no snapshot export for the first transaction
             with self._held_for(kspec), HsmChange(self._rt, "create", self.principal) as change:
                 with self._rt.db.write(export=False) as tx:
-                    if keys_repo.name_taken(tx, name):
+                    if self._name_taken(tx, name):
                         raise KeyExists(f"a key or alias named {name!r} already exists")
                     change.write(tx, key_id=key_id, name=name, version=1, handles=[handle],
                                  now=now)
@@ -160,7 +160,7 @@ class LifecycleService(Service):
             handle = uuid.uuid4().bytes
             with HsmChange(self._rt, "rotate", self.principal) as change:
                 with self._rt.db.write(export=False) as tx:
-                    key = rec.key = self._current(tx, key)
+                    key = rec.key = self._current(tx, key, known=True)
                     if expect_version is not None and key.latest_version != expect_version:
                         raise KeyStateError(f"{key.name!r} was already rotated to "
                                             f"v{key.latest_version} by another process")
@@ -327,13 +327,21 @@ class LifecycleService(Service):
             raise KeyNotFound(f"key {key_id} vanished from catalog.json; reopen the home")
         return key
 
-    def _current(self, tx: Tx, key: Key) -> Key:
+    def _current(self, tx: Tx, key: Key, *, known: bool = False) -> Key:
         """``key`` with its state and latest version as committed (read in ``tx``): what a
-        rotation checks and builds on. Name, spec and exportability never change."""
-        state, latest = cat.key_status(tx, key.key_id)
+        rotation checks and builds on. Name, spec and exportability never change. ``known``:
+        from this process's last export when nothing can have changed since (no query)."""
+        status = self._rt.exporter.status(key.key_id) if known else None
+        state, latest = cat.key_status(tx, key.key_id) if status is None else status
         if state is key.state and latest == key.latest_version:
             return key
         return dataclasses.replace(key, state=state, latest_version=latest)
+
+    def _name_taken(self, tx: Tx, name: str) -> bool:
+        """Whether a key or an alias has ``name``: from this process's last export when nothing
+        can have changed since (a held store's creates: no query), else read in ``tx``."""
+        taken = self._rt.exporter.name_taken(name)
+        return keys_repo.name_taken(tx, name) if taken is None else taken
 
     def _alias_owner(self, rec: Audited, alias: str) -> Key:
         """The key ``alias`` names, authorised for ``rec.action``; a key's own name is no

@@ -8,6 +8,7 @@ most every ``refresh_ms``). That bounds how long another process may act on a st
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import operator
@@ -162,8 +163,10 @@ class _Scope(NamedTuple):
 
 Stamp = tuple[int, int, int]  # see file_stamp
 # what the exporter hands this process's cache after each export: key documents by key_id,
-# grants, the home policy and the stamp of the file just written
-Installer = Callable[[dict[str, dict], Grants, dict, Stamp | None], None]
+# grants, the home policy, the stamp of the file just written, the keys whose documents
+# changed (None: not known) and the stamp of the export before (``CatalogCache.install``)
+Installer = Callable[[dict[str, dict], Grants, dict, Stamp | None, set[str] | None,
+                      Stamp | None], None]
 _UNKNOWN = (object(),) * 5  # the tables' hashes after an export that did not compute them
 
 
@@ -209,19 +212,45 @@ class SnapshotExporter:
         self._wrote: list[_Wrote] = []
         self._expected: set[str] = set()
         self._keys: dict[str, _Exported] = {}  # key_id -> as last exported, in row order
+        # the same keys' documents and JSON texts, kept along (a change of one key costs no
+        # pass over every key): documents by key_id, texts in row order, each key's index
+        self._docs: dict[str, dict] = {}
+        self._texts: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._names: set[str] = set()  # every key's name and alias
         self._sums = (0, 0, 0)  # the exported keys' hashes xor-ed (keys, versions, aliases)
         self._scopes: dict[str, _Scope] = {}  # grants by scope
         self._scopes_sum = 0  # their hashes xor-ed
         self._grants: tuple[Grants, str] = ({}, "[]")  # indexed, and as JSON
+        self._order: tuple[list[str], list[str]] = ([], [])  # scopes sorted, and their texts
         self._policy: tuple[dict, str] = ({}, "{}")  # the home policy, and as JSON
         self._totals: tuple = (None,) * 5  # _TOTALS as of the last export
         self._written: tuple[str, Stamp | None] | None = None  # (text, its file's stamp)
+        self._installed: Stamp | None = None  # the stamp last handed to ``install``
 
     def expect(self, key_id: str) -> None:
         """The transaction being written changes this key (or its grants): the next export
         reads it again. Call inside the transaction; a key that did not change costs one
         read, a key changed without saying so costs a comparison of every key's hashes."""
         self._expected.add(key_id)
+
+    def current(self) -> bool:
+        """Whether the last export is still the whole committed catalog: this process has held
+        the store without a break since (``lock``) and committed no catalog write meanwhile, so
+        no other process can have written either. Ask inside a transaction (a writer's checks)."""
+        return (self._lock is not None and self._since is not None
+                and self._lock.since() == self._since)
+
+    def name_taken(self, name: str) -> bool | None:
+        """Whether a key or an alias has this name, as the last export knows when it is
+        ``current`` (no query); None when only the store can say."""
+        return (name in self._names) if self.current() else None
+
+    def status(self, key_id: str) -> tuple[KeyState, int] | None:
+        """A key's state and latest version, as the last export knows when it is ``current``;
+        None when only the store can say."""
+        doc = self._docs.get(key_id) if self.current() else None
+        return None if doc is None else (KeyState(doc["state"]), doc["latest_version"])
 
     def wrote(self, tx: Connection, key_id: str, key: tuple | Mapping[str, object], *,
               versions: Iterable[tuple] = (), states: Mapping[int, str] | None = None,
@@ -246,9 +275,10 @@ class SnapshotExporter:
                     isinstance(w.key, tuple) or w.key_id in self._keys) for w in wrote)):
             self._patch(wrote)  # nothing but these rows changed since the last export
             self._totals = _UNKNOWN
+            changed: set[str] | None = {w.key_id for w in wrote}
             text = self._text()
         else:
-            text = self._export(con, expected | {w.key_id for w in wrote})
+            text, changed = self._export(con, expected | {w.key_id for w in wrote}), None
         stamp = file_stamp(self.path)
         ours = self._written is not None and self._written[1] == stamp
         if ours and self._written is not None and self._written[0] == text:
@@ -261,8 +291,9 @@ class SnapshotExporter:
             stamp = file_stamp(self.path)
         self._written = (text, stamp)
         if self._install is not None:
-            self._install({kid: e.doc for kid, e in self._keys.items()}, self._grants[0],
-                          self._policy[0], stamp)
+            self._install(dict(self._docs), self._grants[0], self._policy[0], stamp, changed,
+                          self._installed)
+            self._installed = stamp
         self._since = now
 
     def _export(self, con: Connection, expected: set[str]) -> str:
@@ -282,7 +313,7 @@ class SnapshotExporter:
         return self._text()
 
     def _text(self) -> str:
-        return (f'{{"keys":[{",".join([e.text for e in self._keys.values()])}],'
+        return (f'{{"keys":[{",".join(self._texts)}],'
                 f'"grants":{self._grants[1]},"home_policy":{self._policy[1]}}}')
 
     def _patch(self, wrote: list[_Wrote]) -> None:
@@ -303,7 +334,7 @@ class SnapshotExporter:
                 versions[v] = [v, versions[v][1], state, *versions[v][3:]]
             versions.update((row[1], _version_doc(row[1:])) for row in w.versions)
             doc["versions"] = [versions[v] for v in sorted(versions)]
-            self._keys[w.key_id] = _Exported(None, doc, json.dumps(doc, separators=_SEPARATORS))
+            self._put(w.key_id, _Exported(None, doc, json.dumps(doc, separators=_SEPARATORS)))
             if w.grants:
                 rows = sorted(w.grants)
                 scopes[w.key_id] = _Scope(None, rows, ",".join(
@@ -330,6 +361,22 @@ class SnapshotExporter:
                 if kid not in keys or keys[kid].prints != prints.get(kid)])
             keys = {kid: keys[kid] for kid in prints}  # in row order
         self._keys, self._sums = keys, sums
+        self._docs = {kid: e.doc for kid, e in keys.items()}
+        self._texts = [e.text for e in keys.values()]
+        self._pos = {kid: i for i, kid in enumerate(keys)}
+        self._names = {n for e in keys.values() for n in (e.doc["name"], *e.doc["aliases"])}
+
+    def _put(self, key_id: str, exported: _Exported) -> None:
+        """Take one key's new export (a new key goes last, as its row does)."""
+        self._keys[key_id] = exported
+        self._docs[key_id] = exported.doc
+        i = self._pos.get(key_id)
+        if i is None:
+            self._pos[key_id] = len(self._texts)
+            self._texts.append(exported.text)
+            self._names.update((exported.doc["name"], *exported.doc["aliases"]))
+        else:
+            self._texts[i] = exported.text
 
     @staticmethod
     def _reread(con: Connection, keys: dict[str, _Exported], sums: tuple[int, int, int],
@@ -374,9 +421,22 @@ class SnapshotExporter:
                 grants.pop((scope, principal), None)
             if scope in scopes:
                 grants.update(index_grants(scopes[scope].rows))
-        self._scopes, self._scopes_sum = scopes, sums
-        self._grants = (grants, "[" + ",".join(
-            g.text for _, g in sorted(scopes.items())) + "]")
+        order, texts = self._order
+        if len(changed) > 8:  # a whole re-read: sort again
+            order = sorted(scopes)
+            texts = [scopes[scope].text for scope in order]
+        for scope in () if len(changed) > 8 else changed:  # a few: in place, still sorted
+            i = bisect.bisect_left(order, scope)
+            there = i < len(order) and order[i] == scope
+            if scope in scopes and there:
+                texts[i] = scopes[scope].text
+            elif scope in scopes:
+                order.insert(i, scope)
+                texts.insert(i, scopes[scope].text)
+            elif there:
+                del order[i], texts[i]
+        self._scopes, self._scopes_sum, self._order = scopes, sums, (order, texts)
+        self._grants = (grants, "[" + ",".join(texts) + "]")
 
     @staticmethod
     def _read_scopes(con: Connection, scopes: dict[str, _Scope],
@@ -510,6 +570,25 @@ def _view(docs: dict[str, dict], built: dict[str, Key], grants: Grants,
     return _View(docs, ids, built, grants, home_policy, {})
 
 
+def _view_after(old: _View, docs: dict[str, dict], changed: set[str], grants: Grants,
+                home_policy: dict) -> _View | None:
+    """``old`` with the documents of the ``changed`` keys replaced by those in ``docs`` (the
+    others are ``old``'s): its name index and built keys updated, not rebuilt. None when a
+    changed key vanished or its names moved (then the caller builds the view whole)."""
+    ids, built = dict(old.ids), dict(old.built)
+    for kid in changed:
+        new, before = docs.get(kid), old.docs.get(kid)
+        if new is None or (before is not None and (
+                before["name"], before["aliases"]) != (new["name"], new["aliases"])):
+            return None
+        built.pop(kid, None)
+        if before is None:  # a new key: names win over aliases, as in _view
+            ids[new["name"]] = kid
+            for alias in new["aliases"]:
+                ids.setdefault(alias, kid)
+    return _View(docs, ids, built, grants, home_policy, {})
+
+
 class CatalogCache:
     """This process's view of the catalog; refreshed from catalog.json when it changes."""
 
@@ -542,16 +621,24 @@ class CatalogCache:
             self._stamp = stamp
 
     def install(self, docs: dict[str, dict], grants: Grants, home_policy: dict,
-                stamp: tuple[int, int, int] | None) -> None:
+                stamp: Stamp | None, changed: set[str] | None = None,
+                base: Stamp | None = None) -> None:
         """Take the catalog this process just exported (``SnapshotExporter``), as if it had
         been read back from catalog.json with ``stamp``, without reading it: a change then
         costs this process no reload. Keys whose documents did not change keep their built
-        ``Key`` (when the home policy, which their rotation periods depend on, is the same)."""
+        ``Key`` (when the home policy, which their rotation periods depend on, is the same).
+        ``changed``: the only keys whose documents differ from the export stamped ``base``;
+        when that is the view held, only those keys are indexed again (no pass over every key)."""
         with self._lock:
-            old = self._view
-            built = {kid: key for kid, key in old.built.items()
-                     if docs.get(kid) is old.docs[kid]} if home_policy == old.home_policy else {}
-            self._view = _view(docs, built, grants, home_policy)
+            old, view = self._view, None
+            same_policy = home_policy == old.home_policy
+            if changed is not None and base is not None and base == self._stamp and same_policy:
+                view = _view_after(old, docs, changed, grants, home_policy)
+            if view is None:
+                built = {kid: key for kid, key in old.built.items()
+                         if docs.get(kid) is old.docs[kid]} if same_policy else {}
+                view = _view(docs, built, grants, home_policy)
+            self._view = view
             self._stamp, self._checked = stamp, time.monotonic()
 
     @property
