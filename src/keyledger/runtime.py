@@ -84,9 +84,10 @@ class IngestBatching:
     few, but in bigger batches while they stream in.
 
     A round with records costs ~35-70 ms of CPU whatever it moves (the store's attach, its
-    checks and checkpoint, the detach's checkpoint: bench/ingest_round.py), so while the previous round moved at least ``BUSY_RECORDS`` records and the journals keep
-    growing, rounds are skipped: for up to ``BUSY_ROUNDS`` intervals, or until ``BUSY_BYTES``
-    are pending. Nothing waits for them: the records are in the journals (written before each
+    checks and checkpoint, the detach's checkpoint: bench/ingest_round.py), so while the
+    previous round moved at least ``BUSY_RECORDS`` records and the journals keep growing,
+    rounds are skipped: for up to ``BUSY_ROUNDS`` intervals, or until ``BUSY_BYTES`` are
+    pending. Nothing waits for them: the records are in the journals (written before each
     call returned, fsynced in groups, sealed), and every read (``audit``, ``query``, the
     dashboard's reload, ``verify_audit``, ``flush_audit``) ingests what is pending first. When
     the journals stop growing the next interval ingests at once."""

@@ -173,7 +173,7 @@ _UNKNOWN = (object(),) * 5  # the tables' hashes after an export that did not co
 class _Wrote(NamedTuple):
     """What one transaction wrote to the catalog rows of one key (``wrote``)."""
 
-    con: object  # the transaction's connection: rows of a transaction rolled back never count
+    tx: object  # the transaction (its ``Tx``): rows of a transaction rolled back never count
     key_id: str
     key: tuple | Mapping[str, object]  # a new row (KEY_COLUMNS), or the columns it set
     versions: tuple[tuple, ...]  # version rows it inserted (VERSION_COLUMNS)
@@ -261,7 +261,7 @@ class SnapshotExporter:
         state was set; with ``grants`` (a new key's) every grant of the key's scope. Call inside
         the transaction, after the writes; a transaction that calls this must name every
         catalog row it changes so (a key it only ``expect``-s turns the tables' check back on)."""
-        self._wrote.append(_Wrote(getattr(tx, "con", tx), key_id, key, tuple(versions),
+        self._wrote.append(_Wrote(tx, key_id, key, tuple(versions),
                                   dict(states or {}),
                                   None if grants is None else tuple(grants)))
 
@@ -271,7 +271,7 @@ class SnapshotExporter:
         since, self._since = self._since, None  # set again once this export is complete
         now = None if self._lock is None else self._lock.since()
         if (wrote and not expected and since is not None and now == (since[0], since[1] + 1)
-                and all(w.con is getattr(con, "con", con) and (
+                and all(w.tx is con and (
                     isinstance(w.key, tuple) or w.key_id in self._keys) for w in wrote)):
             self._patch(wrote)  # nothing but these rows changed since the last export
             self._totals = _UNKNOWN

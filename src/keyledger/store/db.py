@@ -40,7 +40,7 @@ def _is_lock_error(exc: Exception) -> bool:
 
 class Database:
     def __init__(self, path: Path, busy_timeout: float = 15.0,
-                 on_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
+                 on_commit: Callable[[Tx], None] | None = None) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self._on_commit = on_commit
@@ -174,7 +174,11 @@ class Database:
         meanwhile. ``sandboxed``: on an instance of its own with file access off; a held
         store (``hold``) is closed for the transaction and opened again after it."""
         with _process_lock, self._set_aside_keeper(sandboxed):
-            con = self._connect(timeout, sandboxed=sandboxed)
+            # a held store's transactions run on its keeper (a sandboxed one set it aside):
+            # no cursor, USE and close per transaction; _process_lock keeps them one at a time
+            keeper = self._keeper
+            con = keeper if keeper is not None else self._connect(timeout, sandboxed=sandboxed)
+            settled = False  # the connection is outside any transaction again
             try:
                 con.execute("BEGIN TRANSACTION")
                 tx = Tx(con)
@@ -182,22 +186,35 @@ class Database:
                     yield tx
                 except BaseException:
                     con.execute("ROLLBACK")
+                    settled = True
                     raise
+                con.execute("COMMIT" if keep else "ROLLBACK")
+                settled = True
                 if not keep:
-                    con.execute("ROLLBACK")
                     return
-                con.execute("COMMIT")
                 # Still holding the file lock, so no other writer can interleave with these.
                 if write and export:
                     self._lock.commits += 1
                     if self._on_commit is not None:
-                        self._on_commit(con)
+                        self._on_commit(tx)
                 for hook in tx.after_commit:
                     hook()
             except duckdb.Error as exc:
                 raise StoreError(f"the store {self.path} failed: {_short(exc)}") from None
             finally:
-                self._close(con, sandboxed=sandboxed)
+                if keeper is None:
+                    self._close(con, sandboxed=sandboxed)
+                elif not settled:  # BEGIN, COMMIT or ROLLBACK failed: start a clean keeper
+                    self._replace_keeper()
+
+    def _replace_keeper(self) -> None:
+        """Close a keeper whose transaction state is unknown and open a fresh one for the rest
+        of the hold (called with ``_process_lock`` held)."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            with contextlib.suppress(duckdb.Error):
+                self._close(keeper)
+        self._keeper = self._connect()
 
     @contextlib.contextmanager
     def _set_aside_keeper(self, active: bool) -> Iterator[None]:
