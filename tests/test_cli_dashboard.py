@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_support import run_cli
 
 import keyledger as kl
 from keyledger.dashboard.serve import serve_command
@@ -32,8 +33,14 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*KEYLEDGER, *args], capture_output=True, text=True, timeout=60, **kw)
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`keyledger *args` in this process (tests/cli_support.py): the refusals below end before
+    a server would start, so no process is needed (and none pays ~3.5 s of CPU importing Panel
+    for its option check). Panel's option parser is imported first: importing it adds the
+    logging handlers of Panel and requests, which run_cli would take for the command's."""
+    import panel.command.serve  # noqa: F401
+
+    return run_cli(list(args), text=True)
 
 
 @pytest.fixture
