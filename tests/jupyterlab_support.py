@@ -9,11 +9,14 @@
 - ``open_notebooks`` / ``start_run_all`` / ``finish_run_all`` / ``wait_for_charts``: drive
   notebooks through the Lab app object (``--LabApp.expose_app_in_browser``) with the Run menu's
   "Run All Cells" command; several run at once (each has its own kernel), one Lab page.
-- ``seed_small_demo(home)``: a small demo estate (20 keys, 2 months) in a subprocess.
+- ``seed_small_demo(home)``: a small demo estate (20 keys, 2 months) in a subprocess;
+  ``copy_small_demo(dest, cache)``: a copy of the one such estate a test run seeds (every module
+  that needs it shares the seeding, ~40 s of CPU).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -26,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 from urllib.parse import urlsplit
 
 from browser_support import free_port
@@ -39,6 +42,14 @@ LOCAL_SCHEMES = {"data", "blob", "about", "chrome-extension", "devtools"}
 # and the debugger, whose state restore logs an error when a kernel is shut down mid-request.
 DISABLED_PLUGINS = {"@jupyterlab/apputils-extension:announcements": True,
                     "@jupyterlab/debugger-extension": True}
+# Server extensions the venv enables that a Lab page never calls: terminals (switched off
+# anyway) and Notebook 7's pages. (Lab's Panel extension asks the server for
+# /panel-preview/layout/<notebook>, and every page for /lsp/status: those stay.)
+UNUSED_SERVER_EXTENSIONS = ("jupyter_server_terminals", "notebook")
+# Lab's autosave (every 120 s) may save a notebook while the test's own save of it is under
+# way; the second save then finds the file changed on disk and Lab asks what to do in a dialog
+# that blocks the page. The tests save each notebook themselves when it has run.
+USER_SETTINGS = {"@jupyterlab/docmanager-extension/plugin": {"autosave": False}}
 
 
 @dataclass
@@ -52,6 +63,7 @@ class LabServer:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     proc: subprocess.Popen | None = None
     log: IO[str] | None = field(default=None, repr=False)
+    unused_extensions: ClassVar[tuple[str, ...]] = UNUSED_SERVER_EXTENSIONS
 
     @property
     def base(self) -> str:
@@ -69,7 +81,9 @@ class LabServer:
                 "--LabApp.expose_app_in_browser=True",
                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
                 "--LabApp.news_url=", "--LabApp.extension_manager=readonly",
-                "--ServerApp.terminals_enabled=False"]
+                "--ServerApp.terminals_enabled=False",
+                *(f"--ServerApp.jpserver_extensions={name}=False"
+                  for name in self.unused_extensions)]
 
     def environment(self) -> dict[str, str]:
         folders = {name: self.state / name for name in ("config", "data", "runtime")}
@@ -79,6 +93,10 @@ class LabServer:
         labconfig.mkdir(exist_ok=True)
         (labconfig / "page_config.json").write_text(
             json.dumps({"disabledExtensions": DISABLED_PLUGINS}))
+        for plugin, settings in USER_SETTINGS.items():
+            path = folders["config"] / "lab" / "user-settings" / f"{plugin}.jupyterlab-settings"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(settings))
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
         env.pop("SOFTHSM2_CONF", None)  # each home provisions its own
         return {**env, "JUPYTER_CONFIG_DIR": str(folders["config"]),
@@ -337,6 +355,49 @@ def seed_small_demo(home: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             start_new_session=True)
+
+
+def copy_small_demo(dest: Path, cache: Path, log: Path) -> None:
+    """``dest`` (and ``dest``-backups): a copy of the small demo estate kept in ``cache``, which
+    the first caller of the test run seeds (``seed_small_demo``) while later ones wait on a lock
+    (xdist workers included). The copy's SoftHSM2 config names its own token folder, as a
+    restored home's does."""
+    from keyledger.hsm.softhsm import softhsm_conf_text
+
+    dest.mkdir(parents=True)  # not empty from now on: a tour's fresh_home() will not take it
+    (dest / SEEDING).touch()
+    cache.mkdir(parents=True, exist_ok=True)
+    home = cache / "demo-home"
+    with (cache / "seeding.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _seeded(home):
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(f"{home}-backups", ignore_errors=True)
+            proc = seed_small_demo(home, log)
+            if proc.wait(timeout=600) != 0:
+                raise RuntimeError(f"seeding the demo estate failed:\n{log.read_text()[-3000:]}")
+        shutil.copytree(home, dest, symlinks=True, dirs_exist_ok=True)
+        shutil.copytree(f"{home}-backups", f"{dest}-backups", symlinks=True)
+    (dest / "softhsm2.conf").write_text(softhsm_conf_text(dest / "tokens"))
+    (dest / SEEDING).unlink()
+    demo = dest / "demo.json"  # it names the backups by path
+    demo.write_text(demo.read_text().replace(str(home), str(dest)))
+
+
+SEEDING = "seeding-in-progress"
+
+
+def _seeded(home: Path) -> bool:
+    try:
+        return json.loads((home / "demo.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def run_cache(base: Path) -> Path:
+    """A folder every module of this test run shares: pytest's base temp folder (above the
+    xdist workers' own)."""
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 # -- the key grid at laptop size ------------------------------------------------------------------

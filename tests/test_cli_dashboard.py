@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_support import run_cli
 
 import keyledger as kl
 from keyledger.dashboard.serve import serve_command
@@ -27,14 +28,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*KEYLEDGER, *args], capture_output=True, text=True, timeout=60, **kw)
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`keyledger *args` in this process (tests/cli_support.py): the refusals below end before
+    a server would start, so no process is needed (and none pays ~3.5 s of CPU importing Panel
+    for its option check). Panel's option parser is imported first: importing it adds the
+    logging handlers of Panel and requests, which run_cli would take for the command's."""
+    import panel.command.serve  # noqa: F401
+
+    return run_cli(list(args), text=True)
 
 
 @pytest.fixture
-def small_home(home: Path, clock) -> Path:
-    with kl.open(home, principal="alice", clock=clock) as led:
-        led.create_key("orders", spec="AES_256", owner="payments")
+def small_home(ledger: kl.KeyLedger, home: Path) -> Path:
+    """A simulation home (a copy of the worker's template: no provisioning per test) with one
+    key, closed again: the dashboard's own processes open it."""
+    ledger.create_key("orders", spec="AES_256", owner="payments")
+    ledger.close()
     (home / "demo.json").write_text(json.dumps(
         {"principals": [{"name": "alice", "roles": ["admin on *"]}]}))
     return home
@@ -56,15 +70,14 @@ def test_dashboard_serves_the_app_and_prints_the_url(small_home: Path):
                 break
         text = "".join(lines)
         assert "signed in as alice (admin on *)" in text and "no login, local only" in text
-        deadline, body = time.monotonic() + 60, ""
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    assert resp.status == 200
-                    body = resp.read().decode()
-                    break
-            except OSError:
-                time.sleep(0.3)
+        # until the port accepts, then one request: each request builds a session of the app
+        # (seconds of CPU on a loaded machine), so a short timeout retried would build several
+        deadline = time.monotonic() + 60
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            assert resp.status == 200
+            body = resp.read().decode()
         assert "<title>keyledger" in body  # (a simulation home adds its label)
         assert "https://" not in body.split("<body")[0]  # nothing from a CDN in the head
     finally:

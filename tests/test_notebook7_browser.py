@@ -42,6 +42,11 @@ EXPECTED = {BLANK: 0, ROTATION: 5, INTERACTIVE: 2}
 class NotebookServer(LabServer):
     """``jupyter notebook`` (Notebook 7) with the harness's isolated folders and token."""
 
+    # Notebook 7's pages never call Panel's preview handlers, whose extension imports Panel
+    # into the server (a server start ~4 -> ~1.8 s of CPU); Panel in a notebook is drawn from
+    # the kernel, inline
+    unused_extensions = ("jupyter_server_terminals", "panel.io.jupyter_server_extension")
+
     def command(self) -> list[str]:
         lab = super().command()
         assert lab[1:3] == ["-m", "jupyterlab"]

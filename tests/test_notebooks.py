@@ -53,15 +53,15 @@ WIDE = ("import pandas as pd; pd.set_option('display.width', 250); "
         "pd.set_option('display.max_columns', 50); pd.set_option('display.max_colwidth', 60)")
 
 
-def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
+def execute(name: str, workdir: Path, cache: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nb.cells.insert(0, nbformat.v4.new_code_cell(WIDE, id="test-wide"))
     nb.cells.append(nbformat.v4.new_code_cell(PROBE, id="test-probe"))
     home = workdir / "home"
-    if name == MORNING:  # the morning opens a demo estate: the smallest one
-        from keyledger.demo_fleet import seed_demo
+    if name == MORNING:  # the morning opens a demo estate: the smallest one, seeded once a run
+        from jupyterlab_support import copy_small_demo
 
-        seed_demo(home, keys=20, months=2, seed=11, progress=False, echo=None)
+        copy_small_demo(home, cache, workdir / "seed.log")
     env = {**os.environ, "KEYLEDGER_HOME": str(home), "TMPDIR": str(workdir),
            "PYTHONWARNINGS": "default"}
     env.pop("SOFTHSM2_CONF", None)  # the home provisions its own
@@ -80,9 +80,13 @@ def executed(tmp_path_factory: pytest.TempPathFactory):
     done: dict[str, nbformat.NotebookNode] = {}
 
     def start_all() -> None:
+        from jupyterlab_support import run_cache
+
+        cache = run_cache(tmp_path_factory.getbasetemp()) / "small-demo"
         for name in NAMES:
             workdir = tmp_path_factory.mktemp(name)
-            proc = subprocess.Popen([sys.executable, __file__, name, str(workdir)], cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, __file__, name, str(workdir), str(cache)],
+                                    cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             runs[name] = (proc, workdir)
 
@@ -368,6 +372,6 @@ def test_morning_rotates_the_most_overdue_key_through_the_widgets(executed) -> N
     assert re.search(rf"rotate\s+{re.escape(m.group(1))}\s+{m.group(2)}\s+ok", after), after
 
 
-if __name__ == "__main__":  # one notebook, in its own process: python tests/test_notebooks.py NAME DIR
+if __name__ == "__main__":  # one notebook in its own process: test_notebooks.py NAME DIR CACHE
     _name, _workdir = sys.argv[1], Path(sys.argv[2])
-    nbformat.write(execute(_name, _workdir), _workdir / "executed.ipynb")
+    nbformat.write(execute(_name, _workdir, Path(sys.argv[3])), _workdir / "executed.ipynb")
