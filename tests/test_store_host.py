@@ -108,3 +108,31 @@ def test_snapshots_share_a_sandbox_that_keeps_refusing_files_and_lets_go_of_the_
     with db.hold(), db.snapshot() as tx:  # a held store is set aside for the sandbox
         assert tx.execute("SELECT count(*) FROM t").one() == (3,)
     assert len(host._sandboxes) <= host.SANDBOXES_KEPT
+
+
+def test_a_held_stores_transactions_share_its_keeper_and_a_failed_one_leaves_it_working(tmp_path):
+    """Inside ``hold()`` every transaction runs on the keeper connection (design decision 10):
+    one that fails is rolled back and the next sees only what was committed; one whose own
+    COMMIT fails (here: the caller's SQL already ended the transaction) gets the keeper
+    replaced, and the hold goes on."""
+    db = Database(tmp_path / "s.duckdb")
+    with db.write() as tx:
+        tx.execute("CREATE TABLE t (v INTEGER)")
+    with db.hold():
+        with db.write() as tx:
+            keeper = tx.con
+            tx.execute("INSERT INTO t (v) VALUES (1)")
+        with pytest.raises(StoreError), db.write() as tx:
+            assert tx.con is keeper
+            tx.execute("INSERT INTO t (v) VALUES (2)")
+            tx.execute("SELECT nope FROM t")
+        with db.read() as tx:
+            assert tx.con is keeper
+            assert tx.execute("SELECT v FROM t").fetchall() == [(1,)]
+        with pytest.raises(StoreError), db.write() as tx:
+            tx.execute("COMMIT")  # the transaction's own COMMIT then fails
+        with db.write() as tx:
+            assert tx.con is not keeper  # a fresh keeper
+            tx.execute("INSERT INTO t (v) VALUES (3)")
+    with db.read() as tx:
+        assert tx.execute("SELECT v FROM t ORDER BY v").fetchall() == [(1,), (3,)]
