@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -204,6 +205,21 @@ def test_non_loopback_without_tls_refuses_to_start(tmp_path):
     assert not (tmp_path / "home").exists()  # refused before the home was opened
 
 
+def _wait_until_read(server_port: int, client_port: int, timeout: float = 30.0) -> None:
+    """Wait until the server's socket of the connection from ``client_port`` has no unread
+    bytes (its receive queue in /proc/net/tcp: the server's loop has read the request)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, remote, _, queues = line.split()[1:5]
+            if (int(local.rsplit(":", 1)[1], 16) == server_port
+                    and int(remote.rsplit(":", 1)[1], 16) == client_port
+                    and int(queues.split(":")[1], 16) == 0):
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError("the server did not read the request's headers in time")
+
+
 def test_sigterm_finishes_an_in_flight_request_flushes_the_audit_and_exits_0(
         tmp_path, simulation_template):
     home, keys = new_home(tmp_path, simulation_template)
@@ -215,6 +231,10 @@ def test_sigterm_finishes_an_in_flight_request_flushes_the_audit_and_exits_0(
     conn.putheader("Content-Length", "2")
     conn.endheaders()
     conn.send(b"{")
+    # the request is in flight once the server has read its headers (uvicorn starts the
+    # request's cycle then; a connection it has not read from yet is idle, closed at shutdown):
+    # wait until nothing is left unread on the server's side of the connection
+    _wait_until_read(int(host.rsplit(":", 1)[1]), conn.sock.getsockname()[1])
     server.proc.send_signal(signal.SIGTERM)
     threading.Event().wait(0.5)  # let the server begin its shutdown
     conn.send(b"}")
