@@ -191,18 +191,18 @@ def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
 # ones go first (ordered by their measured wall time in a full run, longest first) and the many
 # short ones fill the gaps at the end; a long module left to the end would be the run's tail.
 SLOW_FIRST = (  # by wall time per module, measured over a whole run (docs/operations.md)
-    "test_dashboard_browser.py", "test_demo_fleet.py", "test_crash.py", "test_cli.py",
-    "test_multiprocess.py", "test_analytics.py", "test_notebook7_browser.py",
-    "test_jupyterlab_browser.py", "test_connect.py", "test_compliance.py", "test_hsm_open.py",
-    "test_parquet.py", "test_rotation.py", "test_usage_limit.py", "test_byok.py",
-    "test_backup.py", "test_notebooks.py", "test_batch.py", "test_cli_dashboard.py",
-    "test_access.py", "test_serve.py", "test_lifecycle.py", "test_access_keys.py",
-    "test_widgets.py", "test_output_paths.py", "test_notebook_frames.py",
-    "test_rotation_two_years.py", "test_trusted_time.py", "test_concurrent_rotation.py",
-    "test_dashboard_state.py", "test_kms_clients.py", "test_journal_seals.py",
-    "test_widget_actions.py", "test_kms_api.py", "test_due_multiprocess.py",
-    "test_notebook_setup.py", "test_quorum.py", "test_inputs.py", "test_widget_grid.py",
-    "test_audit.py",
+    "test_dashboard_browser.py", "test_demo_fleet.py", "test_compliance.py",
+    "test_jupyterlab_browser.py", "test_multiprocess.py", "test_rotation.py",
+    "test_notebook7_browser.py", "test_connect.py", "test_cli.py", "test_crash.py",
+    "test_serve.py", "test_notebooks.py", "test_access.py", "test_dashboard_state.py",
+    "test_hot_path.py", "test_concurrent_rotation.py", "test_notebook_setup.py", "test_backup.py",
+    "test_rotation_two_years.py", "test_kms_api.py", "test_byok.py", "test_inputs.py",
+    "test_widgets.py", "test_startup.py", "test_lifecycle.py", "test_hostile.py",
+    "test_notebook_frames.py", "test_audit.py", "test_usage_limit.py", "test_journal_seals.py",
+    "test_cli_dashboard.py", "test_output_paths.py", "test_analytics.py", "test_batch.py",
+    "test_catalog_export.py", "test_charts.py", "test_kms_clients.py", "test_trusted_time.py",
+    "test_envelope.py", "test_parquet.py", "test_hsm_open.py", "test_crypto.py",
+    "test_store_lock.py", "test_ciphertext.py", "test_memory_backend.py",
 )
 
 
