@@ -88,6 +88,22 @@ class BareWorker:
         self.close()
 
 
+def token_session(home: Path) -> Any:
+    """A python-pkcs11 session of its own on the home's token, logged in as its user (the
+    bare baseline's: no keyledger code between it and SoftHSM2)."""
+    import pkcs11
+
+    from keyledger.config import load_settings
+
+    settings = load_settings(home)
+    assert settings is not None, f"{home} is not a keyledger home"
+    cfg = settings.hsm
+    if cfg.softhsm2_conf is not None:
+        os.environ["SOFTHSM2_CONF"] = str(cfg.softhsm2_conf)
+    token = pkcs11.lib(cfg.module).get_token(token_label=cfg.token_label)
+    return token.open(rw=True, user_pin=cfg.read_pin())
+
+
 def _serve(home: str, key_id: str, aes_handle: str, ec_handle: str) -> None:
     import uuid
 
@@ -95,15 +111,8 @@ def _serve(home: str, key_id: str, aes_handle: str, ec_handle: str) -> None:
     from pkcs11 import Mechanism, ObjectClass
 
     from keyledger import ciphertext as ct
-    from keyledger.config import load_settings
 
-    settings = load_settings(Path(home))
-    assert settings is not None, f"{home} is not a keyledger home"
-    cfg = settings.hsm
-    if cfg.softhsm2_conf is not None:
-        os.environ["SOFTHSM2_CONF"] = str(cfg.softhsm2_conf)
-    token = pkcs11.lib(cfg.module).get_token(token_label=cfg.token_label)
-    session = token.open(rw=True, user_pin=cfg.read_pin())
+    session = token_session(Path(home))
     aes = session.get_key(object_class=ObjectClass.SECRET_KEY, id=bytes.fromhex(aes_handle))
     ec = (session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=bytes.fromhex(ec_handle))
           if ec_handle else None)

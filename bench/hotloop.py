@@ -26,6 +26,9 @@ from pathlib import Path
 
 import keyledger as kl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare import token_session  # noqa: E402
+
 KEY = "bench-aes"
 PLAINTEXT = bytes(range(32))
 WARM_UP = 200
@@ -36,17 +39,10 @@ def _bare(home: Path) -> Callable[[], bytes]:
     from pkcs11 import Mechanism, ObjectClass
 
     from keyledger import ciphertext as ct
-    from keyledger.config import load_settings
 
     with kl.open(home, principal="alice") as led:
         key = led.get_key(KEY)
-    settings = load_settings(home)
-    assert settings is not None, f"{home} is not a keyledger home"
-    cfg = settings.hsm
-    if cfg.softhsm2_conf is not None:
-        os.environ["SOFTHSM2_CONF"] = str(cfg.softhsm2_conf)
-    token = pkcs11.lib(cfg.module).get_token(token_label=cfg.token_label)
-    session = token.open(rw=True, user_pin=cfg.read_pin())
+    session = token_session(home)
     aes = session.get_key(object_class=ObjectClass.SECRET_KEY, id=key.versions[1].handle)
     gcm, params, urandom = Mechanism.AES_GCM, pkcs11.GCMParams, os.urandom
     prefix = ct.pack_header(uuid.UUID(key.key_id).bytes, 1, bytes(ct.NONCE_LEN))[:-ct.NONCE_LEN]
