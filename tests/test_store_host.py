@@ -129,8 +129,10 @@ def test_a_held_stores_transactions_share_its_keeper_and_a_failed_one_leaves_it_
         with db.read() as tx:
             assert tx.con is keeper
             assert tx.execute("SELECT v FROM t").fetchall() == [(1,)]
+        held = db._lock.since()
         with pytest.raises(StoreError), db.write() as tx:
             tx.execute("COMMIT")  # the transaction's own COMMIT then fails
+        assert db._lock.since()[0] == held[0]  # the store lock was never let go
         with db.write() as tx:
             assert tx.con is not keeper  # a fresh keeper
             tx.execute("INSERT INTO t (v) VALUES (3)")

@@ -208,13 +208,13 @@ class Database:
                     self._replace_keeper()
 
     def _replace_keeper(self) -> None:
-        """Close a keeper whose transaction state is unknown and open a fresh one for the rest
-        of the hold (called with ``_process_lock`` held)."""
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
+        """Swap a keeper whose transaction state is unknown for a fresh one (called with
+        ``_process_lock`` held). The new one is opened first, so the store lock and the attach
+        are never let go: the hold goes on unbroken and no other process gets in between."""
+        old, self._keeper = self._keeper, self._connect()
+        if old is not None:
             with contextlib.suppress(duckdb.Error):
-                self._close(keeper)
-        self._keeper = self._connect()
+                self._close(old)
 
     @contextlib.contextmanager
     def _set_aside_keeper(self, active: bool) -> Iterator[None]:
