@@ -324,10 +324,27 @@ def test_a_path_with_a_lone_surrogate_is_refused_clearly(tmp_path):
         with pytest.raises(InvalidInput, match="valid text"):
             outputs.check_source(str(tmp_path / name))
     before = sorted(p.name for p in tmp_path.iterdir())
-    for home in (tmp_path / "home\ud800", tmp_path / "home\0"):
+    for home in (tmp_path / "home\ud800", tmp_path / "home\0", tmp_path / "home\udcff"):
         with pytest.raises(InvalidInput):  # was a bare UnicodeEncodeError / ValueError
             kl.open(home, principal="alice")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made
+
+
+def test_a_file_name_of_bytes_that_are_not_utf8_is_refused_before_anything_is_written(
+        tmp_path, ledger, monkeypatch):
+    """b'\\xff' is a file name the OS takes (Python sees '\\udcff'), but DuckDB and the audit
+    record cannot hold it: a backup to such a name was written, then failed with DuckDB's
+    "Python Conversion Failure", leaving the file behind (found by test_hostile's CLI test)."""
+    name = os.fsdecode(b"backup-\xff.klbak")
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        outputs.check_target(tmp_path / name, [], overwrite=False)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        ledger.backup(tmp_path / name, passphrase="correct horse battery staple 42")
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        ledger.export_audit(tmp_path / os.fsdecode(b"audit-\xff.csv"))
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    assert ledger.audit(action="backup")["outcome"].tolist() == ["failed"]
 
 
 def test_a_path_too_long_for_the_file_system_is_refused_clearly(tmp_path, ledger):

@@ -97,7 +97,8 @@ def check_source(path: object, what: str = "file") -> Path:
 def refuse_unusable(path: Path) -> None:
     """Refuse what the OS cannot take as a path: os.* would raise a bare ValueError (a NUL
     byte), UnicodeEncodeError (a lone surrogate such as '\\ud800') or OSError (a name or a
-    path too long for the file system)."""
+    path too long for the file system); and a name of bytes that are not UTF-8, which the OS
+    takes but the store and the audit record cannot."""
     if "\0" in str(path):
         raise InvalidInput(f"a path cannot contain a NUL byte: {str(path)!r}")
     try:
@@ -105,6 +106,13 @@ def refuse_unusable(path: Path) -> None:
     except UnicodeEncodeError:
         raise InvalidInput(f"a path must be valid text: {str(path)!r} cannot be encoded as a "
                            "file name") from None
+    try:  # bytes that are not UTF-8 come in as '\udcXX' escapes: the OS takes them back,
+        str(path).encode("utf-8")  # but DuckDB and the audit record (UTF-8 both) cannot
+    except UnicodeEncodeError:
+        raise InvalidInput(f"a path must be valid text: {str(path)!r} holds bytes that are not "
+                           f"UTF-8 ({encoded!r}); keyledger records the paths it reads and "
+                           "writes in its audit ledger, so rename the file or choose a UTF-8 "
+                           "name") from None
     longest = max((len(part) for part in encoded.split(b"/")), default=0)
     if longest > NAME_MAX or len(encoded) > PATH_MAX:  # os.* would raise ENAMETOOLONG
         raise InvalidInput(f"a path too long for the file system: {_abbreviate(str(path))} "
