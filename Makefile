@@ -62,6 +62,9 @@ lint: setup
 # folder is the run's own (mktemp) and is removed afterwards, whatever the outcome. A tmpfs with
 # less than TEST_TMPFS_MIN_KB free (containers often mount a 64 MB /dev/shm) is not used.
 TEST_WORKERS ?= 3
+# one module per worker at a time, in collection order (tests/conftest.py puts the long modules
+# first); without --no-loadscope-reorder, pytest-xdist 3.x hands modules out by test count instead
+TEST_DIST ?= --dist loadfile --no-loadscope-reorder
 TEST_TMPFS ?= /dev/shm
 TEST_TMPFS_MIN_KB ?= 4194304
 test: setup
@@ -72,8 +75,8 @@ test: setup
 	if [ -d "$(TEST_TMPFS)" ] && [ -w "$(TEST_TMPFS)" ] && [ "$${free:-0}" -ge $(TEST_TMPFS_MIN_KB) ]; then \
 		tmp=$$(mktemp -d "$(TEST_TMPFS)/keyledger-test.XXXXXX"); base="--basetemp=$$tmp/pytest"; \
 	else tmp=""; base=""; fi; \
-	echo "PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $$base"; \
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $$base; rc=$$?; \
+	echo "PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) $(TEST_DIST) $$base"; \
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) $(TEST_DIST) $$base; rc=$$?; \
 	if [ -n "$$tmp" ]; then rm -rf "$$tmp"; fi; exit $$rc
 
 # Seeds the demo estate once (reused after), then serves the dashboard until Ctrl-C.

@@ -187,7 +187,9 @@ def verify_after_kill(led: kl.KeyLedger, *killed_pids: int) -> kl.VerifyReport:
 
 
 # -- scheduling: `make test` runs the suite on several workers, one test module per worker at a
-# time (pytest-xdist --dist loadfile). Modules are handed out in collection order, so the long
+# time (pytest-xdist --dist loadfile). Modules are handed out in collection order (the Makefile
+# passes --no-loadscope-reorder: pytest-xdist 3.x would otherwise sort them by their number of
+# tests, which put test_dashboard_browser, the longest, at the end), so the long
 # ones go first (ordered by their measured wall time in a full run, longest first) and the many
 # short ones fill the gaps at the end; a long module left to the end would be the run's tail.
 SLOW_FIRST = (  # by wall time per module, measured over a whole run (docs/operations.md)
