@@ -81,8 +81,11 @@ def cli(tmp_path: Path, zygote: Zygote) -> Cli:
 
 # -- usage -----------------------------------------------------------------------------------------
 def test_bad_usage_exits_2_from_the_console_script(cli):
-    for args in (["key", "frobnicate", "x"], ["encrypt", "k", "--context", "no-equals-sign"]):
-        proc = cli(*args, fresh=True)
+    # the first in a new interpreter (the entry point as a shell starts it), the second in a
+    # process forked from the zygote (the same script as __main__, the same exit path)
+    for args, fresh in ((["key", "frobnicate", "x"], True),
+                        (["encrypt", "k", "--context", "no-equals-sign"], False)):
+        proc = cli(*args, subprocess=True, fresh=fresh)
         assert proc.returncode == 2, (args, proc.stderr)
         assert b"usage:" in proc.stderr and b"Traceback" not in proc.stderr
     assert not cli.home.exists()
