@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import verify_after_kill
+from conftest import HomeTemplate, copy_home, verify_after_kill
 from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
@@ -68,7 +68,7 @@ ROLES = {
 }
 
 
-def _init_home(home: Path, *keys: str) -> None:
+def _provision(home: Path, *keys: str) -> None:
     """A home whose first principal ("setup") creates ``keys`` and grants ROLES."""
     with kl.open(home, principal="setup") as led:
         for name in keys:
@@ -76,6 +76,22 @@ def _init_home(home: Path, *keys: str) -> None:
         for who, roles in ROLES.items():
             for role in roles:
                 led.grant("*", who, role)
+
+
+@pytest.fixture(scope="module")
+def init_home(tmp_path_factory):
+    """``init_home(home, *keys)``: a copy at ``home`` of the home ``_provision(home, *keys)``
+    makes, provisioned once per set of keys in this module (conftest.copy_home: each test's home
+    is an independent copy with its own token files)."""
+    made: dict[tuple[str, ...], Path] = {}
+
+    def init_home(home: Path, *keys: str) -> None:
+        if keys not in made:
+            made[keys] = tmp_path_factory.mktemp("provisioned") / "home"
+            _provision(made[keys], *keys)
+        copy_home(HomeTemplate(made[keys], None), home)
+
+    return init_home
 
 
 # -- invariant 6: SIGKILL loses no record of a call that returned -------------------------------
@@ -96,9 +112,9 @@ while True:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ingest_ms", [1000, 5], ids=["default-ingest", "ingest-every-5ms"])
-def test_sigkill_loses_no_record_of_a_returned_call(tmp_path, zygote, ingest_ms):
+def test_sigkill_loses_no_record_of_a_returned_call(tmp_path, init_home, zygote, ingest_ms):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     # with a 5 ms ingest the kill often lands inside a store transaction or checkpoint
     _settings(home, "audit", ingest_interval_ms=ingest_ms)
     proc = _spawn(zygote, _WORKER, str(home))
@@ -138,9 +154,10 @@ led.flush_audit()
 
 
 @pytest.mark.slow
-def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_path, zygote):
+def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_path, init_home,
+                                                                          zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "audit", ingest_interval_ms=600_000)
     proc = _spawn(zygote, _CRASH_BEFORE_HEAD, str(home))
     out, err = proc.communicate(timeout=60)
@@ -229,10 +246,10 @@ print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "verifie
 
 
 @pytest.fixture(scope="module")
-def shared_run(tmp_path_factory, zygote):
+def shared_run(tmp_path_factory, init_home, zygote):
     """Two crypto/lifecycle workers and a dashboard on one home for CONCURRENCY_SECONDS."""
     home = tmp_path_factory.mktemp("shared") / "home"
-    _init_home(home)
+    init_home(home)
     seconds = str(CONCURRENCY_SECONDS)
     procs = {}
     try:
@@ -297,14 +314,14 @@ def test_concurrent_verifications_all_pass(shared_run):
     assert results["dashboard"]["verify_failures"] == []
 
 
-def test_verify_during_another_process_checkpoint_is_not_tampering(tmp_path, zygote,
+def test_verify_during_another_process_checkpoint_is_not_tampering(tmp_path, init_home, zygote,
                                                                   monkeypatch):
     """Deterministic form of the race: another process ingests and checkpoints just before this
     process's verification transaction starts. verify_audit() holds the store from its ingest to
     its verification, except when a live writer still owes a seal: it then waits with the store
     released, and the race remains possible there (forced here)."""
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "audit", ingest_interval_ms=600_000)
     other = f"""
 import keyledger as kl
@@ -335,12 +352,12 @@ with kl.open({str(home)!r}, principal="other") as led:
     assert report.ok, str(report)
 
 
-def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, zygote,
-                                                                        monkeypatch):
+def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, init_home,
+                                                                        zygote, monkeypatch):
     import keyledger.intents as intents
 
     home = tmp_path / "home"
-    _init_home(home)
+    init_home(home)
     opener = f"import keyledger as kl; kl.open({str(home)!r}, principal='bob').close()"
     real_fault = intents.fault
 
@@ -391,9 +408,9 @@ led.close()
 
 
 @pytest.mark.slow
-def test_disable_in_one_process_stops_encrypt_in_another(tmp_path, zygote):
+def test_disable_in_one_process_stops_encrypt_in_another(tmp_path, init_home, zygote):
     home = tmp_path / "home"
-    _init_home(home, "shared")
+    init_home(home, "shared")
     proc = _spawn(zygote, _PEER, str(home), stdin=True)
     try:
         _readline(proc, "ready")
@@ -442,9 +459,10 @@ def _store_held_elsewhere(zygote: Zygote, home: Path) -> Iterator[subprocess.Pop
 
 @pytest.mark.slow
 def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working(tmp_path,
+                                                                                 init_home,
                                                                                  zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="alice") as led:
         blob = led.encrypt("k", b"before")
@@ -472,12 +490,12 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
     assert report.ok, str(report)
 
 
-def test_background_ingest_waits_briefly_for_a_held_store(tmp_path, zygote):
+def test_background_ingest_waits_briefly_for_a_held_store(tmp_path, init_home, zygote):
     """A background ingest round waits 0.2 s for a held store, then skips the round: waiting
     out the busy timeout would hold this process's store lock, so its own reads and admin calls
     would wait for the ingest's timeout before starting their own."""
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="alice") as led:
         led._rt.stop_background_ingest()  # this test makes the attempts itself
@@ -534,9 +552,9 @@ def _ask(proc: subprocess.Popen, command: str) -> str:
 
 
 @pytest.mark.slow
-def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path, zygote):
+def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path, init_home, zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     peer = _spawn(zygote, _STORE_PEER, str(home), stdin=True)
     try:
@@ -587,9 +605,10 @@ with led.keep_store_open():
 
 @pytest.mark.slow
 def test_sigkill_inside_keep_store_open_keeps_committed_work_and_frees_the_store(tmp_path,
+                                                                                  init_home,
                                                                                   zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     proc = _spawn(zygote, _BULK, str(home), stdin=True)
     try:
         _readline(proc, "created")
@@ -614,12 +633,12 @@ def test_keep_store_open_on_a_closed_ledger_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path, zygote):
+def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path, init_home, zygote):
     # fcntl(2) drops a process's lock on a file when it closes any descriptor of it: the
     # backup's own descriptors of the database must outlive the held store, or a second
     # process could open the file while this one still writes it
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="admin") as led, led.keep_store_open():
         led.backup(tmp_path / "b.klbk", passphrase="correct horse battery")
@@ -658,6 +677,7 @@ LONG_QUERY = ("SELECT count(*) AS n FROM range(1000000000) a, range(1000000) b "
 
 
 def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds(tmp_path,
+                                                                                 init_home,
                                                                                  zygote,
                                                                                  monkeypatch):
     """A query holds the store file (DuckDB: one process at a time); a writer in another
@@ -668,7 +688,7 @@ def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds
     import keyledger.store.queries as queries
 
     home = tmp_path / "home"
-    _init_home(home)
+    init_home(home)
     _settings(home, "store", query_timeout_s=3)
     started = threading.Event()
     real_interrupt_after = queries._interrupt_after
@@ -726,12 +746,13 @@ def _alive_file_is_locked(home: Path) -> bool:
     return False
 
 
-def test_a_thread_opening_while_another_closes_keeps_the_process_alive_for_others(tmp_path):
+def test_a_thread_opening_while_another_closes_keeps_the_process_alive_for_others(tmp_path,
+                                                                                  init_home):
     """The last close of a home and an open in another thread used to overlap: the new runtime
     locked the old run/<pid>.lock just before the closing one unlinked it, so other processes
     took this live process for dead and rolled back its in-flight rotations."""
     home = tmp_path / "home"
-    _init_home(home)
+    init_home(home)
     first = kl.open(home, principal="alice")
     runtime = first._rt
     opened: list[kl.KeyLedger] = []
