@@ -7,8 +7,9 @@ interpreter, started once per test module, that imports keyledger and then only 
 child is a real, separate process (its own pid, PKCS#11 login, journal, DuckDB instance and
 file locks; it can be SIGKILLed) running its code as ``__main__``, with the stdin, stdout and
 stderr pipes, environment, working directory and arguments it was given, and it exits as that
-interpreter would (atexit handlers, non-daemon threads joined, exit status, traceback and status
-1 for an uncaught exception). What it does not have is a fresh interpreter's own imports: the
+interpreter would (exit status, traceback and status 1 for an uncaught exception, non-daemon
+threads joined, atexit handlers run, stdio flushed), except that it skips the teardown of every
+module and object that follows. What it does not have is a fresh interpreter's own imports: the
 zygote has imported keyledger (and keyledger.cli) but never opened a home, started a thread or
 loaded the PKCS#11 module, so there is nothing live to inherit; the start-up itself is tested by
 tests/test_startup.py with real interpreters.
