@@ -5,7 +5,9 @@ before it does anything, so most CLI tests call ``keyledger.cli.main(argv)`` in 
 process instead, with stdin, stdout, stderr, the environment and the working directory
 swapped in for the call as a process would have them. ``run_cli(..., subprocess=True)`` runs
 the installed console script for what only a process shows: the exit status ``sys.exit``
-gives, real pipes, the entry point itself, signals, ``demo``.
+gives, real pipes, the entry point itself, signals, ``demo``; with ``zygote=`` (a
+tests/proc_support.py fork server) that process is forked from an interpreter that has
+imported keyledger instead of starting one (the console script still runs as ``__main__``).
 
 A home is embedded in one process at a time (one runtime per home, one SoftHSM2
 configuration per process): an in-process call refuses to run while this process has a home
@@ -25,6 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from proc_support import Zygote
+
 from keyledger.cli import main
 from keyledger.hsm import pkcs11_backend
 from keyledger.runtime import HomeRuntime
@@ -37,13 +41,17 @@ Output = sp.CompletedProcess
 
 def run_cli(args: Sequence[str], *, input: bytes | str | None = None,
             env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
-            text: bool = False, subprocess: bool = False, timeout: float = 120) -> Output:
+            text: bool = False, subprocess: bool = False, zygote: Zygote | None = None,
+            timeout: float = 120) -> Output:
     """`keyledger *args` as ``subprocess.run(..., capture_output=True)`` reports it: ``env`` is
     the whole environment (default: this process's), stdin is ``input`` (empty when None, never
     a terminal), stdout/stderr are bytes, or str with ``text``. In this process unless
     ``subprocess``; an exception the CLI lets escape is raised here (a process would print a
-    traceback and exit 1)."""
+    traceback and exit 1). With ``subprocess`` and a ``zygote``, the process is forked from it."""
     data = input if input is not None else ("" if text else b"")
+    if subprocess and zygote is not None:
+        return zygote.run([*COMMAND, *args], input=data, capture_output=True, text=text,
+                          env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout)
     if subprocess:
         return sp.run([*COMMAND, *args], input=data, capture_output=True, text=text,
                       env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout)

@@ -20,11 +20,18 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 from cli_support import run_cli
-from conftest import run_python
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from proc_support import Zygote, zygote_fixture
 
 from keyledger.cli import main
+
+# `keyledger` processes (subprocess=True) are forked from this module's zygote
+# (tests/proc_support.py): the console script runs as __main__ in a real process with real pipes,
+# environment and exit status, without an interpreter start and `import keyledger` (~0.7 s of
+# CPU) of its own; test_bad_usage_exits_2_from_the_console_script and test_help_exits_0 start
+# real interpreters for the entry points themselves.
+zygote = zygote_fixture()
 
 # Binary payload with NUL bytes, CR/LF, ^Z and every byte value.
 BINARY = b"\x00head\x00\r\n\x1a" + bytes(range(256)) * 3 + b"\x00\x00tail\n"
@@ -32,19 +39,22 @@ BINARY = b"\x00head\x00\r\n\x1a" + bytes(range(256)) * 3 + b"\x00\x00tail\n"
 
 class Cli:
     """Runs `keyledger --home <home> ...` with cwd in the tmp dir; output kept as bytes. In
-    this process unless ``subprocess=True`` (the real console script)."""
+    this process unless ``subprocess=True`` (the console script in a process forked from the
+    zygote) or ``fresh=True`` (the console script in a new interpreter)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, zygote: Zygote) -> None:
         self.tmp = tmp
         self.home = tmp / "home"
+        self.zygote = zygote
 
     def __call__(self, *args: str, input: bytes | None = None, home: bool = True,
-                 env: dict[str, str] | None = None,
-                 subprocess: bool = False) -> subprocess.CompletedProcess:
+                 env: dict[str, str] | None = None, subprocess: bool = False,
+                 fresh: bool = False) -> subprocess.CompletedProcess:
         argv = [*(["--home", str(self.home)] if home else []), *args]
         base = {k: v for k, v in os.environ.items() if k != "KEYLEDGER_HOME"}
         return run_cli(argv, input=input, cwd=self.tmp, env={**base, **(env or {})},
-                       subprocess=subprocess)
+                       subprocess=subprocess or fresh,
+                       zygote=None if fresh else self.zygote)
 
     def ok(self, *args: str, **kw) -> subprocess.CompletedProcess:
         proc = self(*args, **kw)
@@ -65,14 +75,17 @@ def refused(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    return Cli(tmp_path)
+def cli(tmp_path: Path, zygote: Zygote) -> Cli:
+    return Cli(tmp_path, zygote)
 
 
 # -- usage -----------------------------------------------------------------------------------------
 def test_bad_usage_exits_2_from_the_console_script(cli):
-    for args in (["key", "frobnicate", "x"], ["encrypt", "k", "--context", "no-equals-sign"]):
-        proc = cli(*args, subprocess=True)
+    # the first in a new interpreter (the entry point as a shell starts it), the second in a
+    # process forked from the zygote (the same script as __main__, the same exit path)
+    for args, fresh in ((["key", "frobnicate", "x"], True),
+                        (["encrypt", "k", "--context", "no-equals-sign"], False)):
+        proc = cli(*args, subprocess=True, fresh=fresh)
         assert proc.returncode == 2, (args, proc.stderr)
         assert b"usage:" in proc.stderr and b"Traceback" not in proc.stderr
     assert not cli.home.exists()
@@ -404,7 +417,7 @@ def test_request_trim_executes_with_quorum_one_and_needs_min_version(cli):
 
 def test_admin_grant_goes_through_a_request_when_the_quorum_is_two(cli):
     cli.ok("grant", "*", "bea", "admin")  # quorum 1: direct
-    run_python(f"import keyledger as kl\nwith kl.open({str(cli.home)!r}) as led:\n"
+    cli.zygote.run_python(f"import keyledger as kl\nwith kl.open({str(cli.home)!r}) as led:\n"
                "    led.set_policy('*', quorum=2)", check=True)
     err = refused(cli("grant", "*", "erin", "admin"))
     assert "request('grant'" in err and "2 distinct admins" in err
@@ -420,7 +433,7 @@ def test_key_list_notes_a_simulation_home_on_stderr(cli, tmp_path):
     out = cli.ok("key", "list")
     assert b"SIMULATION" not in out.stderr  # a real home
     sim = tmp_path / "sim"
-    run_python("import keyledger as kl\nfrom datetime import UTC, datetime\n"
+    cli.zygote.run_python("import keyledger as kl\nfrom datetime import UTC, datetime\n"
                f"kl.open({str(sim)!r}, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))"
                ".create_key('k', spec='AES_256')", check=True)
     proc = cli.ok("--home", str(sim), "key", "list", "--json", home=False)

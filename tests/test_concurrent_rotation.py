@@ -14,9 +14,13 @@ import sys
 import textwrap
 
 import pytest
+from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
 
+# the three processes are forked from this module's zygote (tests/proc_support.py), each a
+# separate process with its own login and journal, without an interpreter start of its own
+zygote = zygote_fixture()
 SECONDS = float(os.environ.get("KEYLEDGER_TEST_ROTATION_S", "20"))
 ROTATE_EVERY = 200
 
@@ -63,10 +67,10 @@ print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "rotated
 """
 
 
-def _spawn(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _spawn(zygote: Zygote, code: str, *args: str) -> subprocess.Popen:
+    return zygote.popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
 
 
 def _ready(proc: subprocess.Popen) -> None:
@@ -77,7 +81,7 @@ def _ready(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def rotation_run(tmp_path_factory):
+def rotation_run(tmp_path_factory, zygote):
     """r1 and r2 encrypt and rotate k0, reader encrypts/decrypts/reads it, for SECONDS."""
     base = tmp_path_factory.mktemp("rotation")
     home = base / "home"
@@ -92,7 +96,7 @@ def rotation_run(tmp_path_factory):
     procs = {}
     try:
         for who, every in (("r1", ROTATE_EVERY), ("r2", ROTATE_EVERY), ("reader", 0)):
-            procs[who] = _spawn(_WORKER, str(home), who, str(SECONDS), str(every),
+            procs[who] = _spawn(zygote, _WORKER, str(home), who, str(SECONDS), str(every),
                                 str(base / f"{who}.json"))
         for proc in procs.values():
             _ready(proc)

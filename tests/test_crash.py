@@ -12,6 +12,7 @@ record of a call that returned before the kill is not lost (invariant 6).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -22,13 +23,18 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import FakeClock, HomeTemplate, copy_home, verify_after_kill
 from conftest import hsm_labels as token_labels
-from conftest import run_python, verify_after_kill
+from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
 from keyledger import intents
 
 pytestmark = pytest.mark.slow
+
+# the children are forked from this module's zygote (tests/proc_support.py): each is a real,
+# separate process that the fault point SIGKILLs, without an interpreter start of its own
+zygote = zygote_fixture()
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -103,6 +109,31 @@ def _setup(home: Path, clock, op: str) -> dict[str, object]:
     }
 
 
+@pytest.fixture(scope="module")
+def set_up(tmp_path_factory):
+    """``set_up(home, clock, op)``: the home ``_setup(home, clock, op)`` makes (with an RSA key
+    "signer" too if ``signer``), its ciphertexts, and ``clock`` moved as ``_setup`` moves it. The
+    home is set up once per kind in this module and copied for each test (conftest.copy_home:
+    an independent home of its own, with its own token files)."""
+    made: dict[tuple[str, bool], tuple[Path, dict[str, object], float]] = {}
+
+    def set_up(home: Path, clock: FakeClock, op: str, signer: bool = False) -> dict[str, object]:
+        if (op, signer) not in made:
+            path = tmp_path_factory.mktemp(f"{op}-set-up") / "home"
+            own_clock = FakeClock(clock())
+            before = _setup(path, own_clock, op)
+            if signer:
+                with kl.open(path, principal="alice", clock=own_clock) as led:
+                    led.create_key("signer", spec="RSA_2048")
+            made[op, signer] = (path, before, (own_clock() - clock()).total_seconds())
+        path, before, moved = made[op, signer]
+        copy_home(HomeTemplate(path, None), home)
+        clock.advance(seconds=moved)
+        return copy.deepcopy(before)
+
+    return set_up
+
+
 def _wrap_for_import(params: dict, material: bytes) -> bytes:
     """The customer's side of an import, as docs/byok.md prints it."""
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / "byok.md").read_text(), re.S)
@@ -138,11 +169,11 @@ def _check_hsm_at_kill(home: Path, point: str) -> None:
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_crash_is_reconciled_on_next_open(home, clock, point):
+def test_crash_is_reconciled_on_next_open(home, clock, zygote, set_up, point):
     op = point.split(":")[0]
-    before = _setup(home, clock, op)
+    before = set_up(home, clock, op)
 
-    proc = subprocess_child(home, op, clock(), point, before)
+    proc = subprocess_child(zygote, home, op, clock(), point, before)
     assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     out = proc.stdout.split()
     assert "NOT" not in out and len(out) == 1
@@ -253,19 +284,19 @@ def test_crash_is_reconciled_on_next_open(home, clock, point):
         assert led.last_reconcile.clean
 
 
-def subprocess_child(home: Path, op: str, now: datetime, point: str,
+def subprocess_child(zygote: Zygote, home: Path, op: str, now: datetime, point: str,
                      before: dict[str, object] | None = None):
     wrapped = before["wrapped"].hex() if before and "wrapped" in before else ""
     token = before["token"] if before and "token" in before else ""
     code = (f"import sys; sys.argv = ['-', {str(home)!r}, {op!r}, {now.isoformat()!r}, "
             f"{wrapped!r}, {token!r}]\n" + CHILD)
-    return run_python(code, env={"KEYLEDGER_FAULT": point})
+    return zygote.run_python(code, env={"KEYLEDGER_FAULT": point})
 
 
-def test_fault_hook_is_inert_without_the_variable(home, clock):
+def test_fault_hook_is_inert_without_the_variable(home, clock, zygote, set_up):
     """Control: the same child with no fault set completes and prints its marker."""
-    _setup(home, clock, "rotate")
-    proc = subprocess_child(home, "rotate", clock(), "")
+    set_up(home, clock, "rotate")
+    proc = subprocess_child(zygote, home, "rotate", clock(), "")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["NOT", "KILLED"]
     with kl.open(home, principal="alice", clock=clock) as led:
@@ -309,15 +340,13 @@ with kl.open(home, principal="alice", clock=lambda: now) as led:
 
 @pytest.mark.parametrize("point", ["create:after_intent", "create:after_hsm",
                                    "rotate:after_intent", "rotate:after_hsm"])
-def test_open_elsewhere_leaves_in_flight_operation_alone(home, clock, point):
+def test_open_elsewhere_leaves_in_flight_operation_alone(home, clock, zygote, set_up, point):
     op = point.split(":")[0]
-    before = _setup(home, clock, op)
-    with kl.open(home, principal="alice", clock=clock) as led:
-        led.create_key("signer", spec="RSA_2048")
+    before = set_up(home, clock, op, signer=True)  # and an RSA key "signer"
     code = (f"import sys; sys.argv = ['-', {str(home)!r}, {op!r}, {point!r}, "
             f"{clock().isoformat()!r}]\n" + PAUSE_CHILD)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = zygote.popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not (home / "paused").exists():

@@ -21,7 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import FakeClock, hsm_labels, run_python
+from conftest import FakeClock, hsm_labels
+from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
 
@@ -32,6 +33,10 @@ pytestmark = [
     pytest.mark.skipif(PKCS11_TOOL is None or not os.path.exists(MODULE),
                        reason="needs SoftHSM2 and pkcs11-tool (opensc)"),
 ]
+
+# the two children are forked from this module's zygote (tests/proc_support.py): separate
+# processes (own login, journal, store connection and lease pid), no interpreter start each
+zygote = zygote_fixture()
 
 _CHILD = textwrap.dedent("""
     import json, os, time
@@ -64,14 +69,14 @@ def key_labels(home: Path) -> dict[str, set[str]]:
     return labels
 
 
-def race(home: Path, clock: FakeClock, tmp: Path, tag: str) -> list[dict]:
+def race(zygote: Zygote, home: Path, clock: FakeClock, tmp: Path, tag: str) -> list[dict]:
     """Two children call run_due at once; returns their parsed reports."""
     ready = [tmp / f"{tag}-ready-{i}" for i in range(2)]
     go = tmp / f"{tag}-go"
     codes = [_CHILD.format(home=str(home), when=clock().isoformat(), ready=str(r), go=str(go))
              for r in ready]
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(run_python, code, timeout=120) for code in codes]
+        futures = [pool.submit(zygote.run_python, code, timeout=120) for code in codes]
         deadline = time.monotonic() + 90
         while not all(r.exists() for r in ready):
             if time.monotonic() > deadline or any(f.done() for f in futures):
@@ -101,7 +106,8 @@ def check_race(reports: list[dict], expected: set[tuple[str, str]]) -> None:
 
 
 def test_two_processes_calling_run_due_at_once_do_each_item_once(home: Path, clock: FakeClock,
-                                                                 tmp_path: Path) -> None:
+                                                                 tmp_path: Path,
+                                                                 zygote: Zygote) -> None:
     with kl.open(home, principal="alice", clock=clock) as led:
         for name in SYMMETRIC[:4]:
             led.create_key(name, spec="AES_256")
@@ -114,7 +120,7 @@ def test_two_processes_calling_run_due_at_once_do_each_item_once(home: Path, clo
 
     # Round 1, day 400: every key is past its period (90 d / 365 d), "gone" past its window.
     clock.advance(days=400)
-    reports = race(home, clock, tmp_path, "r1")
+    reports = race(zygote, home, clock, tmp_path, "r1")
     check_race(reports, {("rotate", n) for n in SYMMETRIC + SIGNING} | {("destroy", "gone")})
     labels = key_labels(home)
     assert "gone" not in labels
@@ -123,7 +129,7 @@ def test_two_processes_calling_run_due_at_once_do_each_item_once(home: Path, clo
 
     # Round 2, 100 days later: the symmetric keys are due again, the signing key is not.
     clock.advance(days=100)
-    reports = race(home, clock, tmp_path, "r2")
+    reports = race(zygote, home, clock, tmp_path, "r2")
     check_race(reports, {("rotate", n) for n in SYMMETRIC})
     labels = key_labels(home)
     for name in SYMMETRIC:

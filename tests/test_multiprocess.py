@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import verify_after_kill
+from conftest import HomeTemplate, copy_home, verify_after_kill
+from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
 from keyledger.config import write_config
@@ -29,9 +30,14 @@ from keyledger.runtime import BACKGROUND_INGEST_WAIT_S
 
 CONCURRENCY_SECONDS = float(os.environ.get("KEYLEDGER_TEST_CONCURRENCY_S", "20"))
 
+# every other process of these tests is forked from this module's zygote (tests/proc_support.py):
+# a separate process with its own login, journal and store connection, without the ~0.7 s of
+# CPU an interpreter start and `import keyledger` cost
+zygote = zygote_fixture()
 
-def _spawn(code: str, *args: str, stdin: bool = False) -> subprocess.Popen:
-    return subprocess.Popen(
+
+def _spawn(zygote: Zygote, code: str, *args: str, stdin: bool = False) -> subprocess.Popen:
+    return zygote.popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -62,7 +68,7 @@ ROLES = {
 }
 
 
-def _init_home(home: Path, *keys: str) -> None:
+def _provision(home: Path, *keys: str) -> None:
     """A home whose first principal ("setup") creates ``keys`` and grants ROLES."""
     with kl.open(home, principal="setup") as led:
         for name in keys:
@@ -70,6 +76,22 @@ def _init_home(home: Path, *keys: str) -> None:
         for who, roles in ROLES.items():
             for role in roles:
                 led.grant("*", who, role)
+
+
+@pytest.fixture(scope="module")
+def init_home(tmp_path_factory):
+    """``init_home(home, *keys)``: a copy at ``home`` of the home ``_provision(home, *keys)``
+    makes, provisioned once per set of keys in this module (conftest.copy_home: each test's home
+    is an independent copy with its own token files)."""
+    made: dict[tuple[str, ...], Path] = {}
+
+    def init_home(home: Path, *keys: str) -> None:
+        if keys not in made:
+            made[keys] = tmp_path_factory.mktemp("provisioned") / "home"
+            _provision(made[keys], *keys)
+        copy_home(HomeTemplate(made[keys], None), home)
+
+    return init_home
 
 
 # -- invariant 6: SIGKILL loses no record of a call that returned -------------------------------
@@ -90,12 +112,12 @@ while True:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ingest_ms", [1000, 5], ids=["default-ingest", "ingest-every-5ms"])
-def test_sigkill_loses_no_record_of_a_returned_call(tmp_path, ingest_ms):
+def test_sigkill_loses_no_record_of_a_returned_call(tmp_path, init_home, zygote, ingest_ms):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     # with a 5 ms ingest the kill often lands inside a store transaction or checkpoint
     _settings(home, "audit", ingest_interval_ms=ingest_ms)
-    proc = _spawn(_WORKER, str(home))
+    proc = _spawn(zygote, _WORKER, str(home))
     reported = 0
     while reported < 200:
         line = proc.stdout.readline()
@@ -132,11 +154,12 @@ led.flush_audit()
 
 
 @pytest.mark.slow
-def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_path):
+def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_path, init_home,
+                                                                          zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "audit", ingest_interval_ms=600_000)
-    proc = _spawn(_CRASH_BEFORE_HEAD, str(home))
+    proc = _spawn(zygote, _CRASH_BEFORE_HEAD, str(home))
     out, err = proc.communicate(timeout=60)
     assert out.startswith("crashing") and proc.returncode == -signal.SIGKILL, err
     with kl.open(home, principal="auditor") as led:
@@ -223,17 +246,17 @@ print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "verifie
 
 
 @pytest.fixture(scope="module")
-def shared_run(tmp_path_factory):
+def shared_run(tmp_path_factory, init_home, zygote):
     """Two crypto/lifecycle workers and a dashboard on one home for CONCURRENCY_SECONDS."""
     home = tmp_path_factory.mktemp("shared") / "home"
-    _init_home(home)
+    init_home(home)
     seconds = str(CONCURRENCY_SECONDS)
     procs = {}
     try:
         for who, code, args in (("dashboard", _DASHBOARD, (seconds,)),
                                 ("w1", _CRYPTO_WORKER, ("w1", seconds)),
                                 ("w2", _CRYPTO_WORKER, ("w2", seconds))):
-            procs[who] = _spawn(code, str(home), *args, stdin=True)
+            procs[who] = _spawn(zygote, code, str(home), *args, stdin=True)
         for proc in procs.values():
             _readline(proc, "ready")
         for proc in procs.values():
@@ -291,13 +314,14 @@ def test_concurrent_verifications_all_pass(shared_run):
     assert results["dashboard"]["verify_failures"] == []
 
 
-def test_verify_during_another_process_checkpoint_is_not_tampering(tmp_path, monkeypatch):
+def test_verify_during_another_process_checkpoint_is_not_tampering(tmp_path, init_home, zygote,
+                                                                  monkeypatch):
     """Deterministic form of the race: another process ingests and checkpoints just before this
     process's verification transaction starts. verify_audit() holds the store from its ingest to
     its verification, except when a live writer still owes a seal: it then waits with the store
     released, and the race remains possible there (forced here)."""
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "audit", ingest_interval_ms=600_000)
     other = f"""
 import keyledger as kl
@@ -312,8 +336,7 @@ with kl.open({str(home)!r}, principal="other") as led:
 
         def other_process_checkpoints_first(**kwargs):
             monkeypatch.setattr(db, "write", real_write)
-            done = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True,
-                                  timeout=60)
+            done = zygote.run_python(other, timeout=60)
             assert done.returncode == 0, done.stderr
             return real_write(**kwargs)
 
@@ -329,18 +352,18 @@ with kl.open({str(home)!r}, principal="other") as led:
     assert report.ok, str(report)
 
 
-def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, monkeypatch):
+def test_open_in_another_process_does_not_roll_back_an_in_flight_create(tmp_path, init_home,
+                                                                        zygote, monkeypatch):
     import keyledger.intents as intents
 
     home = tmp_path / "home"
-    _init_home(home)
+    init_home(home)
     opener = f"import keyledger as kl; kl.open({str(home)!r}, principal='bob').close()"
     real_fault = intents.fault
 
     def another_process_opens(point: str) -> None:
         if point == "create:after_hsm":
-            done = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True,
-                                  timeout=60)
+            done = zygote.run_python(opener, timeout=60)
             assert done.returncode == 0, done.stderr
         real_fault(point)
 
@@ -385,10 +408,10 @@ led.close()
 
 
 @pytest.mark.slow
-def test_disable_in_one_process_stops_encrypt_in_another(tmp_path):
+def test_disable_in_one_process_stops_encrypt_in_another(tmp_path, init_home, zygote):
     home = tmp_path / "home"
-    _init_home(home, "shared")
-    proc = _spawn(_PEER, str(home), stdin=True)
+    init_home(home, "shared")
+    proc = _spawn(zygote, _PEER, str(home), stdin=True)
     try:
         _readline(proc, "ready")
         with kl.open(home, principal="admin") as admin:
@@ -422,9 +445,9 @@ con.close()
 
 
 @contextlib.contextmanager
-def _store_held_elsewhere(home: Path) -> Iterator[subprocess.Popen]:
+def _store_held_elsewhere(zygote: Zygote, home: Path) -> Iterator[subprocess.Popen]:
     """Another process holds the home's DuckDB file for the block."""
-    holder = _spawn(_HOLDER, str(home / "keyledger.duckdb"), stdin=True)
+    holder = _spawn(zygote, _HOLDER, str(home / "keyledger.duckdb"), stdin=True)
     try:
         _readline(holder, "held")
         yield holder
@@ -435,13 +458,15 @@ def _store_held_elsewhere(home: Path) -> Iterator[subprocess.Popen]:
 
 
 @pytest.mark.slow
-def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working(tmp_path):
+def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working(tmp_path,
+                                                                                 init_home,
+                                                                                 zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="alice") as led:
         blob = led.encrypt("k", b"before")
-        with _store_held_elsewhere(home) as holder:
+        with _store_held_elsewhere(zygote, home) as holder:
             with pytest.raises(kl.StoreBusy) as info:
                 led.create_key("k2", spec="AES_256")
             message = str(info.value)
@@ -465,17 +490,17 @@ def test_store_held_by_another_process_gives_store_busy_and_crypto_keeps_working
     assert report.ok, str(report)
 
 
-def test_background_ingest_waits_briefly_for_a_held_store(tmp_path):
+def test_background_ingest_waits_briefly_for_a_held_store(tmp_path, init_home, zygote):
     """A background ingest round waits 0.2 s for a held store, then skips the round: waiting
     out the busy timeout would hold this process's store lock, so its own reads and admin calls
     would wait for the ingest's timeout before starting their own."""
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="alice") as led:
         led._rt.stop_background_ingest()  # this test makes the attempts itself
         led.encrypt("k", b"x")  # a journal line waiting to be ingested
-        with _store_held_elsewhere(home) as holder:
+        with _store_held_elsewhere(zygote, home) as holder:
             with pytest.raises(kl.StoreBusy, match=f"held by process {holder.pid} for more "
                                                    "than 0.2 s"):
                 led._rt.ingest(busy_timeout=BACKGROUND_INGEST_WAIT_S)
@@ -514,9 +539,9 @@ except kl.KeyLedgerError as exc:
 """
 
 
-def _open_elsewhere(home: Path) -> str:
+def _open_elsewhere(zygote: Zygote, home: Path) -> str:
     """What another process says when it opens the home: "opened" or the error it got."""
-    out, _ = _spawn(_OPENER, str(home)).communicate(timeout=60)
+    out, _ = _spawn(zygote, _OPENER, str(home)).communicate(timeout=60)
     return out
 
 
@@ -527,11 +552,11 @@ def _ask(proc: subprocess.Popen, command: str) -> str:
 
 
 @pytest.mark.slow
-def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
+def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path, init_home, zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
-    peer = _spawn(_STORE_PEER, str(home), stdin=True)
+    peer = _spawn(zygote, _STORE_PEER, str(home), stdin=True)
     try:
         _readline(peer, "ready")
         with kl.open(home, principal="admin") as led, kl.open(home, principal="auditor") as aud:
@@ -543,7 +568,7 @@ def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
                         led.create_key(f"bulk-{i}", spec="AES_256")
                         led.grant(f"bulk-{i}", "peer", "user")
                 # still held after the inner block: another process cannot open the home
-                out = _open_elsewhere(home)
+                out = _open_elsewhere(zygote, home)
                 assert out.startswith("StoreBusy"), out
                 assert "keyledger.duckdb" in out
                 # a process that opened before keeps doing crypto; its store reads wait
@@ -555,7 +580,7 @@ def test_keep_store_open_holds_the_store_for_the_block_only(tmp_path):
                 assert len(aud.audit(action="create_key")) == 6
             # released: everyone gets the store again
             assert _ask(peer, "audit") == "ok"
-            out = _open_elsewhere(home)
+            out = _open_elsewhere(zygote, home)
             assert out.startswith("opened"), out
             assert led.get_key("bulk-0").latest_version == 2
             report = aud.verify_audit()
@@ -579,10 +604,12 @@ with led.keep_store_open():
 
 
 @pytest.mark.slow
-def test_sigkill_inside_keep_store_open_keeps_committed_work_and_frees_the_store(tmp_path):
+def test_sigkill_inside_keep_store_open_keeps_committed_work_and_frees_the_store(tmp_path,
+                                                                                  init_home,
+                                                                                  zygote):
     home = tmp_path / "home"
-    _init_home(home, "k")
-    proc = _spawn(_BULK, str(home), stdin=True)
+    init_home(home, "k")
+    proc = _spawn(zygote, _BULK, str(home), stdin=True)
     try:
         _readline(proc, "created")
         os.kill(proc.pid, signal.SIGKILL)
@@ -606,19 +633,19 @@ def test_keep_store_open_on_a_closed_ledger_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path):
+def test_backup_inside_keep_store_open_keeps_other_processes_out(tmp_path, init_home, zygote):
     # fcntl(2) drops a process's lock on a file when it closes any descriptor of it: the
     # backup's own descriptors of the database must outlive the held store, or a second
     # process could open the file while this one still writes it
     home = tmp_path / "home"
-    _init_home(home, "k")
+    init_home(home, "k")
     _settings(home, "store", busy_timeout_s=1)
     with kl.open(home, principal="admin") as led, led.keep_store_open():
         led.backup(tmp_path / "b.klbk", passphrase="correct horse battery")
-        out = _open_elsewhere(home)
+        out = _open_elsewhere(zygote, home)
         assert out.startswith("StoreBusy"), out
         led.create_key("after-backup", spec="AES_256")
-    out = _open_elsewhere(home)
+    out = _open_elsewhere(zygote, home)
     assert out.startswith("opened"), out
 
 
@@ -650,6 +677,8 @@ LONG_QUERY = ("SELECT count(*) AS n FROM range(1000000000) a, range(1000000) b "
 
 
 def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds(tmp_path,
+                                                                                 init_home,
+                                                                                 zygote,
                                                                                  monkeypatch):
     """A query holds the store file (DuckDB: one process at a time); a writer in another
     process waits (busy timeout, 15 s) instead of failing, and gets the store once the query
@@ -659,7 +688,7 @@ def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds
     import keyledger.store.queries as queries
 
     home = tmp_path / "home"
-    _init_home(home)
+    init_home(home)
     _settings(home, "store", query_timeout_s=3)
     started = threading.Event()
     real_interrupt_after = queries._interrupt_after
@@ -669,7 +698,7 @@ def test_long_query_is_stopped_at_its_timeout_and_a_waiting_writer_then_succeeds
         return real_interrupt_after(con, seconds)
 
     monkeypatch.setattr(queries, "_interrupt_after", interrupt_after)
-    writer = _spawn(_WRITER, str(home), stdin=True)
+    writer = _spawn(zygote, _WRITER, str(home), stdin=True)
     outcome: dict[str, BaseException] = {}
     try:
         _readline(writer, "ready")
@@ -717,12 +746,13 @@ def _alive_file_is_locked(home: Path) -> bool:
     return False
 
 
-def test_a_thread_opening_while_another_closes_keeps_the_process_alive_for_others(tmp_path):
+def test_a_thread_opening_while_another_closes_keeps_the_process_alive_for_others(tmp_path,
+                                                                                  init_home):
     """The last close of a home and an open in another thread used to overlap: the new runtime
     locked the old run/<pid>.lock just before the closing one unlinked it, so other processes
     took this live process for dead and rolled back its in-flight rotations."""
     home = tmp_path / "home"
-    _init_home(home)
+    init_home(home)
     first = kl.open(home, principal="alice")
     runtime = first._rt
     opened: list[kl.KeyLedger] = []

@@ -13,9 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
 from keyledger import ciphertext as ct
+
+# the other processes are forked from this module's zygote (tests/proc_support.py): separate
+# processes with their own login and usage claims, without an interpreter start each
+zygote = zygote_fixture()
 
 
 def _version(blob: bytes) -> int:
@@ -157,10 +162,10 @@ print(json.dumps({"ok": len(ok), "refused": refused}))
 """
 
 
-def _spawn(home: Path, stop_after: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SPENDER), str(home),
-                             str(stop_after)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _spawn(zygote: Zygote, home: Path, stop_after: int) -> subprocess.Popen:
+    proc = zygote.popen([sys.executable, "-c", textwrap.dedent(_SPENDER), str(home),
+                         str(stop_after)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if line != "ready\n":
         proc.kill()
@@ -186,10 +191,10 @@ def _limited_home(home: Path, limit: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_sharing_a_limit_never_exceed_it(tmp_path: Path) -> None:
+def test_two_processes_sharing_a_limit_never_exceed_it(tmp_path: Path, zygote: Zygote) -> None:
     home = tmp_path / "home"
     _limited_home(home, 600)
-    procs = [_spawn(home, 10**9) for _ in range(2)]
+    procs = [_spawn(zygote, home, 10**9) for _ in range(2)]
     for proc in procs:
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -208,10 +213,10 @@ def test_two_processes_sharing_a_limit_never_exceed_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_uses_a_killed_process_held_count_as_used(tmp_path: Path) -> None:
+def test_uses_a_killed_process_held_count_as_used(tmp_path: Path, zygote: Zygote) -> None:
     home = tmp_path / "home"
     _limited_home(home, 400)
-    victim = _spawn(home, 10)
+    victim = _spawn(zygote, home, 10)
     victim.stdin.write("go\n")
     victim.stdin.flush()
     assert victim.stdout.readline() == "spent\n"
@@ -222,7 +227,7 @@ def test_uses_a_killed_process_held_count_as_used(tmp_path: Path) -> None:
     # the victim spent 10 and claimed more than that; what it held is gone, never handed out
     assert 0 < n < 400 - 10
     # a process that closes gives its unspent uses back: the next one can spend them
-    survivor = _spawn(home, 10**9)
+    survivor = _spawn(zygote, home, 10**9)
     survivor.stdin.write("go\n")
     survivor.stdin.flush()
     out, _ = survivor.communicate(timeout=60)
@@ -239,7 +244,7 @@ def test_a_closed_process_gives_back_unspent_uses(tmp_path: Path) -> None:
     assert n == 99
 
 
-def test_spending_uses_needs_no_store(tmp_path: Path) -> None:
+def test_spending_uses_needs_no_store(tmp_path: Path, zygote: Zygote) -> None:
     """The counter of a version is made with it, so a process's first encryption under a
     limited version works while another process holds the store (crypto never opens it)."""
     home = tmp_path / "home"
@@ -247,7 +252,7 @@ def test_spending_uses_needs_no_store(tmp_path: Path) -> None:
     with kl.open(home, principal="app") as app:
         app._rt.db.busy_timeout = 0.3  # a store access would fail fast with StoreBusy
         app._rt.stop_background_ingest()
-        holder = subprocess.Popen(
+        holder = zygote.popen(
             [sys.executable, "-c", "import sys, duckdb; con = duckdb.connect(sys.argv[1]); "
              "print('held', flush=True); sys.stdin.readline()", str(home / "keyledger.duckdb")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
