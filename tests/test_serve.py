@@ -219,6 +219,19 @@ def _wait_until_read(server_port: int, client_port: int, timeout: float = 30.0) 
     raise AssertionError("the server did not read the request's headers in time")
 
 
+def _wait_until_not_listening(server_port: int, timeout: float = 30.0) -> None:
+    """Wait until nothing listens on ``server_port`` (no LISTEN socket, state 0A, in
+    /proc/net/tcp): uvicorn's shutdown closes its listening socket first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(int(local.rsplit(":", 1)[1], 16) == server_port and state == "0A"
+                   for local, _, state in (line.split()[1:4] for line in
+                                           Path("/proc/net/tcp").read_text().splitlines()[1:])):
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the server did not begin its shutdown in time")
+
+
 def test_sigterm_finishes_an_in_flight_request_flushes_the_audit_and_exits_0(
         tmp_path, simulation_template):
     home, keys = new_home(tmp_path, simulation_template)
@@ -235,7 +248,7 @@ def test_sigterm_finishes_an_in_flight_request_flushes_the_audit_and_exits_0(
     # wait until nothing is left unread on the server's side of the connection
     _wait_until_read(int(host.rsplit(":", 1)[1]), conn.sock.getsockname()[1])
     server.proc.send_signal(signal.SIGTERM)
-    threading.Event().wait(0.5)  # let the server begin its shutdown
+    _wait_until_not_listening(int(host.rsplit(":", 1)[1]))  # the server began its shutdown
     conn.send(b"}")
     resp = conn.getresponse()
     assert resp.status == 400
