@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import duckdb
 import pandas as pd
 import pytest
-from conftest import run_python
+from conftest import FakeClock, HomeTemplate, copy_home, run_python
 
 import keyledger as kl
 from keyledger import analytics as an
 
 
+@pytest.fixture(scope="module")
+def _estate_home(tmp_path_factory, simulation_template) -> tuple[HomeTemplate, datetime]:
+    """The estate (``_build_estate``), made once for the module in a copy of the template
+    home and closed; returns it and the time its clock reached."""
+    home = tmp_path_factory.mktemp("estate") / "home"
+    copy_home(simulation_template, home)
+    clock = FakeClock()
+    with kl.open(home, principal="alice", clock=clock) as ledger:
+        _build_estate(ledger, clock)
+    return HomeTemplate(home, None), clock.now
+
+
 @pytest.fixture
-def estate(ledger, clock):
+def estate(home, clock, _estate_home):
+    """alice's ledger of a copy of the module's estate (at ``home``), ``clock`` where the
+    estate's clock ended."""
+    template, end = _estate_home
+    copy_home(template, home)
+    clock.now = end
+    led = kl.open(home, principal="alice", clock=clock)
+    try:
+        yield led
+    finally:
+        led.close()
+
+
+def _build_estate(ledger, clock):
     """Two teams' keys, 40 days of weekday-heavy use by alice and a service, one rotation."""
     ledger.create_key("pay-data", spec="AES_256", owner="payments", tags={"team": "payments"})
     ledger.create_key("hr-data", spec="AES_256", owner="people", tags={"team": "hr"})
@@ -33,7 +58,6 @@ def estate(ledger, clock):
         if day >= 35:  # the old version is still needed
             svc.decrypt(old[0])
     svc.close()
-    return ledger
 
 
 def test_query_runs_one_read_only_select_and_changes_nothing(estate):

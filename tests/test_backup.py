@@ -6,6 +6,7 @@ a restore in this process; restore tests run in their own subprocess (that is th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import verify_after_kill
+from conftest import FakeClock, verify_after_kill
 
 import keyledger as kl
 from keyledger import backup as bk
@@ -28,6 +29,7 @@ from keyledger import restore
 from keyledger.backup import archive as bk_archive
 from keyledger.backup import stream
 from keyledger.config import write_config
+from keyledger.hsm.softhsm import softhsm_conf_text
 
 PASS = "correct horse battery staple"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -45,11 +47,29 @@ def _populate(led: kl.KeyLedger) -> dict:
     return {"blobs": blobs, "tag": led.mac("tags", b"m"), "sig": led.sign("signer", b"m")}
 
 
-def _backup_home(tmp_path: Path, clock) -> tuple[Path, Path, dict]:
-    home, archive = tmp_path / "home", tmp_path / "home.klbk"
-    with kl.open(home, principal="alice", clock=clock) as led:
+@pytest.fixture(scope="module")
+def _backed_up_once(tmp_path_factory) -> tuple[Path, Path, dict, bk.BackupInfo]:
+    """One home provisioned, populated (``_populate``) and backed up for the module: the tests
+    that need a backup but do not test making it get copies of it (``backed_up``), never it."""
+    tmp = tmp_path_factory.mktemp("backed-up")
+    home, archive = tmp / "home", tmp / "home.klbk"
+    with kl.open(home, principal="alice", clock=FakeClock()) as led:
         made = _populate(led)
-        led.backup(archive, passphrase=PASS)
+        info = led.backup(archive, passphrase=PASS)
+    return home, archive, made, info
+
+
+@pytest.fixture
+def backed_up(tmp_path, _backed_up_once) -> tuple[Path, Path, dict]:
+    """A copy of the module's backed-up home and its archive at ``tmp_path / "home"`` and
+    ``tmp_path / "home.klbk"`` (the copy's SoftHSM2 config pointed at its own tokens, as a
+    restore does), and what was made in it before the backup. The module's home was made at
+    the time the ``clock`` fixture starts at."""
+    src_home, src_archive, made, _ = _backed_up_once
+    home, archive = tmp_path / "home", tmp_path / "home.klbk"
+    shutil.copytree(src_home, home, symlinks=True)
+    (home / "softhsm2.conf").write_text(softhsm_conf_text(home / "tokens"))
+    shutil.copy2(src_archive, archive)
     return home, archive, made
 
 
@@ -116,8 +136,8 @@ def test_backup_destroy_restore_everything_decrypts(tmp_path, clock):
 @pytest.mark.parametrize("damage", ["wrong-passphrase", "flip-body", "flip-header",
                                     "truncate-at-chunk", "drop-tail", "append"])
 def test_wrong_passphrase_or_tampered_archive_is_refused_and_leaves_nothing(tmp_path, clock,
-                                                                             damage):
-    _, archive, _ = _backup_home(tmp_path, clock)
+                                                                             backed_up, damage):
+    _, archive, _ = backed_up
     data = bytearray(archive.read_bytes())
     passphrase = PASS
     if damage == "wrong-passphrase":
@@ -143,8 +163,9 @@ def test_wrong_passphrase_or_tampered_archive_is_refused_and_leaves_nothing(tmp_
     assert _leftovers(tmp_path, {"home", "home.klbk"}) == set()
 
 
-def test_restore_refuses_a_non_empty_home_and_accepts_an_empty_folder(tmp_path, clock):
-    home, archive, made = _backup_home(tmp_path, clock)
+def test_restore_refuses_a_non_empty_home_and_accepts_an_empty_folder(tmp_path, clock,
+                                                                      backed_up):
+    home, archive, made = backed_up
     with pytest.raises(kl.ConfigError, match="not empty"):
         restore(archive, home, passphrase=PASS, principal="alice", clock=clock)
     assert (home / "keyledger.duckdb").exists()  # untouched
@@ -173,8 +194,9 @@ def test_restore_into_the_original_path_in_the_same_process(tmp_path, clock):
         assert led.verify_audit().ok
 
 
-def test_restore_refuses_while_this_process_has_another_home_open(tmp_path, clock):
-    _, archive, _ = _backup_home(tmp_path, clock)
+def test_restore_refuses_while_this_process_has_another_home_open(tmp_path, clock,
+                                                                  backed_up):
+    _, archive, _ = backed_up
     with kl.open(tmp_path / "other", principal="bob", clock=clock), \
             pytest.raises(kl.ConfigError, match="one SoftHSM2 configuration"):
         restore(archive, tmp_path / "restored", passphrase=PASS, principal="alice", clock=clock)
@@ -244,11 +266,12 @@ def test_backup_refuses_a_vendor_hsm_home(tmp_path, clock):
     assert not (tmp_path / "b.klbk").exists()
 
 
-def test_restore_test_records_ok_and_failure_in_the_original_home(tmp_path, clock):
-    home, archive = tmp_path / "home", tmp_path / "home.klbk"
+def test_restore_test_records_ok_and_failure_in_the_original_home(tmp_path, clock, backed_up,
+                                                                   _backed_up_once):
+    home, archive, _ = backed_up
+    info = _backed_up_once[3]  # the backup of (the original of) this home
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == info.sha256
     with kl.open(home, principal="alice", clock=clock) as led:
-        _populate(led)
-        info = led.backup(archive, passphrase=PASS)
         report = led.restore_test(archive, passphrase=PASS)
         assert report.ok, str(report)
         assert report.audit_ok and report.audit_records >= 1
@@ -271,9 +294,9 @@ def test_restore_test_records_ok_and_failure_in_the_original_home(tmp_path, cloc
     assert _leftovers(tmp_path, {"home", "home.klbk"}) == set()
 
 
-def test_restore_test_reports_missing_material(tmp_path, clock):
+def test_restore_test_reports_missing_material(tmp_path, clock, backed_up):
     """A backup whose token lost a key's material is reported as not ok."""
-    home, archive, _ = _backup_home(tmp_path, clock)
+    home, archive, _ = backed_up
     with kl.open(home, principal="alice", clock=clock) as led:
         handle = led.get_key("tags").versions[1].handle
         assert led._rt.backend.destroy(handle) == 1  # material gone, catalog row kept
@@ -342,7 +365,10 @@ def test_backup_while_another_process_encrypts(tmp_path):
         assert len(led.audit(principal="worker", action="encrypt")) >= 1
 
 
-def test_sealed_stream_detects_reordering_dropping_and_truncation(tmp_path):
+def test_sealed_stream_detects_reordering_dropping_and_truncation(tmp_path, monkeypatch):
+    # scrypt is a pure function of its inputs: each reader of one stream derives the same key
+    # from the same salt, computed once here (the chunk checks are what this test is about)
+    monkeypatch.setattr(stream, "_derive", functools.cache(stream._derive))
     size = 1024
     plain = os.urandom(5 * size + 17)
     buf = io.BytesIO()
@@ -380,8 +406,8 @@ def test_sealed_stream_detects_reordering_dropping_and_truncation(tmp_path):
         assert read(buf.getvalue()) == plain[:n]
 
 
-def test_docs_recipe_reads_an_archive_without_keyledger(tmp_path, clock):
-    _, archive, _ = _backup_home(tmp_path, clock)
+def test_docs_recipe_reads_an_archive_without_keyledger(tmp_path, backed_up):
+    _, archive, _ = backed_up
     text = (DOCS / "backup.md").read_text()
     code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
                 if "def decrypt_backup" in b)
@@ -398,13 +424,13 @@ def test_docs_recipe_reads_an_archive_without_keyledger(tmp_path, clock):
         list(scope["decrypt_backup"](archive, b"not it at all"))
 
 
-def test_cli_restore_test_of_a_file_that_is_not_a_backup_says_error(tmp_path, clock, capsys,
+def test_cli_restore_test_of_a_file_that_is_not_a_backup_says_error(tmp_path, backed_up, capsys,
                                                                      monkeypatch):
     """A restore test that runs and fails exits 1 with an ``error:`` line on stderr, not only a
     report on stdout (a script checking stderr would otherwise see nothing wrong)."""
     from keyledger.cli import main
 
-    home, archive, _ = _backup_home(tmp_path, clock)
+    home, archive, _ = backed_up
     not_a_backup = tmp_path / "notes.txt"
     not_a_backup.write_bytes(b"this is not a keyledger backup")
     monkeypatch.setenv("KEYLEDGER_BACKUP_PASSPHRASE", PASS)

@@ -91,7 +91,7 @@ def test_import_round_trip_with_the_documented_client_code(ledger, client, clock
     assert tokens == [("alice", True)]  # used once, its HSM wrapping key destroyed
 
 
-def test_import_token_rules(ledger, client, clock):
+def test_import_token_rules(ledger, client, clock, recipient):
     params = ledger.import_parameters("byok")
     material = os.urandom(32)
     wrapped = client["wrap_for_import"](params, material)
@@ -109,7 +109,7 @@ def test_import_token_rules(ledger, client, clock):
     tampered[-3] ^= 0x01
     with pytest.raises(kl.InvalidCiphertext, match="could not be unwrapped"):
         ledger.import_key("byok", spec="AES_256", wrapped=bytes(tampered), token=token)
-    stranger = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    stranger = recipient  # an RSA-3072 key that is not the token's: the module's escrow key
     foreign = client["wrap_for_import"]({**params, "public_key_pem": _pem(stranger)}, material)
     with pytest.raises(kl.InvalidCiphertext):
         ledger.import_key("byok", spec="AES_256", wrapped=foreign, token=token)

@@ -4,11 +4,12 @@ another process or another ledger of this process is still obeyed by the next ca
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -41,13 +42,50 @@ def shared_home(home: Path) -> Path:
     return home
 
 
-def _elsewhere(home: Path, code: str) -> None:
-    """Run ``code`` with ``led`` (alice's ledger of ``home``) in another process."""
-    script = "import sys\nimport keyledger as kl\nwith kl.open(sys.argv[1], principal='alice') as led:\n"
-    script += textwrap.indent(textwrap.dedent(code), "    ")
-    out = subprocess.run([sys.executable, "-c", script, str(home)], capture_output=True,
-                         text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stderr
+# Another process, started once for the module: for each request it opens the home as alice,
+# runs the code with ``led`` and closes it again (a process switches homes between ledgers).
+_ELSEWHERE = r"""
+import json, sys, traceback
+import keyledger as kl
+for line in sys.stdin:
+    home, code = json.loads(line)
+    try:
+        with kl.open(home, principal="alice") as led:
+            exec(code, {"led": led})
+        print(json.dumps(None), flush=True)
+    except BaseException:
+        print(json.dumps(traceback.format_exc()), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def _elsewhere_process() -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([sys.executable, "-c", _ELSEWHERE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(timeout=300) == 0
+
+
+@pytest.fixture
+def elsewhere(_elsewhere_process: subprocess.Popen) -> Callable[[Path, str], None]:
+    """``elsewhere(home, code)``: run ``code`` with ``led`` (alice's ledger of ``home``) in
+    another process, which has closed the ledger again when this returns."""
+    proc = _elsewhere_process
+
+    def run(home: Path, code: str) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps([str(home), textwrap.dedent(code)]) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, f"the other process ended (exit {proc.poll()})"
+        error = json.loads(line)
+        assert error is None, error
+
+    return run
 
 
 def _crypto_records(led: kl.KeyLedger) -> pd.DataFrame:
@@ -55,49 +93,51 @@ def _crypto_records(led: kl.KeyLedger) -> pd.DataFrame:
     return records[records["action"].isin(["encrypt", "decrypt"])]
 
 
-def test_a_key_disabled_in_another_process_is_refused_by_the_next_call(shared_home: Path) -> None:
+def test_a_key_disabled_in_another_process_is_refused_by_the_next_call(shared_home: Path,
+        elsewhere: Callable[[Path, str], None]) -> None:
     with kl.open(shared_home, principal="bob") as led:
         blob = led.encrypt("k", b"secret")  # the plan, the name and the grant are remembered
         assert led.decrypt(blob) == b"secret"
-        _elsewhere(shared_home, "led.disable('k')")
+        elsewhere(shared_home, "led.disable('k')")
         with pytest.raises(KeyStateError):
             led.encrypt("k", b"secret")
         with pytest.raises(KeyStateError):
             led.decrypt(blob)
-        _elsewhere(shared_home, "led.enable('k')")
+        elsewhere(shared_home, "led.enable('k')")
         assert led.decrypt(led.encrypt("k", b"again")) == b"again"
         records = _crypto_records(led)
     assert list(records["outcome"]) == ["ok", "ok", "failed", "failed", "ok", "ok"]
 
 
 def test_a_key_rotated_in_another_process_encrypts_with_the_new_version(
-        shared_home: Path) -> None:
+        shared_home: Path, elsewhere: Callable[[Path, str], None]) -> None:
     with kl.open(shared_home, principal="bob") as led:
         old = led.encrypt("k", b"v1")
         assert ct.parse(old)[0].version == 1
-        _elsewhere(shared_home, "led.rotate('k')")
+        elsewhere(shared_home, "led.rotate('k')")
         new = led.encrypt("k", b"v2")
         assert ct.parse(new)[0].version == 2
         assert (led.decrypt(old), led.decrypt(new)) == (b"v1", b"v2")
         assert list(led.audit(principal="bob", action="encrypt")["version"]) == [1, 2]
 
 
-def test_a_version_trimmed_in_another_process_no_longer_decrypts(shared_home: Path) -> None:
+def test_a_version_trimmed_in_another_process_no_longer_decrypts(shared_home: Path,
+        elsewhere: Callable[[Path, str], None]) -> None:
     with kl.open(shared_home, principal="bob") as led:
         old = led.encrypt("k", b"v1")
         assert led.decrypt(old) == b"v1"  # version 1 checked and remembered
-        _elsewhere(shared_home, "led.rotate('k')\nled.trim('k', 2)")
+        elsewhere(shared_home, "led.rotate('k')\nled.trim('k', 2)")
         with pytest.raises(KeyStateError, match="destroyed|minimum decryption"):
             led.decrypt(old)
         assert led.decrypt(led.encrypt("k", b"v2")) == b"v2"
 
 
 def test_a_grant_revoked_in_another_process_is_refused_by_the_next_call(
-        shared_home: Path) -> None:
+        shared_home: Path, elsewhere: Callable[[Path, str], None]) -> None:
     with kl.open(shared_home, principal="bob") as led:
         blob = led.encrypt("k", b"secret")
         assert led.decrypt(blob) == b"secret"  # both allowed once: remembered
-        _elsewhere(shared_home, "led.revoke('*', 'bob', 'user')")
+        elsewhere(shared_home, "led.revoke('*', 'bob', 'user')")
         with pytest.raises(AccessDenied):
             led.encrypt("k", b"secret")
         with pytest.raises(AccessDenied):

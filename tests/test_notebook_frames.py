@@ -18,7 +18,9 @@ from datetime import UTC, timedelta
 
 import pandas as pd
 import pytest
+from conftest import FakeClock, copy_home
 
+import keyledger as kl
 import keyledger.analytics as ka
 import keyledger.service as service
 import keyledger.store.audit as audit_repo
@@ -121,8 +123,24 @@ FRAMES = {
 }
 
 
+@pytest.fixture(scope="module")
+def _frames_once(tmp_path_factory, simulation_template) -> dict[str, pd.DataFrame]:
+    """Every public frame of a small home with some history (``_public_frames``), made once
+    for the module in a copy of the template home (closed again before any test runs)."""
+    home = tmp_path_factory.mktemp("frames") / "home"
+    copy_home(simulation_template, home)
+    clock = FakeClock()
+    with kl.open(home, principal="alice", clock=clock) as led:
+        return _public_frames(led, clock)
+
+
 @pytest.fixture
-def frames(ledger, clock) -> dict[str, pd.DataFrame]:
+def frames(_frames_once) -> dict[str, pd.DataFrame]:
+    """The module's frames, copied for each test (the tests only read them)."""
+    return {name: df.copy() for name, df in _frames_once.items()}
+
+
+def _public_frames(ledger, clock) -> dict[str, pd.DataFrame]:
     """Every public frame of a small home with some history: keys in several states, use,
     a rotation, grants, a pending quorum request, findings and an accepted exception."""
     _populated(ledger, clock)

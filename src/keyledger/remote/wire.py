@@ -20,18 +20,16 @@ import base64
 import binascii
 import dataclasses
 import enum
+import functools
 import math
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import PurePath
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..backup import RestoreTestReport
 from ..byok import WrappedKey
 from ..columns import BatchResult
-from ..display import AuditFrame, FindingsFrame
 from ..errors import InvalidInput
 from ..hsm.backend import Capabilities, KeyAttributes
 from ..model import SPECS, Family, Key, KeySpec, KeyState, KeyVersion, Purpose
@@ -42,6 +40,9 @@ from ..services.crypto import DataKey
 from ..services.maintenance import RewrapResult
 from ..store.verify import VerifyReport
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 _TAGS = ("__bytes__", "__datetime__", "__timedelta__", "__tuple__", "__frozenset__", "__dict__",
          "__dataclass__", "__enum__", "__spec__", "__frame__", "__float__")
 _CLASSES: dict[str, type] = {c.__name__: c for c in (
@@ -49,8 +50,18 @@ _CLASSES: dict[str, type] = {c.__name__: c for c in (
     KeyAttributes, ReconcileReport, AccessKeySecret, WrappedKey, RestoreTestReport,
     BatchResult)}
 _ENUMS: dict[str, type[enum.Enum]] = {c.__name__: c for c in (KeyState, Purpose, Family)}
-_FRAMES: dict[str, type[pd.DataFrame]] = {c.__name__: c for c in (
-    pd.DataFrame, AuditFrame, FindingsFrame)}
+
+
+# pandas and numpy (with keyledger.display's frames) are imported by the first frame decoded,
+# not by this module: a `keyledger serve` that answers only AWS KMS calls never needs them
+# (~0.5 s of CPU at its start). Until something imported them, no value can be one of theirs.
+@functools.cache
+def _frames() -> dict[str, type[pd.DataFrame]]:
+    import pandas as pd
+
+    from ..display import AuditFrame, FindingsFrame
+
+    return {c.__name__: c for c in (pd.DataFrame, AuditFrame, FindingsFrame)}
 
 
 # -- values ----------------------------------------------------------------------------------------
@@ -64,9 +75,10 @@ def encode(value: Any) -> Any:
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if isinstance(value, bytes | bytearray | memoryview):
         return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, pd.DataFrame):
+    pd, np = sys.modules.get("pandas"), sys.modules.get("numpy")
+    if pd is not None and isinstance(value, pd.DataFrame):
         return encode_frame(value)
-    if isinstance(value, datetime | pd.Timestamp):
+    if isinstance(value, datetime):  # pd.Timestamp too
         return {"__datetime__": _iso(value)}
     if isinstance(value, timedelta):
         return {"__timedelta__": value.total_seconds()}
@@ -86,13 +98,14 @@ def encode(value: Any) -> Any:
         return {"__tuple__": [encode(v) for v in value]}
     if isinstance(value, frozenset | set):
         return {"__frozenset__": sorted((encode(v) for v in value), key=repr)}
-    if isinstance(value, list | pd.Series | np.ndarray):
+    if (isinstance(value, list) or (pd is not None and isinstance(value, pd.Series))
+            or (np is not None and isinstance(value, np.ndarray))):
         return [encode(v) for v in list(value)]
     if isinstance(value, PurePath):
         return str(value)
-    if isinstance(value, np.generic):
+    if np is not None and isinstance(value, np.generic):
         return encode(value.item())
-    if value is pd.NA or value is pd.NaT:
+    if pd is not None and (value is pd.NA or value is pd.NaT):
         return None
     raise TypeError(f"{type(value).__name__} cannot travel on keyledger's wire")
 
@@ -147,7 +160,9 @@ _DECODERS: dict[str, Any] = {
 def encode_frame(df: pd.DataFrame) -> dict[str, Any]:
     """Split orient, column by column: ``{"__frame__": class, "columns": [{"name", "dtype",
     "values", ...}], "index": ...}`` (the index only when it is not 0..n-1)."""
-    cls = type(df).__name__ if type(df).__name__ in _FRAMES else "DataFrame"
+    import pandas as pd
+
+    cls = type(df).__name__ if type(df).__name__ in _frames() else "DataFrame"
     columns = [_encode_column(str(name) if not isinstance(name, str) else name, df.iloc[:, i])
                for i, name in enumerate(df.columns)]
     out: dict[str, Any] = {"__frame__": cls, "columns": columns,
@@ -160,6 +175,8 @@ def encode_frame(df: pd.DataFrame) -> dict[str, Any]:
 
 
 def _encode_column(name: Any, values: pd.Series) -> dict[str, Any]:
+    import pandas as pd
+
     dtype = values.dtype
     col: dict[str, Any] = {"name": name, "dtype": str(dtype)}
     if isinstance(dtype, pd.CategoricalDtype):
@@ -178,13 +195,17 @@ def _encode_column(name: Any, values: pd.Series) -> dict[str, Any]:
 
 
 def _missing(value: object) -> bool:
+    import pandas as pd
+
     return value is None or value is pd.NA or value is pd.NaT or (
         isinstance(value, float) and math.isnan(value))
 
 
 def decode_frame(data: dict[str, Any]) -> pd.DataFrame:
     """The frame ``encode_frame`` made ``data`` from (same class, dtypes and values)."""
-    cls = _FRAMES[data["__frame__"]]
+    import pandas as pd
+
+    cls = _frames()[data["__frame__"]]
     series = [_decode_column(c) for c in data["columns"]]
     index = _decode_column(data["index"]) if "index" in data else None
     rows = len(index) if index is not None else len(series[0]) if series else 0
@@ -199,6 +220,9 @@ def decode_frame(data: dict[str, Any]) -> pd.DataFrame:
 
 
 def _decode_column(col: dict[str, Any]) -> pd.Series:
+    import numpy as np
+    import pandas as pd
+
     dtype, values = str(col["dtype"]), list(col["values"])
     if dtype == "category":
         cats = pd.CategoricalDtype([decode(c) for c in col["categories"]],
