@@ -130,11 +130,38 @@ def seed_home(home: str | os.PathLike, *, days: int = 75, end: datetime | None =
 
 def run_seed(home: Path, *, timeout: float = 300) -> dict:
     """``seed_home`` in a fresh interpreter; returns its summary."""
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "seed", str(home)],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"seeding {home} failed:\n{out.stdout}\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return Seeding(home).result(timeout)
+
+
+class Seeding:
+    """``seed_home`` in a fresh interpreter, started at once; ``result()`` waits for its
+    summary (start the dashboard servers and the browser meanwhile: a server opens the home
+    only when it builds its first session)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "seed",
+                                      str(home)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self._summary: dict | None = None
+
+    def result(self, timeout: float = 300) -> dict:
+        if self._summary is None:
+            try:
+                out, err = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+                raise
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"seeding {self.home} failed:\n{out}\n{err}")
+            self._summary = json.loads(out.strip().splitlines()[-1])
+        return self._summary
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def run_ledger_code(home: Path, principal: str, body: str, *, timeout: float = 120) -> str:
