@@ -223,20 +223,27 @@ class DashboardServer:
                                      env=env, cwd=ROOT, start_new_session=True)
         return self
 
-    def wait_ready(self, timeout: float = 90) -> DashboardServer:
-        """Until the app page answers 200 (which builds one session of the app)."""
+    def wait_ready(self, timeout: float = 90, *, session: bool = True) -> DashboardServer:
+        """Until the app page answers 200 (which builds one session of the app), or with
+        ``session=False`` until the server accepts connections (the first page then builds
+        the first session: one session fewer when a browser opens the app anyway)."""
         assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"panel serve exited with {self.proc.returncode}:\n"
                                    + self.read_log())
-            try:
-                with urllib.request.urlopen(self.url, timeout=30) as r:
-                    if r.status == 200:
+            if not session:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
                         return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            else:
+                try:
+                    with urllib.request.urlopen(self.url, timeout=30) as r:
+                        if r.status == 200:
+                            return self
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"panel serve did not answer in {timeout} s:\n"

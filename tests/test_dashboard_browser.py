@@ -88,10 +88,11 @@ def seeded(started) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def servers(started, seeded):
-    """Both servers, once the home is seeded and each has built a first session."""
+    """Both servers, once the home is seeded and each accepts connections (each test's page
+    builds its own session; a warm-up request would build one more that no page uses)."""
     _, _, launched = started
     for server in launched.values():
-        server.wait_ready()
+        server.wait_ready(session=False)
     return launched
 
 
@@ -130,7 +131,8 @@ class Dashboard:
             self.foreign.append(request.url)
 
     def open(self) -> Dashboard:
-        self.page.goto(self.server.url, wait_until="load")
+        # the first page of a server also waits for its app's imports (no warm-up session)
+        self.page.goto(self.server.url, wait_until="load", timeout=3 * TIMEOUT_MS)
         self.page.locator(".bk-tab").filter(has_text="Overview").first.wait_for()
         self.visible(".kl-page-overview").first.wait_for()
         return self
