@@ -130,11 +130,38 @@ def seed_home(home: str | os.PathLike, *, days: int = 75, end: datetime | None =
 
 def run_seed(home: Path, *, timeout: float = 300) -> dict:
     """``seed_home`` in a fresh interpreter; returns its summary."""
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "seed", str(home)],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"seeding {home} failed:\n{out.stdout}\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return Seeding(home).result(timeout)
+
+
+class Seeding:
+    """``seed_home`` in a fresh interpreter, started at once; ``result()`` waits for its
+    summary (start the dashboard servers and the browser meanwhile: a server opens the home
+    only when it builds its first session)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "seed",
+                                      str(home)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self._summary: dict | None = None
+
+    def result(self, timeout: float = 300) -> dict:
+        if self._summary is None:
+            try:
+                out, err = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+                raise
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"seeding {self.home} failed:\n{out}\n{err}")
+            self._summary = json.loads(out.strip().splitlines()[-1])
+        return self._summary
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def run_ledger_code(home: Path, principal: str, body: str, *, timeout: float = 120) -> str:
@@ -196,20 +223,27 @@ class DashboardServer:
                                      env=env, cwd=ROOT, start_new_session=True)
         return self
 
-    def wait_ready(self, timeout: float = 90) -> DashboardServer:
-        """Until the app page answers 200 (which builds one session of the app)."""
+    def wait_ready(self, timeout: float = 90, *, session: bool = True) -> DashboardServer:
+        """Until the app page answers 200 (which builds one session of the app), or with
+        ``session=False`` until the server accepts connections (the first page then builds
+        the first session: one session fewer when a browser opens the app anyway)."""
         assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"panel serve exited with {self.proc.returncode}:\n"
                                    + self.read_log())
-            try:
-                with urllib.request.urlopen(self.url, timeout=30) as r:
-                    if r.status == 200:
+            if not session:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
                         return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            else:
+                try:
+                    with urllib.request.urlopen(self.url, timeout=30) as r:
+                        if r.status == 200:
+                            return self
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"panel serve did not answer in {timeout} s:\n"

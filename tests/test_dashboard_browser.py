@@ -25,11 +25,11 @@ from browser_support import (
     TAB_TITLES,
     DashboardServer,
     PageErrors,
+    Seeding,
     chromium_available,
     launch_chromium,
     remove_profile,
     run_ledger_code,
-    run_seed,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -61,27 +61,39 @@ DEEP_TEXT = """els => els.map(el => {
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory) -> tuple[Path, dict]:
+@pytest.fixture(scope="module", autouse=True)
+def started(tmp_path_factory):
+    """The seeding of the home and the admin's and the auditor's server, started at once and
+    before the browser: a server imports Panel while the home is seeded and opens the home
+    only when it builds its first session (``servers`` waits for that)."""
     home = tmp_path_factory.mktemp("browser") / "home"
-    return home, run_seed(home)
+    logs = tmp_path_factory.mktemp("server-logs")
+    seeding = Seeding(home)
+    launched: dict[str, DashboardServer] = {}
+    try:
+        for who in (ADMIN, AUDITOR):
+            launched[who] = DashboardServer(home, who, logs / f"{who}.log").launch()
+        yield home, seeding, launched
+    finally:
+        seeding.stop()
+        for server in launched.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")
-def servers(seeded, tmp_path_factory):
-    """The admin's and the auditor's server on one home, started side by side."""
-    home, _ = seeded
-    logs = tmp_path_factory.mktemp("server-logs")
-    started = {who: DashboardServer(home, who, logs / f"{who}.log") for who in (ADMIN, AUDITOR)}
-    try:
-        for server in started.values():
-            server.launch()
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+def seeded(started) -> tuple[Path, dict]:
+    home, seeding, _ = started
+    return home, seeding.result()
+
+
+@pytest.fixture(scope="module")
+def servers(started, seeded):
+    """Both servers, once the home is seeded and each accepts connections (each test's page
+    builds its own session; a warm-up request would build one more that no page uses)."""
+    _, _, launched = started
+    for server in launched.values():
+        server.wait_ready(session=False)
+    return launched
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +131,8 @@ class Dashboard:
             self.foreign.append(request.url)
 
     def open(self) -> Dashboard:
-        self.page.goto(self.server.url, wait_until="load")
+        # the first page of a server also waits for its app's imports (no warm-up session)
+        self.page.goto(self.server.url, wait_until="load", timeout=3 * TIMEOUT_MS)
         self.page.locator(".bk-tab").filter(has_text="Overview").first.wait_for()
         self.visible(".kl-page-overview").first.wait_for()
         return self
@@ -329,7 +342,8 @@ def test_two_idle_dashboards_do_not_keep_writing_to_the_audit_log(browser_contex
             pages.append(Dashboard(browser_context.new_page(), servers[who]).open())
         for dash in pages:
             dash.visible(CHART).first.wait_for()
-        time.sleep(5)  # both sessions may react once to the other's first load
+        # the window starts at once: a reaction of each session to the other's first load
+        # falls inside it and counts against the allowance below
         start = time.time()
         time.sleep(IDLE_WINDOW_S)
         end = time.time()
