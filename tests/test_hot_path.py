@@ -4,16 +4,15 @@ another process or another ledger of this process is still obeyed by the next ca
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import textwrap
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from proc_support import Zygote, zygote_fixture
 
 import keyledger as kl
 from keyledger import ciphertext as ct
@@ -42,48 +41,21 @@ def shared_home(home: Path) -> Path:
     return home
 
 
-# Another process, started once for the module: for each request it opens the home as alice,
-# runs the code with ``led`` and closes it again (a process switches homes between ledgers).
-_ELSEWHERE = r"""
-import json, sys, traceback
-import keyledger as kl
-for line in sys.stdin:
-    home, code = json.loads(line)
-    try:
-        with kl.open(home, principal="alice") as led:
-            exec(code, {"led": led})
-        print(json.dumps(None), flush=True)
-    except BaseException:
-        print(json.dumps(traceback.format_exc()), flush=True)
-"""
-
-
-@pytest.fixture(scope="module")
-def _elsewhere_process() -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen([sys.executable, "-c", _ELSEWHERE], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        assert proc.wait(timeout=300) == 0
+zygote = zygote_fixture()
 
 
 @pytest.fixture
-def elsewhere(_elsewhere_process: subprocess.Popen) -> Callable[[Path, str], None]:
+def elsewhere(zygote: Zygote) -> Callable[[Path, str], None]:
     """``elsewhere(home, code)``: run ``code`` with ``led`` (alice's ledger of ``home``) in
-    another process, which has closed the ledger again when this returns."""
-    proc = _elsewhere_process
+    another process (forked from the module's zygote), which has ended when this returns."""
 
     def run(home: Path, code: str) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps([str(home), textwrap.dedent(code)]) + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-        assert line, f"the other process ended (exit {proc.poll()})"
-        error = json.loads(line)
-        assert error is None, error
+        script = ("import sys\nimport keyledger as kl\n"
+                  "with kl.open(sys.argv[1], principal='alice') as led:\n"
+                  + textwrap.indent(textwrap.dedent(code), "    "))
+        out = zygote.run([sys.executable, "-c", script, str(home)], capture_output=True,
+                         text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
 
     return run
 

@@ -31,7 +31,6 @@ naive UTC) is always available, as are the helper objects described in docs/comp
 
 from __future__ import annotations
 
-import copy
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -216,9 +215,6 @@ def _load(texts: list[tuple[Path, bytes]]) -> RuleSet:
     return RuleSet(rules, frameworks, [str(p) for p in paths])
 
 
-_parsed: dict[bytes, dict] = {}  # a rule file's bytes -> its TOML (parsing is ~85% of a load)
-
-
 def _bytes(path: Path) -> bytes:
     try:
         with open(path, "rb") as fh:
@@ -228,16 +224,9 @@ def _bytes(path: Path) -> bytes:
 
 
 def _read(path: Path, data: bytes) -> dict:
-    """The file's TOML, parsed once per distinct content (rules are loaded for every
-    evaluation, and a dashboard evaluates on each refresh); a copy, so no caller shares it."""
+    """The file's TOML (``load_rules`` keeps what the files make per their bytes)."""
     try:
-        doc = _parsed.get(data)
-        if doc is None:
-            doc = tomllib.loads(data.decode("utf-8"))
-            if len(_parsed) >= 64:
-                _parsed.clear()
-            _parsed[data] = doc
-        return copy.deepcopy(doc)
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"rule file {path} is not valid TOML (not UTF-8 text: {exc.reason}); "
                           "no rule in it could be read") from None
