@@ -351,6 +351,18 @@ def test_a_secret_passed_as_key_name_is_kept_only_as_a_hash(seeded):
     s.last_seq = None
 
 
+def test_grants_refuses_a_name_no_key_can_have(seeded):
+    """grants('\\udcff') raised a bare UnicodeEncodeError from pyarrow (found by
+    tests/test_hostile.py); a name filter is checked as a key name ('*' stays allowed)."""
+    led = seeded.led
+    for bad in ("\udcff", "k\n", 7):
+        with pytest.raises(kl.InvalidInput, match="key name"):
+            led.grants(bad)
+    failed = led.audit(action="list_keys", outcome="failed", limit=None)
+    assert failed["error"].tolist()[-3:] == ["InvalidInput"] * 3
+    assert set(led.grants("*")["key"]) == {"*"}
+
+
 def test_audit_refuses_malformed_filters(seeded):
     s = seeded
     for kwargs, says in [({"since": "yesterday"}, "since must be a timezone-aware datetime"),

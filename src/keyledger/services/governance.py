@@ -124,8 +124,8 @@ class GovernanceService(Service):
         Home-wide admins and auditors see every grant; anyone else only the grants on keys
         it may list, and the home-wide grants to itself or to everyone."""
         with self._audited("list_keys", name) as rec:
-            if name is not None and not isinstance(name, str):
-                raise InvalidInput(f"name must be a key name or '*', not {type(name).__name__}")
+            if name is not None and name != WILDCARD:
+                validate_name(name)  # a filter too: a name no key can have is refused
             self._record_filter(rec, name)
             self._require_some_role(rec, "list_keys")
             with self._rt.db.read() as tx:
