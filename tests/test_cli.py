@@ -327,6 +327,8 @@ def test_audit_verify_tail_and_principal(cli):
     denied = cli("--principal", "bob", "encrypt", "orders", input=b"x")
     assert denied.returncode == 1 and b"keyledger grant orders bob user" in denied.stderr
     cli.ok("grant", "orders", "bob", "user")
+    err = refused(cli("revoke", "orders", "bob", "admin"))  # exit 1 said why (found by
+    assert "nothing revoked" in err and "keyledger grants orders" in err  # test_hostile)
     cli.ok("--principal", "bob", "encrypt", "orders", "--context", "tenant=acme", input=b"x")
     proc = cli.ok("audit", "verify", subprocess=True)
     assert b"audit ledger OK" in proc.stdout

@@ -20,6 +20,7 @@ import inspect
 import io
 import json
 import os
+import sys
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -307,6 +308,9 @@ def test_cli_with_hostile_arguments_exits_1_or_2_with_a_message(estate, capsysbi
     # pytest-xdist worker cannot send such a report to the controller (it dies instead).
     monkeypatch.setenv("KEYLEDGER_BACKUP_PASSPHRASE", "correct horse battery staple 42")
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    # a process's stderr writes a lone surrogate as '\\udcff' (argparse echoes the argv it
+    # refuses); the capture's stream is strict unless told so
+    sys.stderr.reconfigure(errors="backslashreplace")
 
     @settings(max_examples=CLI_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .common import AddCommand, UsageError, ledger_for, print_frame, print_json
@@ -19,8 +20,13 @@ def cmd_grant(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     with ledger_for(args) as led:
         removed = led.revoke(args.name, args.who, args.role)
+    if not removed:  # exit 1 with an error line, as every failure (docs/cli.md, "Exit codes")
+        what = f"the {args.role} role" if args.role else "a role"
+        print(f"error: no grant on {args.name} gives {args.who} {what}; nothing revoked "
+              f"(`keyledger grants {args.name}` lists the grants)", file=sys.stderr)
+        return 1
     print(f"revoked {removed} grant(s) of {args.who} on {args.name}")
-    return 0 if removed else 1
+    return 0
 
 
 def cmd_grants(args: argparse.Namespace) -> int:
