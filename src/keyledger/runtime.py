@@ -185,15 +185,17 @@ class HomeRuntime:
                 held.enter_context(self.db.hold())
             with self.db.write() as tx:
                 migrate(tx)
-                new_home = meta.get(tx, "home_id") is None
-                self.home_id = meta.get_or_make(tx, "home_id", lambda: str(uuid.uuid4()))
-                self.audit_handle = bytes.fromhex(meta.get_or_make(tx, "audit_key",
-                                                                   self._new_audit_key))
-                self.seal_handle = bytes.fromhex(meta.get_or_make(tx, "seal_key",
-                                                                  self._new_seal_key))
+                known = meta.get_many(tx, ("home_id", "audit_key", "seal_key", "home_mode"))
+                new_home = "home_id" not in known
+                self.home_id = meta.get_or_make(tx, "home_id", lambda: str(uuid.uuid4()), known)
+                self.audit_handle = bytes.fromhex(meta.get_or_make(
+                    tx, "audit_key", self._new_audit_key, known))
+                self.seal_handle = bytes.fromhex(meta.get_or_make(
+                    tx, "seal_key", self._new_seal_key, known))
                 if self._seal_key_is_new:
                     self._seal_ingested(tx)
-                self.simulation = self._home_mode(tx, new_home, simulate) == SIMULATION
+                mode = self._home_mode(tx, new_home, simulate, known.get("home_mode"))
+                self.simulation = mode == SIMULATION
             self.usage = UsageCounters(home / "usage")
             self.journal = JournalWriter(settings.journal_dir, strict=settings.audit.strict,
                                          fsync_interval_ms=settings.audit.fsync_interval_ms,
@@ -220,12 +222,11 @@ class HomeRuntime:
         atexit.register(self.shutdown)
 
     # -- setup helpers -----------------------------------------------------------------------
-    def _home_mode(self, tx: Tx, new_home: bool, simulate: bool) -> str:
+    def _home_mode(self, tx: Tx, new_home: bool, simulate: bool, stored: str | None) -> str:
         """Record the mode of a new home (or of a home made before modes existed: real), or
         check the store's copy against the HSM's. The HSM's copy wins: a missing store row is
         written back from it; a store row without the HSM object, or differing, is refused."""
         label = MODE_LABEL_PREFIX + self.home_id
-        stored = meta.get(tx, "home_mode")
         in_hsm = self._hsm_mode(label, expected=stored is not None)
         if not in_hsm and stored is None:
             mode = SIMULATION if new_home and simulate else REAL

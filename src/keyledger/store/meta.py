@@ -18,15 +18,23 @@ def get(tx: Tx, name: str) -> str | None:
     return row[0] if row else None
 
 
+def get_many(tx: Tx, names: tuple[str, ...]) -> dict[str, str]:
+    """The stored values of ``names`` (absent ones left out), in one statement."""
+    return dict(tx.execute("SELECT name, value FROM meta WHERE list_contains(?, name)",
+                           [list(names)]).fetchall())
+
+
 def put(tx: Tx, name: str, value: str) -> None:
     """Set a value (insert or replace)."""
     tx.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT DO UPDATE "
                "SET value = excluded.value", [name, value])
 
 
-def get_or_make(tx: Tx, name: str, make: Callable[[], str]) -> str:
-    """The stored value, or ``make()``'s, stored now."""
-    value = get(tx, name)
+def get_or_make(tx: Tx, name: str, make: Callable[[], str],
+                known: dict[str, str] | None = None) -> str:
+    """The stored value, or ``make()``'s, stored now. ``known``: values just read with
+    ``get_many`` (a name it lacks is not stored)."""
+    value = get(tx, name) if known is None else known.get(name)
     if value is None:
         value = make()
         tx.execute("INSERT INTO meta (name, value) VALUES (?, ?)", [name, value])
