@@ -59,12 +59,13 @@ class _Protect(NamedTuple):
     calls: dict[str, tuple[tuple[str, str], tuple[str, str, bool]]]
 
 
-class _Hot(NamedTuple):
-    """The hot path's entry for a key name: valid while the catalog holds ``view``."""
-
-    view: Any  # the catalog snapshot (store.catalog._View) it was checked on
-    plan: _Protect
-    calls: dict[str, tuple[str, str, bool]]  # authorised action -> its record (fixed_ok)
+# The hot path's entry for a key name, valid while the catalog holds its view: (the catalog
+# snapshot, store.catalog._View, it was checked on; authorised action -> its record, as
+# JournalWriter.fixed_ok renders it; then the plan's key, version number, HSM handle, header
+# prefix, usage slot and limit, and the plan). A plain tuple, unpacked at once: cheaper than
+# a NamedTuple's attribute reads on every call.
+_Hot = tuple[Any, dict[str, tuple[str, str, bool]], Key, int, bytes, bytes, tuple[str, int],
+             int, _Protect]
 
 
 _PLANS_MAX = 4096
@@ -123,25 +124,23 @@ class CryptoService(Service):
                 catalog.refresh()
             view = catalog._view  # (one snapshot of the keys and grants)
             hot = self._named.get(name)
-            if hot is None or hot[0] is not view or action not in hot[2]:
+            if hot is None or hot[0] is not view or action not in hot[1]:
                 hot = self._hot_entry(name, view)
-                if hot is None or action not in hot[2]:
+                if hot is None or action not in hot[1]:
                     return None
-            plan = hot[1]
-            key = plan.key
-            number = plan.version.version
+            _, calls, key, number, handle, prefix, slot, limit, plan = hot
             usage = rt.usage
             spent = False
             with usage._lock:  # usage.take's common case, inline: a use left in the block
-                block = usage._blocks.get(plan.slot)
-                if block is not None and block[0] > 0 and block[1] == plan.limit:
+                block = usage._blocks.get(slot)
+                if block is not None and block[0] > 0 and block[1] == limit:
                     block[0] -= 1
                     spent = True
-            if not spent and not usage.take(key.key_id, number, plan.limit, self._seed):
+            if not spent and not usage.take(key.key_id, number, limit, self._seed):
                 return None  # no use was spent: the full path rotates (auto_rotate) or refuses
             nonce = os.urandom(ct.NONCE_LEN)
-            header = plan.prefix + nonce
-            body = rt.backend.encrypt_gcm(plan.version.handle, nonce, header + aad, data)
+            header = prefix + nonce
+            body = rt.backend.encrypt_gcm(handle, nonce, header + aad, data)
         except BaseException as exc:
             ctx.record_failure(action, name, aad, key, number, exc)
             raise
@@ -150,7 +149,7 @@ class CryptoService(Service):
                               ctx.principal, action, key.name, key.key_id, number, "ok", None,
                               None, aad.decode() if aad else None)
         else:  # the same record, its fixed fields rendered with the plan, dated under one lock
-            rt.journal.append_ok(hot[2][action])
+            rt.journal.append_ok(calls[action])
         return header + body, plan
 
     def _hot_entry(self, name: str, view: Any) -> _Hot | None:
@@ -166,8 +165,10 @@ class CryptoService(Service):
         under, allowed = self.ctx.allowed
         if plan is None or plan.key is not key or under is not view.grants:
             return None
-        hot = _Hot(view, plan, {action: fixed for action, (allow, fixed) in plan.calls.items()
-                                if allow in allowed})
+        version = plan.version
+        hot = (view, {action: fixed for action, (allow, fixed) in plan.calls.items()
+                      if allow in allowed},
+               key, version.version, version.handle, plan.prefix, plan.slot, plan.limit, plan)
         if len(self._named) >= _PLANS_MAX:
             self._named.clear()
         self._named[name] = hot
