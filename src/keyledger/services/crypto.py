@@ -120,9 +120,9 @@ class CryptoService(Service):
         aad = key = number = None
         try:
             aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
-            if _monotonic() - catalog._checked >= catalog._refresh_s:  # CatalogCache.get's
+            if _monotonic() - catalog.checked >= catalog.refresh_s:  # CatalogCache.get's
                 catalog.refresh()
-            view = catalog._view  # (one snapshot of the keys and grants)
+            view = catalog.view  # (one snapshot of the keys and grants)
             hot = self._named.get(name)
             if hot is None or hot[0] is not view or action not in hot[1]:
                 hot = self._hot_entry(name, view)
@@ -131,8 +131,8 @@ class CryptoService(Service):
             _, calls, key, number, handle, prefix, slot, limit, plan = hot
             usage = rt.usage
             spent = False
-            with usage._lock:  # usage.take's common case, inline: a use left in the block
-                block = usage._blocks.get(slot)
+            with usage.lock:  # usage.take's common case, inline: a use left in the block
+                block = usage.blocks.get(slot)
                 if block is not None and block[0] > 0 and block[1] == limit:
                     block[0] -= 1
                     spent = True
@@ -277,9 +277,9 @@ class CryptoService(Service):
             aad = found = number = plaintext = None
             try:
                 aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
-                if _monotonic() - catalog._checked >= catalog._refresh_s:  # as in get_id
+                if _monotonic() - catalog.checked >= catalog.refresh_s:  # as in get_id
                     catalog.refresh()
-                view = catalog._view
+                view = catalog.view
                 if seen is not view:  # another snapshot: the same key, still authorised?
                     seen = self._still_readable(ciphertext[:_PREFIX], known, view)
                 if seen is not None:
