@@ -159,8 +159,6 @@ class HomeRuntime:
                  held: contextlib.ExitStack | None = None) -> None:
         self.home = home
         self.refs = 0
-        self._time_lock = threading.Lock()
-        self._last_us = 0  # the newest trusted time handed out, microseconds since the epoch
         self.mode_note: str | None = None  # said once, in the next open's audit record
         settings = load_settings(home)
         if settings is None:
@@ -267,12 +265,7 @@ class HomeRuntime:
     def trusted_us(self) -> int:
         """``trusted_now()`` as microseconds since the epoch (an audit record's time), read
         without building a datetime: every audited call reads it once."""
-        now = time.time_ns() // 1000
-        with self._time_lock:
-            if now < self._last_us:
-                return self._last_us
-            self._last_us = now
-        return now
+        return self.journal.trusted_us()  # under the journal's lock (see append_ok)
 
     def _new_audit_key(self) -> str:
         handle = uuid.uuid4().bytes

@@ -4,6 +4,7 @@ signatures and MACs, each authorised and audited once."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from .lifecycle import LifecycleService
 
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
 _NO_CONTEXT = b""  # canonical_context(None)
+_monotonic = time.monotonic
+_new_object = object.__new__
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ class _Protect(NamedTuple):
     version: KeyVersion  # the latest version, allowed to encrypt
     prefix: bytes  # the ciphertext header up to the nonce
     limit: int  # the version's usage limit
+    slot: tuple[str, int]  # (key_id, version): the usage counter's
+    # action -> ((action, key_id) as the authorisations remember it, the record of a call
+    # that worked with no context, rendered by JournalWriter.fixed_ok)
+    calls: dict[str, tuple[tuple[str, str], tuple[str, str, bool]]]
+
+
+# The hot path's entry for a key name, valid while the catalog holds its view: (the catalog
+# snapshot, store.catalog._View, it was checked on; authorised action -> its record, as
+# JournalWriter.fixed_ok renders it; then the plan's key, version number, HSM handle, header
+# prefix, usage slot and limit, and the plan). A plain tuple, unpacked at once: cheaper than
+# a NamedTuple's attribute reads on every call.
+_Hot = tuple[Any, dict[str, tuple[str, str, bool]], Key, int, bytes, bytes, tuple[str, int],
+             int, _Protect]
 
 
 _PLANS_MAX = 4096
@@ -64,9 +80,13 @@ class CryptoService(Service):
         super().__init__(ctx)
         self.lifecycle = lifecycle  # rotates a key at its usage limit (auto_rotate)
         self._plans: dict[str, _Protect] = {}  # key_id -> its encryption plan
+        self._named: dict[str, _Hot] = {}  # key name or alias -> the hot path's entry
         # a ciphertext header up to the nonce (key id and version) -> (the Key snapshot it was
-        # checked on, the version to decrypt with)
-        self._readable: dict[bytes, tuple[Key, KeyVersion]] = {}
+        # checked on, the version to decrypt with,
+        # the record of a decrypt with it that worked with no context, see _Protect.calls, and
+        # the catalog snapshot on which the hot path found both the key and the authorisation
+        # unchanged, or None)
+        self._readable: dict[bytes, tuple[Key, KeyVersion, tuple[str, str, bool], Any]] = {}
         self._seed = self._recorded_encryptions  # (bound once: every encryption passes it)
 
     def encrypt(self, name: str, plaintext: bytes, *,
@@ -93,33 +113,66 @@ class CryptoService(Service):
         and the full path does and records the call. A failure on the way is recorded here,
         with what the full path would have known at that point (``Context.record_failure``)."""
         ctx = self.ctx
-        if (type(data) is not bytes or type(name) is not str or name not in VALID_NAMES
-                or ctx.closed):
+        if type(data) is not bytes or type(name) is not str or ctx.closed:
             return None
         rt = self._rt
         catalog = rt.catalog
         aad = key = number = None
         try:
             aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
-            key = catalog.get(name)
-            plan = self._plans.get(key.key_id)
-            under, allowed = ctx.allowed  # (catalog.grants: of the snapshot get() just used)
-            if (plan is None or plan.key is not key or under is not catalog.grants
-                    or (action, key.key_id) not in allowed):
-                return None
-            number = plan.version.version
-            if not rt.usage.take(key.key_id, number, plan.limit, self._seed):
+            if _monotonic() - catalog.checked >= catalog.refresh_s:  # CatalogCache.get's
+                catalog.refresh()
+            view = catalog.view  # (one snapshot of the keys and grants)
+            hot = self._named.get(name)
+            if hot is None or hot[0] is not view or action not in hot[1]:
+                hot = self._hot_entry(name, view)
+                if hot is None or action not in hot[1]:
+                    return None
+            _, calls, key, number, handle, prefix, slot, limit, plan = hot
+            usage = rt.usage
+            spent = False
+            with usage.lock:  # usage.take's common case, inline: a use left in the block
+                block = usage.blocks.get(slot)
+                if block is not None and block[0] > 0 and block[1] == limit:
+                    block[0] -= 1
+                    spent = True
+            if not spent and not usage.take(key.key_id, number, limit, self._seed):
                 return None  # no use was spent: the full path rotates (auto_rotate) or refuses
             nonce = os.urandom(ct.NONCE_LEN)
-            header = plan.prefix + nonce
-            body = rt.backend.encrypt_gcm(plan.version.handle, nonce, header + aad, data)
+            header = prefix + nonce
+            body = rt.backend.encrypt_gcm(handle, nonce, header + aad, data)
         except BaseException as exc:
             ctx.record_failure(action, name, aad, key, number, exc)
             raise
-        rt.journal.append(rt.trusted_us() if ctx.clock is None else ctx.time_us(), ctx.principal,
-                          action, key.name, key.key_id, number, "ok", None, None,
-                          aad.decode() if aad else None)
+        if aad or ctx.clock is not None:
+            rt.journal.append(rt.trusted_us() if ctx.clock is None else ctx.time_us(),
+                              ctx.principal, action, key.name, key.key_id, number, "ok", None,
+                              None, aad.decode() if aad else None)
+        else:  # the same record, its fixed fields rendered with the plan, dated under one lock
+            rt.journal.append_ok(calls[action])
         return header + body, plan
+
+    def _hot_entry(self, name: str, view: Any) -> _Hot | None:
+        """What the hot path keeps for a key name on one catalog snapshot (``view``, whose
+        keys and grants never change): the encryption plan of the key it names there and the
+        record of each action this ledger was authorised for on that grants snapshot. None (the
+        full path, which checks, makes the plan and authorises) when there is no such plan or
+        authorisation yet, or the name was never checked."""
+        if name not in VALID_NAMES:
+            return None
+        key = view.key(view.ids.get(name))
+        plan = None if key is None else self._plans.get(key.key_id)
+        under, allowed = self.ctx.allowed
+        if plan is None or plan.key is not key or under is not view.grants:
+            return None
+        version = plan.version
+        hot = (view, {action: fixed for action, (allow, fixed) in plan.calls.items()
+                      if allow in allowed},
+               key, version.version, version.handle, plan.prefix, plan.slot, plan.limit, plan)
+        if len(self._named) >= _PLANS_MAX:
+            self._named.clear()
+        self._named[name] = hot
+        return hot
 
     def _encrypt_with(self, rec: Audited, key: Key, data: bytes, ctx: bytes) -> bytes:
         plan = self._plans.get(key.key_id)
@@ -144,7 +197,13 @@ class CryptoService(Service):
         check_use(key.state, Use.PROTECT, key.name)
         version = key.version_for_protect()
         header = ct.pack_header(key.key_id_bytes, version.version, bytes(ct.NONCE_LEN))
-        plan = _Protect(key, version, header[:-ct.NONCE_LEN], self._rt.catalog.usage_limit(key))
+        journal, principal = self._rt.journal, self.ctx.principal
+        calls = {action: ((action, key.key_id),
+                          journal.fixed_ok(principal, action, key.name, key.key_id,
+                                           version.version))
+                 for action in ("encrypt", "generate_data_key")}
+        plan = _Protect(key, version, header[:-ct.NONCE_LEN], self._rt.catalog.usage_limit(key),
+                        (key.key_id, version.version), calls)
         if len(self._plans) >= _PLANS_MAX:
             self._plans.clear()
         self._plans[key.key_id] = plan
@@ -214,14 +273,17 @@ class CryptoService(Service):
         if known is not None and len(ciphertext) >= _SHORTEST and not caller.closed:
             rt = self._rt
             catalog = rt.catalog
-            key, version = known
+            key, version, fixed, seen = known
             aad = found = number = plaintext = None
             try:
                 aad = _NO_CONTEXT if context is None else ct.canonical_context(context)
-                found = catalog.get_id(key.key_id)
-                under, allowed = caller.allowed
-                if (found is key and under is catalog.grants
-                        and ("decrypt", key.key_id) in allowed):
+                if _monotonic() - catalog.checked >= catalog.refresh_s:  # as in get_id
+                    catalog.refresh()
+                view = catalog.view
+                if seen is not view:  # another snapshot: the same key, still authorised?
+                    seen = self._still_readable(ciphertext[:_PREFIX], known, view)
+                if seen is not None:
+                    found = key
                     number = version.version
                     plaintext = rt.backend.decrypt_gcm(
                         version.handle, ciphertext[_PREFIX:ct.HEADER_LEN],
@@ -232,13 +294,30 @@ class CryptoService(Service):
                 caller.record_failure("decrypt", None, aad, found, number, exc)
                 raise
             if plaintext is not None:
-                rt.journal.append(rt.trusted_us() if caller.clock is None else caller.time_us(),
-                                  caller.principal, "decrypt", key.name, key.key_id, number, "ok",
-                                  None, None, aad.decode() if aad else None)
+                if aad or caller.clock is not None:
+                    rt.journal.append(
+                        rt.trusted_us() if caller.clock is None else caller.time_us(),
+                        caller.principal, "decrypt", key.name, key.key_id, number, "ok", None,
+                        None, aad.decode() if aad else None)
+                else:  # the same record, rendered with the version (see _encrypt_now)
+                    rt.journal.append_ok(fixed)
                 return plaintext
         with self._audited("decrypt", None) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             return self._decrypt(rec, ciphertext, ctx)
+
+    def _still_readable(self, prefix: bytes, known: tuple[Key, KeyVersion,
+                        tuple[str, str, bool], Any], view: Any) -> Any:
+        """``view`` if the catalog snapshot ``view`` holds the very key a kept decryption
+        version was checked on and this ledger's decrypt on it is authorised under its grants
+        (then kept with the version), else None (the full path checks it again)."""
+        key = known[0]
+        under, allowed = self.ctx.allowed
+        if (view.key(key.key_id) is not key or under is not view.grants
+                or ("decrypt", key.key_id) not in allowed):
+            return None
+        self._readable[prefix] = (key, known[1], known[2], view)
+        return view
 
     def _decrypt(self, rec: Audited, ciphertext: object, ctx: bytes) -> bytes:
         try:
@@ -282,7 +361,8 @@ class CryptoService(Service):
         version = key.version_for_decrypt(number)
         if len(self._readable) >= _PLANS_MAX:
             self._readable.clear()
-        self._readable[prefix] = (key, version)
+        self._readable[prefix] = (key, version, self._rt.journal.fixed_ok(
+            self.ctx.principal, "decrypt", key.name, key.key_id, number), None)
         return version
 
     def rewrap(self, ciphertext: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
@@ -301,9 +381,12 @@ class CryptoService(Service):
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
         plaintext = os.urandom(32)  # what AESGCM.generate_key(256) returns
         done = self._encrypt_now("generate_data_key", name, plaintext, context)
-        if done is not None:
+        if done is not None:  # (DataKey(...) without its frozen __init__'s four setattr)
             plan = done[1]
-            return DataKey(plaintext, done[0], plan.key.name, plan.version.version)
+            dk = _new_object(DataKey)
+            dk.__dict__.update(plaintext=plaintext, wrapped=done[0], key=plan.key.name,
+                               version=plan.version.version)
+            return dk
         with self._audited("generate_data_key", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
             key = self._key(rec, name)

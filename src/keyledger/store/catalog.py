@@ -594,29 +594,31 @@ class CatalogCache:
 
     def __init__(self, home: Path, refresh_ms: int) -> None:
         self._path = home / SNAPSHOT_NAME
-        self._refresh_s = refresh_ms / 1000
-        self._checked = 0.0
+        # (public for the crypto hot path, which makes get()'s refresh test inline and keeps
+        # what it checked per ``view``: one load of catalog.json, never changed once made)
+        self.refresh_s = refresh_ms / 1000
+        self.checked = 0.0  # time.monotonic() of the last look at catalog.json
         self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
-        self._view = _EMPTY
+        self.view = _EMPTY
 
     def refresh(self, force: bool = False) -> None:
         """Reload catalog.json if it changed; ``force`` checks now instead of at most every
         ``refresh_ms``. (Writers replace the file by rename, so a changed file always has a
         new stamp: an unchanged one is never parsed again.)"""
         now = time.monotonic()
-        if not force and now - self._checked < self._refresh_s:
+        if not force and now - self.checked < self.refresh_s:
             return
         with self._lock:
-            self._checked = now
+            self.checked = now
             stamp = file_stamp(self._path)
             if stamp == self._stamp:
                 return
             if stamp is None:
-                self._view, self._stamp = _EMPTY, None
+                self.view, self._stamp = _EMPTY, None
                 return
             doc = json.loads(self._path.read_text())
-            self._view = _view({d["key_id"]: d for d in doc["keys"]}, {}, index_grants(
+            self.view = _view({d["key_id"]: d for d in doc["keys"]}, {}, index_grants(
                 tuple(g) for g in doc.get("grants", [])), doc.get("home_policy", {}))
             self._stamp = stamp
 
@@ -630,7 +632,7 @@ class CatalogCache:
         ``changed``: the only keys whose documents differ from the export stamped ``base``;
         when that is the view held, only those keys are indexed again (no pass over every key)."""
         with self._lock:
-            old, view = self._view, None
+            old, view = self.view, None
             same_policy = home_policy == old.home_policy
             if changed is not None and base is not None and base == self._stamp and same_policy:
                 view = _view_after(old, docs, changed, grants, home_policy)
@@ -638,27 +640,27 @@ class CatalogCache:
                 built = {kid: key for kid, key in old.built.items()
                          if docs.get(kid) is old.docs[kid]} if same_policy else {}
                 view = _view(docs, built, grants, home_policy)
-            self._view = view
-            self._stamp, self._checked = stamp, time.monotonic()
+            self.view = view
+            self._stamp, self.checked = stamp, time.monotonic()
 
     @property
     def grants(self) -> Grants:
-        return self._view.grants
+        return self.view.grants
 
     def grants_now(self) -> Grants:
-        if time.monotonic() - self._checked >= self._refresh_s:  # refresh()'s own test, inline
+        if time.monotonic() - self.checked >= self.refresh_s:  # refresh()'s own test, inline
             self.refresh()
-        return self._view.grants
+        return self.view.grants
 
     def home_policy(self) -> dict:
         self.refresh()
-        return self._view.home_policy
+        return self.view.home_policy
 
     def get(self, name: str) -> Key:
         # every audited call on a key asks this: refresh()'s test and the built key inline
-        if time.monotonic() - self._checked >= self._refresh_s:
+        if time.monotonic() - self.checked >= self.refresh_s:
             self.refresh()
-        view = self._view
+        view = self.view
         key_id = view.ids.get(name)
         key = view.built.get(key_id) if key_id is not None else None
         if key is None:
@@ -670,7 +672,7 @@ class CatalogCache:
     def usage_limit(self, key: Key) -> int:
         """Encryptions one version of ``key`` may make, as this snapshot says (see
         ``model.usage_limit``); computed once per key and snapshot."""
-        view = self._view
+        view = self.view
         limit = view.limits.get(key.key_id)
         if limit is None:
             current = view.key(key.key_id) or key
@@ -678,13 +680,13 @@ class CatalogCache:
         return limit
 
     def get_id(self, key_id: str) -> Key | None:
-        if time.monotonic() - self._checked >= self._refresh_s:  # as in get: every decrypt asks
+        if time.monotonic() - self.checked >= self.refresh_s:  # as in get: every decrypt asks
             self.refresh()
-        view = self._view
+        view = self.view
         key = view.built.get(key_id)
         return key if key is not None else view.key(key_id)
 
     def all_keys(self) -> list[Key]:
         self.refresh()
-        view = self._view
+        view = self.view
         return [view.doc_key(kid) for kid in view.docs]

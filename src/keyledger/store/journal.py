@@ -36,6 +36,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from json.encoder import encode_basestring as _q  # C-accelerated
@@ -194,6 +195,9 @@ class JournalWriter:
         self._lock = threading.Lock()
         self._seq = 0
         self._last_us = 0  # time_us of the newest record
+        # The newest trusted time this process handed out (``trusted_us``, ``append_ok``): under
+        # the same lock as the journal, so a call reads the clock and appends under one lock.
+        self._trusted_us = 0
         self.size = 0  # bytes this writer appended
         self.changed_upto = 0  # end of its last record that was not a read
         self._head = self.journal + SEP  # record_hash's text starts with these ...
@@ -268,6 +272,66 @@ class JournalWriter:
             return self.append(time_us, e(principal), e(action), key and e(key),
                                key_id and e(key_id), version, e(outcome), error and e(error),
                                detail and e(detail), context and e(context))
+
+    def trusted_us(self) -> int:
+        """The system clock in microseconds since the epoch, never earlier than a time this
+        process already handed out (``Runtime.trusted_us``, every record ``append_ok`` dates)."""
+        now = time.time_ns() // 1000
+        with self._lock:
+            if now < self._trusted_us:
+                return self._trusted_us
+            self._trusted_us = now
+        return now
+
+    def fixed_ok(self, principal: str, action: str, key: str, key_id: str,
+                 version: int) -> tuple[str, str, bool]:
+        """What ``append_ok`` takes: the fields principal .. context of a record of a call on a
+        key that worked, with no error, detail or context, rendered once (a caller keeps it with
+        its plan): (hash text with the journal's tail, JSON, whether the action is a change
+        rather than a read; both texts after the time). A field
+        no UTF-8 can hold is backslash-escaped, as ``append`` records it."""
+        fixed = (principal, action, key, key_id, version, "ok")
+        try:
+            f"{self._middle(fixed)[2]}".encode()
+        except UnicodeEncodeError:
+            e = _backslashed
+            fixed = (e(principal), e(action), e(key), e(key_id), version, "ok")
+        text, body, text_ok, body_ok = self._middle(fixed)
+        return text_ok + self._tail, body_ok, action not in READ_ACTIONS
+
+    def append_ok(self, fixed: tuple[str, str, bool]) -> int:
+        """``append`` of the record ``fixed`` (from ``fixed_ok``) dated now, by trusted time
+        read under the journal's lock (one lock for the clock and the chain): the hot path of
+        every call that worked. The record is the one ``append(trusted_us(), ...)`` writes."""
+        with self._lock:
+            if self._closed:
+                raise AuditError("the audit journal is closed; open the ledger again")
+            now = time.time_ns() // 1000
+            if now < self._trusted_us:
+                now = self._trusted_us
+            else:
+                self._trusted_us = now
+            if now < self._last_us <= now + CLOCK_SLACK_US:  # (a simulation clock's record)
+                now = self._last_us
+            seq = self._seq + 1
+            t = str(now)
+            h = _sha256(f"{self._head}{seq}\x1f{t}{fixed[0]}{self._prev}".encode()).hexdigest()
+            try:
+                line = f'[{seq},{t}{fixed[1]}{h}"]\n'.encode()
+                os.write(self._fd, line)
+                if self._strict:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                raise AuditError(
+                    f"cannot append to the audit journal {self.path}: {exc.strerror}; "
+                    "the operation was done but its record may be missing - free disk space"
+                ) from None
+            self._seq, self._prev, self._dirty = seq, h, True
+            self._last_us = now
+            self.size += len(line)
+            if fixed[2]:
+                self.changed_upto = self.size
+            return seq
 
     def _middle(self, fixed: tuple) -> tuple[str, str, str, str]:
         """The record text and JSON of the fields principal .. outcome, remembered; then the

@@ -39,9 +39,9 @@ class UsageCounters:
 
     def __init__(self, directory: Path) -> None:
         self._dir = directory
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # (public: the crypto hot path spends a use inline)
         # (key_id, version) -> [uses left in this process's block, the limit it was taken under]
-        self._blocks: dict[tuple[str, int], list[int]] = {}
+        self.blocks: dict[tuple[str, int], list[int]] = {}
 
     def _path(self, key_id: str, version: int) -> Path:
         return self._dir / f"{key_id}-v{version}"
@@ -58,8 +58,8 @@ class UsageCounters:
     def take(self, key_id: str, version: int, limit: int, seed: Seed) -> bool:
         """Spend one use of the version; False when no use is left under ``limit``."""
         slot = (key_id, version)
-        with self._lock:
-            block = self._blocks.get(slot)
+        with self.lock:
+            block = self.blocks.get(slot)
             if block is not None and block[0] > 0 and block[1] == limit:
                 block[0] -= 1
                 return True
@@ -70,9 +70,9 @@ class UsageCounters:
         than ``n`` only when the version has no use left under ``limit``)."""
         slot = (key_id, version)
         spent = 0
-        with self._lock:
+        with self.lock:
             while spent < n:
-                block = self._blocks.get(slot)
+                block = self.blocks.get(slot)
                 if block is not None and block[0] > 0 and block[1] == limit:
                     got = min(block[0], n - spent)
                     block[0] -= got
@@ -88,10 +88,10 @@ class UsageCounters:
         encryption) to this process's block (they are claimed in the shared counter); if the
         block was taken under another limit meanwhile, they stay counted as used, which never
         lets a version pass its limit."""
-        with self._lock:
-            block = self._blocks.get((key_id, version))
+        with self.lock:
+            block = self.blocks.get((key_id, version))
             if block is None:  # the claim that found the version used up dropped it
-                self._blocks[(key_id, version)] = [n, limit]
+                self.blocks[(key_id, version)] = [n, limit]
             elif block[1] == limit:
                 block[0] += n
 
@@ -99,19 +99,19 @@ class UsageCounters:
         """Claim a new block from the shared counter (called with ``_lock`` held). A block taken
         under another limit is given back first, so a lowered limit holds exactly."""
         with self._counter(*slot, seed) as (fd, stored):
-            old = self._blocks.pop(slot, None)
+            old = self.blocks.pop(slot, None)
             claimed = stored - old[0] if old is not None and old[1] != limit else stored
             n = block_size(limit - claimed)
             if n:
-                self._blocks[slot] = [n - 1, limit]
+                self.blocks[slot] = [n - 1, limit]
             if claimed + n != stored:
                 _write(fd, claimed + n)
             return n > 0
 
     def release(self) -> None:
         """Give back the uses this process claimed but did not spend (at close)."""
-        with self._lock:
-            blocks, self._blocks = self._blocks, {}
+        with self.lock:
+            blocks, self.blocks = self.blocks, {}
             for (key_id, version), (left, _) in blocks.items():
                 if left > 0:
                     try:
