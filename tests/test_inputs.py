@@ -363,6 +363,19 @@ def test_grants_refuses_a_name_no_key_can_have(seeded):
     assert set(led.grants("*")["key"]) == {"*"}
 
 
+def test_query_refuses_sql_text_that_is_not_unicode(seeded):
+    """query('\ud800') raised a bare TypeError from DuckDB's statement splitter (found by
+    tests/test_hostile.py): SQL holding a lone surrogate is refused as text that does not parse,
+    recorded as a failed query, and the ledger goes on answering."""
+    led = seeded.led
+    for bad in ("\ud800", "SELECT 1 -- \udcff", "SELECT '\udfff' AS x"):
+        with pytest.raises(kl.InvalidInput, match="not valid Unicode"):
+            led.query(bad)
+    failed = led.audit(action="query", outcome="failed", limit=None)
+    assert failed["error"].tolist()[-3:] == ["InvalidInput"] * 3
+    assert led.query("SELECT 41 + 1 AS x")["x"].tolist() == [42]
+
+
 def test_audit_refuses_malformed_filters(seeded):
     s = seeded
     for kwargs, says in [({"since": "yesterday"}, "since must be a timezone-aware datetime"),

@@ -31,6 +31,11 @@ class ReadOnlyCheck:
 @functools.lru_cache(maxsize=1024)  # rules and dashboards check the same texts again and again
 def check_read_only(sql: str) -> ReadOnlyCheck:
     try:
+        sql.encode()  # DuckDB takes UTF-8: a lone surrogate ('\udcff') made it raise TypeError
+    except UnicodeEncodeError as exc:
+        return ReadOnlyCheck(f"the text is not valid Unicode (a lone surrogate at character "
+                             f"{exc.start + 1})", "")
+    try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
         return ReadOnlyCheck(str(exc).splitlines()[0][:300], "")
