@@ -43,7 +43,6 @@ class DataKey:
         return f"<DataKey for {self.key!r} v{self.version}, 256-bit, wrapped {len(self.wrapped)} B>"
 
 
-
 class _Protect(NamedTuple):
     """What encrypting with a key needs, worked out from one catalog snapshot of it. The
     catalog builds a new ``Key`` object for every snapshot (a reload after any change in any

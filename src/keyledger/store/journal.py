@@ -219,54 +219,24 @@ class JournalWriter:
     def append(self, time_us: int, principal: str, action: str, key: str | None,
                key_id: str | None, version: int | None, outcome: str, error: str | None,
                detail: str | None, context: str | None) -> int:
-        # Everything that does not depend on the chain is built before taking the lock.
-        # text: record_hash's content without journal, jseq, pid and prev (kept in step with it);
-        # body: the hand-built JSON array, LINE_FIELDS order without jseq and hash. The fields
-        # from principal to outcome repeat from call to call: their text is built once.
-        # A call that worked on a key has no error, detail or context: its fields after the
-        # time are the remembered text whole (mid[2], mid[3]).
+        """Append a record dated ``time_us``: its fields rendered here, outside the lock, then
+        written by ``append_ok``. The fields from principal to outcome repeat from call to
+        call: their text is built once (``_middle``); a call that worked on a key has no error,
+        detail or context, so its fields after the time are that text whole."""
         fixed = (principal, action, key, key_id, version, outcome)
         mid = self._middles.get(fixed)
         if mid is None:
             mid = self._middle(fixed)
-        t = str(time_us)  # (once: an int's decimal text is not cached)
         if error is None and detail is None and context is None:
-            text = SEP + t + mid[2]
-            body = "," + t + mid[3]
+            text, body = mid[2], mid[3]
         else:
-            text = f"{SEP}{t}{mid[0]}{SEP}{error or ''}{SEP}{detail or ''}{SEP}{context or ''}"
-            body = (f',{t}{mid[1]}{"null" if error is None else _q(error)},'
+            text = f"{mid[0]}{SEP}{error or ''}{SEP}{detail or ''}{SEP}{context or ''}"
+            body = (f'{mid[1]}{"null" if error is None else _q(error)},'
                     f'{"null" if detail is None else _q(detail)},'
                     f'{"null" if context is None else _q(context)},"')
         try:
-            with self._lock:
-                if self._closed:
-                    raise AuditError("the audit journal is closed; open the ledger again")
-                if time_us < self._last_us <= time_us + CLOCK_SLACK_US:
-                    retry_at = self._last_us  # rebuilt below, outside the lock
-                else:
-                    seq = self._seq + 1
-                    # (this encode fails, before anything changed, on a lone surrogate)
-                    h = _sha256(f"{self._head}{seq}{text}{self._tail}{self._prev}".encode()
-                                ).hexdigest()
-                    try:
-                        line = f'[{seq}{body}{h}"]\n'.encode()
-                        os.write(self._fd, line)
-                        if self._strict:
-                            os.fsync(self._fd)
-                    except OSError as exc:
-                        raise AuditError(
-                            f"cannot append to the audit journal {self.path}: {exc.strerror}; "
-                            "the operation was done but its record may be missing - free disk space"
-                        ) from None
-                    self._seq, self._prev, self._dirty = seq, h, True
-                    self._last_us = time_us
-                    self.size += len(line)
-                    if action not in READ_ACTIONS:
-                        self.changed_upto = self.size
-                    return seq
-            return self.append(retry_at, principal, action, key, key_id, version, outcome,
-                               error, detail, context)
+            return self.append_ok((text + self._tail, body, action not in READ_ACTIONS),
+                                  time_us)
         except UnicodeEncodeError:  # a string no UTF-8 can hold: record it backslash-escaped
             e = _backslashed
             return self.append(time_us, e(principal), e(action), key and e(key),
@@ -285,37 +255,42 @@ class JournalWriter:
 
     def fixed_ok(self, principal: str, action: str, key: str, key_id: str,
                  version: int) -> tuple[str, str, bool]:
-        """What ``append_ok`` takes: the fields principal .. context of a record of a call on a
-        key that worked, with no error, detail or context, rendered once (a caller keeps it with
-        its plan): (hash text with the journal's tail, JSON, whether the action is a change
-        rather than a read; both texts after the time). A field
-        no UTF-8 can hold is backslash-escaped, as ``append`` records it."""
+        """What ``append_ok`` takes for a call on a key that worked (no error, detail or
+        context), rendered once (a caller keeps it with its plan): the record's hash text after
+        the time with the journal's tail, its JSON after the time, and whether the action is a
+        change rather than a read. A field no UTF-8 can hold is backslash-escaped, as
+        ``append`` records it."""
         fixed = (principal, action, key, key_id, version, "ok")
+        mid = self._middle(fixed)
         try:
-            f"{self._middle(fixed)[2]}".encode()
+            mid[2].encode()
         except UnicodeEncodeError:
             e = _backslashed
-            fixed = (e(principal), e(action), e(key), e(key_id), version, "ok")
-        text, body, text_ok, body_ok = self._middle(fixed)
-        return text_ok + self._tail, body_ok, action not in READ_ACTIONS
+            mid = self._middle((e(principal), e(action), e(key), e(key_id), version, "ok"))
+        return mid[2] + self._tail, mid[3], action not in READ_ACTIONS
 
-    def append_ok(self, fixed: tuple[str, str, bool]) -> int:
-        """``append`` of the record ``fixed`` (from ``fixed_ok``) dated now, by trusted time
-        read under the journal's lock (one lock for the clock and the chain): the hot path of
-        every call that worked. The record is the one ``append(trusted_us(), ...)`` writes."""
+    def append_ok(self, fixed: tuple[str, str, bool], time_us: int | None = None) -> int:
+        """Write the record ``fixed`` (from ``fixed_ok``, or rendered by ``append``) dated
+        ``time_us``, or now by trusted time read under the journal's lock (one lock for the
+        clock and the chain: the hot path of every call that worked). A record dated up to
+        ``CLOCK_SLACK_US`` before its predecessor takes the predecessor's time. Raises
+        ``UnicodeEncodeError`` before anything changed if a field has a lone surrogate."""
         with self._lock:
             if self._closed:
                 raise AuditError("the audit journal is closed; open the ledger again")
-            now = time.time_ns() // 1000
-            if now < self._trusted_us:
-                now = self._trusted_us
+            if time_us is None:
+                now = time.time_ns() // 1000
+                if now < self._trusted_us:
+                    now = self._trusted_us
+                else:
+                    self._trusted_us = now
             else:
-                self._trusted_us = now
+                now = time_us
             if now < self._last_us <= now + CLOCK_SLACK_US:  # (a simulation clock's record)
                 now = self._last_us
             seq = self._seq + 1
             t = str(now)
-            h = _sha256(f"{self._head}{seq}\x1f{t}{fixed[0]}{self._prev}".encode()).hexdigest()
+            h = _sha256(f"{self._head}{seq}{SEP}{t}{fixed[0]}{self._prev}".encode()).hexdigest()
             try:
                 line = f'[{seq},{t}{fixed[1]}{h}"]\n'.encode()
                 os.write(self._fd, line)
