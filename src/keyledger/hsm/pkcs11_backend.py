@@ -56,10 +56,11 @@ _OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256,
 # with GeneralError (measured). Every PKCS#11 call in this process is therefore serialised here.
 _CALL_LOCK = threading.RLock()
 # The mechanism parameter of every encrypt_gcm / decrypt_gcm, its nonce and AAD set under
-# _CALL_LOCK just before the HSM call: python-pkcs11 reads them into the C mechanism during the
-# call and keeps nothing of the object, so one object serves every call of the process (no
-# GCMParams.__init__, a Python function, per call; issue 18). Nonces are 12 bytes (callers
-# pass ciphertext.NONCE_LEN), which GCMParams.__init__ would check.
+# _CALL_LOCK just before the HSM call: python-pkcs11 points its C mechanism at those bytes (which
+# the caller holds too) for the call and keeps nothing of the object after it, so one object
+# serves every call of the process (no GCMParams.__init__, a Python function, per call; issue
+# 18). Nonces are 12 bytes (callers pass ciphertext.NONCE_LEN), which GCMParams.__init__ would
+# check.
 _GCM = _GCM_PARAMS(bytes(12), b"", 128)
 
 
