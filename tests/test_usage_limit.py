@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -281,3 +282,54 @@ def test_a_new_versions_zero_counter_lost_to_a_power_loss_still_holds_the_limit(
     with pytest.raises(kl.PolicyViolation):
         ledger.encrypt("k", b"one too many")
     assert {_version(b) for b in blobs} == {2}
+
+
+def _no_seed(key_id: str, version: int) -> int:
+    return 0
+
+
+@pytest.mark.parametrize("batches", [False, True])
+def test_threads_racing_on_one_block_spend_each_use_once(tmp_path: Path, batches: bool) -> None:
+    """A use is spent with no lock (one C call on the block's iterator, issue 18): threads
+    racing for the uses of one counter, some in batches, spend exactly the limit, and what
+    they leave is given back exactly at release."""
+    from keyledger.store.usage import UsageCounters
+
+    counters = UsageCounters(tmp_path / "usage")
+    counters.create("k", 1)
+    limit, stop_at = 4_000, 3_001
+    spent: list[int] = []
+
+    def worker(i: int) -> None:
+        n = 0
+        while n < stop_at // 6 + 1:
+            if batches and i % 2:
+                got = counters.take_many("k", 1, limit, _no_seed, 3)
+            else:
+                got = int(counters.take("k", 1, limit, _no_seed))
+            if not got:
+                break
+            n += got
+        spent.append(n)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches between any two bytecodes
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    counters.release()
+    stored = int.from_bytes((tmp_path / "usage" / "k-v1").read_bytes(), "little")
+    assert stored == sum(spent)  # the unspent rest went back, no use counted twice
+    spent.clear()
+    for t in [threading.Thread(target=worker, args=(i,)) for i in range(6)]:
+        t.start()
+        t.join()
+    while counters.take("k", 1, limit, _no_seed):  # the rest, to the limit
+        spent.append(1)
+    assert sum(spent) + stored == limit
+    assert not counters.take("k", 1, limit, _no_seed)

@@ -42,7 +42,7 @@ _CAP = MechanismFlag
 _APPEAR_WAIT_S = 2.0
 _APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
 _AES_GCM = Mechanism.AES_GCM
-_GCM_PARAMS = pkcs11.GCMParams  # (module names: one lookup less per hot-path call)
+_GCM_PARAMS = pkcs11.GCMParams
 _SECRET = ObjectClass.SECRET_KEY
 _STALE = (px.ObjectHandleInvalid, px.KeyHandleInvalid)  # a cached object destroyed elsewhere
 # what a failed AES-GCM authentication (tampered data, wrong AAD) raises in SoftHSM2
@@ -55,6 +55,13 @@ _OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256,
 # threaded; SoftHSM2 then disables its own mutexes, and concurrent calls from two threads fail
 # with GeneralError (measured). Every PKCS#11 call in this process is therefore serialised here.
 _CALL_LOCK = threading.RLock()
+# The mechanism parameter of every encrypt_gcm / decrypt_gcm, its nonce and AAD set under
+# _CALL_LOCK just before the HSM call: python-pkcs11 points its C mechanism at those bytes (which
+# the caller holds too) for the call and keeps nothing of the object after it, so one object
+# serves every call of the process (no GCMParams.__init__, a Python function, per call; issue
+# 18). Nonces are 12 bytes (callers pass ciphertext.NONCE_LEN), which GCMParams.__init__ would
+# check.
+_GCM = _GCM_PARAMS(bytes(12), b"", 128)
 
 
 def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -387,15 +394,22 @@ class Pkcs11Backend:
 
     # -- symmetric -----------------------------------------------------------------------------
     # encrypt_gcm and decrypt_gcm are the hot path: the key object cached in this thread is
-    # used directly (no wrapper, no closure); a miss or a stale handle takes ``_run``.
+    # used directly (no wrapper, no closure); a miss or a stale handle takes ``_run``. Their
+    # data is always bytes, so they call python-pkcs11's one-shot ``_encrypt`` / ``_decrypt``,
+    # which its public ``encrypt`` / ``decrypt`` call for bytes after type checks, through a
+    # Python frame and a **kwargs dict (~4,000 instructions a call; tests/test_layers.py).
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
-        param = _GCM_PARAMS(nonce, aad, 128)
         with _CALL_LOCK:
-            keys = self._local.__dict__.get("keys")  # _cached, inline: the hot path
-            key = None if keys is None else keys.get((handle, _SECRET))
+            param = _GCM
+            param.nonce = nonce
+            param.aad = aad
+            try:  # _cached, inline: the hot path
+                key = self._local.keys[(handle, _SECRET)]
+            except (AttributeError, KeyError):  # this thread's first call, or with this key
+                key = None
             if key is not None:
                 try:
-                    return key.encrypt(plaintext, mechanism=_AES_GCM, mechanism_param=param)
+                    return key._encrypt(plaintext, _AES_GCM, param)  # (see above)
                 except _STALE:
                     self._local.keys.pop((handle, ObjectClass.SECRET_KEY), None)
                 except px.PKCS11Error as exc:
@@ -405,13 +419,17 @@ class Pkcs11Backend:
                                                  mechanism_param=param))
 
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
-        param = _GCM_PARAMS(nonce, aad, 128)
         with _CALL_LOCK:
-            keys = self._local.__dict__.get("keys")  # _cached, inline: the hot path
-            key = None if keys is None else keys.get((handle, _SECRET))
+            param = _GCM
+            param.nonce = nonce
+            param.aad = aad
+            try:  # _cached, inline: the hot path
+                key = self._local.keys[(handle, _SECRET)]
+            except (AttributeError, KeyError):  # this thread's first call, or with this key
+                key = None
             if key is not None:
                 try:
-                    return key.decrypt(data, mechanism=_AES_GCM, mechanism_param=param)
+                    return key._decrypt(data, _AES_GCM, param)
                 except _GCM_REFUSED as exc:  # (_gcm_decrypt, inline: one call less per call)
                     raise DecryptFailed(type(exc).__name__) from None
                 except _STALE:

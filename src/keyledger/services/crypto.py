@@ -27,6 +27,8 @@ from .lifecycle import LifecycleService
 _AUTO_ROTATIONS_PER_CALL = 3  # a call at a usage limit rotates at most this often
 _NO_CONTEXT = b""  # canonical_context(None)
 _monotonic = time.monotonic
+_urandom = os.urandom
+_NONCE_LEN = ct.NONCE_LEN
 _new_object = object.__new__
 
 
@@ -129,15 +131,11 @@ class CryptoService(Service):
                     return None
             _, calls, key, number, handle, prefix, slot, limit, plan = hot
             usage = rt.usage
-            spent = False
-            with usage.lock:  # usage.take's common case, inline: a use left in the block
-                block = usage.blocks.get(slot)
-                if block is not None and block[0] > 0 and block[1] == limit:
-                    block[0] -= 1
-                    spent = True
-            if not spent and not usage.take(key.key_id, number, limit, self._seed):
+            block = usage.blocks.get(slot)  # usage.take's common case, inline: a use left
+            if (block is None or block[1] != limit or not next(block[0], 0)) \
+                    and not usage.take(key.key_id, number, limit, self._seed):
                 return None  # no use was spent: the full path rotates (auto_rotate) or refuses
-            nonce = os.urandom(ct.NONCE_LEN)
+            nonce = _urandom(_NONCE_LEN)
             header = prefix + nonce
             body = rt.backend.encrypt_gcm(handle, nonce, header + aad, data)
         except BaseException as exc:

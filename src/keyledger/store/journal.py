@@ -289,10 +289,10 @@ class JournalWriter:
             if now < self._last_us <= now + CLOCK_SLACK_US:  # (a simulation clock's record)
                 now = self._last_us
             seq = self._seq + 1
-            t = str(now)
-            h = _sha256(f"{self._head}{seq}{SEP}{t}{fixed[0]}{self._prev}".encode()).hexdigest()
+            n, t = str(seq), str(now)  # (each rendered once for the hash text and the line)
+            h = _sha256(f"{self._head}{n}{SEP}{t}{fixed[0]}{self._prev}".encode()).hexdigest()
             try:
-                line = f'[{seq},{t}{fixed[1]}{h}"]\n'.encode()
+                line = f'[{n},{t}{fixed[1]}{h}"]\n'.encode()
                 os.write(self._fd, line)
                 if self._strict:
                     os.fsync(self._fd)

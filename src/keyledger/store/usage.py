@@ -3,8 +3,8 @@
 Crypto calls never open DuckDB (docs/design.md, decision 1), so the uses of a version that have
 been handed out live in a small file per version, ``usage/<key_id>-v<version>``: one 8-byte
 count of the uses claimed by all processes, changed only under an exclusive flock and synced to
-disk. A process claims a block (never past the limit), spends it in memory under a lock, and
-gives back what it did not spend when it closes. A process that dies keeps its block: those
+disk. A process claims a block (never past the limit), spends it in memory, and gives back what
+it did not spend when it closes. A process that dies keeps its block: those
 uses count as made, so the total never passes the limit (a version may stop short of it).
 """
 
@@ -14,7 +14,8 @@ import fcntl
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import islice, repeat
 from pathlib import Path
 
 from ..errors import StoreError
@@ -39,9 +40,15 @@ class UsageCounters:
 
     def __init__(self, directory: Path) -> None:
         self._dir = directory
-        self.lock = threading.Lock()  # (public: the crypto hot path spends a use inline)
-        # (key_id, version) -> [uses left in this process's block, the limit it was taken under]
-        self.blocks: dict[tuple[str, int], list[int]] = {}
+        self._lock = threading.Lock()  # claims, limit changes, batches, give-backs, release
+        # (key_id, version) -> (the uses left in this process's block, the limit it was taken
+        # under). The uses are the items of an iterator, ``repeat(1, n)``: ``next(uses, 0)``
+        # spends one in a single C call, in which CPython's GIL lets no other thread run, so
+        # every use goes to exactly one caller with no lock (the crypto hot path spends one
+        # inline: ``blocks`` is public). Everything else runs under ``_lock`` and takes what is
+        # left in one C call too (``sum(uses)``, ``sum(islice(uses, n))``), so a use is either
+        # spent or given back, never both.
+        self.blocks: dict[tuple[str, int], tuple[Iterator[int], int]] = {}
 
     def _path(self, key_id: str, version: int) -> Path:
         return self._dir / f"{key_id}-v{version}"
@@ -58,10 +65,12 @@ class UsageCounters:
     def take(self, key_id: str, version: int, limit: int, seed: Seed) -> bool:
         """Spend one use of the version; False when no use is left under ``limit``."""
         slot = (key_id, version)
-        with self.lock:
+        block = self.blocks.get(slot)
+        if block is not None and block[1] == limit and next(block[0], 0):
+            return True
+        with self._lock:
             block = self.blocks.get(slot)
-            if block is not None and block[0] > 0 and block[1] == limit:
-                block[0] -= 1
+            if block is not None and block[1] == limit and next(block[0], 0):
                 return True
             return self._claim(slot, limit, seed)
 
@@ -70,12 +79,12 @@ class UsageCounters:
         than ``n`` only when the version has no use left under ``limit``)."""
         slot = (key_id, version)
         spent = 0
-        with self.lock:
+        with self._lock:
             while spent < n:
                 block = self.blocks.get(slot)
-                if block is not None and block[0] > 0 and block[1] == limit:
-                    got = min(block[0], n - spent)
-                    block[0] -= got
+                got = 0 if block is None or block[1] != limit else sum(islice(block[0],
+                                                                              n - spent))
+                if got:
                     spent += got
                 elif self._claim(slot, limit, seed):  # a new block, one use of it spent
                     spent += 1
@@ -88,31 +97,32 @@ class UsageCounters:
         encryption) to this process's block (they are claimed in the shared counter); if the
         block was taken under another limit meanwhile, they stay counted as used, which never
         lets a version pass its limit."""
-        with self.lock:
+        with self._lock:
             block = self.blocks.get((key_id, version))
             if block is None:  # the claim that found the version used up dropped it
-                self.blocks[(key_id, version)] = [n, limit]
-            elif block[1] == limit:
-                block[0] += n
+                self.blocks[(key_id, version)] = (repeat(1, n), limit)
+            elif block[1] == limit:  # (what was left, taken at once, and n more)
+                self.blocks[(key_id, version)] = (repeat(1, sum(block[0]) + n), limit)
 
     def _claim(self, slot: tuple[str, int], limit: int, seed: Seed) -> bool:
         """Claim a new block from the shared counter (called with ``_lock`` held). A block taken
         under another limit is given back first, so a lowered limit holds exactly."""
         with self._counter(*slot, seed) as (fd, stored):
-            old = self.blocks.pop(slot, None)
-            claimed = stored - old[0] if old is not None and old[1] != limit else stored
+            old = self.blocks.pop(slot, None)  # (under the same limit: used up)
+            claimed = stored - sum(old[0]) if old is not None and old[1] != limit else stored
             n = block_size(limit - claimed)
             if n:
-                self.blocks[slot] = [n - 1, limit]
+                self.blocks[slot] = (repeat(1, n - 1), limit)
             if claimed + n != stored:
                 _write(fd, claimed + n)
             return n > 0
 
     def release(self) -> None:
         """Give back the uses this process claimed but did not spend (at close)."""
-        with self.lock:
+        with self._lock:
             blocks, self.blocks = self.blocks, {}
-            for (key_id, version), (left, _) in blocks.items():
+            for (key_id, version), (uses, _) in blocks.items():
+                left = sum(uses)  # (a call holding the block now finds it used up)
                 if left > 0:
                     try:
                         with self._counter(key_id, version, _nothing) as (fd, claimed):
