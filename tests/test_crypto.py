@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 import keyledger as kl
+from keyledger.hsm.gcm_params import AAD_MAX
 
 OPENSSL = shutil.which("openssl")
 CTX = {"tenant": "acme", "table": "orders"}
@@ -157,6 +158,33 @@ def test_context_binding(aes):
     with pytest.raises(kl.InvalidCiphertext):
         aes.decrypt(plain, context=CTX)
 
+
+
+def _sized_context(aad_len: int) -> dict[str, str]:
+    """An encryption context whose AAD (the 36-byte header and the canonical context) is
+    ``aad_len`` bytes long."""
+    from keyledger import ciphertext as ct
+
+    pad = aad_len - ct.HEADER_LEN - len(ct.canonical_context({"c": ""}))
+    return {"c": "x" * pad}
+
+
+@pytest.mark.parametrize("aad_len", [60, AAD_MAX, AAD_MAX + 1, 5000])
+def test_the_hsm_gcm_parameter_of_any_aad_length_is_standard_aes_gcm(aes, aad_len):
+    """Single calls hand the HSM a raw CK_GCM_PARAMS over the process's nonce and AAD buffers
+    (hsm/gcm_params.py), an AAD longer than the buffer a GCMParams; batches build a GCMParams
+    per item. Either way it is the same AES-GCM over header + context: what one path encrypts
+    the other decrypts, and a context one byte different is refused."""
+    ctx = _sized_context(aad_len)
+    singles = [aes.encrypt("orders", bytes([i]) * 32, context=ctx) for i in range(3)]
+    batch = aes.encrypt_many("orders", [bytes([i]) * 32 for i in range(3)], context=ctx)
+    expected = [bytes([i]) * 32 for i in range(3)]
+    assert aes.decrypt_many(singles, context=ctx) == expected
+    assert [aes.decrypt(b, context=ctx) for b in batch + singles] == expected * 2
+    wrong = {"c": ctx["c"][:-1] + "y"}
+    with pytest.raises(kl.InvalidCiphertext):
+        aes.decrypt(singles[0], context=wrong)
+    assert aes.decrypt(singles[1], context=ctx) == expected[1]  # the buffers hold no stale AAD
 
 def test_tampering_is_detected(aes):
     blob = aes.encrypt("orders", b"secret data", context=CTX)

@@ -270,7 +270,9 @@ def test_an_audited_call_runs_as_few_python_functions(home: Path, call: str) -> 
     journal's lock, 5 / 4 / 5 since the facade hands these calls to the service's methods and
     the backend sets one GCM parameter object instead of building one (no
     ``GCMParams.__init__``) and calls python-pkcs11's one-shot encrypt / decrypt under its
-    public wrapper; the count includes the test's lambda."""
+    public wrapper, 6 / 5 / 6 since the GCM parameter is the raw ``CK_GCM_PARAMS`` made by
+    ``_gcm_param`` (one Python function more, ~9,000 instructions less in python-pkcs11);
+    the count includes the test's lambda."""
     with kl.open(home, principal="alice") as led:
         led.create_key("k", spec="AES_256")
     path = home / "keyledger.toml"  # no catalog refresh falls inside the counted call
@@ -286,5 +288,5 @@ def test_an_audited_call_runs_as_few_python_functions(home: Path, call: str) -> 
         }[call]
         for _ in range(3):  # warm: plans made, usage block claimed, key object cached
             fn()
-        assert _functions_entered(fn) <= 5
+        assert _functions_entered(fn) <= 6
         assert led.verify_audit().ok  # every call still left its chained record

@@ -29,6 +29,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from ..config import HsmConfig
 from ..errors import ConfigError, HsmError, InvalidInput, KeyStateError, UnsupportedMechanism
 from ..model import Family, KeySpec
+from . import gcm_params
 from .backend import Capabilities, DecryptFailed, KeyAttributes, TokenFile, UnwrapFailed
 from .errors import mapped, translate
 from .softhsm import read_token_dir, token_dir
@@ -42,7 +43,7 @@ _CAP = MechanismFlag
 _APPEAR_WAIT_S = 2.0
 _APPEAR_PAUSE_S = 0.002  # first pause; doubled up to 50 ms
 _AES_GCM = Mechanism.AES_GCM
-_GCM_PARAMS = pkcs11.GCMParams
+_gcm_param = gcm_params.param  # the GCM parameter of one hot-path call (raw CK_GCM_PARAMS)
 _SECRET = ObjectClass.SECRET_KEY
 _STALE = (px.ObjectHandleInvalid, px.KeyHandleInvalid)  # a cached object destroyed elsewhere
 # what a failed AES-GCM authentication (tampered data, wrong AAD) raises in SoftHSM2
@@ -55,13 +56,6 @@ _OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256,
 # threaded; SoftHSM2 then disables its own mutexes, and concurrent calls from two threads fail
 # with GeneralError (measured). Every PKCS#11 call in this process is therefore serialised here.
 _CALL_LOCK = threading.RLock()
-# The mechanism parameter of every encrypt_gcm / decrypt_gcm, its nonce and AAD set under
-# _CALL_LOCK just before the HSM call: python-pkcs11 points its C mechanism at those bytes (which
-# the caller holds too) for the call and keeps nothing of the object after it, so one object
-# serves every call of the process (no GCMParams.__init__, a Python function, per call; issue
-# 18). Nonces are 12 bytes (callers pass ciphertext.NONCE_LEN), which GCMParams.__init__ would
-# check.
-_GCM = _GCM_PARAMS(bytes(12), b"", 128)
 
 
 def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -400,9 +394,7 @@ class Pkcs11Backend:
     # Python frame and a **kwargs dict (~4,000 instructions a call; tests/test_layers.py).
     def encrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
         with _CALL_LOCK:
-            param = _GCM
-            param.nonce = nonce
-            param.aad = aad
+            param = _gcm_param(nonce, aad)
             try:  # _cached, inline: the hot path
                 key = self._local.keys[(handle, _SECRET)]
             except (AttributeError, KeyError):  # this thread's first call, or with this key
@@ -420,9 +412,7 @@ class Pkcs11Backend:
 
     def decrypt_gcm(self, handle: bytes, nonce: bytes, aad: bytes, data: bytes) -> bytes:
         with _CALL_LOCK:
-            param = _GCM
-            param.nonce = nonce
-            param.aad = aad
+            param = _gcm_param(nonce, aad)
             try:  # _cached, inline: the hot path
                 key = self._local.keys[(handle, _SECRET)]
             except (AttributeError, KeyError):  # this thread's first call, or with this key
