@@ -30,6 +30,7 @@ _monotonic = time.monotonic
 _urandom = os.urandom
 _NONCE_LEN = ct.NONCE_LEN
 _new_object = object.__new__
+_set_attribute = object.__setattr__  # (a frozen dataclass's own refuses)
 
 
 @dataclass(frozen=True)
@@ -376,13 +377,14 @@ class CryptoService(Service):
     def generate_data_key(self, name: str, *,
                           context: Mapping[str, str] | None = None) -> DataKey:
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
-        plaintext = os.urandom(32)  # what AESGCM.generate_key(256) returns
+        plaintext = _urandom(32)  # what AESGCM.generate_key(256) returns
         done = self._encrypt_now("generate_data_key", name, plaintext, context)
         if done is not None:  # (DataKey(...) without its frozen __init__'s four setattr)
             plan = done[1]
             dk = _new_object(DataKey)
-            dk.__dict__.update(plaintext=plaintext, wrapped=done[0], key=plan.key.name,
-                               version=plan.version.version)
+            _set_attribute(dk, "__dict__", {"plaintext": plaintext, "wrapped": done[0],
+                                            "key": plan.key.name,
+                                            "version": plan.version.version})
             return dk
         with self._audited("generate_data_key", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
