@@ -290,3 +290,25 @@ def test_an_audited_call_runs_as_few_python_functions(home: Path, call: str) -> 
             fn()
         assert _functions_entered(fn) <= 6
         assert led.verify_audit().ok  # every call still left its chained record
+
+
+def test_the_facades_direct_hot_calls_leave_a_subclass_override_in_charge(ledger) -> None:
+    """``KeyLedger`` hands encrypt / decrypt / generate_data_key straight to its crypto service
+    (one Python call less each); a subclass that overrides them keeps its own methods."""
+    ledger.create_key("k", spec="AES_256")
+    assert ledger.encrypt.__self__ is ledger._crypto  # the direct hand-off, on the class itself
+
+    class Counting(kl.KeyLedger):
+        calls: list[str] = []
+
+        def encrypt(self, name: str, plaintext: bytes, *, context=None) -> bytes:
+            self.calls.append("encrypt")
+            return super().encrypt(name, plaintext, context=context)
+
+        def decrypt(self, ciphertext: bytes, *, context=None) -> bytes:
+            self.calls.append("decrypt")
+            return super().decrypt(ciphertext, context=context)
+
+    with Counting(ledger.home, principal="alice") as sub:
+        assert sub.decrypt(sub.encrypt("k", b"x")) == b"x"
+    assert Counting.calls == ["encrypt", "decrypt"]

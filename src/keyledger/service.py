@@ -80,8 +80,10 @@ class KeyLedger:
         # The single-value hot calls go to the service's methods directly, one Python call
         # less each (issue 18): these instance attributes shadow the methods of the same name
         # below, which keep the public signatures and docstrings (the service's are the same).
-        vars(self).update(encrypt=crypto.encrypt, decrypt=crypto.decrypt,
-                          generate_data_key=crypto.generate_data_key)
+        # Not in a subclass, whose own overrides of them must stay in charge.
+        if type(self) is KeyLedger:
+            vars(self).update(encrypt=crypto.encrypt, decrypt=crypto.decrypt,
+                              generate_data_key=crypto.generate_data_key)
         self._batch = BatchService(ctx, self._lifecycle)
         self._home = HomeService(ctx)
         self._audit = AuditService(ctx)
