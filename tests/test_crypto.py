@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 import keyledger as kl
+from keyledger import ciphertext as ct
 from keyledger.hsm.gcm_params import AAD_MAX
 
 OPENSSL = shutil.which("openssl")
@@ -163,8 +164,6 @@ def test_context_binding(aes):
 def _sized_context(aad_len: int) -> dict[str, str]:
     """An encryption context whose AAD (the 36-byte header and the canonical context) is
     ``aad_len`` bytes long."""
-    from keyledger import ciphertext as ct
-
     pad = aad_len - ct.HEADER_LEN - len(ct.canonical_context({"c": ""}))
     return {"c": "x" * pad}
 

@@ -32,38 +32,29 @@ class _CkGcmParams(ctypes.Structure):
                 ("ulAADLen", ctypes.c_ulong), ("ulTagBits", ctypes.c_ulong)]
 
 
-NONCE = bytearray(NONCE_LEN)  # a call's nonce goes here: NONCE[:] = nonce
-AAD = bytearray(AAD_MAX)  # and its AAD here: AAD[:len(aad)] = aad
-_PINS = ((ctypes.c_char * NONCE_LEN).from_buffer(NONCE),
-         (ctypes.c_char * AAD_MAX).from_buffer(AAD))
+_NONCE = bytearray(NONCE_LEN)  # a call's nonce goes here: _NONCE[:] = nonce
+_AAD = bytearray(AAD_MAX)  # and its AAD here: _AAD[:len(aad)] = aad
+_PINS = ((ctypes.c_char * NONCE_LEN).from_buffer(_NONCE),
+         (ctypes.c_char * AAD_MAX).from_buffer(_AAD))
 _NONCE_ADDR, _AAD_ADDR = (ctypes.addressof(pin) for pin in _PINS)
 
-# AAD length -> the CK_GCM_PARAMS bytes pointing at NONCE and at that much of AAD
-STRUCTS: dict[int, bytes] = {}
+# AAD length (up to AAD_MAX) -> the CK_GCM_PARAMS bytes pointing at _NONCE and at that much
+# of AAD, made by a call with that length first
+_STRUCTS: dict[int, bytes] = {}
 
 
 def param(nonce: bytes, aad: bytes) -> bytes | pkcs11.GCMParams:
-    """The GCM mechanism parameter of one call: the raw ``CK_GCM_PARAMS`` over ``NONCE`` and
-    ``AAD``, after copying ``nonce`` and ``aad`` into them, or a ``pkcs11.GCMParams`` for what
+    """The GCM mechanism parameter of one call: the raw ``CK_GCM_PARAMS`` over ``_NONCE`` and
+    ``_AAD``, after copying ``nonce`` and ``aad`` into them, or a ``pkcs11.GCMParams`` for what
     does not fit them. Call under the backend's ``_CALL_LOCK``, right before the HSM call."""
     n = len(aad)
-    raw = STRUCTS.get(n)
-    if raw is None:
-        raw = struct_for(n)
+    raw = _STRUCTS.get(n)
+    if raw is None and n <= AAD_MAX:  # this length's first call
+        raw = _STRUCTS[n] = bytes(_CkGcmParams(
+            _NONCE_ADDR, NONCE_LEN, NONCE_LEN * 8, _AAD_ADDR, n, _TAG_BITS))
     if raw is None or len(nonce) != NONCE_LEN:
         return pkcs11.GCMParams(nonce, aad, _TAG_BITS)
-    NONCE[:] = nonce
-    AAD[:n] = aad
+    _NONCE[:] = nonce
+    _AAD[:n] = aad
     return raw
 
-
-def struct_for(aad_len: int) -> bytes | None:
-    """The raw ``CK_GCM_PARAMS`` for a 12-byte nonce in ``NONCE`` and ``aad_len`` bytes of AAD
-    in ``AAD`` (kept in ``STRUCTS``); None when the AAD does not fit the buffer."""
-    if not 0 <= aad_len <= AAD_MAX:
-        return None
-    raw = STRUCTS.get(aad_len)
-    if raw is None:
-        raw = STRUCTS[aad_len] = bytes(_CkGcmParams(
-            _NONCE_ADDR, NONCE_LEN, NONCE_LEN * 8, _AAD_ADDR, aad_len, _TAG_BITS))
-    return raw
