@@ -28,7 +28,10 @@ import keyledger as kl
 from keyledger.config import write_config
 from keyledger.runtime import BACKGROUND_INGEST_WAIT_S
 
-CONCURRENCY_SECONDS = float(os.environ.get("KEYLEDGER_TEST_CONCURRENCY_S", "20"))
+# the concurrent run is a fixed amount of work (each worker's rounds; the dashboard reads until
+# both are done), not a fixed time: a timed run did whatever a busy machine allowed
+CONCURRENCY_ROUNDS = int(os.environ.get("KEYLEDGER_TEST_CONCURRENCY_ROUNDS", "8"))
+CONCURRENCY_LIMIT_S = 600  # the dashboard stops by itself if the test never tells it to
 
 # every other process of these tests is forked from this module's zygote (tests/proc_support.py):
 # a separate process with its own login, journal and store connection, without the ~0.7 s of
@@ -175,7 +178,7 @@ def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_
 _CRYPTO_WORKER = """
 import json, os, sys, time
 import keyledger as kl
-home, who, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+home, who, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 calls, errors = 0, []
 def call(fn, *args, **kwargs):
     global calls
@@ -190,9 +193,8 @@ led = kl.open(home, principal=who)
 print("ready", flush=True)
 sys.stdin.readline()
 call(led.create_key, f"{who}-main", spec="AES_256")
-deadline = time.monotonic() + seconds
 j = 0
-while time.monotonic() < deadline:
+while j < rounds:
     name = f"{who}-{j}"
     call(led.create_key, name, spec="AES_256")
     blob = call(led.encrypt, name, b"secret %d" % j, context={"j": str(j)})
@@ -214,14 +216,15 @@ print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "rounds"
 _DASHBOARD = """
 import json, os, sys, time
 import keyledger as kl
-home, seconds = sys.argv[1], float(sys.argv[2])
+home, stop, limit_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 calls, errors, verify_failures, verified = 1, [], [], 0
 led = kl.open(home, principal="dashboard")
 print("ready", flush=True)
 sys.stdin.readline()
-deadline = time.monotonic() + seconds
+deadline = time.monotonic() + limit_s
 next_verify = 0.0
-while time.monotonic() < deadline:
+# until the workers are done (the test makes `stop`) and it verified the audit at least twice
+while (verified < 2 or not os.path.exists(stop)) and time.monotonic() < deadline:
     try:
         calls += 1
         led.audit(limit=500)
@@ -247,15 +250,16 @@ print(json.dumps({"calls": calls, "errors": errors, "pid": os.getpid(), "verifie
 
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory, init_home, zygote):
-    """Two crypto/lifecycle workers and a dashboard on one home for CONCURRENCY_SECONDS."""
-    home = tmp_path_factory.mktemp("shared") / "home"
+    """Two crypto/lifecycle workers doing CONCURRENCY_ROUNDS rounds each, and a dashboard
+    reading the same home until they are done."""
+    base = tmp_path_factory.mktemp("shared")
+    home, stop = base / "home", base / "stop"
     init_home(home)
-    seconds = str(CONCURRENCY_SECONDS)
     procs = {}
     try:
-        for who, code, args in (("dashboard", _DASHBOARD, (seconds,)),
-                                ("w1", _CRYPTO_WORKER, ("w1", seconds)),
-                                ("w2", _CRYPTO_WORKER, ("w2", seconds))):
+        for who, code, args in (("w1", _CRYPTO_WORKER, ("w1", str(CONCURRENCY_ROUNDS))),
+                                ("w2", _CRYPTO_WORKER, ("w2", str(CONCURRENCY_ROUNDS))),
+                                ("dashboard", _DASHBOARD, (str(stop), str(CONCURRENCY_LIMIT_S)))):
             procs[who] = _spawn(zygote, code, str(home), *args, stdin=True)
         for proc in procs.values():
             _readline(proc, "ready")
@@ -264,7 +268,9 @@ def shared_run(tmp_path_factory, init_home, zygote):
             proc.stdin.flush()
         results = {}
         for who, proc in procs.items():
-            out, err = proc.communicate(timeout=CONCURRENCY_SECONDS + 120)
+            if who == "dashboard":  # the workers are done: it stops after its next reads
+                stop.touch()
+            out, err = proc.communicate(timeout=CONCURRENCY_LIMIT_S + 60)
             assert proc.returncode == 0, f"{who} crashed:\n{err}"
             results[who] = json.loads(out.strip().splitlines()[-1])
     finally:
@@ -283,7 +289,7 @@ def test_concurrent_processes_see_no_errors(shared_run):
     results, *_ = shared_run
     for who, res in results.items():
         assert res["errors"] == [], f"{who}: {res['errors'][:5]}"
-    assert results["w1"]["rounds"] >= 2 and results["w2"]["rounds"] >= 2
+    assert results["w1"]["rounds"] == results["w2"]["rounds"] == CONCURRENCY_ROUNDS
     assert results["dashboard"]["verified"] >= 2
 
 
