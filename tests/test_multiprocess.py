@@ -176,7 +176,7 @@ def test_crash_between_checkpoint_and_hsm_head_is_not_reported_as_tampering(tmp_
 # Each process opens the home (all at once: open-time reconcile must leave the others alone),
 # says "ready", and starts work when told, so the three overlap for the whole run.
 _CRYPTO_WORKER = """
-import json, os, sys, time
+import json, os, sys
 import keyledger as kl
 home, who, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 calls, errors = 0, []
