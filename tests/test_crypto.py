@@ -160,7 +160,6 @@ def test_context_binding(aes):
         aes.decrypt(plain, context=CTX)
 
 
-
 def _sized_context(aad_len: int) -> dict[str, str]:
     """An encryption context whose AAD (the 36-byte header and the canonical context) is
     ``aad_len`` bytes long."""
@@ -184,6 +183,7 @@ def test_the_hsm_gcm_parameter_of_any_aad_length_is_standard_aes_gcm(aes, aad_le
     with pytest.raises(kl.InvalidCiphertext):
         aes.decrypt(singles[0], context=wrong)
     assert aes.decrypt(singles[1], context=ctx) == expected[1]  # the buffers hold no stale AAD
+
 
 def test_tampering_is_detected(aes):
     blob = aes.encrypt("orders", b"secret data", context=CTX)

@@ -388,8 +388,7 @@ class CryptoService(Service):
             return dk
         with self._audited("generate_data_key", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
-            key = self._key(rec, name)
-            plaintext = os.urandom(32)  # what AESGCM.generate_key(256) returns
+            key = self._key(rec, name)  # (the hot path did nothing with ``plaintext``)
             wrapped = self._encrypt_with(rec, key, plaintext, ctx)
             return DataKey(plaintext, wrapped, key.name, rec.version or 0)
 
