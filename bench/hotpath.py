@@ -19,8 +19,9 @@ baseline, and where the per-call overhead goes.
    calling thread's of keyledger, and their ratio. Bytecodes: the Python bytecodes executed and
    Python functions entered by one call (``sys.settrace``), keyledger's against the baseline's.
 
-Usage: ``.venv/bin/python bench/hotpath.py [--seconds 2] [--rounds 5] [--json]``; run it with
-``PYTHONPATH=<tree>/src`` to measure another tree (the "before" column of docs/benchmarks.md).
+Usage: ``.venv/bin/python bench/hotpath.py [--seconds 2] [--rounds 5] [--ops data_key]
+[--json]``; run it with ``PYTHONPATH=<tree>/src`` to measure another tree (the "before" column
+of docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -67,13 +68,18 @@ def measured(fn: Callable[[], object], seconds: float) -> tuple[float, float, fl
     return ops, main / calls * 1e6, max(background, 0.0) / calls * 1e6
 
 
-def ratios(led: kl.KeyLedger, bare: BareWorker, seconds: float, rounds: int) -> dict:
+OPS = ("encrypt", "decrypt", "data_key")
+
+
+def ratios(led: kl.KeyLedger, bare: BareWorker, seconds: float, rounds: int,
+           ops: tuple[str, ...] = OPS) -> dict:
     blob = led.encrypt(KEY, PLAINTEXT)
-    pairs: dict[str, Callable[[], object]] = {
+    calls: dict[str, Callable[[], object]] = {
         "encrypt": lambda: led.encrypt(KEY, PLAINTEXT),
         "decrypt": lambda: led.decrypt(blob),
         "data_key": lambda: led.generate_data_key(KEY),
     }
+    pairs = {op: calls[op] for op in ops}
     out: dict[str, dict] = {op: {"bare": [], "keyledger": [], "background_us": [],
                                  "bare_cpu_us": [], "main_cpu_us": []} for op in pairs}
     for r in range(rounds):
@@ -244,6 +250,7 @@ def render(res: dict) -> str:
                      f"{'CPU ratio':>10s}", "-" * 66]
     labels = {"encrypt": "encrypt 32 B", "decrypt": "decrypt 32 B",
               "data_key": "generate_data_key"}
+    labels = {op: label for op, label in labels.items() if op in res["ratios"]}
     for op, label in labels.items():
         row = res["ratios"][op]
         ok = "PASS" if row["ratio"] >= TARGET else "MISS"
@@ -273,20 +280,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     p.add_argument("--no-pieces", action="store_true", help="only the ratios")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--ops", default=",".join(OPS),
+                   help="calls to time, comma-separated (default: all of " + ", ".join(OPS)
+                   + "); fewer calls leave time for more rounds of one")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1:
         p.error("--seconds and --rounds must be positive")
+    ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+    if not ops or any(op not in OPS for op in ops):
+        p.error(f"--ops takes some of {', '.join(OPS)}")
     root = Path(tempfile.mkdtemp(prefix="keyledger-hotpath-", dir="/tmp"))
     try:
         res: dict = {"machine": machine_info(),
-                     "params": {"seconds": args.seconds, "rounds": args.rounds}}
+                     "params": {"seconds": args.seconds, "rounds": args.rounds, "ops": ops}}
         with kl.open(root / "home", principal="alice") as led:
             key = led.create_key(KEY, spec="AES_256")
             with BareWorker(root / "home", key) as bare:
                 # the bare worker's ciphertext is the ledger's format: prove it interoperates
                 assert led.decrypt(bare.sample) == PLAINTEXT, "bare ciphertext does not decrypt"
                 log("ratios: bare python-pkcs11 (own process) vs KeyLedger (audited)")
-                res["ratios"] = ratios(led, bare, args.seconds, args.rounds)
+                res["ratios"] = ratios(led, bare, args.seconds, args.rounds, ops)
             res["bytecodes"] = interpreter_share(led)
             if not args.no_pieces:
                 log("pieces")
