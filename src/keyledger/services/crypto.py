@@ -30,10 +30,9 @@ _monotonic = time.monotonic
 _urandom = os.urandom
 _NONCE_LEN = ct.NONCE_LEN
 _new_object = object.__new__
-_set_attribute = object.__setattr__  # (a frozen dataclass's own refuses)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DataKey:
     """A data key for envelope encryption: use ``plaintext`` locally, store ``wrapped``."""
 
@@ -44,6 +43,13 @@ class DataKey:
 
     def __repr__(self) -> str:  # never show the plaintext key
         return f"<DataKey for {self.key!r} v{self.version}, 256-bit, wrapped {len(self.wrapped)} B>"
+
+
+# The hot path fills a new DataKey's slots through their descriptors: its frozen __init__
+# (four object.__setattr__) and an instance __dict__ each cost generate_data_key ~1.5-2 us
+# per call in the HSM loop, though only ~0.5 us in a tight loop (docs/benchmarks.md, §4).
+_SET_PLAINTEXT, _SET_WRAPPED, _SET_KEY, _SET_VERSION = (
+    DataKey.__dict__[name].__set__ for name in ("plaintext", "wrapped", "key", "version"))
 
 
 class _Protect(NamedTuple):
@@ -379,12 +385,13 @@ class CryptoService(Service):
         """A fresh 256-bit data key, and the same key encrypted under ``name`` to store."""
         plaintext = _urandom(32)  # what AESGCM.generate_key(256) returns
         done = self._encrypt_now("generate_data_key", name, plaintext, context)
-        if done is not None:  # (DataKey(...) without its frozen __init__'s four setattr)
+        if done is not None:  # DataKey(...), without its frozen __init__ (see _SET_PLAINTEXT)
             plan = done[1]
             dk = _new_object(DataKey)
-            _set_attribute(dk, "__dict__", {"plaintext": plaintext, "wrapped": done[0],
-                                            "key": plan.key.name,
-                                            "version": plan.version.version})
+            _SET_PLAINTEXT(dk, plaintext)
+            _SET_WRAPPED(dk, done[0])
+            _SET_KEY(dk, plan.key.name)
+            _SET_VERSION(dk, plan.version.version)
             return dk
         with self._audited("generate_data_key", name) as rec:
             ctx = rec.context = _NO_CONTEXT if context is None else ct.canonical_context(context)
