@@ -30,6 +30,7 @@ the HSM; a record written after the newest seal is *unproven* until the next one
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import uuid
 from collections.abc import Callable
 from json.encoder import encode_basestring as _q  # C-accelerated
 from pathlib import Path
+from typing import Any
 
 from ..errors import AuditError
 
@@ -56,7 +58,23 @@ SUFFIX = ".jsonl"
 LINE_FIELDS = ("jseq", "time_us", "principal", "action", "key", "key_id", "version", "outcome",
                "error", "detail", "context", "hash")
 _NAME_RE = re.compile(r"^.+-([0-9]{1,9})-[0-9a-f]{12}$")
-_sha256 = hashlib.sha256
+
+
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    """CPython's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before), for the chain hash
+    of each record, with OpenSSL's as the fallback. The digests are the same; in the hot
+    path's HSM loop CPython's costs ~2.7 us less per call, though it is slower on its own
+    (1.07 against 0.54 us for 200 bytes): OpenSSL's EVP digest context, allocated and
+    freed per hash, shares OpenSSL's state with the HSM's own crypto (docs/benchmarks.md)."""
+    for module in ("_sha2", "_sha256"):
+        try:
+            return importlib.import_module(module).sha256
+        except (ImportError, AttributeError):
+            continue
+    return hashlib.sha256
+
+
+_sha256 = _builtin_sha256()
 # A record dated up to this much before its predecessor (two threads racing between reading
 # the clock and appending, a small clock step) takes the predecessor's time, so time never
 # goes backwards within a journal; a larger step is recorded as it is (verification reports it).
