@@ -4,6 +4,8 @@ another process or another ledger of this process is still obeyed by the next ca
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import sys
 import textwrap
 import tomllib
@@ -290,6 +292,34 @@ def test_an_audited_call_runs_as_few_python_functions(home: Path, call: str) -> 
             fn()
         assert _functions_entered(fn) <= 6
         assert led.verify_audit().ok  # every call still left its chained record
+
+
+def test_the_hot_paths_data_key_is_the_frozen_data_key_of_the_full_path(
+        ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate_data_key's hot path fills a new ``DataKey``'s slots without its ``__init__``
+    (issue 18, §4: 1.5-2 us per call in the HSM loop). What it returns is the same frozen
+    dataclass the full path builds: its fields, immutable, picklable, a repr without the key,
+    and a wrapped key that decrypts to its plaintext."""
+    ledger.create_key("k", spec="AES_256")
+    inits: list[object] = []
+    init = kl.DataKey.__init__
+    monkeypatch.setattr(kl.DataKey, "__init__",
+                        lambda self, *a, **kw: (inits.append(self), init(self, *a, **kw))[1])
+    full = ledger.generate_data_key("k")  # the ledger's first call on the key: the full path
+    ledger.generate_data_key("k")
+    hot = ledger.generate_data_key("k")
+    assert inits == [full]  # only the full path ran the constructor
+    for dk in (full, hot):
+        assert type(dk) is kl.DataKey
+        assert [f.name for f in dataclasses.fields(dk)] == ["plaintext", "wrapped", "key",
+                                                            "version"]
+        assert (dk.key, dk.version, len(dk.plaintext)) == ("k", 1, 32)
+        assert ledger.decrypt(dk.wrapped) == dk.plaintext
+        assert dk.plaintext.hex() not in repr(dk) and repr(dk.plaintext) not in repr(dk)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            dk.plaintext = b"x"  # type: ignore[misc]
+        assert pickle.loads(pickle.dumps(dk)) == dk == dataclasses.replace(dk)
+    assert hot != full and hot.plaintext != full.plaintext
 
 
 def test_the_facades_direct_hot_calls_leave_a_subclass_override_in_charge(ledger) -> None:
