@@ -303,8 +303,12 @@ def test_the_hot_paths_data_key_is_the_frozen_data_key_of_the_full_path(
     ledger.create_key("k", spec="AES_256")
     inits: list[object] = []
     init = kl.DataKey.__init__
-    monkeypatch.setattr(kl.DataKey, "__init__",
-                        lambda self, *a, **kw: (inits.append(self), init(self, *a, **kw))[1])
+
+    def counted_init(self: kl.DataKey, *args: object, **kwargs: object) -> None:
+        inits.append(self)
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kl.DataKey, "__init__", counted_init)
     full = ledger.generate_data_key("k")  # the ledger's first call on the key: the full path
     ledger.generate_data_key("k")
     hot = ledger.generate_data_key("k")
