@@ -683,3 +683,24 @@ def test_unknown_audit_setting_is_a_config_error(home, clock):
     _set_settings(home, "audit", fsync_every="never")
     with pytest.raises(kl.ConfigError, match=r"\[audit\]"):
         kl.open(home, principal="alice", clock=clock)
+
+
+def test_the_journal_chain_hash_is_sha256_with_or_without_cpythons_module(monkeypatch):
+    """The writer hashes each record with CPython's own SHA-256 (cheaper than OpenSSL's between
+    two HSM calls, issue 18) and falls back to hashlib's where a Python lacks that module;
+    either way the digest is SHA-256's, which verification (``record_hash``, the SQL twin)
+    recomputes with other implementations."""
+    import hashlib
+    import importlib
+
+    from keyledger.store import journal
+
+    texts = [b"", b"abc", "caf\u00e9 \u2603 \U0001f511".encode(), os.urandom(1000)]
+    for text in texts:
+        assert journal._sha256(text).hexdigest() == hashlib.sha256(text).hexdigest()
+
+    def missing(name: str):
+        raise ImportError(name)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    assert journal._builtin_sha256() is hashlib.sha256

@@ -64,8 +64,9 @@ def _builtin_sha256() -> Callable[[bytes], Any]:
     """CPython's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before), for the chain hash
     of each record, with OpenSSL's as the fallback. The digests are the same; in the hot
     path's HSM loop CPython's costs ~2.7 us less per call, though it is slower on its own
-    (1.07 against 0.54 us for 200 bytes): OpenSSL's EVP digest context, allocated and
-    freed per hash, shares OpenSSL's state with the HSM's own crypto (docs/benchmarks.md)."""
+    (1.07 against 0.54 us for 200 bytes), likely because OpenSSL's EVP digest context,
+    allocated per hash, works in the library state the HSM's AES-GCM also uses
+    (docs/benchmarks.md, "§3 and §4 met")."""
     for module in ("_sha2", "_sha256"):
         try:
             return importlib.import_module(module).sha256
