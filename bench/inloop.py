@@ -8,13 +8,17 @@ ledger; a variant's cost is the median of its windows' differences from the base
 the same round ("paired"). Runs across processes move by +-10 % on a 2-core VM; these pairs
 move by about +-0.5 us.
 
-Experiments:
+Experiments ("timing only": a variant that breaks a guarantee, to price a piece):
 - ``hash``: the journal record's chain hash with CPython's SHA-256 (the tree's), OpenSSL's
   (``hashlib.sha256``), and none at all (the record keeps the previous hash: timing only);
+- ``record``: the record without its ``write(2)``, with it to /dev/null, without its chain
+  hash, its lock or its clock read;
+- ``encrypt``: the hot path without the record, the usage check or the catalog refresh check;
 - ``datakey``: ``generate_data_key``'s result built as the tree builds it, as a plain tuple,
   through the frozen dataclass's ``__init__``, and as the earlier instance-``__dict__`` object.
 
-Usage: ``PYTHONPATH=src .venv/bin/python bench/inloop.py {hash,datakey} [--rounds 40]``; it
+Usage: ``PYTHONPATH=src .venv/bin/python bench/inloop.py {hash,record,encrypt,datakey}
+[--rounds 40]``; it
 makes its own home under /tmp (bench/hotloop.py's set-up) and removes it.
 """
 
@@ -24,6 +28,7 @@ import argparse
 import hashlib
 import inspect
 import itertools
+import os
 import shutil
 import statistics
 import sys
@@ -34,7 +39,6 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keyledger as kl
 from keyledger.services import crypto
@@ -52,30 +56,79 @@ def _window(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) / WINDOW * 1e6
 
 
-def _append_ok_variant(writer: Any, name: str, old: str | None, new: str) -> Callable:
-    """``JournalWriter.append_ok`` with ``old`` replaced by ``new``, bound to ``writer``."""
-    src = textwrap.dedent(inspect.getsource(journal.JournalWriter.append_ok))
-    if old is not None:
+def _variant(method: Callable, module: types.ModuleType, instance: object, name: str,
+             *replacements: tuple[str, str], **extra: object) -> Callable:
+    """``method``'s source with each (old, new) of ``replacements`` applied, compiled in
+    ``module``'s namespace (plus ``extra``) and bound to ``instance``."""
+    src = textwrap.dedent(inspect.getsource(method))
+    for old, new in replacements:
         assert old in src, old
         src = src.replace(old, new)
-    namespace = dict(vars(journal), _openssl_sha256=hashlib.sha256)
-    exec(compile(src, f"<append_ok {name}>", "exec"), namespace)  # noqa: S102 (bench only)
-    return types.MethodType(namespace["append_ok"], writer)
+    namespace = dict(vars(module), **extra)
+    exec(compile(src, f"<{method.__name__} {name}>", "exec"), namespace)  # noqa: S102 (bench only)
+    return types.MethodType(namespace[method.__name__], instance)
 
 
-def hash_variants(led: kl.KeyLedger) -> dict[str, Callable[[], object]]:
+_CHAIN_HASH = 'h = _sha256(f"{self._head}{n}{SEP}{t}{fixed[0]}{self._prev}".encode()).hexdigest()'
+_DEV_NULL = os.open(os.devnull, os.O_WRONLY)
+
+
+def _record_variants(led: kl.KeyLedger, variants: dict[str, tuple[tuple[str, str], ...]]
+                     ) -> dict[str, Callable[[], object]]:
+    """``encrypt`` calls whose journal writer's ``append_ok`` is each variant in turn."""
     writer = led._rt.journal  # noqa: SLF001 (a benchmark swaps the writer's method)
-    chain = 'h = _sha256(f"{self._head}{n}{SEP}{t}{fixed[0]}{self._prev}".encode()).hexdigest()'
-    methods = {
-        "CPython SHA-256 (tree)": _append_ok_variant(writer, "tree", None, ""),
-        "OpenSSL SHA-256": _append_ok_variant(writer, "openssl", "_sha256(f", "_openssl_sha256(f"),
-        "no hash (timing only)": _append_ok_variant(writer, "none", chain, "h = self._prev"),
-    }
+    methods = {name: _variant(journal.JournalWriter.append_ok, journal, writer, name, *reps,
+                              _openssl_sha256=hashlib.sha256, _dev_null=_DEV_NULL)
+               for name, reps in variants.items()}
 
     def call(method: Callable) -> Callable[[], object]:
         def run() -> object:
             writer.append_ok = method
             return led.encrypt(KEY, PLAINTEXT)
+        return run
+
+    return {name: call(method) for name, method in methods.items()}
+
+
+def hash_variants(led: kl.KeyLedger) -> dict[str, Callable[[], object]]:
+    return _record_variants(led, {
+        "CPython SHA-256 (tree)": (),
+        "OpenSSL SHA-256": (("_sha256(f", "_openssl_sha256(f"),),
+        "no hash (timing only)": ((_CHAIN_HASH, "h = self._prev"),),
+    })
+
+
+def record_variants(led: kl.KeyLedger) -> dict[str, Callable[[], object]]:
+    write = "os.write(self._fd, line)"
+    return _record_variants(led, {
+        "the tree's record": (),
+        "no write(2) (timing only)": ((write, "pass"),),
+        "write(2) to /dev/null": ((write, "os.write(_dev_null, line)"),),
+        "no chain hash (timing only)": ((_CHAIN_HASH, "h = self._prev"),),
+        "no journal lock (timing only)": (("with self._lock:", "if True:"),),
+        "no clock read (timing only)": (("now = time.time_ns() // 1000",
+                                         "now = self._trusted_us + 1"),),
+    })
+
+
+def encrypt_variants(led: kl.KeyLedger) -> dict[str, Callable[[], object]]:
+    service = led._crypto  # noqa: SLF001 (a benchmark runs variants of the hot path)
+    variants = {
+        "the tree's encrypt": (),
+        "no journal record (timing only)": (("rt.journal.append_ok(calls[action])", "pass"),),
+        "no usage check (timing only)": (("if (block is None", "if False and (block is None"),),
+        "no catalog refresh check (timing only)": ((
+            "if _monotonic() - catalog.checked >= catalog.refresh_s:", "if False:"),),
+    }
+    methods = {name: _variant(crypto.CryptoService._encrypt_now, crypto, service, name, *reps)
+               for name, reps in variants.items()}
+
+    def call(method: Callable) -> Callable[[], object]:
+        def run() -> object:
+            done = method("encrypt", KEY, PLAINTEXT, None)
+            if done is None:  # the full path's turn: this would time nothing
+                raise SystemExit("the hot path was not taken; warm the ledger up first")
+            return done
         return run
 
     return {name: call(method) for name, method in methods.items()}
@@ -117,7 +170,8 @@ class _DictDataKey:
     version: int
 
 
-EXPERIMENTS = {"hash": hash_variants, "datakey": datakey_variants}
+EXPERIMENTS = {"hash": hash_variants, "record": record_variants,
+               "encrypt": encrypt_variants, "datakey": datakey_variants}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hotloop("setup", root / "home", 0)
         with kl.open(root / "home", principal="alice") as led:
-            led.generate_data_key(KEY)  # the key's hot-path entry exists from here on
+            led.encrypt(KEY, PLAINTEXT)  # each action's hot-path entry exists from here on
+            led.generate_data_key(KEY)
             variants = EXPERIMENTS[args.experiment](led)
             for fn in variants.values():  # warm every variant's caches
                 for _ in range(300):
@@ -145,17 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order if r % 2 == 0 else reversed(order):
                     windows[name].append(_window(variants[name]))
-            if args.experiment == "hash":
+            if args.experiment in ("hash", "record"):
                 del led._rt.journal.append_ok  # noqa: SLF001 (the class's method again)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = windows[names[0]]
     print(f"{args.experiment}: {args.rounds} windows of {WINDOW:,} calls per variant, "
           f"in turns, one process")
-    print(f"{'variant':30s} {'median us':>10s} {'paired vs first':>16s}")
+    print(f"{'variant':40s} {'median us':>10s} {'paired vs first':>16s}")
     for name in names:
         paired = statistics.median(a - b for a, b in zip(windows[name], base, strict=True))
-        print(f"{name:30s} {statistics.median(windows[name]):10.2f} {paired:+16.2f}")
+        print(f"{name:40s} {statistics.median(windows[name]):10.2f} {paired:+16.2f}")
     return 0
 
 
