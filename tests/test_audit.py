@@ -691,7 +691,7 @@ def test_the_journal_chain_hash_is_sha256_with_or_without_cpythons_module(monkey
     either way the digest is SHA-256's, which verification (``record_hash``, the SQL twin)
     recomputes with other implementations."""
     import hashlib
-    import importlib
+    from types import SimpleNamespace
 
     from keyledger.store import journal
 
@@ -702,5 +702,6 @@ def test_the_journal_chain_hash_is_sha256_with_or_without_cpythons_module(monkey
     def missing(name: str):
         raise ImportError(name)
 
-    monkeypatch.setattr(importlib, "import_module", missing)
+    # (only the journal module's view of importlib: other threads keep theirs)
+    monkeypatch.setattr(journal, "importlib", SimpleNamespace(import_module=missing))
     assert journal._builtin_sha256() is hashlib.sha256
