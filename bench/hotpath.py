@@ -68,7 +68,8 @@ def measured(fn: Callable[[], object], seconds: float) -> tuple[float, float, fl
     return ops, main / calls * 1e6, max(background, 0.0) / calls * 1e6
 
 
-OPS = ("encrypt", "decrypt", "data_key")
+LABELS = {"encrypt": "encrypt 32 B", "decrypt": "decrypt 32 B", "data_key": "generate_data_key"}
+OPS = tuple(LABELS)  # the calls --ops may name
 
 
 def ratios(led: kl.KeyLedger, bare: BareWorker, seconds: float, rounds: int,
@@ -248,10 +249,7 @@ def render(res: dict) -> str:
              f"{'result':>6s} {'overhead us':>12s} {'bg CPU us':>10s}", "-" * 92]
     cpu_lines = ["", f"{'CPU per call (us)':22s} {'bare':>8s} {'keyledger main thread':>22s} "
                      f"{'CPU ratio':>10s}", "-" * 66]
-    labels = {op: label for op, label in (("encrypt", "encrypt 32 B"),
-                                          ("decrypt", "decrypt 32 B"),
-                                          ("data_key", "generate_data_key"))
-              if op in res["ratios"]}  # (the calls --ops timed)
+    labels = {op: LABELS[op] for op in OPS if op in res["ratios"]}  # (the calls --ops timed)
     for op, label in labels.items():
         row = res["ratios"][op]
         ok = "PASS" if row["ratio"] >= TARGET else "MISS"
